@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# LDM Studio set-up and launcher.
+#   ./launch.sh          install what is missing, then start the studio (until it exists: the CLI's help)
+#   ./launch.sh test     install what is missing, with the test packages, then run the whole test suite
+# Both are idempotent: the second run installs nothing and starts at once.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+VENV=.venv
+PYTHON=${PYTHON:-python3}
+# Weights and tokenizers are never downloaded at run time.
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
+export HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False
+
+say() { printf '[launch] %s\n' "$*" >&2; }
+
+apt_install() {
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    say "installing Debian packages: $*"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  else
+    say "please install these system packages: $*"; exit 1
+  fi
+}
+
+ensure_venv() {
+  command -v "$PYTHON" >/dev/null || apt_install python3
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    "$PYTHON" -m venv "$VENV" 2>/dev/null || { rm -rf "$VENV"; apt_install python3-venv; "$PYTHON" -m venv "$VENV"; }
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+  fi
+}
+
+# pip_install STAMP [pip args...]: runs pip only when the requirement files changed since the last success.
+pip_install() {
+  local name=$1; shift
+  local stamp="$VENV/.installed-$name" want
+  want=$(cat "$@" 2>/dev/null | sha256sum | cut -c1-64)
+  want=$(printf '%s %s' "$want" "$*" | sha256sum | cut -c1-64)
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
+  say "installing $name packages"
+  local args=()
+  for f in "$@"; do case $f in *nodeps*) args+=(--no-deps -r "$f");; *) args+=(-r "$f");; esac; done
+  # torch first and alone, so that no other package can bring a different build of it.
+  if [ "$name" = runtime ]; then "$VENV/bin/python" -m pip install -q "$(grep -E '^torch==' requirements.txt)"; fi
+  "$VENV/bin/python" -m pip install -q "${args[@]}"
+  echo "$want" >"$stamp"
+}
+
+install_runtime() {
+  ensure_venv
+  pip_install runtime requirements.txt
+  pip_install nodeps requirements-nodeps.txt
+}
+
+case "${1:-}" in
+  test)
+    shift
+    install_runtime
+    pip_install dev requirements-dev.txt
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  *)
+    install_runtime
+    if [ -f app.py ]; then exec "$VENV/bin/python" app.py "$@"; fi
+    exec "$VENV/bin/python" -m ldm --help
+    ;;
+esac

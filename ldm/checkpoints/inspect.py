@@ -1,0 +1,49 @@
+"""What a checkpoint or preset is: its family, its parts, and every key with its shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm.checkpoints.detect import detect_preset
+from ldm.checkpoints.io import read_key_shapes, read_metadata
+from ldm.checkpoints.loader import EMA_PREFIX, build_model
+from ldm.checkpoints.presets import ModelPreset, find_preset, list_presets
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    target: str
+    preset: ModelPreset
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict
+
+    def describe(self) -> str:
+        groups: dict[str, int] = {}
+        for key, shape in self.shapes.items():
+            part = "model_ema" if key.startswith(EMA_PREFIX) else key.split(".")[0]
+            count = 1
+            for d in shape:
+                count *= d
+            groups[part] = groups.get(part, 0) + count
+        lines = [
+            f"{self.target}",
+            f"  family: {self.preset.family} (preset {self.preset.name})",
+            f"  {self.preset.description}",
+            f"  tensors: {len(self.shapes)}",
+        ]
+        lines += [f"  {part}: {count / 1e6:.1f} M values" for part, count in sorted(groups.items())]
+        lines += [f"  {k}: {v}" for k, v in self.metadata.items()]
+        return "\n".join(lines)
+
+
+def inspect_target(target: str) -> InspectReport:
+    path = Path(target)
+    if path.is_file() and path.suffix not in (".yaml", ".yml"):
+        shapes = read_key_shapes(path)
+        preset = detect_preset(shapes, list_presets(), path)
+        return InspectReport(str(path), preset, dict(shapes), read_metadata(path))
+    preset = find_preset(target)
+    model = build_model(preset.model)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return InspectReport(f"preset {preset.name} ({preset.source})", preset, shapes, {})

@@ -1,0 +1,156 @@
+"""Load a checkpoint: detect -> registry -> strict load -> report.
+
+The model is built on the meta device (no random initialisation), the file's tensors are assigned
+to it with ``strict=True``, and every key that is not a weight of the model must be one the
+original training code is known to write (schedule buffers, EMA copies, logvar); anything else is
+an error that names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoints.detect import detect_preset
+from ldm.checkpoints.errors import CheckpointError
+from ldm.checkpoints.io import read_key_shapes, read_state_dict
+from ldm.checkpoints.presets import ModelPreset, find_preset, list_presets
+from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.models.tokenizers import find_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Persistent buffers that DDPM.register_schedule writes, unprefixed, into every original checkpoint.
+SCHEDULE_BUFFERS = frozenset(
+    "betas alphas_cumprod alphas_cumprod_prev sqrt_alphas_cumprod sqrt_one_minus_alphas_cumprod "
+    "log_one_minus_alphas_cumprod sqrt_recip_alphas_cumprod sqrt_recipm1_alphas_cumprod posterior_variance "
+    "posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2 logvar".split()
+)
+KNOWN_EXTRA_SUFFIXES = ("embeddings.position_ids",)  # saved by transformers 4.x before it became non-persistent
+EMA_PREFIX = "model_ema."
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    preset: str
+    used_ema: bool
+    ignored: tuple[str, ...] = ()
+    tensors: int = 0
+
+    def summary(self) -> str:
+        ema = "EMA weights" if self.used_ema else "weights"
+        ignored = f", ignored {len(self.ignored)} non-model entries" if self.ignored else ""
+        return f"loaded {self.tensors} {ema} as {self.preset}{ignored}"
+
+
+@dataclass
+class LoadedModel:
+    model: LatentDiffusion
+    preset: ModelPreset
+    path: Path
+    report: LoadReport
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @cached_property
+    def short_hash(self) -> str:
+        """First 10 hex digits of the file's SHA-256 (the 'Model hash' other tools print)."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()[:10]
+
+
+def ema_key(key: str) -> str:
+    """``model.diffusion_model.a.0.b`` -> ``model_ema.diffusion_modela0b`` (LitEma drops the dots)."""
+    return EMA_PREFIX + key[len("model.") :].replace(".", "")
+
+
+def build_model(config: LatentDiffusionConfig, device: str | torch.device = "meta") -> LatentDiffusion:
+    with torch.device(device):
+        return LatentDiffusion(config)
+
+
+def _is_known_extra(key: str) -> bool:
+    return key in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX) or key.endswith(KNOWN_EXTRA_SUFFIXES)
+
+
+def select_weights(
+    state: dict[str, torch.Tensor], expected: set[str], ema: bool | None, source: Path
+) -> tuple[dict[str, torch.Tensor], bool, tuple[str, ...]]:
+    """The model's tensors from a file's entries, EMA copies swapped in when wanted (``ema=None``: when
+    present). Returns (weights, used_ema, ignored keys). Unknown extra keys raise."""
+    ema_keys = {k: ema_key(k) for k in expected if k.startswith("model.diffusion_model.")}
+    has_ema = bool(ema_keys) and all(v in state for v in ema_keys.values())
+    if ema and not has_ema:
+        raise CheckpointError(f"{source}: EMA weights were asked for but the file has no complete EMA copy")
+    use_ema = has_ema if ema is None else bool(ema)
+    weights = {k: v for k, v in state.items() if k in expected}
+    if use_ema:
+        weights.update({k: state[e] for k, e in ema_keys.items()})
+    extra = sorted(k for k in state if k not in expected)
+    unexpected = [k for k in extra if not _is_known_extra(k)]
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} tensors do not belong to this model, e.g. {', '.join(unexpected[:3])}. "
+            "The file may be of another family or a merge of several; strict loading refuses it."
+        )
+    return weights, use_ema, tuple(extra)
+
+
+def _check_complete(weights: dict, model: LatentDiffusion, preset: ModelPreset, source: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        parts = sorted({k.split(".")[0] for k in missing})
+        raise CheckpointError(
+            f"{source}: {len(missing)} weights of the {preset.name} model are missing "
+            f"(in {', '.join(parts)}), e.g. {', '.join(missing[:3])}"
+        )
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in weights.items() if v.shape != expected[k].shape]
+    if wrong:
+        k, got, want = wrong[0]
+        raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {k} is {list(got)}, expected {list(want)}")
+
+
+def resolve_preset(path: Path, preset: str | Path | ModelPreset | None) -> ModelPreset:
+    if isinstance(preset, ModelPreset):
+        return preset
+    if preset is not None:
+        return find_preset(preset)
+    return detect_preset(read_key_shapes(path), list_presets(), path)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    preset: str | Path | ModelPreset | None = None,
+    ema: bool | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> LoadedModel:
+    path = Path(path)
+    chosen = resolve_preset(path, preset)
+    model = build_model(chosen.model)
+    state = read_state_dict(path)
+    weights, used_ema, ignored = select_weights(state, set(model.state_dict()), ema, path)
+    _check_complete(weights, model, chosen, path)
+    model.load_state_dict(weights, strict=True, assign=True)
+    if model.cond_stage_model is not None:
+        model.cond_stage_model.init_non_persistent_buffers()
+        model.cond_stage_model.tokenizer = find_clip_tokenizer(tokenizer_dir=tokenizer_dir, checkpoint_path=path)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    report = LoadReport(chosen.name, used_ema, ignored, len(weights))
+    log.info("%s: %s", path, report.summary())
+    return LoadedModel(model, chosen, path, report, torch.device(device), dtype)

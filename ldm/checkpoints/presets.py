@@ -1,0 +1,120 @@
+"""Model presets: YAML files in ``presets/models/`` read with OmegaConf into typed configs.
+
+Config flows one way: YAML -> ``ModelPreset`` (validated here, at the boundary) -> constructor
+arguments. A preset names an architecture, the key shapes that detect it in a checkpoint, and the
+sampler defaults it was published with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.models.autoencoder import AutoencoderConfig
+from ldm.models.conditioners import CLIPTextEncoderConfig
+from ldm.models.latent_diffusion import LatentDiffusionConfig
+from ldm.models.unet import UNetConfig
+from ldm.sampling.schedules import ScheduleConfig
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "presets" / "models"
+COND_STAGE_KINDS = {"clip": CLIPTextEncoderConfig}
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    steps: int = 50
+    scale: float = 7.5
+    eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    family: str
+    description: str
+    model: LatentDiffusionConfig
+    detect: dict[str, tuple[int, ...]]  # key -> required shape
+    sampler: SamplerDefaults
+    source: Path
+
+
+def _typed(cls, values: dict[str, Any], where: str):
+    """Build dataclass ``cls`` from a mapping, turning lists into tuples and naming unknown keys."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**converted)
+    except TypeError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _model_config(raw: dict[str, Any], where: str) -> LatentDiffusionConfig:
+    raw = dict(raw)
+    unet = _typed(UNetConfig, raw.pop("unet"), f"{where} model.unet")
+    first_stage = _typed(AutoencoderConfig, raw.pop("first_stage"), f"{where} model.first_stage")
+    schedule = _typed(ScheduleConfig, raw.pop("schedule", {}), f"{where} model.schedule")
+    cond_raw = raw.pop("cond_stage", None)
+    cond_stage = None
+    if cond_raw is not None:
+        cond_raw = dict(cond_raw)
+        kind = cond_raw.pop("kind", None)
+        if kind not in COND_STAGE_KINDS:
+            raise ValueError(f"{where}: cond_stage kind {kind!r} is not known; use one of {', '.join(COND_STAGE_KINDS)}")
+        cond_stage = _typed(COND_STAGE_KINDS[kind], cond_raw, f"{where} model.cond_stage")
+    return _typed(
+        LatentDiffusionConfig,
+        dict(raw, unet=unet, first_stage=first_stage, schedule=schedule, cond_stage=cond_stage),
+        f"{where} model",
+    )
+
+
+def preset_from_dict(raw: dict[str, Any], source: Path) -> ModelPreset:
+    where = str(source)
+    missing = [k for k in ("name", "model") if k not in raw]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+    detect = {str(k): tuple(int(d) for d in v) for k, v in (raw.get("detect") or {}).items()}
+    return ModelPreset(
+        name=str(raw["name"]),
+        family=str(raw.get("family", raw["name"])),
+        description=str(raw.get("description", "")),
+        model=_model_config(raw["model"], where),
+        detect=detect,
+        sampler=_typed(SamplerDefaults, raw.get("sampler") or {}, f"{where} sampler"),
+        source=source,
+    )
+
+
+def read_preset(path: str | Path) -> ModelPreset:
+    path = Path(path)
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except (OSError, OmegaConfBaseException) as error:
+        raise ValueError(f"cannot read model preset {path}: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a model preset must be a mapping at the top level")
+    return preset_from_dict(raw, path)
+
+
+def list_presets(folder: Path = PRESET_DIR) -> list[ModelPreset]:
+    return [read_preset(p) for p in sorted(folder.glob("*.yaml"))]
+
+
+def find_preset(name_or_path: str | Path, folder: Path = PRESET_DIR) -> ModelPreset:
+    """A preset by name (``v1-inference``) or by the path of a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return read_preset(path)
+    candidate = folder / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return read_preset(candidate)
+    known = ", ".join(p.stem for p in sorted(folder.glob("*.yaml")))
+    raise ValueError(f"no model preset named {str(name_or_path)!r}; known presets: {known}")

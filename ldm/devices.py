@@ -1,0 +1,36 @@
+"""Choosing the device and dtype: CPU by default, CUDA when present; both can be named."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def choose_device(name: str | None = None) -> torch.device:
+    """``None`` or "auto": CUDA when available, else the CPU."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but this machine has no usable CUDA GPU; use --device cpu")
+    return device
+
+
+def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``None`` or "auto": float16 on CUDA, float32 on the CPU."""
+    if name in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use auto, {', '.join(sorted(set(DTYPES)))}")
+    return DTYPES[name]

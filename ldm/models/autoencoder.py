@@ -1,0 +1,266 @@
+"""Perceptual autoencoders of latent diffusion (the first stage): KL-regularised and VQ-regularised.
+
+The module tree is the checkpoint contract of CompVis ``ldm/modules/diffusionmodules/model.py``:
+``encoder.{conv_in, down.I.{block.J, attn.J, downsample.conv}, mid.{block_1, attn_1, block_2}, norm_out, conv_out}``,
+``decoder.{conv_in, mid.*, up.I.{block.J, attn.J, upsample.conv}, norm_out, conv_out}``,
+``quant_conv``, ``post_quant_conv`` and, for VQ, ``quantize.embedding``.
+``decoder.up`` is indexed by resolution level, so ``up.0`` runs last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, with 1x1-convolution projections."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        # (B, C, H, W) -> (B, 1, HW, C)
+        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q(n), self.k(n), self.v(n)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(2, 3).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+def make_attn(channels: int, use_attention: bool) -> nn.Module:
+    return AttnBlock(channels) if use_attention else nn.Identity()
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution after asymmetric padding (one pixel right and bottom)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """``kind`` is "kl" (diagonal Gaussian posterior) or "vq" (vector-quantised, ``n_embed`` codes)."""
+
+    kind: str
+    embed_dim: int
+    z_channels: int
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    dropout: float = 0.0
+    mid_attention: bool = True
+    n_embed: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("kl", "vq"):
+            raise ValueError(f"autoencoder kind {self.kind!r} is not known; use 'kl' or 'vq'")
+        if self.kind == "vq" and not self.n_embed:
+            raise ValueError("a VQ autoencoder needs n_embed (the codebook size)")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: AutoencoderConfig, double_z: bool):
+        super().__init__()
+        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        channels_in = c.ch
+        res = c.resolution
+        for level, mult in enumerate(c.ch_mult):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            channels_out = c.ch * mult
+            for _ in range(c.num_res_blocks):
+                stage.block.append(ResnetBlock(channels_in, channels_out, c.dropout))
+                channels_in = channels_out
+                if res in c.attn_resolutions:
+                    stage.attn.append(AttnBlock(channels_in))
+            if level != len(c.ch_mult) - 1:
+                stage.downsample = Downsample(channels_in)
+                res //= 2
+            self.down.append(stage)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(channels_in, channels_in, c.dropout)
+        self.mid.attn_1 = make_attn(channels_in, c.mid_attention)
+        self.mid.block_2 = ResnetBlock(channels_in, channels_in, c.dropout)
+        self.norm_out = group_norm(channels_in)
+        self.conv_out = nn.Conv2d(channels_in, 2 * c.z_channels if double_z else c.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for stage in self.down:
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn):
+                    h = stage.attn[i](h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: AutoencoderConfig):
+        super().__init__()
+        channels_in = c.ch * c.ch_mult[-1]
+        res = c.resolution // c.downsampling_factor
+        self.conv_in = nn.Conv2d(c.z_channels, channels_in, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(channels_in, channels_in, c.dropout)
+        self.mid.attn_1 = make_attn(channels_in, c.mid_attention)
+        self.mid.block_2 = ResnetBlock(channels_in, channels_in, c.dropout)
+        stages = []
+        for level in reversed(range(len(c.ch_mult))):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            channels_out = c.ch * c.ch_mult[level]
+            for _ in range(c.num_res_blocks + 1):
+                stage.block.append(ResnetBlock(channels_in, channels_out, c.dropout))
+                channels_in = channels_out
+                if res in c.attn_resolutions:
+                    stage.attn.append(AttnBlock(channels_in))
+            if level != 0:
+                stage.upsample = Upsample(channels_in)
+                res *= 2
+            stages.insert(0, stage)
+        self.up = nn.ModuleList(stages)
+        self.norm_out = group_norm(channels_in)
+        self.conv_out = nn.Conv2d(channels_in, c.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for stage in reversed(self.up):
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn):
+                    h = stage.attn[i](h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiagonalGaussian(NamedTuple):
+    """The KL autoencoder's posterior q(z|x) = N(mean, exp(logvar))."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor) -> "DiagonalGaussian":
+        mean, logvar = moments.chunk(2, dim=1)
+        return cls(mean, logvar.clamp(-30.0, 20.0))
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None) -> torch.Tensor:
+        """A draw from the posterior; ``generator=None`` returns the mode (the mean)."""
+        if generator is None:
+            return self.mean
+        noise = torch.randn(self.mean.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return self.mean + self.std * noise.to(self.mean)
+
+    def kl(self) -> torch.Tensor:
+        """KL divergence to N(0, I), summed over all but the batch dimension."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(1)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook quantisation (taming ``VectorQuantizer2``); ``embedding`` is the codebook."""
+
+    def __init__(self, n_embed: int, embed_dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, c)  # (BHW, C)
+        codebook = self.embedding.weight.to(flat)
+        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None]
+        quantised = codebook[distances.argmin(dim=1)]
+        return quantised.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class Autoencoder(nn.Module):
+    """KL or VQ autoencoder. ``encode`` returns the posterior (KL) or the pre-quantisation latent (VQ);
+    ``decode`` quantises a VQ latent first, as the original ``VQModelInterface`` does."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        kl = c.kind == "kl"
+        self.encoder = Encoder(c, double_z=kl)
+        self.decoder = Decoder(c)
+        if kl:
+            self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.embed_dim, 1)
+        else:
+            self.quant_conv = nn.Conv2d(c.z_channels, c.embed_dim, 1)
+            self.quantize = VectorQuantizer(c.n_embed, c.embed_dim)
+        self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian | torch.Tensor:
+        h = self.quant_conv(self.encoder(x))
+        return DiagonalGaussian.from_moments(h) if self.config.kind == "kl" else h
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.config.kind == "vq":
+            z = self.quantize(z)
+        return self.decoder(self.post_quant_conv(z))

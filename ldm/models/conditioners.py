@@ -1,0 +1,108 @@
+"""Conditioning encoders tau_theta(y).
+
+``CLIPTextEncoder`` is Stable Diffusion v1's frozen CLIP ViT-L/14 text tower, run through
+transformers' ``CLIPTextModel``. Its keys in a checkpoint are
+``cond_stage_model.transformer.text_model.*``; transformers 5 dropped the ``text_model`` level from
+``CLIPTextModel``, so a small holder module keeps that level and the original keys load unchanged.
+
+Prompts longer than 75 tokens are split into chunks of 75, each wrapped in start/end tokens and
+padded to 77, encoded separately and concatenated along the sequence (as AUTOMATIC1111 does).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CLIPTextEncoderConfig:
+    """The CLIP text transformer. Defaults are ViT-L/14 (SD v1)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_positions: int = 77
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def context_dim(self) -> int:
+        return self.hidden_size
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Prompt tokens per chunk: the context length less the start and end tokens."""
+        return self.max_positions - 2
+
+
+class _TextTransformer(nn.Module):
+    """Holds ``text_model`` so the checkpoint keys keep transformers 4's ``text_model.`` level."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.text_model = CLIPTextModel(config)
+
+
+class CLIPTextEncoder(nn.Module):
+    """Encodes prompts to (B, 77 * chunks, hidden) token embeddings (the last layer, after its final norm).
+
+    The tokenizer is a loaded resource (found by ``ldm.models.tokenizers``), not model weights; it is
+    attached after construction.
+    """
+
+    def __init__(self, config: CLIPTextEncoderConfig, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        hf_config = CLIPTextConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            max_position_embeddings=config.max_positions,
+            hidden_act=config.hidden_act,
+            bos_token_id=config.vocab_size - 2,
+            eos_token_id=config.vocab_size - 1,
+            pad_token_id=config.vocab_size - 1,
+        )
+        self.transformer = _TextTransformer(hf_config)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recreate the position-id buffer that checkpoints do not store (after a meta-device build)."""
+        embeddings = self.transformer.text_model.embeddings
+        positions = torch.arange(self.config.max_positions, device=embeddings.token_embedding.weight.device)
+        embeddings.register_buffer("position_ids", positions.expand(1, -1), persistent=False)
+
+    def token_chunks(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
+        """Token ids (B, chunks, 77): every prompt gets the same number of chunks, padding with empty ones."""
+        if self.tokenizer is None:
+            raise RuntimeError("CLIPTextEncoder has no tokenizer attached; load the model through ldm.checkpoints")
+        tok = self.tokenizer
+        size = self.config.chunk_tokens
+        ids = [tok(p, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for p in prompts]
+        chunks = max([min_chunks] + [math.ceil(len(i) / size) for i in ids])
+        rows = []
+        for prompt_ids in ids:
+            for c in range(chunks):
+                part = prompt_ids[c * size : (c + 1) * size]
+                rows.append([tok.bos_token_id, *part, tok.eos_token_id] + [tok.pad_token_id] * (size - len(part)))
+        return torch.tensor(rows, dtype=torch.long).view(len(prompts), chunks, size + 2)
+
+    def forward(self, token_chunks: torch.Tensor) -> torch.Tensor:
+        b, chunks, n = token_chunks.shape
+        device = self.transformer.text_model.embeddings.token_embedding.weight.device
+        out = self.transformer.text_model(input_ids=token_chunks.view(b * chunks, n).to(device)).last_hidden_state
+        return out.reshape(b, chunks * n, -1)  # (B, chunks*77, hidden)
+
+    def encode(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
+        return self(self.token_chunks(prompts, min_chunks))

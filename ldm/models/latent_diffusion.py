@@ -1,0 +1,106 @@
+"""A latent diffusion model: first stage (autoencoder), conditioning stage tau_theta, and the UNet.
+
+Submodule names are the top level of the original checkpoints: ``model.diffusion_model`` (the UNet
+inside its wrapper), ``first_stage_model`` and ``cond_stage_model``. The engine keeps no per-call
+state here: prompts, seeds and scales are arguments of the methods and of the samplers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ldm.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
+from ldm.models.conditioners import CLIPTextEncoder, CLIPTextEncoderConfig
+from ldm.models.unet import UNetConfig, UNetModel
+from ldm.sampling.denoiser import EpsDenoiser, check_parameterization
+from ldm.sampling.schedules import ScheduleConfig, make_alphas_cumprod
+
+CONDITIONING_KEYS = ("crossattn", "concat", "hybrid", "none")
+
+
+@dataclass(frozen=True)
+class LatentDiffusionConfig:
+    unet: UNetConfig
+    first_stage: AutoencoderConfig
+    cond_stage: CLIPTextEncoderConfig | None
+    schedule: ScheduleConfig
+    parameterization: str = "eps"
+    scale_factor: float = 1.0
+    conditioning: str = "crossattn"
+    latent_size: int = 64  # the latent side the UNet was trained at
+
+    def __post_init__(self):
+        check_parameterization(self.parameterization)
+        if self.conditioning not in CONDITIONING_KEYS:
+            raise ValueError(f"conditioning {self.conditioning!r} is not known; use one of {', '.join(CONDITIONING_KEYS)}")
+        if self.conditioning in ("crossattn", "hybrid") and self.cond_stage is None:
+            raise ValueError(f"conditioning {self.conditioning!r} needs a cond_stage")
+
+    @property
+    def latent_channels(self) -> int:
+        return self.first_stage.embed_dim
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Image pixels per latent pixel (the first stage's f)."""
+        return self.first_stage.downsampling_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the first stage's f times the UNet's downsampling."""
+        return self.first_stage.downsampling_factor * self.unet.downsampling_factor
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model``, the name the checkpoints use."""
+
+    def __init__(self, unet: UNetModel):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, config: LatentDiffusionConfig):
+        super().__init__()
+        self.config = config
+        self.model = DiffusionWrapper(UNetModel(config.unet))
+        self.first_stage_model = Autoencoder(config.first_stage)
+        self.cond_stage_model = CLIPTextEncoder(config.cond_stage) if config.cond_stage is not None else None
+        # float64 on the CPU: the samplers read their coefficients from it as Python floats.
+        self.alphas_cumprod = make_alphas_cumprod(config.schedule)
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.model.diffusion_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.time_embed[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.time_embed[0].weight.device
+
+    def denoiser(self) -> EpsDenoiser:
+        return EpsDenoiser(self.unet, self.alphas_cumprod, self.config.parameterization)
+
+    def encode_prompts(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
+        if self.cond_stage_model is None:
+            raise ValueError("this model takes no text prompt (it has no text conditioning stage)")
+        return self.cond_stage_model.encode(prompts, min_chunks).to(self.dtype)
+
+    def encode_first_stage(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) to scaled latents. A KL posterior is sampled with ``generator``
+        (its mean when None); a VQ model returns its pre-quantisation latent."""
+        first = self.first_stage_model
+        encoded = first.encode(images.to(self.device, first.decoder.conv_in.weight.dtype))
+        latent = encoded.sample(generator) if isinstance(encoded, DiagonalGaussian) else encoded
+        return self.config.scale_factor * latent.to(self.dtype)
+
+    def decode_first_stage(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents to images in about [-1, 1] (not clamped)."""
+        first = self.first_stage_model
+        return first.decode((latents / self.config.scale_factor).to(first.decoder.conv_in.weight.dtype))

@@ -1,0 +1,273 @@
+"""Find the CLIP BPE tokenizer that a Stable Diffusion v1 checkpoint needs.
+
+SD v1 single-file checkpoints hold the CLIP text encoder's weights but not its
+tokenizer, and nothing here downloads one. `find_clip_tokenizer` looks, in this
+order, and uses the first source that holds a complete `vocab.json` +
+`merges.txt`:
+
+1. `tokenizer_dir`, when given. An incomplete folder is an error, never skipped.
+2. Next to the checkpoint: its own folder, its `tokenizer/` subfolder, or a
+   `<checkpoint stem>.tokenizer/` folder beside it.
+3. The Hugging Face cache, for `hub_repo` (files already downloaded; offline).
+4. The CLIP BPE file `bpe_simple_vocab_16e6.txt.gz` that the `open_clip_torch`
+   package ships (byte-identical to openai/CLIP's). It is converted once into
+   `vocab.json` + `merges.txt` under `$LDM_STUDIO_CACHE/tokenizers/` (default
+   `~/.cache/ldm-studio/tokenizers/`) and reused afterwards.
+5. Otherwise `TokenizerNotFoundError`, naming the places searched and the fix.
+
+Whatever the source, the tokenizer returned behaves like SD v1's: at most 77
+tokens, `<|startoftext|>` as bos and `<|endoftext|>` as eos and pad.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import huggingface_hub
+from transformers import CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HUB_REPO = "openai/clip-vit-large-patch14"
+VOCAB_FILES = ("vocab.json", "merges.txt")
+MAX_LENGTH = 77  # SD v1's FrozenCLIPEmbedder: truncate and pad to 77 tokens
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"  # also the pad token in SD v1
+
+OPEN_CLIP_BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+# openai/CLIP keeps the merges on lines [1, 48895) of the .gz: 49152 ids less
+# 256 byte tokens and 2 specials (line 0 is a header).
+BPE_MERGES_END = 49152 - 256 - 2 + 1
+MERGES_HEADER = "#version: 0.2"
+
+# Bytes that GPT-2/CLIP byte-level BPE writes as themselves ("!".."~", "¡".."¬",
+# "®".."ÿ"); the other 68 bytes become chr(256), chr(257), ... in byte order.
+_PRINTABLE_BYTES = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+
+
+class TokenizerNotFoundError(FileNotFoundError):
+    """No CLIP tokenizer in any of the places `find_clip_tokenizer` searches."""
+
+
+def find_clip_tokenizer(
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    hub_repo: str = DEFAULT_HUB_REPO,
+) -> CLIPTokenizer:
+    """Return SD v1's CLIP tokenizer from the first source in the module's lookup order."""
+    if tokenizer_dir is not None:
+        folder = Path(tokenizer_dir)
+        _require_vocab_files(folder)
+        return _load_clip_tokenizer(folder, source=f"tokenizer folder {folder}")
+
+    searched: list[str] = []
+    if checkpoint_path is not None:
+        for folder in _folders_next_to(Path(checkpoint_path)):
+            if _has_vocab_files(folder):
+                return _load_clip_tokenizer(folder, source=f"folder next to the checkpoint {folder}")
+            searched.append(f"{folder}/")
+
+    folder = _hf_cached_folder(hub_repo)
+    if folder is not None:
+        return _load_clip_tokenizer(folder, source=f"Hugging Face cache for {hub_repo} ({folder})")
+    searched.append(f"the Hugging Face cache for {hub_repo}")
+
+    gz_path = _open_clip_bpe_file()
+    if gz_path is not None:
+        folder = _cached_clip_vocab(gz_path)
+        return _load_clip_tokenizer(folder, source=f"open_clip's {OPEN_CLIP_BPE_NAME}, converted in {folder}")
+    searched.append(f"an installed open_clip_torch package ({OPEN_CLIP_BPE_NAME})")
+
+    raise TokenizerNotFoundError(_not_found_message(searched, checkpoint_path, hub_repo))
+
+
+def clip_vocab_from_bpe(gz_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Convert openai/CLIP's `bpe_simple_vocab_16e6.txt.gz` into `vocab.json` + `merges.txt` in `out_dir`.
+
+    vocab = the 256 byte characters, the same with "</w>", one token per merge,
+    then `<|startoftext|>` and `<|endoftext|>` (49,408 ids for the real file).
+    The files are written to a temporary sibling folder that is then renamed to
+    `out_dir`, so a reader never sees half a vocabulary. If `out_dir` already
+    holds both files (another process won the race), it is kept as it is.
+    """
+    out_dir = Path(out_dir)
+    merges = _read_bpe_merges(Path(gz_path))
+    vocab = _clip_vocab(merges)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _write_vocab_files(staging, vocab, merges)
+        _move_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+# --- lookup steps -------------------------------------------------------------
+
+
+def _folders_next_to(checkpoint: Path) -> list[Path]:
+    """The folders beside a checkpoint that may hold its tokenizer, in lookup order."""
+    return [checkpoint.parent, checkpoint.parent / "tokenizer", checkpoint.parent / f"{checkpoint.stem}.tokenizer"]
+
+
+def _hf_cached_folder(hub_repo: str) -> Path | None:
+    """The cached snapshot folder of `hub_repo` if it holds both vocab files, else None.
+
+    transformers 5's `CLIPTokenizer.from_pretrained(repo, local_files_only=True)`
+    does not raise when nothing is cached: it returns a tokenizer whose whole
+    vocabulary is the three special tokens. So check the cache files first.
+    """
+    paths = [huggingface_hub.try_to_load_from_cache(hub_repo, name) for name in VOCAB_FILES]
+    if not all(isinstance(path, str) for path in paths):
+        return None
+    return Path(paths[0]).parent
+
+
+def _open_clip_bpe_file() -> Path | None:
+    """open_clip's BPE .gz, found without importing open_clip (its import pulls in torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / OPEN_CLIP_BPE_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _cached_clip_vocab(gz_path: Path) -> Path:
+    """The converted vocab folder for `gz_path`, converting it on first use."""
+    digest = hashlib.sha256(gz_path.read_bytes()).hexdigest()
+    folder = _cache_root() / "tokenizers" / f"clip-bpe-{digest[:12]}"
+    if _has_vocab_files(folder):
+        logger.debug("Reusing converted CLIP vocabulary in %s", folder)
+        return folder
+    logger.info("Converting %s into %s", gz_path, folder)
+    return clip_vocab_from_bpe(gz_path, folder)
+
+
+def _cache_root() -> Path:
+    """`$LDM_STUDIO_CACHE`, or `~/.cache/ldm-studio`."""
+    configured = os.environ.get("LDM_STUDIO_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "ldm-studio"
+
+
+def _not_found_message(searched: list[str], checkpoint_path: str | os.PathLike | None, hub_repo: str) -> str:
+    if checkpoint_path is not None:
+        put_it = f"put vocab.json and merges.txt of {hub_repo} in {Path(checkpoint_path).parent / 'tokenizer'}/"
+    else:
+        put_it = f"put vocab.json and merges.txt of {hub_repo} in a folder"
+    lines = [
+        "No CLIP tokenizer found. SD v1 checkpoints do not contain one and nothing is downloaded. Searched:",
+        *(f"  - {place}" for place in searched),
+        "To fix, do one of:",
+        f"  - {put_it}",
+        "  - pass --tokenizer DIR, a folder holding vocab.json and merges.txt",
+        "  - install open_clip_torch, which ships the CLIP vocabulary: `pip install --no-deps open_clip_torch`",
+    ]
+    return "\n".join(lines)
+
+
+# --- folders and loading ------------------------------------------------------
+
+
+def _has_vocab_files(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in VOCAB_FILES)
+
+
+def _require_vocab_files(folder: Path) -> None:
+    if not folder.is_dir():
+        raise TokenizerNotFoundError(f"Tokenizer folder {folder} does not exist; it must hold vocab.json and merges.txt")
+    missing = [name for name in VOCAB_FILES if not (folder / name).is_file()]
+    if missing:
+        raise TokenizerNotFoundError(
+            f"Tokenizer folder {folder} has no {' and no '.join(missing)}; it must hold vocab.json and merges.txt"
+        )
+
+
+def _load_clip_tokenizer(folder: Path, *, source: str) -> CLIPTokenizer:
+    """Load the tokenizer in `folder` with SD v1's length and special tokens."""
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(folder),
+        local_files_only=True,
+        model_max_length=MAX_LENGTH,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+    )
+    _check_byte_level_vocab(tokenizer, source)
+    logger.info("CLIP tokenizer: %s", source)
+    return tokenizer
+
+
+def _check_byte_level_vocab(tokenizer: CLIPTokenizer, source: str) -> None:
+    """Reject vocabularies that are not CLIP's byte-level BPE (they would give wrong token ids)."""
+    vocab = tokenizer.get_vocab()
+    base = _byte_level_alphabet()
+    missing = [token for token in (*base, *(char + "</w>" for char in base)) if token not in vocab]
+    if missing:
+        raise ValueError(
+            f"The tokenizer from {source} is not a CLIP byte-level BPE vocabulary: "
+            f"{len(missing)} of its 512 byte tokens are missing (first: {missing[0]!r})"
+        )
+
+
+# --- BPE conversion -----------------------------------------------------------
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 byte characters in GPT-2/CLIP order: printable bytes, then chr(256 + n) for the rest."""
+    return [chr(b) for b in _PRINTABLE_BYTES] + [chr(256 + n) for n in range(256 - len(_PRINTABLE_BYTES))]
+
+
+def _read_bpe_merges(gz_path: Path) -> list[tuple[str, str]]:
+    """The merge pairs of a CLIP BPE .gz: lines 1 to 48,894, each "left right"."""
+    text = gzip.decompress(gz_path.read_bytes()).decode("utf-8")
+    lines = text.rstrip("\n").split("\n")[1:BPE_MERGES_END]
+    merges = []
+    for number, line in enumerate(lines, start=2):
+        pair = line.split()
+        if len(pair) != 2:
+            raise ValueError(f"{gz_path}, line {number}: expected a merge 'left right', got {line!r}")
+        merges.append((pair[0], pair[1]))
+    return merges
+
+
+def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    alphabet = _byte_level_alphabet()
+    tokens = [*alphabet, *(char + "</w>" for char in alphabet), *(left + right for left, right in merges)]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError(f"The BPE merges give {len(tokens) - len(vocab)} duplicate tokens; ids would shift")
+    return vocab
+
+
+def _write_vocab_files(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merge_lines = [MERGES_HEADER, *(f"{left} {right}" for left, right in merges)]
+    (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename `staging` to `out_dir`; an existing complete `out_dir` is kept."""
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        if not out_dir.exists():
+            raise
+        if _has_vocab_files(out_dir):
+            logger.debug("%s was written meanwhile; keeping it", out_dir)
+            return
+        raise FileExistsError(f"{out_dir} exists and does not hold vocab.json + merges.txt; remove it") from None

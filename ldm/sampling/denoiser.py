@@ -1,0 +1,61 @@
+"""The UNet as a denoiser: ``denoiser(x_t, t, **conditioning) -> epsilon``.
+
+Samplers only ever see epsilon. This is the one place where a network's output is converted
+from its parameterisation:
+
+- ``eps``: the network predicts the noise epsilon;
+- ``v``:   v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0, so eps = sqrt(abar_t) * v + sqrt(1 - abar_t) * x_t;
+- ``x0``:  the network predicts the clean latent, so eps = (x_t - sqrt(abar_t) * x0) / sqrt(1 - abar_t).
+
+All three are linear in the network output at fixed x_t, so guidance on epsilon equals guidance on
+the raw output, as in the original samplers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PARAMETERIZATIONS = ("eps", "v", "x0")
+
+
+def check_parameterization(kind: str) -> str:
+    if kind not in PARAMETERIZATIONS:
+        raise ValueError(f"unknown parameterization {kind!r}; known: {', '.join(PARAMETERIZATIONS)}")
+    return kind
+
+
+def output_to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, kind: str) -> torch.Tensor:
+    """Epsilon from a network output; ``alpha_bar`` is (B,) alpha-bar at each sample's timestep."""
+    a = alpha_bar.to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+    if kind == "eps":
+        return output
+    if kind == "v":
+        return a.sqrt() * output + (1 - a).sqrt() * x_t
+    if kind == "x0":
+        return (x_t - a.sqrt() * output) / (1 - a).sqrt()
+    raise ValueError(f"unknown parameterization {kind!r}; known: {', '.join(PARAMETERIZATIONS)}")
+
+
+class EpsDenoiser:
+    """Wraps a UNet. ``concat`` channels are appended after x_t (x first, as the original does),
+    ``context`` goes to cross-attention, ``y`` to the class/ADM embedding."""
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, parameterization: str):
+        self.unet = unet
+        self.alphas_cumprod = alphas_cumprod
+        self.parameterization = check_parameterization(parameterization)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        context: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        inputs = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
+        output = self.unet(inputs, t, context=context, y=y)
+        alpha_bar = self.alphas_cumprod.to(t.device)[t.long()]
+        return output_to_eps(output, x, alpha_bar, self.parameterization)

@@ -1,0 +1,76 @@
+"""Text to image: prompt -> latent noise -> DDIM with classifier-free guidance -> decode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ldm.checkpoints.loader import LoadedModel
+from ldm.sampling.ddim import StepInfo, ddim_sample
+from ldm.sampling.guidance import ClassifierFreeGuidance
+from ldm.sampling.noise import randn, seeded_generators
+from ldm.sampling.schedules import ddim_schedule
+from ldm.tasks.common import GenerationResult, prompt_conditioning, to_pil
+from ldm.tasks.parameters import format_parameters
+from ldm.tasks.request import GenerationRequest, resolve_request
+
+
+def parameters_text(request: GenerationRequest, seed: int, loaded: LoadedModel) -> str:
+    fields = {
+        "Steps": request.steps,
+        "Sampler": "DDIM",
+        "CFG scale": request.scale,
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model hash": loaded.short_hash,
+        "Model": loaded.name,
+        "Eta DDIM": request.eta,
+    }
+    return format_parameters(request.prompt, request.negative_prompt, fields)
+
+
+def sample_latents(
+    loaded: LoadedModel,
+    request: GenerationRequest,
+    *,
+    callback: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """The final latents for a resolved request (sides rounded, seed chosen); see ``txt2img``."""
+    model = loaded.model
+    config = model.config
+    generators = seeded_generators([request.seed + i for i in range(request.batch_size)])
+    f = config.downsampling_factor
+    shape = (request.batch_size, config.latent_channels, request.height // f, request.width // f)
+    with torch.inference_mode():
+        x_T = randn(shape, generators, device=model.device, dtype=model.dtype)
+        cond, uncond = prompt_conditioning(model, request.prompt, request.negative_prompt, request.batch_size)
+        return ddim_sample(
+            ClassifierFreeGuidance(model.denoiser(), request.scale),
+            x_T,
+            ddim_schedule(model.alphas_cumprod, request.steps),
+            eta=request.eta,
+            generator=generators,
+            extra_args={"cond": cond, "uncond": uncond},
+            callback=callback,
+            should_stop=should_stop,
+        )
+
+
+def txt2img(
+    loaded: LoadedModel,
+    request: GenerationRequest,
+    *,
+    callback: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """Generate ``request.batch_size`` images. Image i uses seed ``request.seed + i`` for every noise draw,
+    so each image is reproducible alone. Raises ValueError for bad requests and
+    ``SamplingCancelled`` when ``should_stop`` turns true."""
+    request, notices = resolve_request(request, loaded.model.config.size_multiple)
+    latents = sample_latents(loaded, request, callback=callback, should_stop=should_stop)
+    with torch.inference_mode():
+        images = to_pil(loaded.model.decode_first_stage(latents))
+    seeds = [request.seed + i for i in range(request.batch_size)]
+    return GenerationResult(images, seeds, [parameters_text(request, s, loaded) for s in seeds], notices)
