@@ -55,7 +55,8 @@ def run_txt2img(args: argparse.Namespace) -> int:
     from ldm.checkpoints.loader import load_model
     from ldm.devices import choose_device, choose_dtype
     from ldm.tasks.parameters import save_png
-    from ldm.tasks.request import GenerationRequest
+    from ldm.sampling.schedules import ddim_schedule
+    from ldm.tasks.request import GenerationRequest, resolve_request
     from ldm.tasks.txt2img import txt2img
 
     device = choose_device(args.device)
@@ -76,14 +77,11 @@ def run_txt2img(args: argparse.Namespace) -> int:
         height=args.height or size,
         batch_size=args.batch_size,
     )
-    with tqdm(desc="sampling", unit="step") as bar:
-        def progress(info):
-            bar.total = info.total
-            bar.update(1)
-
-        result = txt2img(loaded, request, callback=progress)
-    for notice in result.notices:
+    request, notices = resolve_request(request, config.size_multiple)
+    for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
+    with tqdm(desc=f"sampling (seed {request.seed})", total=len(ddim_schedule(loaded.model.alphas_cumprod, request.steps)), unit="step") as bar:
+        result = txt2img(loaded, request, callback=lambda info: bar.update(1))
     out = Path(args.out)
     for i, (image, seed, text) in enumerate(zip(result.images, result.seeds, result.parameters)):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")

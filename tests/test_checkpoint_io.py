@@ -275,7 +275,8 @@ def test_lightning_checkpoint_with_callback_and_numpy_scalars_runs_no_code(tmp_p
     assert loaded.keys() == small_state_dict().keys()
     for key, tensor in small_state_dict().items():
         assert torch.equal(loaded[key], tensor)
-    assert read_metadata(path) == {"epoch": 3, "global_step": 470000, "pytorch-lightning_version": "1.4.2"}
+    assert read_metadata(path) == {
+        "epoch": 3, "global_step": 470000, "pytorch-lightning_version": "1.4.2"}
     assert not marker.exists()
     torch.load(path, weights_only=False)  # control: an unsafe load would have run the callback's code
     assert marker.exists()
@@ -528,7 +529,9 @@ def assert_only_checkpoint_errors(path: Path) -> None:
             assert str(path) in str(error)
 
 
-FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# tmp_path is shared by the examples of one test; each example overwrites the same file.
+FUZZ = settings(max_examples=50, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FUZZ

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ldm.checkpoints.loader import build_model
@@ -25,8 +26,8 @@ SCHEDULE = dict(kind="linear", timesteps=1000, linear_start=0.00085, linear_end=
 SCALE_FACTOR = 0.18215
 
 
-def tiny_preset(vocab_size: int, detect: dict | None = None) -> ModelPreset:
-    raw = {
+def tiny_preset_dict(vocab_size: int) -> dict:
+    return {
         "name": "tiny-v1",
         "family": "tiny SD v1 layout (tests)",
         "model": {
@@ -40,10 +41,17 @@ def tiny_preset(vocab_size: int, detect: dict | None = None) -> ModelPreset:
             "cond_stage": dict(kind="clip", vocab_size=vocab_size, hidden_size=32, intermediate_size=37,
                                num_layers=2, num_heads=2, max_positions=77),
         },
-        "detect": detect or {},
         "sampler": {"steps": 10, "scale": 7.5, "eta": 0.0},
     }
-    return preset_from_dict(raw, Path("tiny-v1.yaml"))
+
+
+def tiny_preset(vocab_size: int) -> ModelPreset:
+    return preset_from_dict(tiny_preset_dict(vocab_size), Path("tiny-v1.yaml"))
+
+
+def write_tiny_preset_yaml(path: Path, vocab_size: int) -> Path:
+    OmegaConf.save(OmegaConf.create(tiny_preset_dict(vocab_size)), path)
+    return path
 
 
 def original_config() -> dict:

@@ -249,6 +249,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- pickled torch files
+
+
 class _InertStandIn:
     """Replaces a known-harmless class or function named in a Lightning or numpy pickle.
 

@@ -1,0 +1,98 @@
+"""The command line: txt2img writes PNGs with their parameters; inspect names families and keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.cli import main
+from ldm.tasks.parameters import read_png_parameters
+from tests.test_key_contract import clip_vit_l14_text_keys
+from tests.tiny_sd import write_tiny_checkpoint, write_tiny_preset_yaml
+from tests.tokenizer_fixtures import tiny_vocab_size
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    path, tokenizer_dir, _ = write_tiny_checkpoint(folder)
+    preset_yaml = write_tiny_preset_yaml(folder / "tiny-v1.yaml", tiny_vocab_size(tokenizer_dir))
+    return path, tokenizer_dir, preset_yaml
+
+
+def txt2img_args(tiny, out, *extra):
+    path, tokenizer_dir, preset_yaml = tiny
+    return ["txt2img", "--model", str(path), "--preset", str(preset_yaml), "--tokenizer", str(tokenizer_dir),
+            "--prompt", "a red cat", "--negative", "a blue dog", "--steps", "3", "--scale", "6",
+            "--seed", "11", "--width", "32", "--height", "32", "--out", str(out), *extra]
+
+
+def test_txt2img_writes_a_png_with_its_parameters(tiny, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    assert main(txt2img_args(tiny, out)) == 0
+    with Image.open(out) as image:
+        assert image.size == (32, 32)
+    params = read_png_parameters(out)
+    assert params["Prompt"] == "a red cat" and params["Negative prompt"] == "a blue dog"
+    assert params["Steps"] == "3" and params["Seed"] == "11" and params["CFG scale"] == "6.0"
+    assert params["Size"] == "32x32" and params["Sampler"] == "DDIM" and len(params["Model hash"]) == 10
+    assert "seed 11" in capsys.readouterr().out
+
+
+def test_the_same_command_gives_the_same_image(tiny, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    main(txt2img_args(tiny, a))
+    main(txt2img_args(tiny, b))
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_a_batch_writes_numbered_files(tiny, tmp_path):
+    out = tmp_path / "cat.png"
+    assert main(txt2img_args(tiny, out, "--batch-size", "2")) == 0
+    assert read_png_parameters(tmp_path / "cat-1.png")["Seed"] == "11"
+    assert read_png_parameters(tmp_path / "cat-2.png")["Seed"] == "12"
+
+
+def test_bad_input_is_a_message_not_a_traceback(tiny, tmp_path, capsys):
+    assert main(txt2img_args(tiny, tmp_path / "x.png", "--steps", "0")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: steps must be between 1 and 1000") and "Traceback" not in err
+
+
+def test_a_missing_model_file_is_named(tmp_path, capsys):
+    missing = tmp_path / "nope.safetensors"
+    assert main(["txt2img", "--model", str(missing), "--prompt", "x"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_inspect_names_the_family_of_a_preset(capsys):
+    assert main(["inspect", "v1-inference"]) == 0
+    out = capsys.readouterr().out
+    assert "Stable Diffusion v1" in out and "tensors: 1130" in out
+
+
+def test_inspect_keys_prints_every_key_with_its_shape(capsys):
+    assert main(["inspect", "v1-inference", "--keys"]) == 0
+    keys = json.loads(capsys.readouterr().out)
+    expected = json.loads((FIXTURES / "v1-inference.json").read_text()) | clip_vit_l14_text_keys()
+    assert keys == expected
+
+
+def test_inspect_of_a_file_reads_only_its_header(tiny, capsys):
+    path, _, _ = tiny
+    assert main(["inspect", str(path)]) == 2  # the tiny layout is no registered family
+    assert "unknown model layout" in capsys.readouterr().err
+
+
+def test_python_dash_m_ldm_runs():
+    done = subprocess.run([sys.executable, "-m", "ldm", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "txt2img" in done.stdout and "inspect" in done.stdout

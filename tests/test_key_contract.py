@@ -1,0 +1,69 @@
+"""The model built from a preset has exactly the original checkpoint's keys and shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ldm.checkpoints.loader import build_model
+from ldm.checkpoints.presets import find_preset
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def clip_vit_l14_text_keys() -> dict[str, list[int]]:
+    """SD v1's text encoder keys, written out from the layer names of transformers' CLIP text model."""
+    p = "cond_stage_model.transformer.text_model."
+    keys = {p + "embeddings.token_embedding.weight": [49408, 768], p + "embeddings.position_embedding.weight": [77, 768]}
+    for i in range(12):
+        layer = f"{p}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            keys[f"{layer}self_attn.{proj}.weight"] = [768, 768]
+            keys[f"{layer}self_attn.{proj}.bias"] = [768]
+        for norm in ("layer_norm1", "layer_norm2"):
+            keys[f"{layer}{norm}.weight"] = [768]
+            keys[f"{layer}{norm}.bias"] = [768]
+        keys[f"{layer}mlp.fc1.weight"], keys[f"{layer}mlp.fc1.bias"] = [3072, 768], [3072]
+        keys[f"{layer}mlp.fc2.weight"], keys[f"{layer}mlp.fc2.bias"] = [768, 3072], [768]
+    keys[p + "final_layer_norm.weight"] = [768]
+    keys[p + "final_layer_norm.bias"] = [768]
+    return keys
+
+
+def preset_key_shapes(name: str) -> dict[str, list[int]]:
+    model = build_model(find_preset(name).model)
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def v1_keys():
+    return preset_key_shapes("v1-inference")
+
+
+def test_v1_unet_and_autoencoder_keys_match_the_original_exactly(v1_keys):
+    reference = json.loads((FIXTURES / "v1-inference.json").read_text())
+    ours = {k: v for k, v in v1_keys.items() if not k.startswith("cond_stage_model.")}
+    assert sorted(set(reference) - set(ours)) == []
+    assert sorted(set(ours) - set(reference)) == []
+    assert {k: v for k, v in ours.items() if reference[k] != v} == {}
+
+
+def test_v1_text_encoder_keys_are_clip_vit_l14(v1_keys):
+    ours = {k: v for k, v in v1_keys.items() if k.startswith("cond_stage_model.")}
+    assert ours == clip_vit_l14_text_keys()
+
+
+def test_v1_parameter_count_is_stable_diffusions(v1_keys):
+    counts = {}
+    for key, shape in v1_keys.items():
+        n = 1
+        for d in shape:
+            n *= d
+        part = key.split(".")[0]
+        counts[part] = counts.get(part, 0) + n
+    # Published sizes: UNet 859.5 M, KL-f8 VAE 83.7 M, CLIP ViT-L/14 text 123.1 M.
+    assert round(counts["model"] / 1e6, 1) == 859.5
+    assert round(counts["first_stage_model"] / 1e6, 1) == 83.7
+    assert round(counts["cond_stage_model"] / 1e6, 1) == 123.1

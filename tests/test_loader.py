@@ -1,0 +1,93 @@
+"""Strict loading of original-layout files: EMA selection, extra and missing keys, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldm.checkpoints.errors import CheckpointError
+from ldm.checkpoints.loader import ema_key, load_model
+from tests.tiny_sd import write_tiny_checkpoint
+
+UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+@pytest.fixture(scope="module")
+def tiny_ema(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ema"), ema=True)
+
+
+def test_ema_key_drops_the_dots_as_litema_does():
+    assert ema_key("model.diffusion_model.input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
+
+
+def test_ema_weights_are_used_when_present_and_can_be_declined(tiny_ema):
+    path, tokenizer, preset = tiny_ema
+    raw = load_file(str(path))
+    auto = load_model(path, preset=preset, tokenizer_dir=tokenizer)
+    assert auto.report.used_ema
+    torch.testing.assert_close(auto.model.state_dict()[UNET_KEY], raw[ema_key(UNET_KEY)], rtol=0, atol=0)
+    plain = load_model(path, preset=preset, tokenizer_dir=tokenizer, ema=False)
+    assert not plain.report.used_ema
+    torch.testing.assert_close(plain.model.state_dict()[UNET_KEY], raw[UNET_KEY], rtol=0, atol=0)
+    assert "model_ema.decay" in plain.report.ignored
+
+
+def test_asking_for_ema_in_a_file_without_it_is_an_error(tmp_path):
+    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="EMA"):
+        load_model(path, preset=preset, tokenizer_dir=tokenizer, ema=True)
+
+
+def _rewrite(path, change):
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path))
+
+
+def test_a_missing_weight_is_reported_with_the_file_and_the_part(tmp_path):
+    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    _rewrite(path, lambda s: s.pop("first_stage_model.decoder.conv_out.weight"))
+    with pytest.raises(CheckpointError) as error:
+        load_model(path, preset=preset, tokenizer_dir=tokenizer)
+    assert str(path) in str(error.value)
+    assert "first_stage_model.decoder.conv_out.weight" in str(error.value)
+
+
+def test_an_unexpected_tensor_is_refused_not_silently_dropped(tmp_path):
+    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    _rewrite(path, lambda s: s.update({"lora_unet_down.alpha": torch.ones(1)}))
+    with pytest.raises(CheckpointError, match="lora_unet_down.alpha"):
+        load_model(path, preset=preset, tokenizer_dir=tokenizer)
+
+
+def test_a_wrong_shape_is_reported(tmp_path):
+    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    _rewrite(path, lambda s: s.update({UNET_KEY: torch.zeros(32, 9, 3, 3)}))
+    with pytest.raises(CheckpointError, match=r"\[32, 9, 3, 3\]"):
+        load_model(path, preset=preset, tokenizer_dir=tokenizer)
+
+
+def test_a_half_precision_file_loads_at_the_requested_dtype(tmp_path):
+    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    _rewrite(path, lambda s: s.update({k: v.half() for k, v in s.items()}))
+    loaded = load_model(path, preset=preset, tokenizer_dir=tokenizer, dtype=torch.float32)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert loaded.model.dtype == torch.float32
+
+
+def test_a_ckpt_with_a_nested_state_dict_loads_like_the_safetensors(tmp_path):
+    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(str(path)), "global_step": 470000}, ckpt)
+    a = load_model(path, preset=preset, tokenizer_dir=tokenizer).model.state_dict()
+    b = load_model(ckpt, preset=preset, tokenizer_dir=tokenizer).model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_another_family_names_the_file(tmp_path):
+    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_model(path, tokenizer_dir=tokenizer)  # detection: the tiny layout is no registered family
