@@ -114,6 +114,32 @@ class AutoencoderConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
+class Stage(nn.Module):
+    """One resolution level: ResnetBlocks, each followed by self-attention at the listed resolutions,
+    then the resampler, registered as ``downsample`` (encoder) or ``upsample`` (decoder)."""
+
+    def __init__(self, channels_in: int, channels_out: int, blocks: int, attention: bool, dropout: float):
+        super().__init__()
+        self.block, self.attn = nn.ModuleList(), nn.ModuleList()
+        for _ in range(blocks):
+            self.block.append(ResnetBlock(channels_in, channels_out, dropout))
+            channels_in = channels_out
+            if attention:
+                self.attn.append(AttnBlock(channels_out))
+        self.resample: str | None = None
+
+    def add_resampler(self, name: str, module: nn.Module) -> None:
+        self.add_module(name, module)
+        self.resample = name
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        return h if self.resample is None else getattr(self, self.resample)(h)
+
+
 class Encoder(nn.Module):
     def __init__(self, c: AutoencoderConfig, double_z: bool):
         super().__init__()
@@ -122,16 +148,10 @@ class Encoder(nn.Module):
         channels_in = c.ch
         res = c.resolution
         for level, mult in enumerate(c.ch_mult):
-            stage = nn.Module()
-            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
-            channels_out = c.ch * mult
-            for _ in range(c.num_res_blocks):
-                stage.block.append(ResnetBlock(channels_in, channels_out, c.dropout))
-                channels_in = channels_out
-                if res in c.attn_resolutions:
-                    stage.attn.append(AttnBlock(channels_in))
+            stage = Stage(channels_in, c.ch * mult, c.num_res_blocks, res in c.attn_resolutions, c.dropout)
+            channels_in = c.ch * mult
             if level != len(c.ch_mult) - 1:
-                stage.downsample = Downsample(channels_in)
+                stage.add_resampler("downsample", Downsample(channels_in))
                 res //= 2
             self.down.append(stage)
         self.mid = nn.Module()
@@ -144,12 +164,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn):
-                    h = stage.attn[i](h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
+            h = stage(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -166,16 +181,11 @@ class Decoder(nn.Module):
         self.mid.block_2 = ResnetBlock(channels_in, channels_in, c.dropout)
         stages = []
         for level in reversed(range(len(c.ch_mult))):
-            stage = nn.Module()
-            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
             channels_out = c.ch * c.ch_mult[level]
-            for _ in range(c.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(channels_in, channels_out, c.dropout))
-                channels_in = channels_out
-                if res in c.attn_resolutions:
-                    stage.attn.append(AttnBlock(channels_in))
+            stage = Stage(channels_in, channels_out, c.num_res_blocks + 1, res in c.attn_resolutions, c.dropout)
+            channels_in = channels_out
             if level != 0:
-                stage.upsample = Upsample(channels_in)
+                stage.add_resampler("upsample", Upsample(channels_in))
                 res *= 2
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
@@ -186,12 +196,7 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for stage in reversed(self.up):
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn):
-                    h = stage.attn[i](h)
-            if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
+            h = stage(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
