@@ -55,8 +55,8 @@ def ddim_sample(
     """
     if (mask is None) != (x0 is None):
         raise ValueError("mask and x0 go together: give both to inpaint by blending, or neither")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {eta}")
     extra_args = extra_args or {}
     x = x_T
     total = len(schedule)

@@ -65,8 +65,9 @@ class DDIMSchedule:
 
 def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int) -> DDIMSchedule:
     """The original 'uniform' discretisation: every (T // steps)-th timestep plus one, so 50 steps visit
-    1, 21, ..., 981. Steps that do not divide T give one step more, as the original does. The last step
-    goes to alpha-bar at index 0, not to 1."""
+    1, 21, ..., 981. Counts that do not divide T visit range(1, T, T // steps), as the original does
+    (30 steps give 31); above T/2 the original would index past T, and those give T - 1 steps here.
+    The last step goes to alpha-bar at index 0, not to 1."""
     T = len(alphas_cumprod)
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be between 1 and {T}, got {steps}")
