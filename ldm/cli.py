@@ -1,4 +1,8 @@
-"""Command line: ``python -m ldm txt2img ...`` and ``python -m ldm inspect ...``."""
+"""Command line: ``python -m ldm COMMAND``.
+
+txt2img, layout, inpaint and upscale generate PNGs that carry their parameters; inspect names a
+checkpoint's family; train and eval build and measure the embedded default model.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,15 @@ from ldm.models.tokenizers import TokenizerNotFoundError
 
 log = logging.getLogger("ldm")
 
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS = {
+    "txt2img": ROOT / "weights" / "default" / "default-txt2img.safetensors",
+    "upscale": ROOT / "weights" / "default" / "default-upscale.safetensors",
+}
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint file (.safetensors preferred; .ckpt/.pt are read safely)")
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--model", help=f"checkpoint file (default: the embedded {default} model in weights/default/)")
     parser.add_argument("--preset", help="model preset name or YAML path, when detection cannot tell the family")
     parser.add_argument("--tokenizer", help="folder with the CLIP tokenizer's vocab.json and merges.txt")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
@@ -25,69 +35,155 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even when EMA weights are present")
 
 
+def _add_sampling_arguments(parser: argparse.ArgumentParser, out: str, *, prompt: bool = True) -> None:
+    if prompt:
+        parser.add_argument("--prompt", default="", help="what to draw")
+        parser.add_argument("--negative", default="", help="negative prompt (the unconditional branch of guidance)")
+        parser.add_argument("--scale", type=float, help="classifier-free guidance scale; 1 disables guidance")
+        parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's preset)")
+    parser.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--seed", type=int, default=-1, help="seed; -1 picks one (it is printed and saved in the PNG)")
+    parser.add_argument("--out", default=out, help=f"output PNG (default {out}); a batch writes NAME-1.png, NAME-2.png, ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm", description="LDM Studio engine: latent diffusion on the command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     t2i = commands.add_parser("txt2img", help="generate images from a text prompt")
-    _add_model_arguments(t2i)
-    t2i.add_argument("--prompt", required=True)
-    t2i.add_argument("--negative", default="", help="negative prompt (the unconditional branch of guidance)")
-    t2i.add_argument("--steps", type=int, help="DDIM steps (default: the model's preset)")
-    t2i.add_argument("--scale", type=float, help="classifier-free guidance scale; 1 disables guidance")
-    t2i.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like")
-    t2i.add_argument("--seed", type=int, default=-1, help="seed; -1 picks one (it is printed and saved in the PNG)")
+    _add_model_arguments(t2i, "txt2img")
+    _add_sampling_arguments(t2i, "txt2img.png")
     t2i.add_argument("--width", type=int, help="image width in pixels (default: the model's training size)")
     t2i.add_argument("--height", type=int, help="image height in pixels")
-    t2i.add_argument("--batch-size", type=int, default=1)
-    t2i.add_argument("--out", default="txt2img.png", help="output PNG; a batch writes NAME-1.png, NAME-2.png, ...")
+
+    layout = commands.add_parser("layout", help="generate an image from labelled boxes (and an optional prompt)")
+    _add_model_arguments(layout, "txt2img")
+    _add_sampling_arguments(layout, "layout.png")
+    layout.add_argument("--boxes", required=True, help='JSON file: [{"label": "red circle", "box": [x0, y0, x1, y1]}, ...], corners in [0, 1]')
+    layout.add_argument("--width", type=int)
+    layout.add_argument("--height", type=int)
+
+    inpaint = commands.add_parser("inpaint", help="fill the masked part of an image")
+    _add_model_arguments(inpaint, "txt2img")
+    _add_sampling_arguments(inpaint, "inpaint.png")
+    inpaint.add_argument("--image", required=True)
+    inpaint.add_argument("--mask", required=True, help="mask image: white where the image is to be filled")
+
+    upscale = commands.add_parser("upscale", help="4x super-resolution of an image")
+    _add_model_arguments(upscale, "upscale")
+    _add_sampling_arguments(upscale, "upscale.png", prompt=False)
+    upscale.add_argument("--image", required=True)
 
     inspect = commands.add_parser("inspect", help="name the family of a checkpoint or preset")
     inspect.add_argument("target", help="a checkpoint file, or a preset name or YAML path")
     inspect.add_argument("--keys", action="store_true", help="print a JSON object mapping every key to its shape")
+
+    train = commands.add_parser("train", help="train a stage of the embedded default model")
+    train.add_argument("stage", choices=["autoencoder", "txt2img", "upscale"])
+    train.add_argument("--work-dir", default="runs/default", help="where training state is kept (resumes from it)")
+    train.add_argument("--steps", type=int, help="total steps (default: the recipe's)")
+
+    evaluate = commands.add_parser("eval", help="measure the embedded default model on held-out scenes")
+    evaluate.add_argument("--count", type=int, default=100, help="held-out samples per task")
+    evaluate.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    evaluate.add_argument("--json", help="also write the figures to this JSON file")
     return parser
 
 
-def run_txt2img(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def load(args: argparse.Namespace, task: str):
     from ldm.checkpoints.loader import load_model
     from ldm.devices import choose_device, choose_dtype
-    from ldm.tasks.parameters import save_png
-    from ldm.sampling.schedules import ddim_schedule
-    from ldm.tasks.request import GenerationRequest, resolve_request
-    from ldm.tasks.txt2img import txt2img
 
+    path = args.model or DEFAULT_MODELS[task]
+    if args.model is None and not Path(path).is_file():
+        raise ValueError(f"no --model given and the embedded default model {path} is missing; pass --model FILE")
     device = choose_device(args.device)
-    loaded = load_model(
-        args.model, device=device, dtype=choose_dtype(args.dtype, device), preset=args.preset,
-        ema=args.ema, tokenizer_dir=args.tokenizer,
-    )
+    return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), preset=args.preset,
+                      ema=args.ema, tokenizer_dir=args.tokenizer)
+
+
+def read_boxes(path: str) -> tuple:
+    try:
+        entries = json.loads(Path(path).read_text())
+        return tuple((e["label"], *e["box"]) for e in entries)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: cannot read boxes ({error}); expected a JSON list of "
+                         '{"label": "red circle", "box": [x0, y0, x1, y1]} with corners in [0, 1]') from None
+
+
+def make_request(args: argparse.Namespace, loaded, **overrides):
+    from ldm.tasks.request import GenerationRequest
+
     preset, config = loaded.preset, loaded.model.config
     size = config.latent_size * config.downsampling_factor
-    request = GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative,
+    return GenerationRequest(
+        prompt=getattr(args, "prompt", ""),
+        negative_prompt=getattr(args, "negative", ""),
         steps=args.steps if args.steps is not None else preset.sampler.steps,
-        scale=args.scale if args.scale is not None else preset.sampler.scale,
+        scale=getattr(args, "scale", None) if getattr(args, "scale", None) is not None else preset.sampler.scale,
         eta=args.eta if args.eta is not None else preset.sampler.eta,
         seed=args.seed,
-        width=args.width or size,
-        height=args.height or size,
-        batch_size=args.batch_size,
+        width=getattr(args, "width", None) or size,
+        height=getattr(args, "height", None) or size,
+        batch_size=getattr(args, "batch_size", 1),
+        **overrides,
     )
-    request, notices = resolve_request(request, config.size_multiple)
-    for notice in notices:
+
+
+def open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"{path}: cannot read the image ({error})") from None
+
+
+def run_generation(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ldm.tasks.parameters import save_png
+    from ldm.tasks.request import resolve_request
+
+    task = "upscale" if args.command == "upscale" else "txt2img"
+    loaded = load(args, task)
+    if args.command == "layout":
+        request = make_request(args, loaded, boxes=read_boxes(args.boxes))
+    else:
+        request = make_request(args, loaded)
+    resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
+    with tqdm(desc="sampling", unit="step") as bar:
+        def progress(info):
+            bar.total = info.total
+            bar.update(1)
+
+        result = run_task(args, loaded, request, progress)
+    for notice in result.notices:
         print(f"note: {notice}", file=sys.stderr)
-    with tqdm(desc=f"sampling (seed {request.seed})", total=len(ddim_schedule(loaded.model.alphas_cumprod, request.steps)), unit="step") as bar:
-        result = txt2img(loaded, request, callback=lambda info: bar.update(1))
     out = Path(args.out)
     for i, (image, seed, text) in enumerate(zip(result.images, result.seeds, result.parameters)):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
         save_png(image, path, text)
         print(f"{path} (seed {seed})")
     return 0
+
+
+def run_task(args, loaded, request, progress):
+    if args.command == "inpaint":
+        from ldm.tasks.inpaint import inpaint
+
+        return inpaint(loaded, request, open_image(args.image), open_image(args.mask), callback=progress)
+    if args.command == "upscale":
+        from ldm.tasks.upscale import upscale
+
+        return upscale(loaded, open_image(args.image), request, callback=progress)
+    from ldm.tasks.txt2img import txt2img
+
+    return txt2img(loaded, request, callback=progress)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -101,6 +197,34 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from ldm.train.pipeline import train_stage
+
+    train_stage(args.stage, Path(args.work_dir), args.steps)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ldm.train.evaluate import evaluate_default, format_table
+
+    figures = evaluate_default(count=args.count, steps=args.steps)
+    print(format_table(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+COMMANDS = {
+    "txt2img": run_generation,
+    "layout": run_generation,
+    "inpaint": run_generation,
+    "upscale": run_generation,
+    "inspect": run_inspect,
+    "train": run_train,
+    "eval": run_eval,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -109,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"txt2img": run_txt2img, "inspect": run_inspect}[args.command](args)
+        return COMMANDS[args.command](args)
     except (CheckpointError, TokenizerNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

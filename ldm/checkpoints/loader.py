@@ -19,9 +19,11 @@ import torch
 from ldm.checkpoints.detect import detect_preset
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_key_shapes, read_state_dict
-from ldm.checkpoints.presets import ModelPreset, find_preset, list_presets
+from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
+from ldm.models.conditioners import CLIPTextEncoder
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.models.tokenizers import find_clip_tokenizer
+from ldm.models.word_tokenizer import WordLayoutTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,20 @@ def _check_complete(weights: dict, model: LatentDiffusion, preset: ModelPreset, 
         raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {k} is {list(got)}, expected {list(want)}")
 
 
+def load_tokenizer(encoder, preset: ModelPreset, path: Path, tokenizer_dir: str | Path | None):
+    """The tokenizer a conditioning stage needs: CLIP's BPE (looked up), or a word-and-layout vocabulary
+    file named by the preset (relative to the presets folder)."""
+    if isinstance(encoder, CLIPTextEncoder):
+        return find_clip_tokenizer(tokenizer_dir=tokenizer_dir, checkpoint_path=path)
+    config = encoder.config
+    if config.vocab == "layout":
+        return None
+    vocab = PRESET_DIR.parent / config.vocab
+    if not vocab.is_file():
+        raise CheckpointError(f"{path}: the tokenizer vocabulary {vocab} that preset {preset.name} names is missing")
+    return WordLayoutTokenizer.from_file(vocab, config.caption_tokens, config.max_objects, config.grid)
+
+
 def resolve_preset(path: Path, preset: str | Path | ModelPreset | None) -> ModelPreset:
     if isinstance(preset, ModelPreset):
         return preset
@@ -149,7 +165,7 @@ def load_model(
     model.load_state_dict(weights, strict=True, assign=True)
     if model.cond_stage_model is not None:
         model.cond_stage_model.init_non_persistent_buffers()
-        model.cond_stage_model.tokenizer = find_clip_tokenizer(tokenizer_dir=tokenizer_dir, checkpoint_path=path)
+        model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, chosen, path, tokenizer_dir)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     report = LoadReport(chosen.name, used_ema, ignored, len(weights))
     log.info("%s: %s", path, report.summary())

@@ -16,13 +16,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.models.autoencoder import AutoencoderConfig
-from ldm.models.conditioners import CLIPTextEncoderConfig
+from ldm.models.conditioners import CLIPTextEncoderConfig, TransformerEmbedderConfig
 from ldm.models.latent_diffusion import LatentDiffusionConfig
 from ldm.models.unet import UNetConfig
 from ldm.sampling.schedules import ScheduleConfig
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "presets" / "models"
-COND_STAGE_KINDS = {"clip": CLIPTextEncoderConfig}
+COND_STAGE_KINDS = {"clip": CLIPTextEncoderConfig, "transformer": TransformerEmbedderConfig}
 
 
 @dataclass(frozen=True)

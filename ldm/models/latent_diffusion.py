@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from ldm.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
-from ldm.models.conditioners import CLIPTextEncoder, CLIPTextEncoderConfig
+from ldm.models.conditioners import (
+    CLIPTextEncoder,
+    CLIPTextEncoderConfig,
+    TransformerEmbedder,
+    TransformerEmbedderConfig,
+)
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.sampling.denoiser import EpsDenoiser, check_parameterization
 from ldm.sampling.schedules import ScheduleConfig, make_alphas_cumprod
@@ -25,7 +30,7 @@ CONDITIONING_KEYS = ("crossattn", "concat", "hybrid", "none")
 class LatentDiffusionConfig:
     unet: UNetConfig
     first_stage: AutoencoderConfig
-    cond_stage: CLIPTextEncoderConfig | None
+    cond_stage: CLIPTextEncoderConfig | TransformerEmbedderConfig | None
     schedule: ScheduleConfig
     parameterization: str = "eps"
     scale_factor: float = 1.0
@@ -54,6 +59,14 @@ class LatentDiffusionConfig:
         return self.first_stage.downsampling_factor * self.unet.downsampling_factor
 
 
+def build_cond_stage(config: CLIPTextEncoderConfig | TransformerEmbedderConfig | None) -> nn.Module | None:
+    if config is None:
+        return None
+    if isinstance(config, CLIPTextEncoderConfig):
+        return CLIPTextEncoder(config)
+    return TransformerEmbedder(config)
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the UNet as ``diffusion_model``, the name the checkpoints use."""
 
@@ -68,7 +81,7 @@ class LatentDiffusion(nn.Module):
         self.config = config
         self.model = DiffusionWrapper(UNetModel(config.unet))
         self.first_stage_model = Autoencoder(config.first_stage)
-        self.cond_stage_model = CLIPTextEncoder(config.cond_stage) if config.cond_stage is not None else None
+        self.cond_stage_model = build_cond_stage(config.cond_stage)
         # float64 on the CPU: the samplers read their coefficients from it as Python floats.
         self.alphas_cumprod = make_alphas_cumprod(config.schedule)
 
@@ -87,9 +100,19 @@ class LatentDiffusion(nn.Module):
     def denoiser(self) -> EpsDenoiser:
         return EpsDenoiser(self.unet, self.alphas_cumprod, self.config.parameterization)
 
-    def encode_prompts(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
+    @property
+    def takes_layout(self) -> bool:
+        return isinstance(self.cond_stage_model, TransformerEmbedder) and self.cond_stage_model.config.max_objects > 0
+
+    def encode_prompts(self, prompts: list[str], min_chunks: int = 1, layouts: list | None = None) -> torch.Tensor:
+        """Conditioning tokens (B, N, context_dim) for prompts, and for layouts (lists of
+        (label, x0, y0, x1, y1) boxes) on models that take them."""
         if self.cond_stage_model is None:
             raise ValueError("this model takes no text prompt (it has no text conditioning stage)")
+        if layouts is not None and any(layouts) and not self.takes_layout:
+            raise ValueError("this model takes no layout boxes; use region prompts instead")
+        if isinstance(self.cond_stage_model, TransformerEmbedder):
+            return self.cond_stage_model.encode(prompts, layouts=layouts).to(self.dtype)
         return self.cond_stage_model.encode(prompts, min_chunks).to(self.dtype)
 
     def encode_first_stage(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -99,6 +122,21 @@ class LatentDiffusion(nn.Module):
         encoded = first.encode(images.to(self.device, first.decoder.conv_in.weight.dtype))
         latent = encoded.sample(generator) if isinstance(encoded, DiagonalGaussian) else encoded
         return self.config.scale_factor * latent.to(self.dtype)
+
+    @property
+    def inpaints_natively(self) -> bool:
+        """A hybrid model whose UNet takes [x, mask, masked-image latent] (SD's inpainting layout)."""
+        c = self.config
+        return c.conditioning == "hybrid" and c.unet.in_channels == 2 * c.latent_channels + 1
+
+    def inpainting_concat(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The concat channels [mask, masked-image latent] at latent size. ``images`` (B, 3, H, W) in
+        [-1, 1]; ``mask`` (B, 1, H, W), 1 where the image is to be filled. A latent pixel counts as
+        masked when any of its pixels is. An all-ones mask is "no mask": generate everything."""
+        f = self.config.downsampling_factor
+        masked_latent = self.encode_first_stage(images * (1 - mask))
+        latent_mask = torch.nn.functional.max_pool2d(mask.float(), f).to(masked_latent)
+        return torch.cat([latent_mask, masked_latent], dim=1)
 
     def decode_first_stage(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents to images in about [-1, 1] (not clamped)."""

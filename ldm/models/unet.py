@@ -139,6 +139,7 @@ class UNetConfig:
     use_linear_in_transformer: bool = False
     disable_self_attentions: tuple[bool, ...] | None = None
     disable_middle_self_attn: bool = False
+    middle_attention: bool = True  # False: a purely convolutional UNet that applies at any size
     num_classes: int | str | None = None
     adm_in_channels: int | None = None
 
@@ -190,9 +191,8 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(
-            self._resblock(ch, ch), self._attention(ch, level=None), self._resblock(ch, ch)
-        )
+        attention = [self._attention(ch, level=None)] if c.middle_attention else []
+        self.middle_block = TimestepEmbedSequential(self._resblock(ch, ch), *attention, self._resblock(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):

@@ -1,7 +1,8 @@
-"""Pieces shared by the tasks: images to and from tensors, prompt conditioning, results."""
+"""Pieces shared by the tasks: images to and from tensors, conditioning, one guided DDIM run."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,6 +10,11 @@ import torch
 from PIL import Image
 
 from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.sampling.ddim import StepInfo, ddim_sample
+from ldm.sampling.guidance import ClassifierFreeGuidance
+from ldm.sampling.noise import randn, seeded_generators
+from ldm.sampling.schedules import ddim_schedule
+from ldm.tasks.request import GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -17,6 +23,14 @@ class GenerationResult:
     seeds: list[int]
     parameters: list[str]  # the parameters text of each image
     notices: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Inpainting by latent blending: ``keep`` (1 = keep) and the known latent ``x0``."""
+
+    keep: torch.Tensor
+    x0: torch.Tensor
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -31,9 +45,55 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
-def prompt_conditioning(model: LatentDiffusion, prompt: str, negative: str, batch: int) -> tuple[dict, dict]:
-    """(cond, uncond) for classifier-free guidance; the negative prompt is the unconditional branch.
-    Both are encoded together so that long prompts give both the same number of chunks."""
-    context = model.encode_prompts([negative, prompt])
-    uncond, cond = context[:1].expand(batch, -1, -1), context[1:].expand(batch, -1, -1)
-    return {"context": cond}, {"context": uncond}
+def conditioning(model: LatentDiffusion, request: GenerationRequest, concat: torch.Tensor | None) -> tuple[dict, dict | None]:
+    """(cond, uncond) denoiser arguments. The negative prompt is the unconditional branch; both are
+    encoded together so that long prompts give both the same number of chunks. Concat channels and
+    layout boxes are the same for both branches (the layout only conditions the positive one)."""
+    batch = request.batch_size
+    extra = {} if concat is None else {"concat": concat.expand(batch, -1, -1, -1)}
+    if model.cond_stage_model is None:
+        return extra, None
+    layouts = [[], list(request.boxes)] if request.boxes else None
+    context = model.encode_prompts([request.negative_prompt, request.prompt], layouts=layouts)
+    uncond = {"context": context[:1].expand(batch, -1, -1), **extra}
+    cond = {"context": context[1:].expand(batch, -1, -1), **extra}
+    return cond, uncond
+
+
+def default_concat(model: LatentDiffusion, height: int, width: int) -> torch.Tensor | None:
+    """What a hybrid inpainting model gets for plain generation: "no mask" (fill everything)."""
+    if not model.inpaints_natively:
+        return None
+    blank = torch.zeros(1, 3, height, width, device=model.device)
+    return model.inpainting_concat(blank, torch.ones(1, 1, height, width, device=model.device))
+
+
+def sample(
+    model: LatentDiffusion,
+    request: GenerationRequest,
+    *,
+    concat: torch.Tensor | None = None,
+    blend: Blend | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Latents for a resolved request: noise from seeds request.seed + i, then guided DDIM."""
+    config = model.config
+    generators = seeded_generators([request.seed + i for i in range(request.batch_size)])
+    f = config.downsampling_factor
+    shape = (request.batch_size, config.latent_channels, request.height // f, request.width // f)
+    with torch.inference_mode():
+        x_T = randn(shape, generators, device=model.device, dtype=model.dtype)
+        cond, uncond = conditioning(model, request, concat)
+        return ddim_sample(
+            ClassifierFreeGuidance(model.denoiser(), request.scale),
+            x_T,
+            ddim_schedule(model.alphas_cumprod, request.steps),
+            eta=request.eta,
+            generator=generators,
+            extra_args={"cond": cond, "uncond": uncond},
+            callback=callback,
+            should_stop=should_stop,
+            mask=None if blend is None else blend.keep,
+            x0=None if blend is None else blend.x0,
+        )

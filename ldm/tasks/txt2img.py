@@ -1,4 +1,4 @@
-"""Text to image: prompt -> latent noise -> DDIM with classifier-free guidance -> decode."""
+"""Text (and layout) to image: prompt -> latent noise -> DDIM with classifier-free guidance -> decode."""
 
 from __future__ import annotations
 
@@ -7,11 +7,8 @@ from collections.abc import Callable
 import torch
 
 from ldm.checkpoints.loader import LoadedModel
-from ldm.sampling.ddim import StepInfo, ddim_sample
-from ldm.sampling.guidance import ClassifierFreeGuidance
-from ldm.sampling.noise import randn, seeded_generators
-from ldm.sampling.schedules import ddim_schedule
-from ldm.tasks.common import GenerationResult, prompt_conditioning, to_pil
+from ldm.sampling.ddim import StepInfo
+from ldm.tasks.common import GenerationResult, default_concat, sample, to_pil
 from ldm.tasks.parameters import format_parameters
 from ldm.tasks.request import GenerationRequest, resolve_request
 
@@ -26,6 +23,7 @@ def parameters_text(request: GenerationRequest, seed: int, loaded: LoadedModel) 
         "Model hash": loaded.short_hash,
         "Model": loaded.name,
         "Eta DDIM": request.eta,
+        "Layout": "; ".join(f"{b[0]} {b[1]:.3f} {b[2]:.3f} {b[3]:.3f} {b[4]:.3f}" for b in request.boxes) or None,
     }
     return format_parameters(request.prompt, request.negative_prompt, fields)
 
@@ -39,23 +37,9 @@ def sample_latents(
 ) -> torch.Tensor:
     """The final latents for a resolved request (sides rounded, seed chosen); see ``txt2img``."""
     model = loaded.model
-    config = model.config
-    generators = seeded_generators([request.seed + i for i in range(request.batch_size)])
-    f = config.downsampling_factor
-    shape = (request.batch_size, config.latent_channels, request.height // f, request.width // f)
     with torch.inference_mode():
-        x_T = randn(shape, generators, device=model.device, dtype=model.dtype)
-        cond, uncond = prompt_conditioning(model, request.prompt, request.negative_prompt, request.batch_size)
-        return ddim_sample(
-            ClassifierFreeGuidance(model.denoiser(), request.scale),
-            x_T,
-            ddim_schedule(model.alphas_cumprod, request.steps),
-            eta=request.eta,
-            generator=generators,
-            extra_args={"cond": cond, "uncond": uncond},
-            callback=callback,
-            should_stop=should_stop,
-        )
+        concat = default_concat(model, request.height, request.width)
+    return sample(model, request, concat=concat, callback=callback, should_stop=should_stop)
 
 
 def txt2img(

@@ -1,0 +1,35 @@
+"""Tensor batches of rendered scenes. Training seeds count up from 0; held-out scenes (evaluation)
+use seeds from ``HELD_OUT_SEED`` on, which training never reaches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ldm.data.world import Scene, render_batch
+
+HELD_OUT_SEED = 2**40
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def scene_batch(first_seed: int, count: int, size: int) -> tuple[torch.Tensor, list[Scene]]:
+    images, scenes = render_batch(range(first_seed, first_seed + count), size)
+    return images_to_tensor(images), scenes
+
+
+def held_out_batch(index: int, count: int, size: int) -> tuple[torch.Tensor, list[Scene]]:
+    return scene_batch(HELD_OUT_SEED + index * count, count, size)
+
+
+def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` window of each image (the images themselves when they are that size)."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    tops = torch.randint(0, h - size + 1, (len(images),), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (len(images),), generator=generator).tolist()
+    return torch.stack([im[:, t : t + size, l : l + size] for im, t, l in zip(images, tops, lefts)])

@@ -1,0 +1,178 @@
+"""Stage 2 (and 3): train a latent diffusion UNet, and its conditioning transformer, over a frozen
+autoencoder, with the epsilon objective of the paper.
+
+The text-to-image model learns captions, layouts and inpainting at once: each sample's token
+sequence carries its caption, its layout, both, or nothing (10%, for classifier-free guidance), and
+its concat channels carry a mask and the masked image's latent (a brush or box mask, or "no mask").
+The super-resolution model concatenates the low-resolution image (LDM-BSR style).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldm.checkpoints.loader import build_model
+from ldm.checkpoints.presets import ModelPreset, find_preset
+from ldm.data.batches import random_crop, scene_batch
+from ldm.data.masks import training_mask
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.models.word_tokenizer import WordLayoutTokenizer
+from ldm.train.common import learning_rate, read_recipe, resume, save_training_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConditioningMix:
+    """How often a training sample sees each kind of conditioning (the rest: caption and layout)."""
+
+    caption_only: float = 0.4
+    layout_only: float = 0.25
+    dropped: float = 0.1
+
+
+def token_batch(tokenizer: WordLayoutTokenizer, scenes, rng: np.random.Generator, mix: ConditioningMix) -> torch.Tensor:
+    rows = []
+    for scene in scenes:
+        u = rng.uniform()
+        if u < mix.dropped:
+            rows.append(tokenizer.encode(""))
+        elif u < mix.dropped + mix.caption_only:
+            rows.append(tokenizer.encode(scene.caption))
+        elif u < mix.dropped + mix.caption_only + mix.layout_only:
+            rows.append(tokenizer.encode("", scene.boxes))
+        else:
+            rows.append(tokenizer.encode(scene.caption, scene.boxes))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def low_resolution(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The degraded input of super-resolution: area downsampling by ``factor``."""
+    return F.avg_pool2d(images, factor)
+
+
+def diffusion_loss(model: LatentDiffusion, latents: torch.Tensor, conditioning: dict, generator: torch.Generator) -> torch.Tensor:
+    """|| eps - eps_theta(sqrt(abar) z + sqrt(1 - abar) eps, t) ||^2 with t uniform over the schedule."""
+    b = latents.shape[0]
+    t = torch.randint(0, len(model.alphas_cumprod), (b,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    abar = model.alphas_cumprod[t].float().view(b, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    return F.mse_loss(model.denoiser()(noisy, t, **conditioning), noise)
+
+
+class EMA:
+    """Exponential moving average of the trainable weights, warming up as LitEma does."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow.parameters(), model.parameters()):
+            s.lerp_(p.detach(), 1 - decay)
+
+
+def build_training_model(preset: ModelPreset, autoencoder_state: dict, scale_factor: float) -> LatentDiffusion:
+    config = preset.model.__class__(**{**preset.model.__dict__, "scale_factor": scale_factor})
+    torch.manual_seed(0)
+    model = build_model(config, device="cpu")
+    model.first_stage_model.load_state_dict(autoencoder_state)
+    model.first_stage_model.requires_grad_(False).eval()
+    if model.cond_stage_model is not None and preset.model.cond_stage is not None and getattr(preset.model.cond_stage, "caption_tokens", 0):
+        from ldm.checkpoints.loader import load_tokenizer
+
+        model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, preset, Path("training"), None)
+    return model
+
+
+@torch.no_grad()
+def latent_scale(autoencoder: torch.nn.Module, count: int = 256, size: int = 64) -> float:
+    """1 / std of the posterior means on training scenes (the paper's rescaling of the latent space)."""
+    images, _ = scene_batch(0, count, size)
+    return 1.0 / autoencoder.encode(images).mean.std().item()
+
+
+def trainable(model: LatentDiffusion) -> torch.nn.Module:
+    parts = torch.nn.ModuleDict({"model": model.model})
+    if model.cond_stage_model is not None:
+        parts["cond_stage_model"] = model.cond_stage_model
+    return parts
+
+
+def train_diffusion(recipe_path: str | Path, work_dir: str | Path, autoencoder_state: dict, steps: int | None = None) -> LatentDiffusion:
+    """Train the preset named by the recipe; ``recipe["task"]`` is "txt2img" or "upscale"."""
+    recipe = read_recipe(recipe_path)
+    preset = find_preset(recipe["preset"])
+    work_dir = Path(work_dir)
+    state_path = work_dir / f"{preset.name}-state.pt"
+    scale = recipe.get("scale_factor") or latent_scale_from(autoencoder_state, preset)
+    model = build_training_model(preset, autoencoder_state, scale)
+    parts = trainable(model)
+    optimizer = torch.optim.AdamW(parts.parameters(), lr=recipe["learning_rate"], weight_decay=0.0)
+    start = resume(state_path, parts, optimizer)
+    ema = EMA(parts, recipe["ema_decay"])
+    ema_path = work_dir / f"{preset.name}-ema.pt"
+    if ema_path.exists():
+        ema.shadow.load_state_dict(torch.load(ema_path, map_location="cpu", weights_only=True))
+        ema.updates = start
+    total = steps or recipe["steps"]
+    generator = torch.Generator().manual_seed(1000 + start)
+    rng = np.random.default_rng(1000 + start)
+    batch, size = recipe["batch_size"], recipe["image_size"]
+    mix = ConditioningMix(**recipe.get("conditioning", {}))
+    began = time.time()
+    for step in range(start, total):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, recipe["learning_rate"], recipe["warmup_steps"], total)
+        images, scenes = scene_batch(recipe.get("seed_offset", 0) + step * batch, batch, recipe.get("render_size", size))
+        images = random_crop(images, size, generator)
+        latents, conditioning = training_inputs(model, recipe["task"], images, scenes, rng, mix, generator)
+        loss = diffusion_loss(model, latents, conditioning, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parts.parameters(), 1.0)
+        optimizer.step()
+        ema.update(parts)
+        if (step + 1) % recipe["log_every"] == 0:
+            log.info("%s step %d/%d loss %.4f (%.2f s/step)", preset.name, step + 1, total, loss.item(),
+                     (time.time() - began) / (step + 1 - start))
+        if (step + 1) % recipe["save_every"] == 0 or step + 1 == total:
+            save_training_state(state_path, step + 1, parts, optimizer, {"scale_factor": scale})
+            torch.save(ema.shadow.state_dict(), ema_path)
+    parts.load_state_dict(ema.shadow.state_dict())
+    return model
+
+
+def latent_scale_from(autoencoder_state: dict, preset: ModelPreset) -> float:
+    from ldm.models.autoencoder import Autoencoder
+
+    autoencoder = Autoencoder(preset.model.first_stage)
+    autoencoder.load_state_dict(autoencoder_state)
+    return latent_scale(autoencoder)
+
+
+def training_inputs(model, task: str, images, scenes, rng, mix, generator) -> tuple[torch.Tensor, dict]:
+    """(scaled latents, conditioning keyword arguments of the denoiser) for one batch."""
+    with torch.no_grad():
+        latents = model.config.scale_factor * model.first_stage_model.encode(images).sample(generator)
+    if task == "upscale":
+        return latents, {"concat": low_resolution(images, model.config.downsampling_factor)}
+    size = images.shape[-1]
+    masks = torch.from_numpy(np.stack([training_mask(rng, size) for _ in scenes]))[:, None].float()
+    context = model.cond_stage_model(token_batch(model.cond_stage_model.tokenizer, scenes, rng, mix))
+    with torch.no_grad():
+        concat = model.inpainting_concat(images, masks)
+    return latents, {"context": context, "concat": concat}

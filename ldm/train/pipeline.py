@@ -1,0 +1,58 @@
+"""The default model's three stages, run from the command line (``python -m ldm train STAGE``), and
+the export of trained weights to ``weights/default/`` in the original checkpoint layout."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ldm.checkpoints.presets import PRESET_DIR
+from ldm.models.latent_diffusion import LatentDiffusion
+
+log = logging.getLogger(__name__)
+
+ROOT = PRESET_DIR.parents[1]
+RECIPES = ROOT / "presets" / "train"
+WEIGHTS = ROOT / "weights" / "default"
+
+
+def autoencoder_weights(work_dir: Path) -> dict[str, torch.Tensor]:
+    state = work_dir / "autoencoder-state.pt"
+    if not state.exists():
+        raise ValueError(f"{state} is missing: train the autoencoder first (python -m ldm train autoencoder)")
+    return torch.load(state, map_location="cpu", weights_only=True)["model"]
+
+
+def export(model: LatentDiffusion, name: str) -> Path:
+    """Write the model as an original-layout single file (fp16) and record its latent scale in its preset."""
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    path = WEIGHTS / f"{name}.safetensors"
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", "trained_by": "LDM Studio (python -m ldm train)"})
+    set_preset_scale(PRESET_DIR / f"{name}.yaml", model.config.scale_factor)
+    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return path
+
+
+def set_preset_scale(preset: Path, value: float) -> None:
+    text = preset.read_text()
+    updated, count = re.subn(r"(?m)^(\s*scale_factor:)\s*[^#\n]*", rf"\g<1> {value:.6f} ", text, count=1)
+    if count != 1:
+        raise ValueError(f"{preset} has no scale_factor line to update")
+    preset.write_text(updated)
+
+
+def train_stage(stage: str, work_dir: Path, steps: int | None = None) -> None:
+    if stage == "autoencoder":
+        from ldm.train.autoencoder import train_autoencoder
+
+        train_autoencoder(RECIPES / "default-autoencoder.yaml", work_dir, steps)
+        return
+    from ldm.train.diffusion import train_diffusion
+
+    model = train_diffusion(RECIPES / f"default-{stage}.yaml", work_dir, autoencoder_weights(work_dir), steps)
+    export(model, f"default-{stage}")
