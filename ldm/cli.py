@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("stage", choices=["autoencoder", "txt2img", "upscale"])
     train.add_argument("--work-dir", default="runs/default", help="where training state is kept (resumes from it)")
     train.add_argument("--steps", type=int, help="total steps (default: the recipe's)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda")
 
     evaluate = commands.add_parser("eval", help="measure the embedded default model on held-out scenes")
     evaluate.add_argument("--count", type=int, default=100, help="held-out samples per task")
@@ -198,9 +199,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ldm.devices import choose_device
     from ldm.train.pipeline import train_stage
 
-    train_stage(args.stage, Path(args.work_dir), args.steps)
+    train_stage(args.stage, Path(args.work_dir), args.steps, choose_device(args.device))
     return 0
 
 

@@ -36,21 +36,32 @@ def autoencoder_loss(model: Autoencoder, images: torch.Tensor, generator: torch.
 @torch.no_grad()
 def reconstruction_psnr(model: Autoencoder, count: int = 64, size: int = 64) -> float:
     """PSNR (dB) of the posterior mean's reconstruction on held-out scenes, in 8-bit pixel units."""
-    images, _ = held_out_batch(0, count, size)
+    images = held_out_batch(0, count, size)[0].to(next(model.parameters()).device)
     reconstruction = model.decode(model.encode(images).mean).clamp(-1, 1)
     to_8bit = lambda x: ((x + 1) * 127.5).round()  # noqa: E731
     mse = F.mse_loss(to_8bit(reconstruction), to_8bit(images)).item()
     return 10 * torch.log10(torch.tensor(255.0**2 / max(mse, 1e-10))).item()
 
 
-def train_autoencoder(recipe_path: str | Path, work_dir: str | Path, steps: int | None = None) -> Autoencoder:
+def train_autoencoder(
+    recipe_path: str | Path,
+    work_dir: str | Path,
+    steps: int | None = None,
+    device: str | torch.device = "cpu",
+    init: dict[str, torch.Tensor] | None = None,
+) -> Autoencoder:
+    """Train (or go on training) the autoencoder; ``init`` gives starting weights when no training
+    state exists yet."""
     recipe = read_recipe(recipe_path)
     config = AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe["autoencoder"].items()})
     torch.manual_seed(0)
-    model = Autoencoder(config)
+    model = Autoencoder(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["learning_rate"], weight_decay=0.0)
     state_path = Path(work_dir) / "autoencoder-state.pt"
     start = resume(state_path, model, optimizer)
+    if start == 0 and init is not None:
+        model.load_state_dict(init)
+        log.info("starting from the shipped autoencoder weights")
     total = steps or recipe["steps"]
     generator = torch.Generator().manual_seed(start)
     batch = recipe["batch_size"]
@@ -59,7 +70,7 @@ def train_autoencoder(recipe_path: str | Path, work_dir: str | Path, steps: int 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe["learning_rate"], recipe["warmup_steps"], total)
         images, _ = scene_batch(step * batch, batch, recipe["image_size"])
-        images = random_crop(images, recipe.get("crop_size", recipe["image_size"]), generator)
+        images = random_crop(images, recipe.get("crop_size", recipe["image_size"]), generator).to(device)
         loss, parts = autoencoder_loss(model, images, generator, recipe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -70,4 +81,4 @@ def train_autoencoder(recipe_path: str | Path, work_dir: str | Path, steps: int 
         if (step + 1) % recipe["save_every"] == 0 or step + 1 == total:
             save_training_state(state_path, step + 1, model, optimizer)
             log.info("step %d: held-out PSNR %.2f dB", step + 1, reconstruction_psnr(model))
-    return model
+    return model.cpu()

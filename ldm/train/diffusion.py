@@ -63,8 +63,9 @@ def diffusion_loss(model: LatentDiffusion, latents: torch.Tensor, conditioning: 
     """|| eps - eps_theta(sqrt(abar) z + sqrt(1 - abar) eps, t) ||^2 with t uniform over the schedule."""
     b = latents.shape[0]
     t = torch.randint(0, len(model.alphas_cumprod), (b,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
-    abar = model.alphas_cumprod[t].float().view(b, 1, 1, 1)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    abar = model.alphas_cumprod[t].float().view(b, 1, 1, 1).to(latents)
+    t = t.to(latents.device)
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
     return F.mse_loss(model.denoiser()(noisy, t, **conditioning), noise)
 
@@ -112,17 +113,31 @@ def trainable(model: LatentDiffusion) -> torch.nn.Module:
     return parts
 
 
-def train_diffusion(recipe_path: str | Path, work_dir: str | Path, autoencoder_state: dict, steps: int | None = None) -> LatentDiffusion:
-    """Train the preset named by the recipe; ``recipe["task"]`` is "txt2img" or "upscale"."""
+def train_diffusion(
+    recipe_path: str | Path,
+    work_dir: str | Path,
+    autoencoder_state: dict,
+    steps: int | None = None,
+    device: str | torch.device = "cpu",
+    init: dict[str, torch.Tensor] | None = None,
+) -> LatentDiffusion:
+    """Train the preset named by the recipe (``recipe["task"]`` is "txt2img" or "upscale").
+
+    Resumes from the training state in ``work_dir``, else starts from ``init`` (a shipped file's
+    tensors) when given. Random draws come from CPU generators, so a run is the same on any device
+    up to floating-point order."""
     recipe = read_recipe(recipe_path)
     preset = find_preset(recipe["preset"])
     work_dir = Path(work_dir)
     state_path = work_dir / f"{preset.name}-state.pt"
     scale = recipe.get("scale_factor") or latent_scale_from(autoencoder_state, preset)
-    model = build_training_model(preset, autoencoder_state, scale)
+    model = build_training_model(preset, autoencoder_state, scale).to(device)
     parts = trainable(model)
     optimizer = torch.optim.AdamW(parts.parameters(), lr=recipe["learning_rate"], weight_decay=0.0)
     start = resume(state_path, parts, optimizer)
+    if start == 0 and init is not None:
+        parts.load_state_dict({k: v for k, v in init.items() if not k.startswith("first_stage_model.")})
+        log.info("starting from the shipped %s weights", preset.name)
     ema = EMA(parts, recipe["ema_decay"])
     ema_path = work_dir / f"{preset.name}-ema.pt"
     if ema_path.exists():
@@ -138,7 +153,7 @@ def train_diffusion(recipe_path: str | Path, work_dir: str | Path, autoencoder_s
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe["learning_rate"], recipe["warmup_steps"], total)
         images, scenes = scene_batch(recipe.get("seed_offset", 0) + step * batch, batch, recipe.get("render_size", size))
-        images = random_crop(images, size, generator)
+        images = random_crop(images, size, generator).to(device)
         latents, conditioning = training_inputs(model, recipe["task"], images, scenes, rng, mix, generator)
         loss = diffusion_loss(model, latents, conditioning, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -153,7 +168,7 @@ def train_diffusion(recipe_path: str | Path, work_dir: str | Path, autoencoder_s
             save_training_state(state_path, step + 1, parts, optimizer, {"scale_factor": scale})
             torch.save(ema.shadow.state_dict(), ema_path)
     parts.load_state_dict(ema.shadow.state_dict())
-    return model
+    return model.cpu()
 
 
 def latent_scale_from(autoencoder_state: dict, preset: ModelPreset) -> float:
@@ -171,8 +186,19 @@ def training_inputs(model, task: str, images, scenes, rng, mix, generator) -> tu
     if task == "upscale":
         return latents, {"concat": low_resolution(images, model.config.downsampling_factor)}
     size = images.shape[-1]
-    masks = torch.from_numpy(np.stack([training_mask(rng, size) for _ in scenes]))[:, None].float()
+    masks = torch.from_numpy(np.stack([training_mask(rng, size) for _ in scenes]))[:, None].float().to(images.device)
     context = model.cond_stage_model(token_batch(model.cond_stage_model.tokenizer, scenes, rng, mix))
-    with torch.no_grad():
-        concat = model.inpainting_concat(images, masks)
-    return latents, {"context": context, "concat": concat}
+    return latents, {"context": context, "concat": masked_concat(model, images, masks)}
+
+
+@torch.no_grad()
+def masked_concat(model: LatentDiffusion, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``model.inpainting_concat`` for a batch, encoding the shared "no mask" input only once."""
+    full = masks.flatten(1).all(dim=1)
+    if not full.any():
+        return model.inpainting_concat(images, masks)
+    blank = model.inpainting_concat(torch.zeros_like(images[:1]), masks[full][:1])
+    concat = blank.expand(len(images), -1, -1, -1).clone()
+    if not full.all():
+        concat[~full] = model.inpainting_concat(images[~full], masks[~full])
+    return concat

@@ -1,5 +1,8 @@
 """The default model's three stages, run from the command line (``python -m ldm train STAGE``), and
-the export of trained weights to ``weights/default/`` in the original checkpoint layout."""
+the export of trained weights to ``weights/default/`` in the original checkpoint layout.
+
+A stage resumes from its training state in the work folder; without one it starts from the shipped
+weights when they exist, so training can go on across machines that only have the repository."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR
 from ldm.models.latent_diffusion import LatentDiffusion
 
@@ -20,11 +24,25 @@ RECIPES = ROOT / "presets" / "train"
 WEIGHTS = ROOT / "weights" / "default"
 
 
+def shipped_weights(name: str, prefix: str) -> dict[str, torch.Tensor] | None:
+    """The tensors under ``prefix`` of a shipped default file, in float32, or None when absent."""
+    path = WEIGHTS / f"{name}.safetensors"
+    if not path.is_file():
+        return None
+    state = read_state_dict(path)
+    return {k[len(prefix) :]: v.float() for k, v in state.items() if k.startswith(prefix)}
+
+
 def autoencoder_weights(work_dir: Path) -> dict[str, torch.Tensor]:
+    """The stage-1 autoencoder: from its training state, else from the shipped default model."""
     state = work_dir / "autoencoder-state.pt"
-    if not state.exists():
+    if state.exists():
+        return torch.load(state, map_location="cpu", weights_only=True)["model"]
+    shipped = shipped_weights("default-txt2img", "first_stage_model.")
+    if shipped is None:
         raise ValueError(f"{state} is missing: train the autoencoder first (python -m ldm train autoencoder)")
-    return torch.load(state, map_location="cpu", weights_only=True)["model"]
+    log.info("using the shipped default model's autoencoder")
+    return shipped
 
 
 def export(model: LatentDiffusion, name: str) -> Path:
@@ -46,13 +64,15 @@ def set_preset_scale(preset: Path, value: float) -> None:
     preset.write_text(updated)
 
 
-def train_stage(stage: str, work_dir: Path, steps: int | None = None) -> None:
+def train_stage(stage: str, work_dir: Path, steps: int | None = None, device: str = "cpu") -> None:
     if stage == "autoencoder":
         from ldm.train.autoencoder import train_autoencoder
 
-        train_autoencoder(RECIPES / "default-autoencoder.yaml", work_dir, steps)
+        train_autoencoder(RECIPES / "default-autoencoder.yaml", work_dir, steps, device,
+                          init=shipped_weights("default-txt2img", "first_stage_model."))
         return
     from ldm.train.diffusion import train_diffusion
 
-    model = train_diffusion(RECIPES / f"default-{stage}.yaml", work_dir, autoencoder_weights(work_dir), steps)
+    init = shipped_weights(f"default-{stage}", "")
+    model = train_diffusion(RECIPES / f"default-{stage}.yaml", work_dir, autoencoder_weights(work_dir), steps, device, init)
     export(model, f"default-{stage}")

