@@ -16,10 +16,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoints.loader import load_model  # noqa: E402
+from ldm.checkpoints.presets import default_model_path  # noqa: E402
 from ldm.tasks.request import GenerationRequest  # noqa: E402
 from ldm.tasks.txt2img import txt2img  # noqa: E402
 
-MODEL = Path(__file__).resolve().parents[1] / "weights" / "default" / "default-txt2img.safetensors"
+MODEL = default_model_path("default-txt2img")
 
 
 def main() -> None:

@@ -13,15 +13,12 @@ import sys
 from pathlib import Path
 
 from ldm.checkpoints.errors import CheckpointError
+from ldm.checkpoints.presets import default_model_path
 from ldm.models.tokenizers import TokenizerNotFoundError
 
 log = logging.getLogger("ldm")
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS = {
-    "txt2img": ROOT / "weights" / "default" / "default-txt2img.safetensors",
-    "upscale": ROOT / "weights" / "default" / "default-upscale.safetensors",
-}
+DEFAULT_MODELS = {task: default_model_path(f"default-{task}") for task in ("txt2img", "upscale")}
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:

@@ -22,6 +22,12 @@ from ldm.models.unet import UNetConfig
 from ldm.sampling.schedules import ScheduleConfig
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "presets" / "models"
+DEFAULT_WEIGHTS_DIR = PRESET_DIR.parents[1] / "weights" / "default"
+
+
+def default_model_path(name: str) -> Path:
+    """The shipped file of an embedded default model, e.g. ``default-txt2img``."""
+    return DEFAULT_WEIGHTS_DIR / f"{name}.safetensors"
 COND_STAGE_KINDS = {"clip": CLIPTextEncoderConfig, "transformer": TransformerEmbedderConfig}
 
 

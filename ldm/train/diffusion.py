@@ -10,6 +10,7 @@ The super-resolution model concatenates the low-resolution image (LDM-BSR style)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.checkpoints.loader import build_model
+from ldm.checkpoints.loader import build_model, load_tokenizer
 from ldm.checkpoints.presets import ModelPreset, find_preset
 from ldm.data.batches import random_crop, scene_batch
 from ldm.data.masks import training_mask
@@ -87,15 +88,12 @@ class EMA:
 
 
 def build_training_model(preset: ModelPreset, autoencoder_state: dict, scale_factor: float) -> LatentDiffusion:
-    config = preset.model.__class__(**{**preset.model.__dict__, "scale_factor": scale_factor})
     torch.manual_seed(0)
-    model = build_model(config, device="cpu")
+    model = build_model(dataclasses.replace(preset.model, scale_factor=scale_factor), device="cpu")
     model.first_stage_model.load_state_dict(autoencoder_state)
     model.first_stage_model.requires_grad_(False).eval()
-    if model.cond_stage_model is not None and preset.model.cond_stage is not None and getattr(preset.model.cond_stage, "caption_tokens", 0):
-        from ldm.checkpoints.loader import load_tokenizer
-
-        model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, preset, Path("training"), None)
+    if model.cond_stage_model is not None:
+        model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, preset, preset.source, None)
     return model
 
 

@@ -15,13 +15,13 @@ detector of ``ldm.data.detector``:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ldm.checkpoints.loader import LoadedModel, load_model
+from ldm.checkpoints.presets import default_model_path
 from ldm.data.batches import HELD_OUT_SEED
 from ldm.data.detector import detect
 from ldm.data.scoring import caption_score, layout_iou, psnr
@@ -32,9 +32,8 @@ from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
 from ldm.tasks.upscale import upscale
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TXT2IMG = ROOT / "weights" / "default" / "default-txt2img.safetensors"
-DEFAULT_UPSCALE = ROOT / "weights" / "default" / "default-upscale.safetensors"
+DEFAULT_TXT2IMG = default_model_path("default-txt2img")
+DEFAULT_UPSCALE = default_model_path("default-upscale")
 SIZE = 64
 
 

@@ -14,19 +14,17 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.checkpoints.io import read_state_dict
-from ldm.checkpoints.presets import PRESET_DIR
+from ldm.checkpoints.presets import PRESET_DIR, default_model_path
 from ldm.models.latent_diffusion import LatentDiffusion
 
 log = logging.getLogger(__name__)
 
-ROOT = PRESET_DIR.parents[1]
-RECIPES = ROOT / "presets" / "train"
-WEIGHTS = ROOT / "weights" / "default"
+RECIPES = PRESET_DIR.parent / "train"
 
 
 def shipped_weights(name: str, prefix: str) -> dict[str, torch.Tensor] | None:
     """The tensors under ``prefix`` of a shipped default file, in float32, or None when absent."""
-    path = WEIGHTS / f"{name}.safetensors"
+    path = default_model_path(name)
     if not path.is_file():
         return None
     state = read_state_dict(path)
@@ -47,8 +45,8 @@ def autoencoder_weights(work_dir: Path) -> dict[str, torch.Tensor]:
 
 def export(model: LatentDiffusion, name: str) -> Path:
     """Write the model as an original-layout single file (fp16) and record its latent scale in its preset."""
-    WEIGHTS.mkdir(parents=True, exist_ok=True)
-    path = WEIGHTS / f"{name}.safetensors"
+    path = default_model_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"format": "pt", "trained_by": "LDM Studio (python -m ldm train)"})
     set_preset_scale(PRESET_DIR / f"{name}.yaml", model.config.scale_factor)
