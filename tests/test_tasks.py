@@ -7,10 +7,11 @@ import pytest
 from PIL import Image
 
 from ldm.checkpoints.loader import load_model
-from ldm.tasks.inpaint import inpaint
+from ldm.tasks.inpaint import InpaintOptions, feather_alpha, inpaint, mask_region, working_size
+from ldm.tasks.parameters import parse_parameters
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
-from ldm.tasks.upscale import upscale
+from ldm.tasks.upscale import TileOptions, ramp, tile_starts, upscale
 from tests import tiny_default
 from tests.tiny_sd import write_tiny_checkpoint
 
@@ -100,3 +101,103 @@ def test_the_upscaler_follows_its_input(upscaler):
 def test_a_model_that_is_not_an_upscaler_is_refused(hybrid):
     with pytest.raises(ValueError, match="not a super-resolution model"):
         upscale(hybrid, picture(), GenerationRequest("", steps=3))
+
+
+# --- inpainting options: feathering and "only the masked area" ------------------------------------------
+
+def box_mask(size: int, box: tuple[int, int, int, int]) -> Image.Image:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("options", [InpaintOptions(feather=4), InpaintOptions(only_masked=True, padding=4),
+                                     InpaintOptions(feather=3, only_masked=True, padding=0)])
+def test_inpainting_options_keep_unmasked_pixels_exactly(hybrid, options):
+    image, mask = picture(3, 48), box_mask(48, (20, 8, 36, 30))
+    out = np.asarray(inpaint(hybrid, REQUEST, image, mask, options=options).images[0])
+    keep = np.asarray(mask) == 0
+    assert out.shape == (48, 48, 3)
+    assert np.array_equal(out[keep], np.asarray(image)[keep])
+    assert not np.array_equal(out[~keep], np.asarray(image)[~keep])
+
+
+def test_feathering_fades_the_fill_in_from_the_mask_edge():
+    mask = np.zeros((20, 20), dtype=bool)
+    mask[4:16, 4:16] = True
+    alpha = feather_alpha(mask, 3)
+    assert alpha[~mask].max() == 0.0
+    assert alpha[10, 10] == pytest.approx(1.0)
+    ramp = alpha[10, 4:10]
+    assert np.all(np.diff(ramp) >= 0) and 0 < ramp[0] < 0.5
+    assert np.array_equal(feather_alpha(mask, 0), mask.astype(np.float32))
+
+
+def test_only_masked_works_on_a_crop_around_the_mask(hybrid):
+    """The model sees the crop (mask box plus padding) at its own resolution: pixels outside the crop
+    cannot influence the fill, so changing them leaves the fill unchanged."""
+    mask = box_mask(64, (40, 40, 56, 56))
+    a, b = np.asarray(picture(1, 64)).copy(), np.asarray(picture(1, 64)).copy()
+    b[:20, :20] = 0  # far outside the crop
+    options = InpaintOptions(only_masked=True, padding=4)
+    fill_a = np.asarray(inpaint(hybrid, REQUEST, Image.fromarray(a), mask, options=options).images[0])[40:56, 40:56]
+    fill_b = np.asarray(inpaint(hybrid, REQUEST, Image.fromarray(b), mask, options=options).images[0])[40:56, 40:56]
+    assert np.array_equal(fill_a, fill_b)
+    assert mask_region(np.asarray(mask) > 0, 4) == (36, 36, 60, 60)
+    assert working_size(24, 12, 32) == (32, 16)
+
+
+def test_inpainting_options_are_checked(hybrid):
+    with pytest.raises(ValueError, match="feather"):
+        inpaint(hybrid, REQUEST, picture(), half_mask(), options=InpaintOptions(feather=-1))
+    with pytest.raises(ValueError, match="padding"):
+        inpaint(hybrid, REQUEST, picture(), half_mask(), options=InpaintOptions(padding=5000))
+
+
+def test_inpainting_parameters_name_the_mask_settings(hybrid):
+    text = inpaint(hybrid, REQUEST, picture(), half_mask(), options=InpaintOptions(feather=2, only_masked=True, padding=8)).parameters[0]
+    fields = parse_parameters(text)
+    assert fields["Mask blur"] == "2" and fields["Inpaint area"] == "Only masked" and fields["Masked area padding"] == "8"
+    assert fields["Prompt"] == REQUEST.prompt
+
+
+# --- tiled upscaling ---------------------------------------------------------------------------------
+
+def test_one_tile_covering_the_image_equals_no_tiling(upscaler):
+    image, request = picture(6, 16), GenerationRequest("", steps=3, seed=2)
+    whole = np.asarray(upscale(upscaler, image, request, tiles=TileOptions(0, 0)).images[0])
+    one_tile = np.asarray(upscale(upscaler, image, request, tiles=TileOptions(32, 4)).images[0])
+    assert np.array_equal(whole, one_tile)
+
+
+def test_tiled_upscaling_covers_the_image_and_reports_progress_over_all_tiles(upscaler):
+    steps = []
+    result = upscale(upscaler, picture(7, 40), GenerationRequest("", steps=2, seed=3), tiles=TileOptions(16, 4),
+                     callback=lambda info: steps.append((info.step, info.total)))
+    config = upscaler.model.config
+    f, grid = config.downsampling_factor, config.unet.downsampling_factor
+    assert result.images[0].size == (40 * f, 40 * f)
+    windows = len(tile_starts(40, 16, 4, grid)) ** 2
+    assert windows > 1
+    assert steps == [(i, 2 * windows) for i in range(2 * windows)]
+    assert np.asarray(result.images[0]).std() > 10
+    assert "Tile size: 16" in result.parameters[0]
+
+
+def test_tile_windows_cover_the_length_on_the_grid():
+    assert tile_starts(40, 16, 4, 4) == [0, 12, 24]
+    assert tile_starts(16, 16, 4, 4) == [0]
+    for length in (20, 36, 64, 100):
+        starts = tile_starts(length, 16, 4, 4)
+        assert starts[0] == 0 and starts[-1] + 16 == length
+        assert all(b - a <= 12 for a, b in zip(starts, starts[1:]))
+    ramp_weights = ramp(10, 3)
+    assert ramp_weights.min() > 0 and ramp_weights.max() == 1.0
+
+
+def test_tile_options_are_checked(upscaler):
+    with pytest.raises(ValueError, match="tile size"):
+        upscale(upscaler, picture(), GenerationRequest("", steps=2), tiles=TileOptions(3, 0))
+    with pytest.raises(ValueError, match="overlap"):
+        upscale(upscaler, picture(), GenerationRequest("", steps=2), tiles=TileOptions(32, 20))

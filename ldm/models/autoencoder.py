@@ -17,16 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -43,9 +43,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1-convolution projections."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -61,8 +61,8 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out)
 
 
-def make_attn(channels: int, use_attention: bool) -> nn.Module:
-    return AttnBlock(channels) if use_attention else nn.Identity()
+def make_attn(channels: int, use_attention: bool, groups: int = 32) -> nn.Module:
+    return AttnBlock(channels, groups) if use_attention else nn.Identity()
 
 
 class Downsample(nn.Module):
@@ -102,12 +102,15 @@ class AutoencoderConfig:
     dropout: float = 0.0
     mid_attention: bool = True
     n_embed: int | None = None
+    norm_groups: int = 32  # GroupNorm groups; not stored in checkpoints (every original model uses 32)
 
     def __post_init__(self):
         if self.kind not in ("kl", "vq"):
             raise ValueError(f"autoencoder kind {self.kind!r} is not known; use 'kl' or 'vq'")
         if self.kind == "vq" and not self.n_embed:
             raise ValueError("a VQ autoencoder needs n_embed (the codebook size)")
+        if any(self.ch * m % self.norm_groups for m in self.ch_mult):
+            raise ValueError(f"norm_groups {self.norm_groups} must divide every level's channels (ch {self.ch} x ch_mult {self.ch_mult})")
 
     @property
     def downsampling_factor(self) -> int:
@@ -118,14 +121,14 @@ class Stage(nn.Module):
     """One resolution level: ResnetBlocks, each followed by self-attention at the listed resolutions,
     then the resampler, registered as ``downsample`` (encoder) or ``upsample`` (decoder)."""
 
-    def __init__(self, channels_in: int, channels_out: int, blocks: int, attention: bool, dropout: float):
+    def __init__(self, channels_in: int, channels_out: int, blocks: int, attention: bool, dropout: float, groups: int = 32):
         super().__init__()
         self.block, self.attn = nn.ModuleList(), nn.ModuleList()
         for _ in range(blocks):
-            self.block.append(ResnetBlock(channels_in, channels_out, dropout))
+            self.block.append(ResnetBlock(channels_in, channels_out, dropout, groups))
             channels_in = channels_out
             if attention:
-                self.attn.append(AttnBlock(channels_out))
+                self.attn.append(AttnBlock(channels_out, groups))
         self.resample: str | None = None
 
     def add_resampler(self, name: str, module: nn.Module) -> None:
@@ -148,17 +151,17 @@ class Encoder(nn.Module):
         channels_in = c.ch
         res = c.resolution
         for level, mult in enumerate(c.ch_mult):
-            stage = Stage(channels_in, c.ch * mult, c.num_res_blocks, res in c.attn_resolutions, c.dropout)
+            stage = Stage(channels_in, c.ch * mult, c.num_res_blocks, res in c.attn_resolutions, c.dropout, c.norm_groups)
             channels_in = c.ch * mult
             if level != len(c.ch_mult) - 1:
                 stage.add_resampler("downsample", Downsample(channels_in))
                 res //= 2
             self.down.append(stage)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(channels_in, channels_in, c.dropout)
-        self.mid.attn_1 = make_attn(channels_in, c.mid_attention)
-        self.mid.block_2 = ResnetBlock(channels_in, channels_in, c.dropout)
-        self.norm_out = group_norm(channels_in)
+        self.mid.block_1 = ResnetBlock(channels_in, channels_in, c.dropout, c.norm_groups)
+        self.mid.attn_1 = make_attn(channels_in, c.mid_attention, c.norm_groups)
+        self.mid.block_2 = ResnetBlock(channels_in, channels_in, c.dropout, c.norm_groups)
+        self.norm_out = group_norm(channels_in, c.norm_groups)
         self.conv_out = nn.Conv2d(channels_in, 2 * c.z_channels if double_z else c.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,20 +179,20 @@ class Decoder(nn.Module):
         res = c.resolution // c.downsampling_factor
         self.conv_in = nn.Conv2d(c.z_channels, channels_in, 3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(channels_in, channels_in, c.dropout)
-        self.mid.attn_1 = make_attn(channels_in, c.mid_attention)
-        self.mid.block_2 = ResnetBlock(channels_in, channels_in, c.dropout)
+        self.mid.block_1 = ResnetBlock(channels_in, channels_in, c.dropout, c.norm_groups)
+        self.mid.attn_1 = make_attn(channels_in, c.mid_attention, c.norm_groups)
+        self.mid.block_2 = ResnetBlock(channels_in, channels_in, c.dropout, c.norm_groups)
         stages = []
         for level in reversed(range(len(c.ch_mult))):
             channels_out = c.ch * c.ch_mult[level]
-            stage = Stage(channels_in, channels_out, c.num_res_blocks + 1, res in c.attn_resolutions, c.dropout)
+            stage = Stage(channels_in, channels_out, c.num_res_blocks + 1, res in c.attn_resolutions, c.dropout, c.norm_groups)
             channels_in = channels_out
             if level != 0:
                 stage.add_resampler("upsample", Upsample(channels_in))
                 res *= 2
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
-        self.norm_out = group_norm(channels_in)
+        self.norm_out = group_norm(channels_in, c.norm_groups)
         self.conv_out = nn.Conv2d(channels_in, c.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -76,14 +76,17 @@ def sample(
     blend: Blend | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Latents for a resolved request: noise from seeds request.seed + i, then guided DDIM."""
+    """Latents for a resolved request: noise from seeds request.seed + i (or the given ``x_T``, e.g.
+    a window of a larger canvas's noise), then guided DDIM."""
     config = model.config
     generators = seeded_generators([request.seed + i for i in range(request.batch_size)])
     f = config.downsampling_factor
     shape = (request.batch_size, config.latent_channels, request.height // f, request.width // f)
     with torch.inference_mode():
-        x_T = randn(shape, generators, device=model.device, dtype=model.dtype)
+        if x_T is None:
+            x_T = randn(shape, generators, device=model.device, dtype=model.dtype)
         cond, uncond = conditioning(model, request, concat)
         return ddim_sample(
             ClassifierFreeGuidance(model.denoiser(), request.scale),

@@ -8,7 +8,7 @@ noised to that step). Either way the unmasked pixels are pasted back from the in
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,7 +19,28 @@ from ldm.checkpoints.loader import LoadedModel
 from ldm.sampling.ddim import StepInfo
 from ldm.tasks.common import Blend, GenerationResult, from_pil, sample, to_pil
 from ldm.tasks.request import GenerationRequest, resolve_request
+from ldm.tasks.parameters import format_parameters, parse_parameters
 from ldm.tasks.txt2img import parameters_text
+
+MAX_FEATHER = 256
+MAX_PADDING = 1024
+
+
+@dataclass(frozen=True)
+class InpaintOptions:
+    """How the fill meets the image. ``feather``: the fill fades in over this many pixels inside the
+    mask's edge (the unmasked pixels stay exact either way). ``only_masked``: work on a crop around
+    the mask, ``padding`` pixels wider on each side, resized to the model's own resolution, and
+    stitch the result back; small fills in large images get the model's full detail."""
+
+    feather: int = 0
+    only_masked: bool = False
+    padding: int = 32
+
+    def check(self) -> None:
+        for name, value, high in (("mask feather", self.feather, MAX_FEATHER), ("masked area padding", self.padding, MAX_PADDING)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+                raise ValueError(f"{name} must be a whole number of pixels from 0 to {high}, got {value!r}")
 
 
 def mask_array(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
@@ -30,21 +51,42 @@ def mask_array(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return array
 
 
-def inpaint(
+def feather_alpha(mask: np.ndarray, feather: int) -> np.ndarray:
+    """(H, W) float weights of the fill: 0 outside the mask, rising to 1 over about ``feather`` pixels
+    inside its edge (the mask eroded by half the feather, then box-blurred by as much)."""
+    alpha = torch.from_numpy(mask.astype(np.float32))[None, None]
+    if feather > 0:
+        r = (feather + 1) // 2
+        eroded = -F.max_pool2d(-F.pad(alpha, (r,) * 4, mode="replicate"), 2 * r + 1, stride=1)
+        alpha = F.avg_pool2d(F.pad(eroded, (r,) * 4, mode="replicate"), 2 * r + 1, stride=1) * alpha
+    return alpha[0, 0].numpy()
+
+
+def mask_region(mask: np.ndarray, padding: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the mask's bounding box widened by ``padding``, inside the image."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (max(0, cols[0] - padding), max(0, rows[0] - padding), min(w, cols[-1] + 1 + padding), min(h, rows[-1] + 1 + padding))
+
+
+def working_size(width: int, height: int, native: int) -> tuple[int, int]:
+    """A crop's size scaled so that its longer side is the model's native side."""
+    scale = native / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def fill(
     loaded: LoadedModel,
     request: GenerationRequest,
     image: Image.Image,
     mask: Image.Image,
-    *,
-    callback: Callable[[StepInfo], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> GenerationResult:
-    """Generate at the image's size (rounded to the model's grid), then paste the generated pixels
-    into the masked part of the original image at its own size."""
+    callback: Callable[[StepInfo], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> tuple[list[Image.Image], GenerationRequest, list[str]]:
+    """Generated images at the size of ``image`` (the whole picture, not yet pasted back), the
+    resolved request, and its notices."""
     model = loaded.model
-    image = image.convert("RGB")
     request, notices = resolve_request(replace(request, width=image.width, height=image.height), model.config.size_multiple)
-    keep_original = ~mask_array(mask, image.size)
     work_image = from_pil(image.resize((request.width, request.height), Image.Resampling.LANCZOS)).to(model.device)
     work_mask = torch.from_numpy(mask_array(mask, (request.width, request.height)))[None, None].float().to(model.device)
     with torch.inference_mode():
@@ -56,10 +98,52 @@ def inpaint(
             blend = Blend(keep.to(model.dtype), model.encode_first_stage(work_image))
             latents = sample(model, request, blend=blend, callback=callback, should_stop=should_stop)
         generated = to_pil(model.decode_first_stage(latents))
-    original = np.asarray(image)
+    return [g.resize(image.size, Image.Resampling.LANCZOS) for g in generated], request, notices
+
+
+def inpaint(
+    loaded: LoadedModel,
+    request: GenerationRequest,
+    image: Image.Image,
+    mask: Image.Image,
+    *,
+    options: InpaintOptions = InpaintOptions(),
+    callback: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """Fill the white part of ``mask`` in ``image`` from the request's prompt (and boxes). The result
+    has the image's size; outside the mask every pixel is the input's, exactly."""
+    options.check()
+    image = image.convert("RGB")
+    masked = mask_array(mask, image.size)
+    left, top, right, bottom = mask_region(masked, options.padding) if options.only_masked else (0, 0, *image.size)
+    crop = image.crop((left, top, right, bottom))
+    crop_mask = Image.fromarray(masked[top:bottom, left:right].astype(np.uint8) * 255)
+    if options.only_masked:
+        config = loaded.model.config
+        size = working_size(crop.width, crop.height, config.latent_size * config.downsampling_factor)
+        crop, crop_mask = crop.resize(size, Image.Resampling.LANCZOS), crop_mask.resize(size, Image.Resampling.NEAREST)
+    generated, request, notices = fill(loaded, request, crop, crop_mask, callback, should_stop)
+    original = np.asarray(image).astype(np.float32)
+    alpha = feather_alpha(masked, options.feather)[..., None]
     images = []
     for picture in generated:
-        filled = np.asarray(picture.resize(image.size, Image.Resampling.LANCZOS))
-        images.append(Image.fromarray(np.where(keep_original[..., None], original, filled)))
+        filled = original.copy()
+        filled[top:bottom, left:right] = np.asarray(picture.resize((right - left, bottom - top), Image.Resampling.LANCZOS))
+        blended = np.where(alpha > 0, original * (1 - alpha) + filled * alpha, original)
+        images.append(Image.fromarray(blended.round().clip(0, 255).astype(np.uint8)))
     seeds = [request.seed + i for i in range(request.batch_size)]
-    return GenerationResult(images, seeds, [parameters_text(request, s, loaded) for s in seeds], notices)
+    texts = [inpaint_parameters(parameters_text(replace(request, width=image.width, height=image.height), s, loaded), options)
+             for s in seeds]
+    return GenerationResult(images, seeds, texts, notices)
+
+
+def inpaint_parameters(text: str, options: InpaintOptions) -> str:
+    """The parameters text with the inpainting settings, in the field names AUTOMATIC1111 uses."""
+    fields = parse_parameters(text)
+    prompt, negative = fields.pop("Prompt"), fields.pop("Negative prompt")
+    fields["Mask blur"] = options.feather
+    fields["Inpaint area"] = "Only masked" if options.only_masked else "Whole picture"
+    if options.only_masked:
+        fields["Masked area padding"] = options.padding
+    return format_parameters(prompt, negative, fields)

@@ -1,0 +1,98 @@
+"""The checkpoints in a set of folders, each with its detected family and what it can do.
+
+Listing reads only key names and shapes (a safetensors header, or a pickle through the safe
+loader), never builds a model: a folder of large checkpoints lists in well under a second each.
+A file that cannot be read or matches no family is listed with the reason, so a user sees why
+their file is not offered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm.checkpoints.detect import detect_preset
+from ldm.checkpoints.errors import CheckpointError
+from ldm.checkpoints.io import read_key_shapes
+from ldm.checkpoints.presets import ModelPreset, list_presets
+from ldm.models.latent_diffusion import LatentDiffusionConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Which studio tasks a model family serves."""
+
+    txt2img: bool  # generates from a text prompt
+    layout: bool  # takes layout boxes as conditioning tokens
+    inpaint_natively: bool  # a hybrid [x, mask, masked latent] UNet
+    upscale: bool  # concatenates a low-resolution image
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        names = [("txt2img", self.txt2img), ("inpaint", self.txt2img), ("layout", self.layout), ("upscale", self.upscale)]
+        return tuple(name for name, ok in names if ok)
+
+
+def capabilities(config: LatentDiffusionConfig) -> Capabilities:
+    cond = config.cond_stage
+    text = cond is not None and config.conditioning in ("crossattn", "hybrid")
+    return Capabilities(
+        txt2img=text,
+        layout=text and getattr(cond, "max_objects", 0) > 0,
+        inpaint_natively=config.conditioning == "hybrid" and config.unet.in_channels == 2 * config.latent_channels + 1,
+        upscale=config.conditioning == "concat" and config.unet.in_channels == config.latent_channels + 3,
+    )
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    path: Path
+    preset: ModelPreset | None  # None when the file could not be recognised
+    problem: str = ""  # why, when preset is None
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        return None if self.preset is None else capabilities(self.preset.model)
+
+    def label(self) -> str:
+        """What a model menu shows: the file's name and its family."""
+        if self.preset is None:
+            return f"{self.name} (not usable: {self.problem})"
+        return f"{self.name} [{self.preset.family}]"
+
+
+def checkpoint_files(folders: Iterable[str | Path]) -> list[Path]:
+    """Checkpoint files under the folders (recursively), sorted, each once; missing folders are skipped."""
+    found: dict[Path, None] = {}
+    for folder in folders:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file() and not path.name.startswith("."):
+                found[path.resolve()] = None
+    return list(found)
+
+
+def identify(path: Path, presets: list[ModelPreset]) -> CatalogEntry:
+    try:
+        return CatalogEntry(path, detect_preset(read_key_shapes(path), presets, path))
+    except CheckpointError as error:
+        reason = str(error).removeprefix(f"{path}: ").split(". ")[0]
+        log.info("%s is not offered: %s", path, error)
+        return CatalogEntry(path, None, reason)
+
+
+def scan(folders: Iterable[str | Path], presets: list[ModelPreset] | None = None) -> list[CatalogEntry]:
+    presets = list_presets() if presets is None else presets
+    return [identify(path, presets) for path in checkpoint_files(folders)]
