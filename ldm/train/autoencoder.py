@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ldm.data.batches import held_out_batch, random_crop, scene_batch
 from ldm.models.autoencoder import Autoencoder, AutoencoderConfig
+from ldm.train.curves import LossLog
 from ldm.train.common import learning_rate, read_recipe, resume, save_training_state
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ def reconstruction_psnr(model: Autoencoder, count: int = 64, size: int = 64) -> 
     return 10 * torch.log10(torch.tensor(255.0**2 / max(mse, 1e-10))).item()
 
 
+def recipe_config(recipe_path: str | Path) -> AutoencoderConfig:
+    raw = read_recipe(recipe_path)["autoencoder"]
+    return AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
 def train_autoencoder(
     recipe_path: str | Path,
     work_dir: str | Path,
@@ -53,7 +59,7 @@ def train_autoencoder(
     """Train (or go on training) the autoencoder; ``init`` gives starting weights when no training
     state exists yet."""
     recipe = read_recipe(recipe_path)
-    config = AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe["autoencoder"].items()})
+    config = recipe_config(recipe_path)
     torch.manual_seed(0)
     model = Autoencoder(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["learning_rate"], weight_decay=0.0)
@@ -65,6 +71,7 @@ def train_autoencoder(
     total = steps or recipe["steps"]
     generator = torch.Generator().manual_seed(start)
     batch = recipe["batch_size"]
+    losses = LossLog(work_dir, "autoencoder", start)
     began = time.time()
     for step in range(start, total):
         for group in optimizer.param_groups:
@@ -75,10 +82,12 @@ def train_autoencoder(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        losses.add(step + 1, loss=loss.item(), l1=parts["l1"], grad=parts["grad"])
         if (step + 1) % recipe["log_every"] == 0:
             log.info("step %d/%d loss %.4f l1 %.4f grad %.4f kl %.1f (%.2f s/step)", step + 1, total, loss.item(),
                      parts["l1"], parts["grad"], parts["kl"], (time.time() - began) / (step + 1 - start))
         if (step + 1) % recipe["save_every"] == 0 or step + 1 == total:
             save_training_state(state_path, step + 1, model, optimizer)
+            losses.save()
             log.info("step %d: held-out PSNR %.2f dB", step + 1, reconstruction_psnr(model))
     return model.cpu()

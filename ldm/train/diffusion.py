@@ -26,6 +26,7 @@ from ldm.data.batches import random_crop, scene_batch
 from ldm.data.masks import training_mask
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.word_tokenizer import WordLayoutTokenizer
+from ldm.train.curves import LossLog
 from ldm.train.common import learning_rate, read_recipe, resume, save_training_state
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def train_diffusion(
     rng = np.random.default_rng(1000 + start)
     batch, size = recipe["batch_size"], recipe["image_size"]
     mix = ConditioningMix(**recipe.get("conditioning", {}))
+    losses = LossLog(work_dir, preset.name, start)
     began = time.time()
     for step in range(start, total):
         for group in optimizer.param_groups:
@@ -159,12 +161,14 @@ def train_diffusion(
         torch.nn.utils.clip_grad_norm_(parts.parameters(), 1.0)
         optimizer.step()
         ema.update(parts)
+        losses.add(step + 1, loss=loss.item())
         if (step + 1) % recipe["log_every"] == 0:
             log.info("%s step %d/%d loss %.4f (%.2f s/step)", preset.name, step + 1, total, loss.item(),
                      (time.time() - began) / (step + 1 - start))
         if (step + 1) % recipe["save_every"] == 0 or step + 1 == total:
             save_training_state(state_path, step + 1, parts, optimizer, {"scale_factor": scale})
             torch.save(ema.shadow.state_dict(), ema_path)
+            losses.save()
     parts.load_state_dict(ema.shadow.state_dict())
     return model.cpu()
 

@@ -2,7 +2,8 @@
 the export of trained weights to ``weights/default/`` in the original checkpoint layout.
 
 A stage resumes from its training state in the work folder; without one it starts from the shipped
-weights when they exist, so training can go on across machines that only have the repository."""
+weights when they fit (same architecture and, for the diffusion stages, the same autoencoder), so
+training can go on across machines that only have the repository; otherwise from scratch."""
 
 from __future__ import annotations
 
@@ -62,15 +63,33 @@ def set_preset_scale(preset: Path, value: float) -> None:
     preset.write_text(updated)
 
 
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def same_shapes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+
 def train_stage(stage: str, work_dir: Path, steps: int | None = None, device: str = "cpu") -> None:
     if stage == "autoencoder":
-        from ldm.train.autoencoder import train_autoencoder
+        from ldm.models.autoencoder import Autoencoder
+        from ldm.train.autoencoder import recipe_config, train_autoencoder
 
-        train_autoencoder(RECIPES / "default-autoencoder.yaml", work_dir, steps, device,
-                          init=shipped_weights("default-txt2img", "first_stage_model."))
+        recipe = RECIPES / "default-autoencoder.yaml"
+        shipped = shipped_weights("default-txt2img", "first_stage_model.")
+        fits = shipped is not None and same_shapes(shipped, Autoencoder(recipe_config(recipe)).state_dict())
+        if shipped is not None and not fits:
+            log.info("the shipped autoencoder has another architecture than the recipe: training from scratch")
+        train_autoencoder(recipe, work_dir, steps, device, init=shipped if fits else None)
         return
     from ldm.train.diffusion import train_diffusion
 
+    autoencoder = autoencoder_weights(work_dir)
     init = shipped_weights(f"default-{stage}", "")
-    model = train_diffusion(RECIPES / f"default-{stage}.yaml", work_dir, autoencoder_weights(work_dir), steps, device, init)
+    if init is not None and not same_tensors({k[len("first_stage_model.") :]: v for k, v in init.items()
+                                              if k.startswith("first_stage_model.")}, autoencoder):
+        log.info("the shipped %s model was trained over another autoencoder: training from scratch", stage)
+        init = None
+    model = train_diffusion(RECIPES / f"default-{stage}.yaml", work_dir, autoencoder, steps, device, init)
     export(model, f"default-{stage}")
