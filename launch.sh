@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # LDM Studio set-up and launcher.
-#   ./launch.sh          install what is missing, then start the studio (until it exists: the CLI's help)
-#   ./launch.sh test     install what is missing, with the test packages, then run the whole test suite
+#   ./launch.sh          install what is missing, then start the studio at http://127.0.0.1:7860
+#   ./launch.sh test     install what is missing, with the test packages and Chromium, then run the whole test suite
+#   ./launch.sh train    train the embedded default model's three stages (see README)
 # Both are idempotent: the second run installs nothing and starts at once.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -54,16 +55,27 @@ install_runtime() {
   pip_install nodeps requirements-nodeps.txt
 }
 
+# The browser tests drive Debian's Chromium through Playwright (which cannot download its own here).
+ensure_chromium() {
+  [ -x "${LDM_STUDIO_CHROMIUM:-/usr/bin/chromium}" ] || apt_install chromium
+}
+
 case "${1:-}" in
   test)
     shift
     install_runtime
     pip_install dev requirements-dev.txt
+    ensure_chromium
     exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  train)
+    shift
+    install_runtime
+    for stage in autoencoder txt2img upscale; do "$VENV/bin/python" -m ldm train "$stage" "$@"; done
+    exec "$VENV/bin/python" -m ldm eval
     ;;
   *)
     install_runtime
-    if [ -f app.py ]; then exec "$VENV/bin/python" app.py "$@"; fi
-    exec "$VENV/bin/python" -m ldm --help
+    exec "$VENV/bin/python" app.py "$@"
     ;;
 esac

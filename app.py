@@ -1,0 +1,69 @@
+"""LDM Studio: the composition root. ``./launch.sh`` runs this; it serves http://127.0.0.1:7860.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--models-dir DIR ...] [--outputs outputs]
+                  [--device auto] [--dtype auto] [--concurrency 1]
+
+Models are listed from weights/ and from every --models-dir (also the LDM_STUDIO_MODELS variable,
+folders separated by ':'); they load when first used and stay loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from ldm.devices import choose_device, choose_dtype
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py", description="LDM Studio in the browser")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for the local network)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--models-dir", action="append", default=[], help="another folder of checkpoints (repeatable)")
+    parser.add_argument("--outputs", default=str(ROOT / "outputs"), help="where images are saved, in one folder per day")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
+    parser.add_argument("--concurrency", type=int, default=1, help="generations that may run at once (one per model at most)")
+    return parser.parse_args(argv)
+
+
+def make_studio(args: argparse.Namespace):
+    from ui.outputs import OutputWriter
+    from ui.services import ModelCache, Studio
+
+    folders = [*args.models_dir, *filter(None, os.environ.get("LDM_STUDIO_MODELS", "").split(":"))]
+    device = choose_device(args.device)
+    return Studio([Path(f).expanduser() for f in folders], OutputWriter(Path(args.outputs)),
+                  ModelCache(device, choose_dtype(args.dtype, device)))
+
+
+def launch(studio, host: str, port: int, concurrency: int = 1, block: bool = True):
+    """Build the page, warm the default model, and serve. Returns the Gradio app (for tests)."""
+    from ui.studio import CSS, SHORTCUTS_JS, build_app
+
+    default = studio.default_for("txt2img")
+    if default:
+        studio.models.get(default)  # the embedded model is ready when the page opens
+    app = build_app(studio)
+    app.queue(default_concurrency_limit=concurrency)
+    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=False, quiet=not block,
+               allowed_paths=[str(studio.writer.root)], js=SHORTCUTS_JS, css=CSS, footer_links=[])
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.concurrency < 1:
+        raise SystemExit("--concurrency must be at least 1")
+    studio = make_studio(args)
+    print(f"LDM Studio: http://{args.host}:{args.port}  (outputs in {studio.writer.root})", flush=True)
+    launch(studio, args.host, args.port, args.concurrency)
+
+
+if __name__ == "__main__":
+    main()

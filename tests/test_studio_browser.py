@@ -1,0 +1,296 @@
+"""The studio in a real browser: Playwright drives Debian's Chromium against the app served on a free
+port with the embedded default model. Each tab: set the controls, generate, wait for the result and
+check the actual image; the mask stroke and the dragged box are checked as the server received them
+(the mask file and the boxes saved with the result). Screenshots of every tab go to the test's
+folder, or to docs/screenshots/ with LDM_STUDIO_SCREENSHOTS=1 (the README shows those)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from ldm.data.world import COLOURS, render, scene_from_seed
+
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency (requirements-dev.txt)")
+
+CHROMIUM = os.environ.get("LDM_STUDIO_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run"]
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+TIMEOUT = 120_000  # ms for a generation on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("outputs")
+    studio = app.make_studio(app.parse_args(["--outputs", str(outputs), "--device", "cpu"]))
+    port = free_port()
+    server = app.launch(studio, "127.0.0.1", port, block=False)
+    studio.url = f"http://127.0.0.1:{port}/"
+    yield studio
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: ./launch.sh test installs Debian's chromium package")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, studio):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.set_default_timeout(30_000)
+    page.goto(studio.url)
+    page.wait_for_selector("#txt2img-generate", timeout=60_000)
+    page.wait_for_function("window.ldmStudioShortcuts === true")
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    if os.environ.get("LDM_STUDIO_SCREENSHOTS"):
+        DOCS.mkdir(parents=True, exist_ok=True)
+        return DOCS
+    return tmp_path_factory.mktemp("screenshots")
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def wait_for_result(page, tab: str, count: int = 1) -> Image.Image:
+    """The newest image of the tab's gallery, fetched from the page as the browser shows it."""
+    try:
+        page.wait_for_function(f"document.querySelectorAll('#{tab}-gallery img').length >= {count}", timeout=TIMEOUT)
+    except Exception:
+        page.screenshot(path="/tmp/pw/fail.png", full_page=True)
+        raise
+    page.wait_for_function(f"(document.querySelector('#{tab}-status')?.innerText || '').includes('saved')", timeout=TIMEOUT)
+    src = page.locator(f"#{tab}-gallery img").first.get_attribute("src")
+    return Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
+
+
+def saved_outputs(studio) -> list[Path]:
+    folder = studio.writer.folder()
+    return sorted(p for p in folder.glob("*.png") if re.fullmatch(r"\d{5}-\d+\.png", p.name))
+
+
+def studio_record(path: Path) -> dict:
+    with Image.open(path) as image:
+        return {"parameters": image.text["parameters"], **json.loads(image.text["ldm_studio"])}
+
+
+def colour_share(image: Image.Image, colour: str, tolerance: float = 80.0) -> float:
+    """Fraction of pixels within ``tolerance`` (RGB distance) of one of the world's colours."""
+    pixels = np.asarray(image, dtype=np.float32)
+    return float((np.linalg.norm(pixels - np.array(COLOURS[colour], dtype=np.float32), axis=-1) < tolerance).mean())
+
+
+def not_blank(image: Image.Image) -> bool:
+    return float(np.asarray(image, dtype=np.float32).std()) > 4.0
+
+
+def upload(page, elem_id: str, path: Path) -> None:
+    """Give a file to an image component and wait until it shows it (the editor shows its zoom level)."""
+    page.locator(f"#{elem_id} input[type=file]").set_input_files(str(path))
+    shown = page.locator(f"#{elem_id}").get_by_text(re.compile(r"^\d+%$")) if elem_id == "inpaint-editor" else page.locator(f"#{elem_id} img")
+    shown.first.wait_for()
+    page.wait_for_timeout(300)
+
+
+def drag(page, start: tuple[float, float], end: tuple[float, float], steps: int = 8) -> None:
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(*end, steps=steps)
+    page.mouse.up()
+
+
+# --- the tabs ------------------------------------------------------------------------------------------
+
+
+def test_text_to_image_shows_and_saves_the_prompted_image(page, studio, shots):
+    before = len(saved_outputs(studio))
+    page.locator("#txt2img-prompt textarea").fill("a large red circle in the center")
+    set_number(page, "txt2img-steps", 20)
+    set_number(page, "txt2img-scale", 4)
+    page.locator("#txt2img-seed input").fill("11")
+    page.locator("#txt2img-generate").click()
+    shown = wait_for_result(page, "txt2img")
+    assert page.locator("#txt2img-preview img").count() == 1  # the live preview showed the steps
+    saved = saved_outputs(studio)
+    assert len(saved) == before + 1
+    with Image.open(saved[-1]) as on_disk:
+        assert shown.size == on_disk.size == (64, 64)
+        assert np.array_equal(np.asarray(shown), np.asarray(on_disk.convert("RGB")))
+    assert not_blank(shown)
+    assert colour_share(shown, "red") > 0.02, "the prompt's colour is not in the image"
+    record = studio_record(saved[-1])
+    assert record["task"] == "txt2img" and "Seed: 11" in record["parameters"] and "CFG scale: 4.0" in record["parameters"]
+    assert "a large red circle in the center" in page.locator("#txt2img-parameters textarea").input_value()
+    page.screenshot(path=str(shots / "txt2img.png"), full_page=True)
+
+
+def test_ctrl_enter_generates_and_the_seed_can_be_reused(page, studio):
+    page.locator("#txt2img-prompt textarea").fill("a small blue square on the left")
+    set_number(page, "txt2img-steps", 5)
+    page.locator("#txt2img-seed input").fill("-1")
+    page.locator("#txt2img-prompt textarea").press("Control+Enter")
+    wait_for_result(page, "txt2img")
+    seed = re.search(r"Seed: (\d+)", studio_record(saved_outputs(studio)[-1])["parameters"]).group(1)
+    page.locator("#txt2img-reuse-seed").click()
+    page.wait_for_function(f"document.querySelector('#txt2img-seed input')?.value === '{seed}'")
+
+
+def test_stop_keeps_finished_batches(page, studio):
+    before = len(saved_outputs(studio))
+    page.locator("#txt2img-prompt textarea").fill("a green triangle")
+    set_number(page, "txt2img-steps", 150)
+    set_number(page, "txt2img-batch-count", 16)
+    page.locator("#txt2img-seed input").fill("5")
+    page.locator("#txt2img-generate").click()
+    page.wait_for_function("(document.querySelector('#txt2img-status')?.innerText || '').includes('batch 2 of 16')", timeout=TIMEOUT)
+    page.locator("#txt2img-stop").click()
+    page.wait_for_function("(document.querySelector('#txt2img-status')?.innerText || '').includes('Stopped after')", timeout=TIMEOUT)
+    assert len(saved_outputs(studio)) == before + 1  # the first batch finished and stays
+    assert page.locator("#txt2img-gallery img").count() >= 1
+
+
+def test_a_studio_png_restores_its_settings(page, studio):
+    page.locator("#txt2img-prompt textarea").fill("a yellow star at the top")
+    set_number(page, "txt2img-steps", 4)
+    page.locator("#txt2img-seed input").fill("321")
+    page.locator("#txt2img-generate").click()
+    wait_for_result(page, "txt2img")
+    made = saved_outputs(studio)[-1]
+    page.reload()
+    page.wait_for_selector("#txt2img-generate")
+    page.locator("#txt2img-restore input[type=file]").set_input_files(str(made))
+    page.wait_for_function("document.querySelector('#txt2img-prompt textarea')?.value === 'a yellow star at the top'")
+    assert page.locator("#txt2img-seed input").input_value() == "321"
+    assert page.locator("#txt2img-steps input[type=number]").input_value() == "4"
+
+
+def test_inpainting_fills_the_painted_stroke_and_keeps_the_rest(page, studio, shots, tmp_path):
+    source = tmp_path / "scene.png"
+    render(scene_from_seed(3), 64).save(source)
+    page.get_by_role("tab", name="Inpainting").click()
+    upload(page, "inpaint-editor", source)
+    canvas = page.locator("#inpaint-editor canvas").first
+    box = canvas.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    side = min(box["width"], box["height"])  # the 64 px image is drawn centred, as large as fits
+    drag(page, (cx - side * 0.2, cy), (cx + side * 0.2, cy), steps=12)
+    page.locator("#inpaint-prompt textarea").fill("a green square in the center")
+    set_number(page, "inpaint-steps", 20)
+    page.locator("#inpaint-seed input").fill("2")
+    page.locator("#inpaint-generate").click()
+    shown = wait_for_result(page, "inpaint")
+    result = saved_outputs(studio)[-1]
+    record = studio_record(result)
+    assert record["task"] == "inpaint" and record["mask"]["feather"] == 0
+    mask = np.asarray(Image.open(result.parent / record["files"]["mask"])) > 0
+    assert mask.shape == (64, 64)
+    assert mask[32, 24:40].all(), "the stroke across the centre is not in the mask the server received"
+    assert not mask[:8].any() and not mask[-8:].any(), "the mask reaches beyond the stroke"
+    original = np.asarray(Image.open(source).convert("RGB"))
+    out = np.asarray(shown)
+    assert out.shape == original.shape
+    assert np.array_equal(out[~mask], original[~mask]), "unmasked pixels changed"
+    assert not np.array_equal(out[mask], original[mask])
+    page.screenshot(path=str(shots / "inpaint.png"), full_page=True)
+
+
+def test_inpainting_without_a_mask_says_what_to_do(page, tmp_path):
+    source = tmp_path / "scene.png"
+    render(scene_from_seed(4), 64).save(source)
+    page.get_by_role("tab", name="Inpainting").click()
+    upload(page, "inpaint-editor", source)
+    page.locator("#inpaint-generate").click()
+    message = page.get_by_text("The mask is empty")
+    message.first.wait_for(timeout=TIMEOUT)
+    assert "Traceback" not in page.content()
+
+
+def test_upscaling_multiplies_the_size_by_four_in_tiles(page, studio, shots, tmp_path):
+    source = tmp_path / "small.png"
+    low = render(scene_from_seed(8), 32)
+    low.save(source)
+    page.get_by_role("tab", name="Upscaling").click()
+    upload(page, "upscale-input", source)
+    set_number(page, "upscale-tile", 16)
+    set_number(page, "upscale-overlap", 4)
+    set_number(page, "upscale-steps", 10)
+    page.locator("#upscale-seed input").fill("1")
+    page.locator("#upscale-generate").click()
+    shown = wait_for_result(page, "upscale")
+    assert shown.size == (128, 128)
+    assert not_blank(shown)
+    back = np.asarray(shown.resize((32, 32), Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(back - np.asarray(low, dtype=np.float32)).mean() < 25, "the upscale does not follow its input"
+    record = studio_record(saved_outputs(studio)[-1])
+    assert record["tiles"] == {"tile": 16, "overlap": 4} and "Upscale: 4x" in record["parameters"]
+    page.screenshot(path=str(shots / "upscale.png"), full_page=True)
+
+
+def test_layout_sends_the_dragged_box(page, studio, shots):
+    page.get_by_role("tab", name="Layout").click()
+    canvas = page.locator("#layout-canvas canvas").first
+    canvas.wait_for()
+    page.wait_for_timeout(500)
+    box = canvas.bounding_box()
+    # The square canvas image is drawn as large as fits, centred in the canvas element.
+    side = min(box["width"], box["height"])
+    left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+    x0, y0, x1, y1 = 0.1, 0.1, 0.45, 0.45
+    drag(page, (left + x0 * side, top + y0 * side), (left + x1 * side, top + y1 * side))
+    page.get_by_role("button", name="OK").click()
+    set_number(page, "layout-steps", 20)
+    page.locator("#layout-seed input").fill("4")
+    page.locator("#layout-generate").click()
+    shown = wait_for_result(page, "layout")
+    assert shown.size == (64, 64) and not_blank(shown)
+    record = studio_record(saved_outputs(studio)[-1])
+    assert record["task"] == "layout"
+    (received,) = record["boxes"]
+    assert received["label"] == "red circle"
+    assert np.allclose(received["box"], [x0, y0, x1, y1], atol=0.03), received
+    assert "Layout: red circle" in record["parameters"]
+    assert colour_share(shown.crop((0, 0, 32, 32)), "red") > colour_share(shown.crop((32, 32, 64, 64)), "red")
+    page.screenshot(path=str(shots / "layout.png"), full_page=True)
+
+
+def test_send_to_inpainting_carries_the_image_and_prompt(page, studio):
+    page.locator("#txt2img-prompt textarea").fill("a purple ring on the right")
+    set_number(page, "txt2img-steps", 4)
+    page.locator("#txt2img-generate").click()
+    wait_for_result(page, "txt2img")
+    page.locator("#txt2img-send-to-inpaint").click()
+    page.wait_for_function("document.querySelector('#inpaint-prompt textarea')?.value === 'a purple ring on the right'")
+    assert page.get_by_role("tab", name="Inpainting").get_attribute("aria-selected") == "true"
+    page.locator("#inpaint-editor canvas").first.wait_for()

@@ -1,0 +1,77 @@
+"""Finished images go to ``outputs/<date>/NNNNN-<seed>.png`` at once, each with its parameters
+(the AUTOMATIC1111 ``parameters`` text chunk) and the studio's own settings (boxes, mask settings,
+task, as an ``ldm_studio`` JSON chunk), so nothing finished is lost and every image can be
+reproduced or restored."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from ldm.tasks.parameters import parse_parameters, save_png
+
+_INDEX = re.compile(r"^(\d{5})-")
+
+
+@dataclass
+class OutputWriter:
+    root: Path
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def folder(self, now: dt.datetime | None = None) -> Path:
+        return self.root / (now or dt.datetime.now()).strftime("%Y-%m-%d")
+
+    def save(self, image: Image.Image, parameters: str, seed: int, extra: dict, attachments: dict[str, Image.Image] | None = None) -> Path:
+        """Write one image (and its attachments, e.g. the mask, as NNNNN-<seed>-<name>.png) and return its path."""
+        with self._lock:
+            folder = self.folder()
+            folder.mkdir(parents=True, exist_ok=True)
+            index = 1 + max((int(m.group(1)) for p in folder.iterdir() if (m := _INDEX.match(p.name))), default=0)
+            stem = f"{index:05d}-{seed}"
+            files = {}
+            for name, picture in (attachments or {}).items():
+                path = folder / f"{stem}-{name}.png"
+                picture.save(path)
+                files[name] = path.name
+            return save_png(image, folder / f"{stem}.png", parameters, {**extra, **({"files": files} if files else {})})
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a studio (or AUTOMATIC1111) PNG says about how it was made."""
+
+    fields: dict[str, str]
+    extra: dict
+
+    def number(self, key: str, kind=float):
+        try:
+            return kind(self.fields[key])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        match = re.fullmatch(r"(\d+)x(\d+)", self.fields.get("Size", ""))
+        return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def read_restore(path: str | Path) -> Restored:
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {})
+            parameters, extra = text.get("parameters"), text.get("ldm_studio")
+    except OSError as error:
+        raise ValueError(f"cannot read {Path(path).name} as an image ({error})") from None
+    if parameters is None:
+        raise ValueError(f"{Path(path).name} carries no generation parameters (drop a PNG the studio or AUTOMATIC1111 made)")
+    try:
+        decoded = json.loads(extra) if extra else {}
+    except ValueError:
+        decoded = {}
+    return Restored(parse_parameters(parameters), decoded if isinstance(decoded, dict) else {})

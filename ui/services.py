@@ -1,0 +1,85 @@
+"""What the tabs share: the model catalog and its lazily loaded, cached models, where outputs go,
+and one stop flag per browser session. Built once by ``app.py``; nothing here runs at import."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoints.catalog import CatalogEntry, scan
+from ldm.checkpoints.loader import LoadedModel, load_model
+from ldm.checkpoints.presets import DEFAULT_WEIGHTS_DIR, default_model_path
+from ldm.sampling.presets import SamplerPreset, read_sampler_presets
+from ui.outputs import OutputWriter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = {"txt2img": default_model_path("default-txt2img"), "upscale": default_model_path("default-upscale")}
+WEIGHTS_DIR = DEFAULT_WEIGHTS_DIR.parent
+
+
+class ModelCache:
+    """Models loaded on first use and kept, by path; one lock per model, so that a model runs one
+    generation at a time however many sessions ask for it."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self._models: dict[Path, LoadedModel] = {}
+        self._locks: dict[Path, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._loading = threading.Lock()
+
+    def lock(self, path: str | Path) -> threading.Lock:
+        """The lock a generation with this model holds while it runs."""
+        with self._guard:
+            return self._locks.setdefault(Path(path).resolve(), threading.Lock())
+
+    def get(self, path: str | Path) -> LoadedModel:
+        path = Path(path).resolve()
+        with self._loading:
+            if path not in self._models:
+                log.info("loading %s", path)
+                self._models[path] = load_model(path, device=self.device, dtype=self.dtype)
+            return self._models[path]
+
+    def is_loaded(self, path: str | Path) -> bool:
+        return Path(path).resolve() in self._models
+
+
+@dataclass
+class Studio:
+    model_dirs: Sequence[Path]
+    writer: OutputWriter
+    models: ModelCache
+    sampler_presets: list[SamplerPreset] = field(default_factory=read_sampler_presets)
+    _stops: dict[str, threading.Event] = field(default_factory=dict)
+    _catalog: list[CatalogEntry] | None = None
+
+    def catalog(self, refresh: bool = False) -> list[CatalogEntry]:
+        if self._catalog is None or refresh:
+            self._catalog = scan([WEIGHTS_DIR, *self.model_dirs])
+        return self._catalog
+
+    def entries_for(self, task: str) -> list[CatalogEntry]:
+        """Recognised models that serve ``task`` ("txt2img", "inpaint", "upscale" or "layout")."""
+        return [e for e in self.catalog() if e.capabilities is not None and task in e.capabilities.tasks]
+
+    def default_for(self, task: str) -> str | None:
+        wanted = DEFAULT_MODELS["upscale" if task == "upscale" else "txt2img"].resolve()
+        paths = [e.path for e in self.entries_for(task)]
+        return str(wanted) if wanted in paths else (str(paths[0]) if paths else None)
+
+    def entry(self, path: str | Path) -> CatalogEntry:
+        path = Path(path).resolve()
+        for e in self.catalog():
+            if e.path == path:
+                return e
+        raise ValueError(f"{path.name} is not in the model list; press the refresh button next to the model menu")
+
+    def stop_flag(self, session: str) -> threading.Event:
+        return self._stops.setdefault(session, threading.Event())

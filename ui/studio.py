@@ -1,0 +1,59 @@
+"""The studio's page: a header, the four tabs (each a module of ``ui.tabs``), and the "send to" links
+between them. ``build_app`` only builds; ``app.py`` launches."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ui.errors import friendly
+from ui.outputs import read_restore
+from ui.services import Studio
+from ui.tabs import inpaint, layout, txt2img, upscale
+from ui.widgets import TAB_TITLES
+
+TABS = {"txt2img": txt2img, "inpaint": inpaint, "upscale": upscale, "layout": layout}
+
+# Ctrl+Enter (Cmd+Enter on a Mac) presses the visible tab's generate button.
+SHORTCUTS_JS = """
+() => {
+  window.ldmStudioShortcuts = true;
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
+    const buttons = [...document.querySelectorAll(".generate-button")].filter((b) => b.offsetParent !== null);
+    if (buttons.length) { event.preventDefault(); buttons[0].click(); }
+  });
+}
+"""
+
+CSS = """
+.status p { margin: 0; min-height: 1.5em; }
+.live-preview img { image-rendering: pixelated; }
+"""
+
+
+def build_app(studio: Studio) -> gr.Blocks:
+    with gr.Blocks(title="LDM Studio") as app:
+        gr.Markdown("## LDM Studio\nLatent diffusion on your own machine. Every image is saved, with its settings, "
+                    f"under `{studio.writer.root}/<date>/`.")
+        with gr.Tabs() as tabs:
+            built = {}
+            for name, module in TABS.items():
+                with gr.Tab(TAB_TITLES[name], id=name, elem_id=f"tab-{name}"):
+                    built[name] = module.build(studio)
+        for source in built.values():
+            for target, button in source.output.send.items():
+                connect_send(button, source.output.selected, TABS[target].receive(built[target]), tabs, target)
+    return app
+
+
+def connect_send(button: gr.Button, selected: gr.State, receiver, tabs: gr.Tabs, target: str) -> None:
+    apply, outputs = receiver
+
+    @friendly
+    def send(path):
+        if not path:
+            raise ValueError("pick an image in the gallery first")
+        prompt = read_restore(path).fields.get("Prompt", "")
+        return {**apply(path, prompt), tabs: gr.Tabs(selected=target)}
+
+    button.click(send, selected, [*outputs, tabs], queue=False)

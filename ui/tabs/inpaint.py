@@ -1,0 +1,154 @@
+"""Inpainting: paint a mask over an image with a brush (size, eraser and undo are in the editor's
+toolbar), feather its edge, optionally work only around the mask; the unmasked pixels come out
+exactly as they went in. The mask and the input image are saved next to each result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from ldm.tasks.inpaint import InpaintOptions, inpaint
+from ui.errors import friendly
+from ui.services import Studio
+from ui.tabs.txt2img import model_changed, stopper
+from ui.widgets import (
+    ModelMenu,
+    OutputArea,
+    SamplingControls,
+    batch_request,
+    chosen_model,
+    connect_seed,
+    model_menu,
+    output_area,
+    restore_box,
+    restored_values,
+    run_batches,
+    sampling_controls,
+)
+
+TAB = "inpaint"
+BRUSH = gr.Brush(default_size=12, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed")
+
+
+@dataclass
+class InpaintTab:
+    model: ModelMenu
+    editor: gr.ImageMask
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    feather: gr.Slider
+    only_masked: gr.Checkbox
+    padding: gr.Slider
+    sampling: SamplingControls
+    batch_size: gr.Slider
+    generate: gr.Button
+    stop: gr.Button
+    restore: gr.File
+    output: OutputArea
+
+
+def build(studio: Studio) -> InpaintTab:
+    with gr.Row():
+        with gr.Column(scale=5):
+            model = model_menu(studio, TAB, info="inpainting models (e.g. the default) fill natively; "
+                                                 "any other model inpaints by latent blending")
+            editor = gr.ImageMask(label="Image and mask: paint over what to replace", type="pil", image_mode="RGBA",
+                                  sources=["upload", "clipboard"], brush=BRUSH, eraser=gr.Eraser(default_size=12),
+                                  layers=False, height=420, elem_id="inpaint-editor")
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what to paint in the masked area", info="Ctrl+Enter generates",
+                                elem_id=f"{TAB}-prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=1)
+            with gr.Row():
+                generate = gr.Button("Inpaint", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
+                stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
+            with gr.Row():
+                feather = gr.Slider(0, 64, value=0, step=1, label="Feather mask edge (px)",
+                                    info="the fill fades in over this width inside the mask", elem_id="inpaint-feather")
+                only_masked = gr.Checkbox(False, label="Inpaint only the masked area",
+                                          info="crop around the mask, work at the model's resolution, stitch back",
+                                          elem_id="inpaint-only-masked")
+                padding = gr.Slider(0, 256, value=32, step=4, label="Padding around the mask (px)", elem_id="inpaint-padding")
+            sampling = sampling_controls(studio, TAB)
+            batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+            restore = restore_box(TAB)
+        with gr.Column(scale=6):
+            output = output_area(TAB, send_to=("inpaint", "upscale", "layout"))
+    tab = InpaintTab(model, editor, prompt, negative, feather, only_masked, padding, sampling, batch_size, generate, stop, restore,
+                     output)
+    wire(studio, tab)
+    return tab
+
+
+def editor_parts(value: dict | None) -> tuple[Image.Image, Image.Image]:
+    """(image, mask) from the editor: the mask is white wherever any brush layer has paint."""
+    if not value or value.get("background") is None:
+        raise ValueError("no image: upload one, or send one here from another tab")
+    background = value["background"].convert("RGB")
+    painted = np.zeros((background.height, background.width), dtype=bool)
+    for layer in value.get("layers") or []:
+        if layer is not None:
+            painted |= np.asarray(layer.convert("RGBA").resize(background.size))[..., 3] > 0
+    if not painted.any():
+        raise ValueError("the mask is empty: paint over the part of the image to replace")
+    return background, Image.fromarray(painted.astype(np.uint8) * 255)
+
+
+def wire(studio: Studio, tab: InpaintTab) -> None:
+    sampling, out = tab.sampling, tab.output
+    inputs = {tab.model.dropdown, tab.editor, tab.prompt, tab.negative, tab.feather, tab.only_masked, tab.padding,
+              sampling.steps, sampling.scale, sampling.eta, sampling.seed, tab.batch_size, out.images}
+
+    @friendly
+    def generate(data: dict, request: gr.Request, progress=gr.Progress()):
+        loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
+        image, mask = editor_parts(data[tab.editor])
+        options = InpaintOptions(int(data[tab.feather]), bool(data[tab.only_masked]), int(data[tab.padding]))
+        options.check()
+        base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), image.width, image.height,
+                             data[tab.batch_size])
+
+        def one_batch(seed, callback, should_stop):
+            result = inpaint(loaded, replace(base, seed=seed), image, mask, options=options, callback=callback,
+                             should_stop=should_stop)
+            extra = {"task": TAB, "model": loaded.name,
+                     "mask": {"feather": options.feather, "only_masked": options.only_masked, "padding": options.padding,
+                              "coverage": round(float(np.asarray(mask).mean() / 255), 4)}}
+            paths = [studio.writer.save(picture, text, s, extra, {"mask": mask, "input": image})
+                     for picture, s, text in zip(result.images, result.seeds, result.parameters)]
+            return paths, result.notices
+
+        yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
+                               data[out.images], progress)
+
+    outputs = [out.preview, out.status, out.gallery, out.images, out.selected, out.parameters, out.last_seed]
+    events = dict(fn=generate, inputs=inputs, outputs=outputs, concurrency_id="generate")
+    tab.generate.click(**events)
+    tab.stop.click(stopper(studio), None, None, queue=False)
+    connect_seed(sampling, out)
+    tab.model.dropdown.change(model_changed(studio, sampling, None), [tab.model.dropdown, sampling.preset],
+                              [sampling.steps, sampling.eta, sampling.scale], queue=False)
+
+    @friendly
+    def restore(path):
+        updates, restored = restored_values(path, tab.prompt, tab.negative, sampling)
+        mask = restored.extra.get("mask", {}) if restored else {}
+        for key, component in (("feather", tab.feather), ("only_masked", tab.only_masked), ("padding", tab.padding)):
+            if key in mask:
+                updates[component] = mask[key]
+        return updates
+
+    tab.restore.upload(restore, tab.restore, [tab.prompt, tab.negative, sampling.steps, sampling.eta, sampling.seed, sampling.scale,
+                                              tab.feather, tab.only_masked, tab.padding], queue=False)
+
+
+def receive(tab: InpaintTab):
+    """What "Send to inpainting" sets: the image as the editor's background (no mask yet) and the prompt."""
+
+    def apply(path: str, prompt: str):
+        image = Image.open(path).convert("RGB")
+        return {tab.editor: {"background": image, "layers": [], "composite": image}, tab.prompt: prompt}
+
+    return apply, [tab.editor, tab.prompt]

@@ -1,0 +1,187 @@
+"""Layout: draw, drag and resize labelled boxes on a canvas; with an optional global prompt, a
+layout-conditioned model turns each box into layout tokens (a class token and two grid corners)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import gradio as gr
+import numpy as np
+from gradio_image_annotation import image_annotator
+from PIL import Image, ImageDraw
+
+from ldm.data.world import COLOURS, SHAPES
+from ldm.tasks.txt2img import txt2img
+from ui.errors import friendly
+from ui.outputs import read_restore
+from ui.services import Studio
+from ui.tabs.txt2img import SizeControls, model_changed, size_controls, stopper
+from ui.widgets import (
+    ModelMenu,
+    OutputArea,
+    SamplingControls,
+    batch_request,
+    chosen_model,
+    connect_seed,
+    model_menu,
+    output_area,
+    restore_box,
+    restored_values,
+    run_batches,
+    sampling_controls,
+)
+
+TAB = "layout"
+CANVAS_SIDE = 512  # the drawing canvas's longer side, in screen pixels; boxes are kept normalised
+LABELS = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+
+
+@dataclass
+class LayoutTab:
+    model: ModelMenu
+    canvas: image_annotator
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    sampling: SamplingControls
+    size: SizeControls
+    batch_size: gr.Slider
+    generate: gr.Button
+    stop: gr.Button
+    restore: gr.File
+    output: OutputArea
+
+
+def blank_canvas(width: int, height: int) -> np.ndarray:
+    """A light canvas with the aspect of the output and a faint 3x3 grid (the world's nine places)."""
+    scale = CANVAS_SIDE / max(width, height)
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    image = Image.new("RGB", (w, h), (236, 236, 236))
+    draw = ImageDraw.Draw(image)
+    for i in (1, 2):
+        draw.line([(w * i / 3, 0), (w * i / 3, h)], fill=(210, 210, 210), width=1)
+        draw.line([(0, h * i / 3), (w, h * i / 3)], fill=(210, 210, 210), width=1)
+    return np.asarray(image)
+
+
+def layout_info(studio: Studio) -> str:
+    names = [e.name for e in studio.entries_for(TAB)]
+    supported = ", ".join(names) if names else "none installed"
+    return f"models that take layout boxes: {supported}. Text-only models such as Stable Diffusion cannot take boxes yet."
+
+
+def build(studio: Studio) -> LayoutTab:
+    with gr.Row():
+        with gr.Column(scale=5):
+            model = model_menu(studio, TAB, info=layout_info(studio))
+            canvas = image_annotator({"image": blank_canvas(64, 64), "boxes": []}, label_list=LABELS, image_type="numpy",
+                                     label="Layout: drag on the canvas to draw a box, then name it; drag boxes to move or resize",
+                                     sources=[], height=CANVAS_SIDE + 40, box_min_size=6, show_clear_button=False,
+                                     elem_id="layout-canvas")
+            prompt = gr.Textbox(label="Global prompt (optional)", lines=1, info="Ctrl+Enter generates", elem_id=f"{TAB}-prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=1)
+            with gr.Row():
+                generate = gr.Button("Generate from layout", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
+                stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
+                clear = gr.Button("Clear boxes")
+            sampling = sampling_controls(studio, TAB)
+            size = size_controls(studio, TAB)
+            batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size")
+            restore = restore_box(TAB, "layout and settings")
+        with gr.Column(scale=6):
+            output = output_area(TAB, send_to=("inpaint", "upscale"))
+    tab = LayoutTab(model, canvas, prompt, negative, sampling, size, batch_size, generate, stop, restore, output)
+    wire(studio, tab)
+    clear.click(lambda w, h: {"image": blank_canvas(int(w), int(h)), "boxes": []}, [size.width, size.height], canvas, queue=False)
+    return tab
+
+
+def canvas_boxes(value: dict | None) -> tuple:
+    """The canvas's boxes as (label, x0, y0, x1, y1) normalised to [0, 1]."""
+    if not value or value.get("image") is None:
+        return ()
+    image = value["image"]
+    h, w = (image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width))
+    boxes = []
+    for box in value.get("boxes") or []:
+        x0, x1 = sorted((float(box["xmin"]) / w, float(box["xmax"]) / w))
+        y0, y1 = sorted((float(box["ymin"]) / h, float(box["ymax"]) / h))
+        label = str(box.get("label") or "").strip()
+        if not label:
+            raise ValueError("every box needs a label (a class such as 'red circle'); click a box to name it")
+        boxes.append((label, max(0.0, x0), max(0.0, y0), min(1.0, x1), min(1.0, y1)))
+    return tuple(boxes)
+
+
+def canvas_value(width: int, height: int, boxes) -> dict:
+    image = blank_canvas(width, height)
+    h, w = image.shape[:2]
+    return {"image": image, "boxes": [{"label": b[0], "xmin": b[1] * w, "ymin": b[2] * h, "xmax": b[3] * w, "ymax": b[4] * h}
+                                      for b in boxes]}
+
+
+def wire(studio: Studio, tab: LayoutTab) -> None:
+    sampling, out = tab.sampling, tab.output
+    inputs = {tab.model.dropdown, tab.canvas, tab.prompt, tab.negative, sampling.steps, sampling.scale, sampling.eta, sampling.seed,
+              tab.size.width, tab.size.height, tab.batch_size, out.images}
+
+    @friendly
+    def generate(data: dict, request: gr.Request, progress=gr.Progress()):
+        loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
+        boxes = canvas_boxes(data[tab.canvas])
+        if not boxes:
+            raise ValueError("no boxes: drag on the canvas to draw one, then give it a label")
+        base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), data[tab.size.width],
+                             data[tab.size.height], data[tab.batch_size], boxes)
+
+        def one_batch(seed, callback, should_stop):
+            result = txt2img(loaded, replace(base, seed=seed), callback=callback, should_stop=should_stop)
+            extra = {"task": TAB, "model": loaded.name, "boxes": [{"label": b[0], "box": [round(v, 4) for v in b[1:]]} for b in boxes]}
+            paths = [studio.writer.save(image, text, s, extra) for image, s, text in zip(result.images, result.seeds, result.parameters)]
+            return paths, result.notices
+
+        yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
+                               data[out.images], progress)
+
+    outputs = [out.preview, out.status, out.gallery, out.images, out.selected, out.parameters, out.last_seed]
+    events = dict(fn=generate, inputs=inputs, outputs=outputs, concurrency_id="generate")
+    tab.generate.click(**events)
+    tab.prompt.submit(**events)
+    tab.stop.click(stopper(studio), None, None, queue=False)
+    connect_seed(sampling, out)
+    tab.model.dropdown.change(model_changed(studio, sampling, tab.size), [tab.model.dropdown, sampling.preset],
+                              [tab.size.width, tab.size.height, sampling.steps, sampling.eta, sampling.scale], queue=False)
+
+    def reshape(width, height, value):
+        """A new output size gives the canvas the new aspect, keeping the boxes where they were."""
+        try:
+            boxes = canvas_boxes(value)
+        except ValueError:
+            boxes = ()
+        return canvas_value(int(width), int(height), boxes)
+
+    tab.size.width.release(reshape, [tab.size.width, tab.size.height, tab.canvas], tab.canvas, queue=False)
+    tab.size.height.release(reshape, [tab.size.width, tab.size.height, tab.canvas], tab.canvas, queue=False)
+
+    @friendly
+    def restore(path, width, height):
+        updates, restored = restored_values(path, tab.prompt, tab.negative, sampling, tab.size.width, tab.size.height)
+        boxes = [(b["label"], *b["box"]) for b in (restored.extra.get("boxes") or [])] if restored else []
+        w, h = restored.size if restored and restored.size else (int(width), int(height))
+        updates[tab.canvas] = canvas_value(w, h, boxes)
+        return updates
+
+    tab.restore.upload(restore, [tab.restore, tab.size.width, tab.size.height],
+                       [tab.prompt, tab.negative, sampling.steps, sampling.eta, sampling.seed, sampling.scale, tab.size.width,
+                        tab.size.height, tab.canvas], queue=False)
+
+
+def receive(tab: LayoutTab):
+    """"Send to layout": the picture's boxes (when it was made from a layout) and prompt, at its size."""
+
+    def apply(path: str, prompt: str):
+        restored = read_restore(path)
+        width, height = Image.open(path).size
+        boxes = [(b["label"], *b["box"]) for b in (restored.extra.get("boxes") or [])]
+        return {tab.canvas: canvas_value(width, height, boxes), tab.prompt: prompt, tab.size.width: width, tab.size.height: height}
+
+    return apply, [tab.canvas, tab.prompt, tab.size.width, tab.size.height]

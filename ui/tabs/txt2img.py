@@ -1,0 +1,156 @@
+"""Text to image: prompt, negative prompt, DDIM settings, size, batches; live preview and gallery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import gradio as gr
+
+from ldm.tasks.txt2img import txt2img
+from ui.errors import friendly
+from ui.services import Studio
+from ui.widgets import (
+    MODEL_DEFAULT,
+    ModelMenu,
+    OutputArea,
+    SamplingControls,
+    batch_request,
+    chosen_model,
+    connect_seed,
+    model_defaults,
+    model_menu,
+    output_area,
+    restore_box,
+    restored_values,
+    run_batches,
+    sampling_controls,
+)
+
+TAB = "txt2img"
+
+
+@dataclass
+class SizeControls:
+    width: gr.Slider
+    height: gr.Slider
+
+
+def size_controls(studio: Studio, task: str) -> SizeControls:
+    native = native_size(studio, studio.default_for(task))
+    with gr.Row():
+        width = gr.Slider(16, 2048, value=native, step=16, label="Width",
+                          info="above the model's training size it samples convolutionally", elem_id=f"{task}-width")
+        height = gr.Slider(16, 2048, value=native, step=16, label="Height", elem_id=f"{task}-height")
+    return SizeControls(width, height)
+
+
+def native_size(studio: Studio, path: str | None) -> int:
+    if not path:
+        return 512
+    config = studio.entry(path).preset.model
+    return config.latent_size * config.downsampling_factor
+
+
+@dataclass
+class Txt2ImgTab:
+    model: ModelMenu
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    sampling: SamplingControls
+    size: SizeControls
+    batch_count: gr.Slider
+    batch_size: gr.Slider
+    generate: gr.Button
+    stop: gr.Button
+    restore: gr.File
+    output: OutputArea
+
+
+def build(studio: Studio) -> Txt2ImgTab:
+    with gr.Row():
+        with gr.Column(scale=5):
+            model = model_menu(studio, TAB)
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle in the top left and a small blue square at the bottom",
+                                info="Ctrl+Enter generates", elem_id=f"{TAB}-prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=1, placeholder="what the image should not have")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
+                stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
+            sampling = sampling_controls(studio, TAB)
+            size = size_controls(studio, TAB)
+            with gr.Row():
+                batch_count = gr.Slider(1, 16, value=1, step=1, label="Batch count", info="batches one after another",
+                                        elem_id="txt2img-batch-count")
+                batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size", info="images per batch",
+                                       elem_id="txt2img-batch-size")
+            restore = restore_box(TAB)
+        with gr.Column(scale=6):
+            output = output_area(TAB, send_to=("inpaint", "upscale", "layout"))
+    tab = Txt2ImgTab(model, prompt, negative, sampling, size, batch_count, batch_size, generate, stop, restore, output)
+    wire(studio, tab)
+    return tab
+
+
+def wire(studio: Studio, tab: Txt2ImgTab) -> None:
+    sampling, out = tab.sampling, tab.output
+    inputs = {tab.model.dropdown, tab.prompt, tab.negative, sampling.steps, sampling.scale, sampling.eta, sampling.seed,
+              tab.size.width, tab.size.height, tab.batch_count, tab.batch_size, out.images}
+
+    @friendly
+    def generate(data: dict, request: gr.Request, progress=gr.Progress()):
+        loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
+        base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), data[tab.size.width],
+                             data[tab.size.height], data[tab.batch_size])
+
+        def one_batch(seed, callback, should_stop):
+            result = txt2img(loaded, replace(base, seed=seed), callback=callback, should_stop=should_stop)
+            extra = {"task": TAB, "model": loaded.name}
+            paths = [studio.writer.save(image, text, s, extra) for image, s, text in zip(result.images, result.seeds, result.parameters)]
+            return paths, result.notices
+
+        yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), int(data[tab.batch_count]),
+                               base.seed, one_batch, data[out.images], progress)
+
+    outputs = [out.preview, out.status, out.gallery, out.images, out.selected, out.parameters, out.last_seed]
+    events = dict(fn=generate, inputs=inputs, outputs=outputs, concurrency_id="generate")
+    tab.generate.click(**events)
+    tab.prompt.submit(**events)
+    tab.stop.click(stopper(studio), None, None, queue=False)
+    connect_seed(sampling, out)
+    tab.model.dropdown.change(model_changed(studio, sampling, tab.size), [tab.model.dropdown, sampling.preset],
+                              [tab.size.width, tab.size.height, sampling.steps, sampling.eta, sampling.scale], queue=False)
+
+    @friendly
+    def restore(path):
+        updates, _ = restored_values(path, tab.prompt, tab.negative, sampling, tab.size.width, tab.size.height)
+        return updates
+
+    tab.restore.upload(restore, tab.restore, [tab.prompt, tab.negative, sampling.steps, sampling.eta, sampling.seed, sampling.scale,
+                                              tab.size.width, tab.size.height], queue=False)
+
+
+def stopper(studio: Studio):
+    def stop(request: gr.Request):
+        studio.stop_flag(request.session_hash).set()
+
+    return stop
+
+
+def model_changed(studio: Studio, sampling: SamplingControls, size: SizeControls | None):
+    """On a new model: its training size, and its sampler defaults when the preset menu says so."""
+
+    @friendly
+    def changed(path, preset_name):
+        if not path:
+            return [gr.update()] * (2 * (size is not None) + 2 + (sampling.scale is not None))
+        entry = studio.entry(path)
+        native = native_size(studio, path)
+        step = entry.preset.model.size_multiple
+        sizes = [gr.update(value=native, step=step, minimum=step)] * 2 if size is not None else []
+        if preset_name == MODEL_DEFAULT:
+            defaults = model_defaults(sampling, entry)
+        else:
+            defaults = [gr.update()] * (2 + (sampling.scale is not None))
+        return [*sizes, *defaults]
+
+    return changed

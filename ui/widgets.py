@@ -1,0 +1,275 @@
+"""Controls that several tabs share: the model menu, the sampling settings, the output area, and the
+generation loop that fills it. Each group is a dataclass of named components; handlers take the
+values as a ``{component: value}`` mapping (Gradio's set-of-inputs form) and read them by name."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from ldm.sampling.ddim import SamplingCancelled
+from ldm.tasks.request import MAX_BATCH, MAX_SCALE, MAX_SEED, MAX_STEPS, GenerationRequest
+from ui.jobs import Done, previewer, stream
+from ui.outputs import read_restore
+from ui.services import Studio
+
+MODEL_DEFAULT = "Model default"
+MAX_BATCH_COUNT = 16
+
+
+# --- the model menu ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelMenu:
+    dropdown: gr.Dropdown
+    refresh: gr.Button
+    problems: gr.Markdown  # the files that cannot be used, and why
+
+
+def model_menu(studio: Studio, task: str, info: str = "") -> ModelMenu:
+    with gr.Row(equal_height=True):
+        dropdown = gr.Dropdown(choices=model_choices(studio, task), value=studio.default_for(task), label="Model",
+                               info=info or None, scale=8, elem_id=f"{task}-model")
+        refresh = gr.Button("↻ Rescan", scale=1, min_width=80)
+    problems = gr.Markdown(unusable_files(studio), elem_id=f"{task}-model-problems")
+
+    def rescan(current):
+        studio.catalog(refresh=True)
+        choices = model_choices(studio, task)
+        values = [v for _, v in choices]
+        value = current if current in values else studio.default_for(task)
+        return gr.update(choices=choices, value=value), unusable_files(studio)
+
+    refresh.click(rescan, dropdown, [dropdown, problems], queue=False)
+    return ModelMenu(dropdown, refresh, problems)
+
+
+def unusable_files(studio: Studio) -> str:
+    bad = [e for e in studio.catalog() if e.preset is None]
+    return "\n".join(f"- `{e.path.name}` cannot be used: {e.problem}" for e in bad)
+
+
+def model_choices(studio: Studio, task: str) -> list[tuple[str, str]]:
+    return [(e.label(), str(e.path)) for e in studio.entries_for(task)]
+
+
+def chosen_model(studio: Studio, path: str | None, task: str):
+    """The loaded model for the menu's value, checked against the task."""
+    if not path:
+        raise ValueError(f"no model for {task} is installed; put a checkpoint in weights/ and press ↻ Rescan")
+    entry = studio.entry(path)
+    if entry.capabilities is None or task not in entry.capabilities.tasks:
+        raise ValueError(f"{entry.name} cannot do {task}; choose another model")
+    return studio.models.get(path)
+
+
+# --- sampling settings --------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingControls:
+    preset: gr.Dropdown
+    steps: gr.Slider
+    scale: gr.Slider | None
+    eta: gr.Slider
+    seed: gr.Number
+    random_seed: gr.Button
+    reuse_seed: gr.Button
+
+    def values(self, data: dict) -> dict:
+        out = {"steps": int(data[self.steps]), "eta": float(data[self.eta]), "seed": seed_value(data[self.seed])}
+        if self.scale is not None:
+            out["scale"] = float(data[self.scale])
+        return out
+
+
+def seed_value(value) -> int:
+    if value is None or value == "":
+        return -1
+    try:
+        seed = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}, or -1 for a random one; got {value!r}") from None
+    if seed != int(seed):
+        raise ValueError(f"seed must be a whole number, got {value}")
+    return int(seed)
+
+
+def sampling_controls(studio: Studio, prefix: str, steps: int = 20, scale: float | None = 4.0, eta: float = 0.0) -> SamplingControls:
+    presets = studio.sampler_presets
+    preset = gr.Dropdown([MODEL_DEFAULT, *(p.name for p in presets)], value=MODEL_DEFAULT, label="Sampler preset",
+                         info="DDIM settings from presets/samplers/", elem_id=f"{prefix}-sampler")
+    with gr.Row():
+        steps_slider = gr.Slider(1, 150, value=steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
+        scale_slider = None if scale is None else gr.Slider(0, MAX_SCALE, value=scale, step=0.5, label="Guidance scale (CFG)",
+                                                            info="1: no guidance", elem_id=f"{prefix}-scale")
+        eta_slider = gr.Slider(0, 1, value=eta, step=0.05, label="Eta", info="0: deterministic DDIM, 1: DDPM-like", elem_id=f"{prefix}-eta")
+    with gr.Row(equal_height=True):
+        seed = gr.Number(-1, label="Seed", info="-1: a new random seed each time", precision=0, minimum=-1, maximum=MAX_SEED,
+                         scale=6, elem_id=f"{prefix}-seed")
+        random_seed = gr.Button("Random", scale=1, min_width=80, elem_id=f"{prefix}-random-seed")
+        reuse_seed = gr.Button("Reuse last", scale=1, min_width=80, elem_id=f"{prefix}-reuse-seed")
+    controls = SamplingControls(preset, steps_slider, scale_slider, eta_slider, seed, random_seed, reuse_seed)
+    random_seed.click(lambda: -1, None, seed, queue=False)
+    by_name = {p.name: p for p in presets}
+
+    def apply_preset(name):
+        chosen = by_name.get(name)
+        if chosen is None:
+            return gr.update(), gr.update(), *([gr.update()] if scale_slider else [])
+        updates = [chosen.steps, chosen.eta]
+        if scale_slider is not None:
+            updates.append(gr.update() if chosen.scale is None else chosen.scale)
+        return tuple(updates)
+
+    preset.change(apply_preset, preset, [steps_slider, eta_slider, *([scale_slider] if scale_slider else [])], queue=False)
+    return controls
+
+
+def model_defaults(controls: SamplingControls, loaded) -> list:
+    """Slider values of a model's own sampler defaults (when the preset menu says "Model default")."""
+    sampler = loaded.preset.sampler
+    return [sampler.steps, sampler.eta, *([sampler.scale] if controls.scale is not None else [])]
+
+
+# --- the output area -----------------------------------------------------------------------------------
+
+
+@dataclass
+class OutputArea:
+    preview: gr.Image
+    gallery: gr.Gallery
+    parameters: gr.Textbox
+    status: gr.Markdown
+    images: gr.State  # the paths shown in the gallery, newest first
+    selected: gr.State  # the path of the picked image
+    last_seed: gr.State  # the first seed of the last finished batch
+    send: dict[str, gr.Button]  # "Send to <tab>" buttons by tab id
+
+
+TAB_TITLES = {"txt2img": "Text to image", "inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
+
+
+def output_area(prefix: str, send_to: tuple[str, ...]) -> OutputArea:
+    preview = gr.Image(label="Live preview", type="pil", interactive=False, height=256, elem_classes="live-preview",
+                       elem_id=f"{prefix}-preview", buttons=[])
+    status = gr.Markdown("", elem_classes="status", elem_id=f"{prefix}-status")
+    gallery = gr.Gallery(label="Results", columns=4, height=320, object_fit="contain", elem_id=f"{prefix}-gallery",
+                         interactive=False)
+    parameters = gr.Textbox(label="Parameters of the selected image", lines=3, interactive=False, buttons=["copy"],
+                            elem_id=f"{prefix}-parameters")
+    with gr.Row():
+        send = {tab: gr.Button(f"Send to {TAB_TITLES[tab].lower()}", size="sm", elem_id=f"{prefix}-send-to-{tab}")
+                for tab in send_to}
+    images, selected, last_seed = gr.State([]), gr.State(None), gr.State(None)
+
+    def pick(paths, evt: gr.SelectData):
+        path = paths[evt.index] if paths and 0 <= evt.index < len(paths) else None
+        return path, read_parameters_text(path)
+
+    gallery.select(pick, images, [selected, parameters], queue=False)
+    return OutputArea(preview, gallery, parameters, status, images, selected, last_seed, send)
+
+
+def connect_seed(controls: SamplingControls, area: OutputArea) -> None:
+    """"Reuse last" puts the last finished batch's seed in the seed box."""
+    controls.reuse_seed.click(lambda last: -1 if last is None else last, area.last_seed, controls.seed, queue=False)
+
+
+def read_parameters_text(path: str | None) -> str:
+    if not path:
+        return ""
+    with Image.open(path) as image:
+        return getattr(image, "text", {}).get("parameters", "")
+
+
+def run_batches(
+    studio: Studio,
+    area: OutputArea,
+    loaded,
+    stop,
+    batch_count: int,
+    base_seed: int,
+    one_batch: Callable[[int, Callable, Callable], tuple[list[Path], list[str]]],
+    previous: list[str],
+    progress: gr.Progress,
+) -> Iterator[dict]:
+    """Run ``one_batch(seed, callback, should_stop)`` ``batch_count`` times (seeds following on), each
+    returning the paths it saved and its notices; every finished image shows at once. Holds the
+    model's lock, so a model runs one generation at a time. A stop keeps everything finished."""
+    if not 1 <= batch_count <= MAX_BATCH_COUNT:
+        raise ValueError(f"batch count must be from 1 to {MAX_BATCH_COUNT}, got {batch_count}")
+    stop.clear()
+    seed = random.randrange(MAX_SEED) if base_seed == -1 else base_seed
+    shown = list(previous)
+    preview = previewer(loaded.model)
+    lock = studio.models.lock(loaded.path)
+    while not lock.acquire(timeout=0.5):
+        yield {area.status: f"Waiting for another generation with {loaded.name} to finish…"}
+    try:
+        for run in range(batch_count):
+            label = f"batch {run + 1} of {batch_count}: " if batch_count > 1 else ""
+            try:
+                for event in stream(lambda callback, should_stop, s=seed: one_batch(s, callback, should_stop), stop, preview):
+                    if isinstance(event, Done):
+                        saved, notices = event.value
+                        break
+                    progress((event.step, event.total), desc=f"{label}step {event.step}/{event.total}")
+                    yield {area.preview: event.preview, area.status: f"{label}step {event.step} of {event.total}"}
+            except SamplingCancelled as cancelled:
+                yield {area.status: f"Stopped after {cancelled.step} of {cancelled.total} steps; finished images are kept."}
+                return
+            for notice in notices:
+                gr.Warning(notice)
+            shown = [str(p) for p in saved] + shown
+            first = str(saved[0])
+            yield {area.gallery: shown, area.images: shown, area.selected: first, area.parameters: read_parameters_text(first),
+                   area.last_seed: seed, area.status: f"{label}saved {', '.join(p.name for p in saved)} in {saved[0].parent}"}
+            seed = (seed + len(saved)) % (MAX_SEED + 1)
+    finally:
+        lock.release()
+
+
+# --- restoring parameters from a PNG -------------------------------------------------------------------
+
+
+def restore_box(prefix: str, what: str = "settings") -> gr.File:
+    return gr.File(label=f"Drop a studio PNG here to restore its {what}", file_types=[".png"], height=90,
+                   elem_id=f"{prefix}-restore")
+
+
+def restored_values(path: str | None, prompt: gr.Textbox, negative: gr.Textbox | None, controls: SamplingControls,
+                    width: gr.Slider | None = None, height: gr.Slider | None = None) -> tuple[dict, object]:
+    """Control updates from a dropped PNG's parameters, and the parsed record (for tab-specific fields)."""
+    if not path:
+        return {}, None
+    restored = read_restore(path)
+    f = restored.fields
+    updates: dict = {prompt: f.get("Prompt", "")}
+    if negative is not None:
+        updates[negative] = f.get("Negative prompt", "")
+    for key, component, kind in (("Steps", controls.steps, int), ("Eta DDIM", controls.eta, float), ("Seed", controls.seed, int),
+                                 ("CFG scale", controls.scale, float)):
+        value = restored.number(key, kind)
+        if component is not None and value is not None:
+            updates[component] = value
+    if restored.size and width is not None and height is not None:
+        updates[width], updates[height] = restored.size
+    return updates, restored
+
+
+def clamp_steps(steps: int) -> int:
+    return max(1, min(MAX_STEPS, steps))
+
+
+def batch_request(prompt: str, negative: str, sampling: dict, width: int, height: int, batch_size: int, boxes=()) -> GenerationRequest:
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch size must be from 1 to {MAX_BATCH}, got {batch_size}")
+    return GenerationRequest(prompt=prompt, negative_prompt=negative, width=int(width), height=int(height),
+                             batch_size=int(batch_size), boxes=tuple(boxes), **sampling)
