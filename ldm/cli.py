@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--keys", action="store_true", help="print a JSON object mapping every key to its shape")
 
     train = commands.add_parser("train", help="train a stage of the embedded default model")
-    train.add_argument("stage", choices=["autoencoder", "txt2img", "upscale"])
+    train.add_argument("stage", nargs="?", choices=["autoencoder", "txt2img", "upscale"],
+                       help="the stage, with its recipe presets/train/default-STAGE.yaml")
+    train.add_argument("--preset", help="a training recipe YAML instead of a stage name, e.g. presets/train/default-txt2img.yaml")
     train.add_argument("--work-dir", default="runs/default", help="where training state is kept (resumes from it)")
     train.add_argument("--steps", type=int, help="total steps (default: the recipe's)")
     train.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda")
@@ -199,7 +201,9 @@ def run_train(args: argparse.Namespace) -> int:
     from ldm.devices import choose_device
     from ldm.train.pipeline import train_stage
 
-    train_stage(args.stage, Path(args.work_dir), args.steps, choose_device(args.device))
+    if (args.stage is None) == (args.preset is None):
+        raise ValueError("name a stage (autoencoder, txt2img, upscale) or a recipe with --preset, not both")
+    train_stage(args.stage, Path(args.work_dir), args.steps, choose_device(args.device), recipe=args.preset)
     return 0
 
 

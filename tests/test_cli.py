@@ -96,3 +96,13 @@ def test_python_dash_m_ldm_runs():
     done = subprocess.run([sys.executable, "-m", "ldm", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     assert "txt2img" in done.stdout and "inspect" in done.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train"], "name a stage"),
+    (["train", "txt2img", "--preset", "presets/train/default-txt2img.yaml"], "not both"),
+    (["train", "--preset", "no-such-recipe.yaml"], "no such training recipe"),
+])
+def test_train_needs_exactly_one_stage_or_recipe(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

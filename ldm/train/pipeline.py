@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, default_model_path
 from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.train.common import read_recipe
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,31 @@ def same_shapes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
 
-def train_stage(stage: str, work_dir: Path, steps: int | None = None, device: str = "cpu") -> None:
+def model_name(recipe: Path) -> str:
+    return read_recipe(recipe)["preset"]
+
+
+def stage_of(recipe: Path) -> str:
+    """"autoencoder" for a stage-1 recipe, else the recipe's task ("txt2img" or "upscale")."""
+    if not recipe.is_file():
+        raise ValueError(f"{recipe}: no such training recipe (see presets/train/)")
+    raw = read_recipe(recipe)
+    stage = "autoencoder" if "autoencoder" in raw else raw.get("task")
+    if stage not in ("autoencoder", "txt2img", "upscale"):
+        raise ValueError(f"{recipe}: a recipe has an 'autoencoder' section or a task of txt2img or upscale")
+    return stage
+
+
+def train_stage(stage: str | None, work_dir: Path, steps: int | None = None, device: str = "cpu",
+                recipe: str | Path | None = None) -> None:
+    """Train one stage from its recipe (by default ``presets/train/default-<stage>.yaml``)."""
+    if recipe is not None:
+        stage = stage_of(Path(recipe))
+    recipe = Path(recipe) if recipe is not None else RECIPES / f"default-{stage}.yaml"
     if stage == "autoencoder":
         from ldm.models.autoencoder import Autoencoder
         from ldm.train.autoencoder import recipe_config, train_autoencoder
 
-        recipe = RECIPES / "default-autoencoder.yaml"
         shipped = shipped_weights("default-txt2img", "first_stage_model.")
         fits = shipped is not None and same_shapes(shipped, Autoencoder(recipe_config(recipe)).state_dict())
         if shipped is not None and not fits:
@@ -91,5 +111,5 @@ def train_stage(stage: str, work_dir: Path, steps: int | None = None, device: st
                                               if k.startswith("first_stage_model.")}, autoencoder):
         log.info("the shipped %s model was trained over another autoencoder: training from scratch", stage)
         init = None
-    model = train_diffusion(RECIPES / f"default-{stage}.yaml", work_dir, autoencoder, steps, device, init)
-    export(model, f"default-{stage}")
+    model = train_diffusion(recipe, work_dir, autoencoder, steps, device, init)
+    export(model, model_name(recipe))
