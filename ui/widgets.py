@@ -14,6 +14,7 @@ from PIL import Image
 
 from ldm.sampling.ddim import SamplingCancelled
 from ldm.tasks.request import MAX_BATCH, MAX_SCALE, MAX_SEED, MAX_STEPS, GenerationRequest
+from ui.errors import friendly
 from ui.jobs import Done, previewer, stream
 from ui.outputs import read_restore
 from ui.services import Studio
@@ -136,6 +137,31 @@ def model_defaults(controls: SamplingControls, loaded) -> list:
     """Slider values of a model's own sampler defaults (when the preset menu says "Model default")."""
     sampler = loaded.preset.sampler
     return [sampler.steps, sampler.eta, *([sampler.scale] if controls.scale is not None else [])]
+
+
+# --- image size -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SizeControls:
+    width: gr.Slider
+    height: gr.Slider
+
+
+def size_controls(studio: Studio, task: str) -> SizeControls:
+    native = native_size(studio, studio.default_for(task))
+    with gr.Row():
+        width = gr.Slider(16, 2048, value=native, step=16, label="Width",
+                          info="above the model's training size it samples convolutionally", elem_id=f"{task}-width")
+        height = gr.Slider(16, 2048, value=native, step=16, label="Height", elem_id=f"{task}-height")
+    return SizeControls(width, height)
+
+
+def native_size(studio: Studio, path: str | None) -> int:
+    if not path:
+        return 512
+    config = studio.entry(path).preset.model
+    return config.latent_size * config.downsampling_factor
 
 
 # --- the output area -----------------------------------------------------------------------------------
@@ -273,3 +299,50 @@ def batch_request(prompt: str, negative: str, sampling: dict, width: int, height
         raise ValueError(f"batch size must be from 1 to {MAX_BATCH}, got {batch_size}")
     return GenerationRequest(prompt=prompt, negative_prompt=negative, width=int(width), height=int(height),
                              batch_size=int(batch_size), boxes=tuple(boxes), **sampling)
+
+
+# --- wiring a tab's generation -------------------------------------------------------------------------
+
+
+def connect_generation(studio: Studio, handler, inputs: set, *, model: ModelMenu, generate: gr.Button, stop: gr.Button,
+                       sampling: SamplingControls, output: OutputArea, size: SizeControls | None = None,
+                       submit: gr.Textbox | None = None) -> None:
+    """The events every generating tab has: generate (and Enter in ``submit``) through the shared
+    "generate" queue, stop, seed reuse, and a new model's size and sampler defaults."""
+    outputs = [output.preview, output.status, output.gallery, output.images, output.selected, output.parameters,
+               output.last_seed]
+    events = dict(fn=handler, inputs=inputs, outputs=outputs, concurrency_id="generate")
+    generate.click(**events)
+    if submit is not None:
+        submit.submit(**events)
+    stop.click(stopper(studio), None, None, queue=False)
+    connect_seed(sampling, output)
+    targets = [*([size.width, size.height] if size else []), sampling.steps, sampling.eta, *([sampling.scale] if sampling.scale else [])]
+    model.dropdown.change(model_changed(studio, sampling, size), [model.dropdown, sampling.preset], targets, queue=False)
+
+
+def stopper(studio: Studio):
+    def stop(request: gr.Request):
+        studio.stop_flag(request.session_hash).set()
+
+    return stop
+
+
+def model_changed(studio: Studio, sampling: SamplingControls, size: SizeControls | None):
+    """On a new model: its training size, and its sampler defaults when the preset menu says so."""
+
+    @friendly
+    def changed(path, preset_name):
+        if not path:
+            return [gr.update()] * (2 * (size is not None) + 2 + (sampling.scale is not None))
+        entry = studio.entry(path)
+        native = native_size(studio, path)
+        step = entry.preset.model.size_multiple
+        sizes = [gr.update(value=native, step=step, minimum=step)] * 2 if size is not None else []
+        if preset_name == MODEL_DEFAULT:
+            defaults = model_defaults(sampling, entry)
+        else:
+            defaults = [gr.update()] * (2 + (sampling.scale is not None))
+        return [*sizes, *defaults]
+
+    return changed

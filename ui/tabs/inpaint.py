@@ -13,14 +13,13 @@ from PIL import Image
 from ldm.tasks.inpaint import InpaintOptions, inpaint
 from ui.errors import friendly
 from ui.services import Studio
-from ui.tabs.txt2img import model_changed, stopper
 from ui.widgets import (
     ModelMenu,
     OutputArea,
     SamplingControls,
     batch_request,
     chosen_model,
-    connect_seed,
+    connect_generation,
     model_menu,
     output_area,
     restore_box,
@@ -123,13 +122,8 @@ def wire(studio: Studio, tab: InpaintTab) -> None:
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
                                data[out.images], progress)
 
-    outputs = [out.preview, out.status, out.gallery, out.images, out.selected, out.parameters, out.last_seed]
-    events = dict(fn=generate, inputs=inputs, outputs=outputs, concurrency_id="generate")
-    tab.generate.click(**events)
-    tab.stop.click(stopper(studio), None, None, queue=False)
-    connect_seed(sampling, out)
-    tab.model.dropdown.change(model_changed(studio, sampling, None), [tab.model.dropdown, sampling.preset],
-                              [sampling.steps, sampling.eta, sampling.scale], queue=False)
+    connect_generation(studio, generate, inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
+                       output=out)
 
     @friendly
     def restore(path):

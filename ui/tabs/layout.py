@@ -15,20 +15,21 @@ from ldm.tasks.txt2img import txt2img
 from ui.errors import friendly
 from ui.outputs import read_restore
 from ui.services import Studio
-from ui.tabs.txt2img import SizeControls, model_changed, size_controls, stopper
 from ui.widgets import (
     ModelMenu,
     OutputArea,
     SamplingControls,
+    SizeControls,
     batch_request,
     chosen_model,
-    connect_seed,
+    connect_generation,
     model_menu,
     output_area,
     restore_box,
     restored_values,
     run_batches,
     sampling_controls,
+    size_controls,
 )
 
 TAB = "layout"
@@ -142,14 +143,8 @@ def wire(studio: Studio, tab: LayoutTab) -> None:
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
                                data[out.images], progress)
 
-    outputs = [out.preview, out.status, out.gallery, out.images, out.selected, out.parameters, out.last_seed]
-    events = dict(fn=generate, inputs=inputs, outputs=outputs, concurrency_id="generate")
-    tab.generate.click(**events)
-    tab.prompt.submit(**events)
-    tab.stop.click(stopper(studio), None, None, queue=False)
-    connect_seed(sampling, out)
-    tab.model.dropdown.change(model_changed(studio, sampling, tab.size), [tab.model.dropdown, sampling.preset],
-                              [tab.size.width, tab.size.height, sampling.steps, sampling.eta, sampling.scale], queue=False)
+    connect_generation(studio, generate, inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
+                       output=out, size=tab.size, submit=tab.prompt)
 
     def reshape(width, height, value):
         """A new output size gives the canvas the new aspect, keeping the boxes where they were."""

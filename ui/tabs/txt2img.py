@@ -10,45 +10,23 @@ from ldm.tasks.txt2img import txt2img
 from ui.errors import friendly
 from ui.services import Studio
 from ui.widgets import (
-    MODEL_DEFAULT,
     ModelMenu,
     OutputArea,
     SamplingControls,
+    SizeControls,
     batch_request,
     chosen_model,
-    connect_seed,
-    model_defaults,
+    connect_generation,
     model_menu,
     output_area,
     restore_box,
     restored_values,
     run_batches,
     sampling_controls,
+    size_controls,
 )
 
 TAB = "txt2img"
-
-
-@dataclass
-class SizeControls:
-    width: gr.Slider
-    height: gr.Slider
-
-
-def size_controls(studio: Studio, task: str) -> SizeControls:
-    native = native_size(studio, studio.default_for(task))
-    with gr.Row():
-        width = gr.Slider(16, 2048, value=native, step=16, label="Width",
-                          info="above the model's training size it samples convolutionally", elem_id=f"{task}-width")
-        height = gr.Slider(16, 2048, value=native, step=16, label="Height", elem_id=f"{task}-height")
-    return SizeControls(width, height)
-
-
-def native_size(studio: Studio, path: str | None) -> int:
-    if not path:
-        return 512
-    config = studio.entry(path).preset.model
-    return config.latent_size * config.downsampling_factor
 
 
 @dataclass
@@ -111,14 +89,8 @@ def wire(studio: Studio, tab: Txt2ImgTab) -> None:
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), int(data[tab.batch_count]),
                                base.seed, one_batch, data[out.images], progress)
 
-    outputs = [out.preview, out.status, out.gallery, out.images, out.selected, out.parameters, out.last_seed]
-    events = dict(fn=generate, inputs=inputs, outputs=outputs, concurrency_id="generate")
-    tab.generate.click(**events)
-    tab.prompt.submit(**events)
-    tab.stop.click(stopper(studio), None, None, queue=False)
-    connect_seed(sampling, out)
-    tab.model.dropdown.change(model_changed(studio, sampling, tab.size), [tab.model.dropdown, sampling.preset],
-                              [tab.size.width, tab.size.height, sampling.steps, sampling.eta, sampling.scale], queue=False)
+    connect_generation(studio, generate, inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
+                       output=out, size=tab.size, submit=tab.prompt)
 
     @friendly
     def restore(path):
@@ -129,28 +101,3 @@ def wire(studio: Studio, tab: Txt2ImgTab) -> None:
                                               tab.size.width, tab.size.height], queue=False)
 
 
-def stopper(studio: Studio):
-    def stop(request: gr.Request):
-        studio.stop_flag(request.session_hash).set()
-
-    return stop
-
-
-def model_changed(studio: Studio, sampling: SamplingControls, size: SizeControls | None):
-    """On a new model: its training size, and its sampler defaults when the preset menu says so."""
-
-    @friendly
-    def changed(path, preset_name):
-        if not path:
-            return [gr.update()] * (2 * (size is not None) + 2 + (sampling.scale is not None))
-        entry = studio.entry(path)
-        native = native_size(studio, path)
-        step = entry.preset.model.size_multiple
-        sizes = [gr.update(value=native, step=step, minimum=step)] * 2 if size is not None else []
-        if preset_name == MODEL_DEFAULT:
-            defaults = model_defaults(sampling, entry)
-        else:
-            defaults = [gr.update()] * (2 + (sampling.scale is not None))
-        return [*sizes, *defaults]
-
-    return changed

@@ -11,13 +11,12 @@ from ldm.tasks.request import GenerationRequest
 from ldm.tasks.upscale import MAX_INPUT_SIDE, MAX_TILE, TileOptions, upscale
 from ui.errors import friendly
 from ui.services import Studio
-from ui.tabs.txt2img import model_changed, stopper
 from ui.widgets import (
     ModelMenu,
     OutputArea,
     SamplingControls,
     chosen_model,
-    connect_seed,
+    connect_generation,
     model_menu,
     output_area,
     run_batches,
@@ -82,12 +81,8 @@ def wire(studio: Studio, tab: UpscaleTab) -> None:
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
                                data[out.images], progress)
 
-    outputs = [out.preview, out.status, out.gallery, out.images, out.selected, out.parameters, out.last_seed]
-    tab.generate.click(generate, inputs, outputs, concurrency_id="generate")
-    tab.stop.click(stopper(studio), None, None, queue=False)
-    connect_seed(sampling, out)
-    tab.model.dropdown.change(model_changed(studio, sampling, None), [tab.model.dropdown, sampling.preset],
-                              [sampling.steps, sampling.eta], queue=False)
+    connect_generation(studio, generate, inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
+                       output=out)
 
 
 def receive(tab: UpscaleTab):
