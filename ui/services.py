@@ -47,9 +47,6 @@ class ModelCache:
                 self._models[path] = load_model(path, device=self.device, dtype=self.dtype)
             return self._models[path]
 
-    def is_loaded(self, path: str | Path) -> bool:
-        return Path(path).resolve() in self._models
-
 
 @dataclass
 class Studio:

@@ -13,7 +13,7 @@ import gradio as gr
 from PIL import Image
 
 from ldm.sampling.ddim import SamplingCancelled
-from ldm.tasks.request import MAX_BATCH, MAX_SCALE, MAX_SEED, MAX_STEPS, GenerationRequest
+from ldm.tasks.request import MAX_BATCH, MAX_SCALE, MAX_SEED, GenerationRequest
 from ui.errors import friendly
 from ui.jobs import Done, previewer, stream
 from ui.outputs import read_restore
@@ -288,10 +288,6 @@ def restored_values(path: str | None, prompt: gr.Textbox, negative: gr.Textbox |
     if restored.size and width is not None and height is not None:
         updates[width], updates[height] = restored.size
     return updates, restored
-
-
-def clamp_steps(steps: int) -> int:
-    return max(1, min(MAX_STEPS, steps))
 
 
 def batch_request(prompt: str, negative: str, sampling: dict, width: int, height: int, batch_size: int, boxes=()) -> GenerationRequest:
