@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 from ldm.checkpoints.errors import CheckpointError
-from ldm.checkpoints.presets import default_model_path
+from ldm.checkpoints.presets import DEFAULT_MODELS
 from ldm.models.tokenizers import TokenizerNotFoundError
 
 log = logging.getLogger("ldm")
 
-DEFAULT_MODELS = {task: default_model_path(f"default-{task}") for task in ("txt2img", "upscale")}
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:

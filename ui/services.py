@@ -13,13 +13,12 @@ import torch
 
 from ldm.checkpoints.catalog import CatalogEntry, scan
 from ldm.checkpoints.loader import LoadedModel, load_model
-from ldm.checkpoints.presets import DEFAULT_WEIGHTS_DIR, default_model_path
+from ldm.checkpoints.presets import DEFAULT_MODELS, DEFAULT_WEIGHTS_DIR
 from ldm.sampling.presets import SamplerPreset, read_sampler_presets
 from ui.outputs import OutputWriter
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS = {"txt2img": default_model_path("default-txt2img"), "upscale": default_model_path("default-upscale")}
 WEIGHTS_DIR = DEFAULT_WEIGHTS_DIR.parent
 
 

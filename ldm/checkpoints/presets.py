@@ -28,6 +28,10 @@ DEFAULT_WEIGHTS_DIR = PRESET_DIR.parents[1] / "weights" / "default"
 def default_model_path(name: str) -> Path:
     """The shipped file of an embedded default model, e.g. ``default-txt2img``."""
     return DEFAULT_WEIGHTS_DIR / f"{name}.safetensors"
+
+
+# The embedded model a task uses when none is named: "txt2img" (also layout and inpainting), "upscale".
+DEFAULT_MODELS = {task: default_model_path(f"default-{task}") for task in ("txt2img", "upscale")}
 COND_STAGE_KINDS = {"clip": CLIPTextEncoderConfig, "transformer": TransformerEmbedderConfig}
 
 

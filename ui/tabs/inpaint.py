@@ -105,7 +105,6 @@ def wire(studio: Studio, tab: InpaintTab) -> None:
         loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
         image, mask = editor_parts(data[tab.editor])
         options = InpaintOptions(int(data[tab.feather]), bool(data[tab.only_masked]), int(data[tab.padding]))
-        options.check()
         base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), image.width, image.height,
                              data[tab.batch_size])
 
