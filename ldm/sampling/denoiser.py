@@ -37,6 +37,18 @@ def output_to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tens
     raise ValueError(f"unknown parameterization {kind!r}; known: {', '.join(PARAMETERIZATIONS)}")
 
 
+def training_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, kind: str) -> torch.Tensor:
+    """What a network of parameterisation ``kind`` should output for x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
+    a = alpha_bar.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+    if kind == "eps":
+        return eps
+    if kind == "v":
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+    if kind == "x0":
+        return x0
+    raise ValueError(f"unknown parameterization {kind!r}; known: {', '.join(PARAMETERIZATIONS)}")
+
+
 class EpsDenoiser:
     """Wraps a UNet. ``concat`` channels are appended after x_t (x first, as the original does),
     ``context`` goes to cross-attention, ``y`` to the class/ADM embedding."""
@@ -55,7 +67,19 @@ class EpsDenoiser:
         concat: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        inputs = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
-        output = self.unet(inputs, t, context=context, y=y)
+        output = self.network_output(x, t, context=context, concat=concat, y=y)
         alpha_bar = self.alphas_cumprod.to(t.device)[t.long()]
         return output_to_eps(output, x, alpha_bar, self.parameterization)
+
+    def network_output(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        context: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The UNet's raw output, in its own parameterisation (what training compares to its target)."""
+        inputs = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
+        return self.unet(inputs, t, context=context, y=y)

@@ -26,6 +26,7 @@ from ldm.data.batches import random_crop, scene_batch
 from ldm.data.masks import training_mask
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.word_tokenizer import WordLayoutTokenizer
+from ldm.sampling.denoiser import training_target
 from ldm.train.curves import LossLog
 from ldm.train.common import learning_rate, read_recipe, resume, save_training_state
 
@@ -62,14 +63,16 @@ def low_resolution(images: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def diffusion_loss(model: LatentDiffusion, latents: torch.Tensor, conditioning: dict, generator: torch.Generator) -> torch.Tensor:
-    """|| eps - eps_theta(sqrt(abar) z + sqrt(1 - abar) eps, t) ||^2 with t uniform over the schedule."""
+    """|| target - f_theta(sqrt(abar) z + sqrt(1 - abar) eps, t) ||^2 with t uniform over the schedule,
+    the target being eps, v or z by the model's parameterisation (eps is the paper's objective)."""
     b = latents.shape[0]
     t = torch.randint(0, len(model.alphas_cumprod), (b,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     abar = model.alphas_cumprod[t].float().view(b, 1, 1, 1).to(latents)
     t = t.to(latents.device)
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-    return F.mse_loss(model.denoiser()(noisy, t, **conditioning), noise)
+    target = training_target(latents, noise, abar.flatten(), model.config.parameterization)
+    return F.mse_loss(model.denoiser().network_output(noisy, t, **conditioning), target)
 
 
 class EMA:
@@ -147,12 +150,16 @@ def train_diffusion(
     rng = np.random.default_rng(1000 + start)
     batch, size = recipe["batch_size"], recipe["image_size"]
     mix = ConditioningMix(**recipe.get("conditioning", {}))
+    # Scenes are rendered at these sizes in turn and cropped to image_size: larger renders show
+    # objects larger than the crop's own scenes would.
+    render_sizes = recipe.get("render_size", size)
+    render_sizes = render_sizes if isinstance(render_sizes, list) else [render_sizes]
     losses = LossLog(work_dir, preset.name, start)
     began = time.time()
     for step in range(start, total):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe["learning_rate"], recipe["warmup_steps"], total)
-        images, scenes = scene_batch(recipe.get("seed_offset", 0) + step * batch, batch, recipe.get("render_size", size))
+        images, scenes = scene_batch(recipe.get("seed_offset", 0) + step * batch, batch, render_sizes[step % len(render_sizes)])
         images = random_crop(images, size, generator).to(device)
         latents, conditioning = training_inputs(model, recipe["task"], images, scenes, rng, mix, generator)
         loss = diffusion_loss(model, latents, conditioning, generator)
