@@ -48,7 +48,7 @@ def test_capabilities_follow_the_architecture():
     upscaler = capabilities(find_preset("default-upscale").model)
     assert upscaler.tasks == ("upscale",)
     sd = capabilities(find_preset("v1-inference").model)
-    assert sd.tasks == ("txt2img", "inpaint") and not sd.inpaint_natively
+    assert sd.tasks == ("txt2img", "inpaint", "layout") and not sd.inpaint_natively and not sd.layout
 
 
 def test_sampler_presets_are_read_and_checked(tmp_path):

@@ -11,7 +11,7 @@ from ldm.tasks.inpaint import InpaintOptions, feather_alpha, inpaint, mask_regio
 from ldm.tasks.parameters import parse_parameters
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
-from ldm.tasks.upscale import TileOptions, ramp, tile_starts, upscale
+from ldm.tasks.upscale import TileOptions, upscale
 from tests import tiny_default
 from tests.tiny_sd import write_tiny_checkpoint
 
@@ -53,9 +53,11 @@ def test_layout_boxes_condition_a_layout_model(hybrid):
     assert "Layout: red circle 0.100 0.100 0.400 0.400" in boxed.parameters[0]
 
 
-def test_layout_on_a_text_only_model_is_refused(sd_v1):
-    with pytest.raises(ValueError, match="layout"):
-        txt2img(sd_v1, GenerationRequest(**{**REQUEST.__dict__, "boxes": (("cat", 0.1, 0.1, 0.4, 0.4),)}))
+def test_layout_on_a_text_only_model_becomes_region_prompts(sd_v1):
+    result = txt2img(sd_v1, GenerationRequest(**{**REQUEST.__dict__, "boxes": (("cat", 0.1, 0.1, 0.4, 0.4),)}))
+    assert "Regions: cat 0.100 0.100 0.400 0.400 1" in result.parameters[0] and "Layout:" not in result.parameters[0]
+    plain = txt2img(sd_v1, REQUEST)
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(result.images[0]))
 
 
 def test_boxes_without_area_are_refused(hybrid):
@@ -171,29 +173,22 @@ def test_one_tile_covering_the_image_equals_no_tiling(upscaler):
     assert np.array_equal(whole, one_tile)
 
 
-def test_tiled_upscaling_covers_the_image_and_reports_progress_over_all_tiles(upscaler):
+def test_tiled_upscaling_fuses_windows_at_every_step_and_follows_its_input(upscaler, monkeypatch):
+    from ldm.sampling import tiling
+
+    calls = []
+    original = tiling.TiledDenoiser.__call__
+    monkeypatch.setattr(tiling.TiledDenoiser, "__call__", lambda self, x, t, **extra: calls.append(len(self.windows(*x.shape[-2:]))) or original(self, x, t, **extra))
     steps = []
-    result = upscale(upscaler, picture(7, 40), GenerationRequest("", steps=2, seed=3), tiles=TileOptions(16, 4),
+    image = picture(7, 40)
+    result = upscale(upscaler, image, GenerationRequest("", steps=2, seed=3), tiles=TileOptions(16, 4),
                      callback=lambda info: steps.append((info.step, info.total)))
-    config = upscaler.model.config
-    f, grid = config.downsampling_factor, config.unet.downsampling_factor
+    f = upscaler.model.config.downsampling_factor
     assert result.images[0].size == (40 * f, 40 * f)
-    windows = len(tile_starts(40, 16, 4, grid)) ** 2
-    assert windows > 1
-    assert steps == [(i, 2 * windows) for i in range(2 * windows)]
+    assert len(calls) == 2 and calls[0] == len(tiling.window_starts(40, 16, 4, upscaler.model.config.unet.downsampling_factor)) ** 2 > 1
+    assert steps == [(0, 2), (1, 2)]
     assert np.asarray(result.images[0]).std() > 10
     assert "Tile size: 16" in result.parameters[0]
-
-
-def test_tile_windows_cover_the_length_on_the_grid():
-    assert tile_starts(40, 16, 4, 4) == [0, 12, 24]
-    assert tile_starts(16, 16, 4, 4) == [0]
-    for length in (20, 36, 64, 100):
-        starts = tile_starts(length, 16, 4, 4)
-        assert starts[0] == 0 and starts[-1] + 16 == length
-        assert all(b - a <= 12 for a, b in zip(starts, starts[1:]))
-    ramp_weights = ramp(10, 3)
-    assert ramp_weights.min() > 0 and ramp_weights.max() == 1.0
 
 
 def test_tile_options_are_checked(upscaler):

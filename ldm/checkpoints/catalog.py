@@ -35,7 +35,9 @@ class Capabilities:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        names = [("txt2img", self.txt2img), ("inpaint", self.txt2img), ("layout", self.layout), ("upscale", self.upscale)]
+        # Every text model serves the layout tab: boxes are layout tokens where the model takes them,
+        # region prompts elsewhere.
+        names = [("txt2img", self.txt2img), ("inpaint", self.txt2img), ("layout", self.txt2img), ("upscale", self.upscale)]
         return tuple(name for name, ok in names if ok)
 
 

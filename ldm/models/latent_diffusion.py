@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ldm.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
+from ldm.models.autoencoder_tiling import tiled_decode, tiled_encode
 from ldm.models.conditioners import (
     CLIPTextEncoder,
     CLIPTextEncoderConfig,
@@ -115,11 +116,13 @@ class LatentDiffusion(nn.Module):
             return self.cond_stage_model.encode(prompts, layouts=layouts).to(self.dtype)
         return self.cond_stage_model.encode(prompts, min_chunks).to(self.dtype)
 
-    def encode_first_stage(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_first_stage(self, images: torch.Tensor, generator: torch.Generator | None = None, tile: int = 0) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) to scaled latents. A KL posterior is sampled with ``generator``
-        (its mean when None); a VQ model returns its pre-quantisation latent."""
+        (its mean when None); a VQ model returns its pre-quantisation latent. ``tile`` > 0 encodes in
+        tiles with whole-image normalisation."""
         first = self.first_stage_model
-        encoded = first.encode(images.to(self.device, first.decoder.conv_in.weight.dtype))
+        images = images.to(self.device, first.decoder.conv_in.weight.dtype)
+        encoded = tiled_encode(first, images, tile) if tile else first.encode(images)
         latent = encoded.sample(generator) if isinstance(encoded, DiagonalGaussian) else encoded
         return self.config.scale_factor * latent.to(self.dtype)
 
@@ -129,16 +132,18 @@ class LatentDiffusion(nn.Module):
         c = self.config
         return c.conditioning == "hybrid" and c.unet.in_channels == 2 * c.latent_channels + 1
 
-    def inpainting_concat(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def inpainting_concat(self, images: torch.Tensor, mask: torch.Tensor, tile: int = 0) -> torch.Tensor:
         """The concat channels [mask, masked-image latent] at latent size. ``images`` (B, 3, H, W) in
         [-1, 1]; ``mask`` (B, 1, H, W), 1 where the image is to be filled. A latent pixel counts as
         masked when any of its pixels is. An all-ones mask is "no mask": generate everything."""
         f = self.config.downsampling_factor
-        masked_latent = self.encode_first_stage(images * (1 - mask))
+        masked_latent = self.encode_first_stage(images * (1 - mask), tile=tile)
         latent_mask = torch.nn.functional.max_pool2d(mask.float(), f).to(masked_latent)
         return torch.cat([latent_mask, masked_latent], dim=1)
 
-    def decode_first_stage(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents to images in about [-1, 1] (not clamped)."""
+    def decode_first_stage(self, latents: torch.Tensor, tile: int = 0) -> torch.Tensor:
+        """Scaled latents to images in about [-1, 1] (not clamped); in tiles of ``tile`` at each level
+        of the decoder when ``tile`` > 0, with whole-image normalisation (``autoencoder_tiling``)."""
         first = self.first_stage_model
-        return first.decode((latents / self.config.scale_factor).to(first.decoder.conv_in.weight.dtype))
+        z = (latents / self.config.scale_factor).to(first.decoder.conv_in.weight.dtype)
+        return tiled_decode(first, z, tile) if tile else first.decode(z)

@@ -11,9 +11,9 @@ from PIL import Image
 
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.sampling.ddim import StepInfo, ddim_sample
-from ldm.sampling.guidance import ClassifierFreeGuidance
 from ldm.sampling.noise import randn, seeded_generators
 from ldm.sampling.schedules import ddim_schedule
+from ldm.tasks.canvas import CanvasPlan, describe, guided_denoiser, plan_canvas, region_fusion, replace_prompts
 from ldm.tasks.request import GenerationRequest
 
 
@@ -87,16 +87,36 @@ def sample(
     with torch.inference_mode():
         if x_T is None:
             x_T = randn(shape, generators, device=model.device, dtype=model.dtype)
+        plan = canvas_plan(model, request, *x_T.shape[-2:])
+        denoiser = guided_denoiser(model, request.scale, plan)
         cond, uncond = conditioning(model, request, concat)
+        extra_args = {"cond": cond, "uncond": uncond}
+        if request.regions:
+            regions = [(r, dict(zip(("cond", "uncond"), conditioning(model, replace_prompts(request, r), concat))))
+                       for r in request.regions]
+            denoiser = region_fusion(model, denoiser, extra_args, regions, *x_T.shape[-2:], plan)
+            extra_args = {}
         return ddim_sample(
-            ClassifierFreeGuidance(model.denoiser(), request.scale),
+            denoiser,
             x_T,
             ddim_schedule(model.alphas_cumprod, request.steps),
             eta=request.eta,
             generator=generators,
-            extra_args={"cond": cond, "uncond": uncond},
+            extra_args=extra_args,
             callback=callback,
             should_stop=should_stop,
             mask=None if blend is None else blend.keep,
             x0=None if blend is None else blend.x0,
         )
+
+
+def canvas_plan(model: LatentDiffusion, request: GenerationRequest, height: int, width: int) -> CanvasPlan:
+    """How a resolved request's ``height`` x ``width`` latent canvas is denoised (see ``ldm.tasks.canvas``)."""
+    guided = request.scale != 1.0 and model.cond_stage_model is not None
+    return plan_canvas(model, request.tiling, request.batch_size * (2 if guided else 1), height, width)
+
+
+def canvas_notices(model: LatentDiffusion, request: GenerationRequest) -> list[str]:
+    f = model.config.downsampling_factor
+    notice = describe(canvas_plan(model, request, request.height // f, request.width // f), f)
+    return [notice] if notice else []

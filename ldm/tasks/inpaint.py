@@ -17,7 +17,8 @@ from PIL import Image
 
 from ldm.checkpoints.loader import LoadedModel
 from ldm.sampling.ddim import StepInfo
-from ldm.tasks.common import Blend, GenerationResult, from_pil, sample, to_pil
+from ldm.tasks.canvas import decode, first_stage_tile
+from ldm.tasks.common import Blend, GenerationResult, canvas_notices, from_pil, sample, to_pil
 from ldm.tasks.request import GenerationRequest, resolve_request
 from ldm.tasks.parameters import format_parameters, parse_parameters
 from ldm.tasks.txt2img import parameters_text
@@ -87,17 +88,19 @@ def fill(
     resolved request, and its notices."""
     model = loaded.model
     request, notices = resolve_request(replace(request, width=image.width, height=image.height), model.config.size_multiple)
+    notices += canvas_notices(model, request)
     work_image = from_pil(image.resize((request.width, request.height), Image.Resampling.LANCZOS)).to(model.device)
     work_mask = torch.from_numpy(mask_array(mask, (request.width, request.height)))[None, None].float().to(model.device)
+    tile = first_stage_tile(model, request.tiling, 1, request.height, request.width)
     with torch.inference_mode():
         if model.inpaints_natively:
-            latents = sample(model, request, concat=model.inpainting_concat(work_image, work_mask),
+            latents = sample(model, request, concat=model.inpainting_concat(work_image, work_mask, tile),
                              callback=callback, should_stop=should_stop)
         else:
             keep = 1 - F.max_pool2d(work_mask, model.config.downsampling_factor)
-            blend = Blend(keep.to(model.dtype), model.encode_first_stage(work_image))
+            blend = Blend(keep.to(model.dtype), model.encode_first_stage(work_image, tile=tile))
             latents = sample(model, request, blend=blend, callback=callback, should_stop=should_stop)
-        generated = to_pil(model.decode_first_stage(latents))
+        generated = to_pil(decode(model, latents, request.tiling))
     return [g.resize(image.size, Image.Resampling.LANCZOS) for g in generated], request, notices
 
 

@@ -11,6 +11,33 @@ MAX_SIDE = 4096
 MAX_BATCH = 16
 MAX_SCALE = 50.0
 MAX_SEED = 2**32 - 1
+MAX_REGIONS = 16
+MAX_BUDGET_MB = 1 << 20
+TILING_MODES = ("auto", "always", "off")
+DEFAULT_BUDGET_MB = 4096
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    """``mode``: "auto" tiles when the whole canvas would exceed ``budget_mb``, "always" tiles any
+    canvas larger than a tile, "off" never tiles. ``tile`` and ``overlap`` are in pixels; a tile of 0
+    is the model's training size, an overlap of -1 a quarter of the tile."""
+
+    mode: str = "auto"
+    tile: int = 0
+    overlap: int = -1
+    budget_mb: int = DEFAULT_BUDGET_MB
+
+
+@dataclass(frozen=True)
+class RegionPrompt:
+    """A prompt for one box (x0, y0, x1, y1, normalised to [0, 1]); ``strength`` in (0, 1] is how far
+    it replaces the global prompt inside the box; an empty negative prompt takes the global one."""
+
+    prompt: str
+    box: tuple[float, float, float, float]
+    negative_prompt: str = ""
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -25,6 +52,8 @@ class GenerationRequest:
     height: int = 512
     batch_size: int = 1
     boxes: tuple = ()  # layout: (label, x0, y0, x1, y1) with coordinates normalised to [0, 1]
+    regions: tuple[RegionPrompt, ...] = ()
+    tiling: TilingOptions = TilingOptions()
 
 
 def _number(name: str, value, low: float, high: float, integer: bool = False) -> None:
@@ -38,17 +67,50 @@ def _number(name: str, value, low: float, high: float, integer: bool = False) ->
         raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
 
 
+def check_corners(name: str, corners) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) normalised to [0, 1], with x0 < x1 and y0 < y1."""
+    if not isinstance(corners, (tuple, list)) or len(corners) != 4:
+        raise ValueError(f"{name} must be (x0, y0, x1, y1), got {corners!r}")
+    for axis, value in zip(("x0", "y0", "x1", "y1"), corners):
+        _number(f"{name} {axis}", value, 0.0, 1.0)
+    x0, y0, x1, y1 = corners
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"{name} has no area: it needs x0 < x1 and y0 < y1, got ({x0}, {y0}, {x1}, {y1})")
+    return (float(x0), float(y0), float(x1), float(y1))
+
+
 def check_box(index: int, box) -> tuple[str, float, float, float, float]:
     """A layout box (label, x0, y0, x1, y1), corners normalised to [0, 1], x0 < x1 and y0 < y1."""
     name = f"box {index + 1}"
     if not isinstance(box, (tuple, list)) or len(box) != 5 or not isinstance(box[0], str) or not box[0].strip():
         raise ValueError(f"{name} must be (label, x0, y0, x1, y1) with a non-empty label, got {box!r}")
-    for axis, value in zip(("x0", "y0", "x1", "y1"), box[1:]):
-        _number(f"{name} {axis}", value, 0.0, 1.0)
-    label, x0, y0, x1, y1 = box
-    if not (x0 < x1 and y0 < y1):
-        raise ValueError(f"{name} ({label}) has no area: it needs x0 < x1 and y0 < y1, got ({x0}, {y0}, {x1}, {y1})")
-    return (label.strip(), float(x0), float(y0), float(x1), float(y1))
+    return (box[0].strip(), *check_corners(f"{name} ({box[0].strip()})", box[1:]))
+
+
+def check_region(index: int, region) -> RegionPrompt:
+    name = f"region {index + 1}"
+    if not isinstance(region, RegionPrompt):
+        raise ValueError(f"{name} must be a RegionPrompt(prompt, box), got {region!r}")
+    if not isinstance(region.prompt, str) or not region.prompt.strip():
+        raise ValueError(f"{name} needs a prompt")
+    if not isinstance(region.negative_prompt, str):
+        raise ValueError(f"{name}'s negative prompt must be text")
+    box = check_corners(f"{name} box", region.box)
+    _number(f"{name} strength", region.strength, 0.0, 1.0)
+    if region.strength == 0:
+        raise ValueError(f"{name} strength must be more than 0 (up to 1), got 0")
+    return replace(region, box=box, strength=float(region.strength))
+
+
+def check_tiling(tiling) -> TilingOptions:
+    if not isinstance(tiling, TilingOptions):
+        raise ValueError(f"tiling must be TilingOptions, got {tiling!r}")
+    if tiling.mode not in TILING_MODES:
+        raise ValueError(f"tiling mode must be one of {', '.join(TILING_MODES)}, got {tiling.mode!r}")
+    _number("tile size", tiling.tile, 0, MAX_SIDE, integer=True)
+    _number("tile overlap", tiling.overlap, -1, MAX_SIDE, integer=True)
+    _number("memory budget (MB)", tiling.budget_mb, 1, MAX_BUDGET_MB, integer=True)
+    return replace(tiling, tile=int(tiling.tile), overlap=int(tiling.overlap), budget_mb=int(tiling.budget_mb))
 
 
 def round_side(name: str, value: int, multiple: int, notices: list[str]) -> int:
@@ -70,12 +132,16 @@ def resolve_request(request: GenerationRequest, size_multiple: int) -> tuple[Gen
     _number("batch size", request.batch_size, 1, MAX_BATCH, integer=True)
     _number("seed", request.seed, -1, MAX_SEED, integer=True)
     boxes = tuple(check_box(i, b) for i, b in enumerate(request.boxes))
+    if len(request.regions) > MAX_REGIONS:
+        raise ValueError(f"{len(request.regions)} region prompts given; at most {MAX_REGIONS} are allowed")
+    regions = tuple(check_region(i, r) for i, r in enumerate(request.regions))
+    tiling = check_tiling(request.tiling)
     notices: list[str] = []
     width = round_side("width", request.width, size_multiple, notices)
     height = round_side("height", request.height, size_multiple, notices)
     seed = random.randrange(MAX_SEED) if request.seed == -1 else int(request.seed)
     resolved = replace(
         request, steps=int(request.steps), width=width, height=height, seed=seed, batch_size=int(request.batch_size),
-        boxes=boxes,
+        boxes=boxes, regions=regions, tiling=tiling,
     )
     return resolved, notices

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from ldm.checkpoints.loader import LoadedModel
 from ldm.sampling.ddim import StepInfo
-from ldm.tasks.common import GenerationResult, default_concat, sample, to_pil
+from ldm.tasks.canvas import decode
+from ldm.tasks.common import GenerationResult, canvas_notices, default_concat, sample, to_pil
 from ldm.tasks.parameters import format_parameters
-from ldm.tasks.request import GenerationRequest, resolve_request
+from ldm.tasks.request import GenerationRequest, RegionPrompt, TilingOptions, resolve_request
 
 
 def parameters_text(request: GenerationRequest, seed: int, loaded: LoadedModel) -> str:
@@ -24,8 +26,22 @@ def parameters_text(request: GenerationRequest, seed: int, loaded: LoadedModel) 
         "Model": loaded.name,
         "Eta DDIM": request.eta,
         "Layout": "; ".join(f"{b[0]} {b[1]:.3f} {b[2]:.3f} {b[3]:.3f} {b[4]:.3f}" for b in request.boxes) or None,
+        "Regions": "; ".join(f"{r.prompt} {r.box[0]:.3f} {r.box[1]:.3f} {r.box[2]:.3f} {r.box[3]:.3f} {r.strength:g}"
+                             for r in request.regions) or None,
+        "Tiling": None if request.tiling == TilingOptions() else
+                  f"{request.tiling.mode} {request.tiling.tile} {request.tiling.overlap} {request.tiling.budget_mb}",
     }
     return format_parameters(request.prompt, request.negative_prompt, fields)
+
+
+def boxes_as_regions(loaded: LoadedModel, request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
+    """On a text model without native layout conditioning, layout boxes become region prompts
+    (each label the prompt of its box)."""
+    if not request.boxes or loaded.model.takes_layout or loaded.model.cond_stage_model is None:
+        return request, []
+    regions = tuple(RegionPrompt(label, (x0, y0, x1, y1)) for label, x0, y0, x1, y1 in request.boxes)
+    notice = f"{loaded.name} has no layout conditioning: each box's label is used as a region prompt"
+    return replace(request, boxes=(), regions=request.regions + regions), [notice]
 
 
 def sample_latents(
@@ -53,8 +69,10 @@ def txt2img(
     so each image is reproducible alone. Raises ValueError for bad requests and
     ``SamplingCancelled`` when ``should_stop`` turns true."""
     request, notices = resolve_request(request, loaded.model.config.size_multiple)
+    request, more = boxes_as_regions(loaded, request)
+    notices += more + canvas_notices(loaded.model, request)
     latents = sample_latents(loaded, request, callback=callback, should_stop=should_stop)
     with torch.inference_mode():
-        images = to_pil(loaded.model.decode_first_stage(latents))
+        images = to_pil(decode(loaded.model, latents, request.tiling))
     seeds = [request.seed + i for i in range(request.batch_size)]
     return GenerationResult(images, seeds, [parameters_text(request, s, loaded) for s in seeds], notices)

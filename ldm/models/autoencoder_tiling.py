@@ -1,0 +1,210 @@
+"""The autoencoder run tile by tile, with whole-image GroupNorm statistics: no seams, no colour shift.
+
+Tools that tile a VAE usually normalise each tile with its own GroupNorm statistics, so tiles come
+out in slightly different colours. Here the network is evaluated as a graph of lazy nodes, each of
+which computes any rectangle of its output on demand (``region``) from the rectangles of its inputs
+that it needs (a 3x3 convolution asks for one more pixel on each side). A GroupNorm node first
+gathers the mean and variance of its whole input, tile by tile, then normalises each requested
+rectangle with them, exactly as the whole-image layer would. Outside the image every node's output
+is 0, which is the zero padding the next convolution expects.
+
+Resnet block outputs are stored (one tensor at that level's resolution) so that recomputation stays
+bounded; the upsampling convolutions are not, so the largest tensor of the decoder (the last
+upsampling's output) never exists whole. The self-attention blocks attend over the whole image and
+run on their whole input, which is at the latent's resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.models.autoencoder import AttnBlock, Autoencoder, DiagonalGaussian, Downsample, ResnetBlock, Stage, Upsample
+
+
+def _zero_outside(t: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """Zero the part of a region (starting at ``top``, ``left``) that lies outside a ``height`` x ``width`` image."""
+    h, w = t.shape[-2:]
+    if top >= 0 and left >= 0 and top + h <= height and left + w <= width:
+        return t
+    rows = (torch.arange(top, top + h, device=t.device) >= 0) & (torch.arange(top, top + h, device=t.device) < height)
+    cols = (torch.arange(left, left + w, device=t.device) >= 0) & (torch.arange(left, left + w, device=t.device) < width)
+    return t * (rows[:, None] & cols[None, :]).to(t.dtype)
+
+
+class Node:
+    """A lazily computed (B, C, H, W) tensor; ``region`` gives rows top..bottom, columns left..right,
+    with zeros outside the image."""
+
+    batch: int
+    height: int
+    width: int
+
+    def region(self, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tiles(self, tile: int):
+        for top in range(0, self.height, tile):
+            for left in range(0, self.width, tile):
+                yield top, min(top + tile, self.height), left, min(left + tile, self.width)
+
+
+class Stored(Node):
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.batch, _, self.height, self.width = tensor.shape
+
+    def region(self, top, bottom, left, right):
+        t = self.tensor[..., max(0, top) : max(0, bottom), max(0, left) : max(0, right)]
+        pad = (max(0, -left), max(0, right - self.width), max(0, -top), max(0, bottom - self.height))
+        return F.pad(t, pad) if any(pad) else t
+
+
+def store(node: Node, tile: int) -> Stored:
+    """Compute a node whole, tile by tile."""
+    out = None
+    for top, bottom, left, right in node.tiles(tile):
+        part = node.region(top, bottom, left, right)
+        if out is None:
+            out = part.new_empty(node.batch, part.shape[1], node.height, node.width)
+        out[..., top:bottom, left:right] = part
+    return Stored(out)
+
+
+class Conv(Node):
+    """A stride-1 convolution with "same" zero padding (1x1 or 3x3)."""
+
+    def __init__(self, source: Node, conv: nn.Conv2d):
+        self.source, self.conv = source, conv
+        self.batch, self.height, self.width = source.batch, source.height, source.width
+        self.halo = conv.kernel_size[0] // 2
+
+    def region(self, top, bottom, left, right):
+        h = self.halo
+        x = self.source.region(top - h, bottom + h, left - h, right + h)
+        out = F.conv2d(x.to(self.conv.weight.dtype), self.conv.weight, self.conv.bias)
+        return _zero_outside(out, top, left, self.height, self.width)
+
+
+class Strided(Node):
+    """``Downsample``: one zero row and column at the bottom and right, then a stride-2 3x3 convolution."""
+
+    def __init__(self, source: Node, conv: nn.Conv2d):
+        self.source, self.conv = source, conv
+        self.batch = source.batch
+        self.height, self.width = (source.height - 2) // 2 + 1, (source.width - 2) // 2 + 1
+
+    def region(self, top, bottom, left, right):
+        x = self.source.region(2 * top, 2 * bottom + 1, 2 * left, 2 * right + 1)
+        x = _zero_outside(x, 2 * top, 2 * left, self.source.height + 1, self.source.width + 1)
+        out = F.conv2d(x.to(self.conv.weight.dtype), self.conv.weight, self.conv.bias, stride=2)
+        return _zero_outside(out, top, left, self.height, self.width)
+
+
+class Nearest2x(Node):
+    def __init__(self, source: Node):
+        self.source = source
+        self.batch, self.height, self.width = source.batch, 2 * source.height, 2 * source.width
+
+    def region(self, top, bottom, left, right):
+        t0, l0 = top // 2, left // 2
+        x = self.source.region(t0, -(-bottom // 2), l0, -(-right // 2))
+        x = x.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+        return x[..., top - 2 * t0 : top - 2 * t0 + bottom - top, left - 2 * l0 : left - 2 * l0 + right - left]
+
+
+class Add(Node):
+    def __init__(self, a: Node, b: Node):
+        self.a, self.b = a, b
+        self.batch, self.height, self.width = a.batch, a.height, a.width
+
+    def region(self, top, bottom, left, right):
+        return self.a.region(top, bottom, left, right) + self.b.region(top, bottom, left, right)
+
+
+class NormSiLU(Node):
+    """GroupNorm with the statistics of its whole input, then SiLU."""
+
+    def __init__(self, source: Node, norm: nn.GroupNorm, tile: int):
+        self.source, self.norm = source, norm
+        self.batch, self.height, self.width = source.batch, source.height, source.width
+        self.mean, self.rstd = self._statistics(tile)
+
+    def _statistics(self, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = self.norm.num_groups
+        total = square = None
+        for top, bottom, left, right in self.source.tiles(tile):
+            x = self.source.region(top, bottom, left, right).double()
+            x = x.reshape(x.shape[0], groups, -1)
+            s, q = x.sum(dim=-1), (x * x).sum(dim=-1)
+            total, square = (s, q) if total is None else (total + s, square + q)
+        count = self.height * self.width * self.norm.num_channels // groups
+        mean = total / count
+        var = (square / count - mean * mean).clamp(min=0)
+        return mean, (var + self.norm.eps).rsqrt()
+
+    def region(self, top, bottom, left, right):
+        x = self.source.region(top, bottom, left, right)
+        b, c, h, w = x.shape
+        g = self.norm.num_groups
+        mean, rstd = self.mean.float()[..., None], self.rstd.float()[..., None]
+        y = ((x.float().reshape(b, g, -1) - mean) * rstd).reshape(b, c, h, w)
+        y = y * self.norm.weight.float().view(1, -1, 1, 1) + self.norm.bias.float().view(1, -1, 1, 1)
+        return _zero_outside(F.silu(y).to(x.dtype), top, left, self.height, self.width)
+
+
+def resnet_block(x: Node, block: ResnetBlock, tile: int) -> Node:
+    h = Conv(NormSiLU(x, block.norm1, tile), block.conv1)
+    h = Conv(NormSiLU(h, block.norm2, tile), block.conv2)
+    skip = Conv(x, block.nin_shortcut) if hasattr(block, "nin_shortcut") else x
+    return store(Add(skip, h), tile)
+
+
+def attention(x: Node, block: AttnBlock, tile: int) -> Node:
+    return Stored(block(store(x, tile).tensor))
+
+
+def stage(x: Node, module: Stage, tile: int) -> Node:
+    for i, block in enumerate(module.block):
+        x = resnet_block(x, block, tile)
+        if len(module.attn):
+            x = attention(x, module.attn[i], tile)
+    resampler = getattr(module, module.resample) if module.resample else None
+    if isinstance(resampler, Downsample):
+        return store(Strided(x, resampler.conv), tile)
+    if isinstance(resampler, Upsample):
+        return Conv(Nearest2x(x), resampler.conv)
+    return x
+
+
+def middle(x: Node, mid: nn.Module, tile: int) -> Node:
+    x = resnet_block(x, mid.block_1, tile)
+    if isinstance(mid.attn_1, AttnBlock):
+        x = attention(x, mid.attn_1, tile)
+    return resnet_block(x, mid.block_2, tile)
+
+
+@torch.no_grad()
+def tiled_decode(autoencoder: Autoencoder, z: torch.Tensor, tile: int = 256) -> torch.Tensor:
+    """``autoencoder.decode(z)`` computed in tiles of at most ``tile`` x ``tile`` at each level."""
+    if autoencoder.config.kind == "vq":
+        z = autoencoder.quantize(z)
+    d = autoencoder.decoder
+    x = Conv(Conv(Stored(z), autoencoder.post_quant_conv), d.conv_in)
+    x = middle(store(x, tile), d.mid, tile)
+    for level in reversed(d.up):
+        x = stage(x, level, tile)
+    return store(Conv(NormSiLU(x, d.norm_out, tile), d.conv_out), tile).tensor
+
+
+@torch.no_grad()
+def tiled_encode(autoencoder: Autoencoder, images: torch.Tensor, tile: int = 256) -> DiagonalGaussian | torch.Tensor:
+    """``autoencoder.encode(images)`` computed in tiles of at most ``tile`` x ``tile`` at each level."""
+    e = autoencoder.encoder
+    x = store(Conv(Stored(images), e.conv_in), tile)
+    for level in e.down:
+        x = stage(x, level, tile)
+    x = middle(x, e.mid, tile)
+    h = store(Conv(Conv(NormSiLU(x, e.norm_out, tile), e.conv_out), autoencoder.quant_conv), tile).tensor
+    return DiagonalGaussian.from_moments(h) if autoencoder.config.kind == "kl" else h

@@ -1,0 +1,141 @@
+"""Large canvases: when to tile, and the denoiser a request runs with.
+
+A canvas is denoised whole (convolutionally, as the paper does beyond the training size) while the
+UNet's estimated peak memory for it fits the memory budget, and in overlapping windows of the
+training size (``ldm.sampling.tiling``) beyond it, so that memory stays flat as the canvas grows.
+Region prompts (``ldm.sampling.regions``) fuse per-box prompts with the global one, on any
+text-conditioned model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.sampling.guidance import ClassifierFreeGuidance
+from ldm.sampling.regions import Region, RegionFusion, box_weight, context_window
+from ldm.sampling.tiling import TiledDenoiser, Window
+from ldm.tasks.request import TILING_MODES, RegionPrompt, TilingOptions
+
+def unet_bytes_per_latent_pixel(model: LatentDiffusion) -> float:
+    """Estimated peak bytes of one UNet evaluation, per sample and latent pixel, in inference: the
+    skip connections it keeps (every input block's output) plus a working set of the widest
+    temporaries at full resolution (GroupNorm in float32, the transformer's projections and its
+    GEGLU's 8x-wide hidden layer). Measured against peak RSS by ``bench/large_canvas.py``."""
+    unet = model.config.unet
+    size = torch.finfo(model.dtype).bits // 8
+    skips = unet.model_channels  # the input convolution
+    for level, mult in enumerate(unet.channel_mult):
+        blocks = unet.num_res_blocks + (level < len(unet.channel_mult) - 1)
+        skips += blocks * unet.model_channels * mult / 4**level
+    widest = unet.model_channels * unet.channel_mult[0]
+    working = widest * (12 if unet.use_spatial_transformer else 6)
+    return size * (skips + working)
+
+
+def estimate_unet_bytes(model: LatentDiffusion, batch: int, height: int, width: int) -> int:
+    """Estimated peak bytes of one guided UNet call (``batch`` rows) on a latent of ``height`` x ``width``."""
+    return int(batch * height * width * unet_bytes_per_latent_pixel(model))
+
+
+MAX_BATCH_WINDOWS = 4
+
+
+@dataclass(frozen=True)
+class CanvasPlan:
+    tile: int  # latent pixels; 0: the whole canvas at once
+    overlap: int
+    estimate_mb: float  # the whole canvas's estimated peak
+    batch_windows: int = 1  # windows denoised in one UNet call, as many as the budget holds (at most 4)
+
+    @property
+    def tiled(self) -> bool:
+        return self.tile > 0
+
+
+def plan_canvas(model: LatentDiffusion, options: TilingOptions, batch: int, height: int, width: int) -> CanvasPlan:
+    """Whether and how to tile a ``height`` x ``width`` latent canvas for ``batch`` guided rows."""
+    if options.mode not in TILING_MODES:
+        raise ValueError(f"tiling mode must be one of {', '.join(TILING_MODES)}, got {options.mode!r}")
+    f, grid = model.config.downsampling_factor, model.config.unet.downsampling_factor
+    tile = max(grid, (options.tile // f or model.config.latent_size) // grid * grid)
+    overlap = options.overlap // f if options.overlap >= 0 else tile // 4
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be from 0 to less than the tile ({tile * f} px), got {options.overlap} px")
+    estimate = estimate_unet_bytes(model, batch, height, width) / 2**20
+    larger = height > tile or width > tile
+    wanted = options.mode == "always" or (options.mode == "auto" and estimate > options.budget_mb)
+    window_mb = estimate_unet_bytes(model, batch, tile, tile) / 2**20
+    batch_windows = int(max(1, min(MAX_BATCH_WINDOWS, options.budget_mb // max(window_mb, 1e-9))))
+    return CanvasPlan(tile if larger and wanted else 0, overlap, estimate, batch_windows)
+
+
+def guided_denoiser(model: LatentDiffusion, scale: float, plan: CanvasPlan):
+    denoiser = ClassifierFreeGuidance(model.denoiser(), scale)
+    if not plan.tiled:
+        return denoiser
+    return TiledDenoiser(denoiser, plan.tile, plan.overlap, model.config.unet.downsampling_factor, plan.batch_windows)
+
+
+def latent_box(box: tuple[float, float, float, float], height: int, width: int) -> Window:
+    """A normalised box on a latent canvas, at least one latent pixel a side."""
+    x0, y0, x1, y1 = box
+    top, left = min(height - 1, int(y0 * height)), min(width - 1, int(x0 * width))
+    bottom, right = max(top + 1, round(y1 * height)), max(left + 1, round(x1 * width))
+    return Window(top, left, bottom - top, right - left)
+
+
+def region_fusion(model: LatentDiffusion, denoiser, background: dict, regions: list[tuple[RegionPrompt, dict]],
+                  height: int, width: int, plan: CanvasPlan) -> RegionFusion:
+    """Fuse the global conditioning with each (region prompt, its conditioning) on the canvas."""
+    grid = model.config.unet.downsampling_factor
+    margin = max(plan.overlap, model.config.latent_size // 8)
+    built = []
+    for prompt, extra in regions:
+        box = latent_box(prompt.box, height, width)
+        window = context_window(box, height, width, margin, model.config.latent_size, grid)
+        feather = max(1, min(box.height, box.width) // 4)
+        built.append(Region(window, box_weight(box, window, height, width, prompt.strength, feather), extra))
+    return RegionFusion(denoiser, background, built)
+
+
+def describe(plan: CanvasPlan, f: int) -> str | None:
+    """A notice for the user when the canvas is tiled."""
+    if not plan.tiled:
+        return None
+    return (f"the canvas is sampled in tiles of {plan.tile * f} px overlapping by {plan.overlap * f} px "
+            f"(the whole canvas would need about {plan.estimate_mb:,.0f} MB)")
+
+
+def replace_prompts(request, prompt: RegionPrompt):
+    """The request as a region sees it: its prompt, and its negative prompt or the global one."""
+    return replace(request, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or request.negative_prompt, boxes=())
+
+
+FIRST_STAGE_TILE = 256
+
+
+def estimate_first_stage_bytes(model: LatentDiffusion, batch: int, height: int, width: int) -> int:
+    """Estimated peak bytes of decoding (or encoding) a ``height`` x ``width`` pixel image whole: at
+    full resolution the decoder holds about three tensors as wide as its last upsampling's output."""
+    c = model.config.first_stage
+    size = torch.finfo(model.dtype).bits // 8
+    widest = c.ch * c.ch_mult[min(1, len(c.ch_mult) - 1)]
+    return int(size * batch * height * width * 3 * widest)
+
+
+def first_stage_tile(model: LatentDiffusion, options: TilingOptions, batch: int, height: int, width: int) -> int:
+    """The tile (pixels at each level) to run the autoencoder with on a ``height`` x ``width`` pixel
+    image, 0 for the whole image at once; tiled on the same terms as sampling."""
+    if options.mode == "off" or max(height, width) <= FIRST_STAGE_TILE:
+        return 0
+    over = estimate_first_stage_bytes(model, batch, height, width) / 2**20 > options.budget_mb
+    return FIRST_STAGE_TILE if options.mode == "always" or over else 0
+
+
+def decode(model: LatentDiffusion, latents: torch.Tensor, options: TilingOptions) -> torch.Tensor:
+    f = model.config.downsampling_factor
+    h, w = latents.shape[-2] * f, latents.shape[-1] * f
+    return model.decode_first_stage(latents, tile=first_stage_tile(model, options, latents.shape[0], h, w))
