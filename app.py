@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from ldm.devices import choose_device, choose_dtype
+from ldm.tasks.request import DEFAULT_BUDGET_MB
 
 ROOT = Path(__file__).resolve().parent
 
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
     parser.add_argument("--concurrency", type=int, default=1, help="generations that may run at once (one per model at most)")
+    parser.add_argument("--memory-budget", type=int, default=DEFAULT_BUDGET_MB, metavar="MB",
+                        help="beyond this estimated peak, canvases are sampled and decoded in tiles (the tabs' default)")
     return parser.parse_args(argv)
 
 
@@ -38,7 +41,7 @@ def make_studio(args: argparse.Namespace):
     folders = [*args.models_dir, *filter(None, os.environ.get("LDM_STUDIO_MODELS", "").split(":"))]
     device = choose_device(args.device)
     return Studio([Path(f).expanduser() for f in folders], OutputWriter(Path(args.outputs)),
-                  ModelCache(device, choose_dtype(args.dtype, device)))
+                  ModelCache(device, choose_dtype(args.dtype, device)), memory_budget_mb=args.memory_budget)
 
 
 def launch(studio, host: str, port: int, concurrency: int = 1, block: bool = True):

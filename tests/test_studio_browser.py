@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+
 import app
 from ldm.data.world import COLOURS, render, scene_from_seed
+from ldm.tasks.parameters import parse_parameters
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency (requirements-dev.txt)")
 
@@ -296,6 +298,45 @@ def test_layout_sends_the_dragged_box(page, studio, shots):
     assert "Layout: red circle" in record["parameters"]
     assert colour_share(shown.crop((0, 0, 32, 32)), "red") > colour_share(shown.crop((32, 32, 64, 64)), "red")
     page.screenshot(path=str(shots / "layout.png"), full_page=True)
+
+
+def test_layout_boxes_as_region_prompts(page, studio):
+    page.get_by_role("tab", name="Layout").click()
+    canvas = page.locator("#layout-canvas canvas").first
+    canvas.wait_for()
+    page.wait_for_timeout(500)
+    box = canvas.bounding_box()
+    side = min(box["width"], box["height"])
+    left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+    drag(page, (left + 0.55 * side, top + 0.55 * side), (left + 0.95 * side, top + 0.95 * side))
+    page.get_by_role("button", name="OK").click()
+    page.locator("#layout-boxes-as").get_by_label("region prompts").check()
+    set_number(page, "layout-region-strength", 0.8)
+    set_number(page, "layout-steps", 10)
+    page.locator("#layout-seed input").fill("2")
+    page.locator("#layout-generate").click()
+    shown = wait_for_result(page, "layout")
+    assert shown.size == (64, 64) and not_blank(shown)
+    record = studio_record(saved_outputs(studio)[-1])
+    fields = parse_parameters(record["parameters"])
+    label, *corners, strength = fields["Regions"].rsplit(" ", 5)
+    assert label == "red circle" and float(strength) == 0.8
+    assert np.allclose([float(c) for c in corners], [0.55, 0.55, 0.95, 0.95], atol=0.03)
+    assert "Layout" not in fields
+
+
+def test_text_to_image_beyond_the_training_size_in_tiles(page, studio):
+    page.locator("#txt2img-prompt textarea").fill("a yellow star on the left and a blue ring on the right")
+    set_number(page, "txt2img-steps", 6)
+    set_number(page, "txt2img-width", 160)
+    page.get_by_text("Large canvas: tiling").first.click()
+    page.locator("#txt2img-tiling-mode").get_by_label("always").check()
+    page.locator("#txt2img-generate").click()
+    shown = wait_for_result(page, "txt2img")
+    assert shown.size == (160, 64) and not_blank(shown)
+    page.get_by_text("the canvas is sampled in tiles of 64 px").first.wait_for(timeout=TIMEOUT)
+    fields = parse_parameters(studio_record(saved_outputs(studio)[-1])["parameters"])
+    assert fields["Size"] == "160x64" and fields["Tiling"].startswith("always")
 
 
 def test_send_to_inpainting_carries_the_image_and_prompt(page, studio):

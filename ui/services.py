@@ -15,6 +15,7 @@ from ldm.checkpoints.catalog import CatalogEntry, scan
 from ldm.checkpoints.loader import LoadedModel, load_model
 from ldm.checkpoints.presets import DEFAULT_MODELS, DEFAULT_WEIGHTS_DIR
 from ldm.sampling.presets import SamplerPreset, read_sampler_presets
+from ldm.tasks.request import DEFAULT_BUDGET_MB
 from ui.outputs import OutputWriter
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Studio:
     writer: OutputWriter
     models: ModelCache
     sampler_presets: list[SamplerPreset] = field(default_factory=read_sampler_presets)
+    memory_budget_mb: int = DEFAULT_BUDGET_MB  # the tiling section's default
     _stops: dict[str, threading.Event] = field(default_factory=dict)
     _catalog: list[CatalogEntry] | None = None
 

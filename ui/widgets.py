@@ -13,7 +13,7 @@ import gradio as gr
 from PIL import Image
 
 from ldm.sampling.ddim import SamplingCancelled
-from ldm.tasks.request import MAX_BATCH, MAX_SCALE, MAX_SEED, GenerationRequest
+from ldm.tasks.request import MAX_BATCH, MAX_SCALE, MAX_SEED, MAX_SIDE, TILING_MODES, GenerationRequest, TilingOptions
 from ui.errors import friendly
 from ui.jobs import Done, previewer, stream
 from ui.outputs import read_restore
@@ -151,10 +151,45 @@ class SizeControls:
 def size_controls(studio: Studio, task: str) -> SizeControls:
     native = native_size(studio, studio.default_for(task))
     with gr.Row():
-        width = gr.Slider(16, 2048, value=native, step=16, label="Width",
-                          info="above the model's training size it samples convolutionally", elem_id=f"{task}-width")
-        height = gr.Slider(16, 2048, value=native, step=16, label="Height", elem_id=f"{task}-height")
+        width = gr.Slider(16, MAX_SIDE, value=native, step=16, label="Width",
+                          info="above the model's training size: convolutional, or tiled beyond the memory budget",
+                          elem_id=f"{task}-width")
+        height = gr.Slider(16, MAX_SIDE, value=native, step=16, label="Height", elem_id=f"{task}-height")
     return SizeControls(width, height)
+
+
+@dataclass
+class TilingControls:
+    mode: gr.Radio
+    tile: gr.Slider
+    overlap: gr.Slider
+    budget: gr.Number
+
+    def options(self, data: dict) -> TilingOptions:
+        overlap = int(data[self.overlap])
+        budget = data[self.budget]
+        if budget is None or budget < 1:
+            raise ValueError(f"the memory budget must be at least 1 MB, got {budget}")
+        return TilingOptions(str(data[self.mode]), int(data[self.tile]), overlap if overlap > 0 else -1, int(budget))
+
+    @property
+    def components(self) -> set:
+        return {self.mode, self.tile, self.overlap, self.budget}
+
+
+def tiling_controls(studio: Studio, task: str) -> TilingControls:
+    """Large canvases: whether to sample (and decode) in tiles, their size and overlap, and the memory budget."""
+    with gr.Accordion("Large canvas: tiling", open=False):
+        mode = gr.Radio(list(TILING_MODES), value="auto", label="Tiling", elem_id=f"{task}-tiling-mode",
+                        info="auto: in tiles only when the whole canvas would exceed the memory budget")
+        with gr.Row():
+            tile = gr.Slider(0, 2048, value=0, step=8, label="Tile size (px)", info="0: the model's training size",
+                             elem_id=f"{task}-tiling-tile")
+            overlap = gr.Slider(0, 1024, value=0, step=8, label="Tile overlap (px)", info="0: a quarter of the tile",
+                                elem_id=f"{task}-tiling-overlap")
+        budget = gr.Number(value=studio.memory_budget_mb, precision=0, minimum=1, label="Memory budget (MB)",
+                           elem_id=f"{task}-tiling-budget")
+    return TilingControls(mode, tile, overlap, budget)
 
 
 def native_size(studio: Studio, path: str | None) -> int:
@@ -290,11 +325,13 @@ def restored_values(path: str | None, prompt: gr.Textbox, negative: gr.Textbox |
     return updates, restored
 
 
-def batch_request(prompt: str, negative: str, sampling: dict, width: int, height: int, batch_size: int, boxes=()) -> GenerationRequest:
+def batch_request(prompt: str, negative: str, sampling: dict, width: int, height: int, batch_size: int, boxes=(),
+                  **more) -> GenerationRequest:
+    """A request from a tab's values; ``more`` carries the other fields (regions, tiling)."""
     if not 1 <= batch_size <= MAX_BATCH:
         raise ValueError(f"batch size must be from 1 to {MAX_BATCH}, got {batch_size}")
     return GenerationRequest(prompt=prompt, negative_prompt=negative, width=int(width), height=int(height),
-                             batch_size=int(batch_size), boxes=tuple(boxes), **sampling)
+                             batch_size=int(batch_size), boxes=tuple(boxes), **sampling, **more)
 
 
 # --- wiring a tab's generation -------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Layout: draw, drag and resize labelled boxes on a canvas; with an optional global prompt, a
-layout-conditioned model turns each box into layout tokens (a class token and two grid corners)."""
+"""Layout: draw, drag and resize labelled boxes on a canvas, with an optional global prompt. A
+layout-conditioned model turns each box into layout tokens (a class token and two grid corners);
+any other text model (or any model, when asked) takes each box's label as a region prompt, fused
+with the global prompt (MultiDiffusion), on canvases of any size."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
 from ldm.data.world import COLOURS, SHAPES
+from ldm.tasks.request import RegionPrompt
 from ldm.tasks.txt2img import txt2img
 from ui.errors import friendly
 from ui.outputs import read_restore
@@ -20,6 +23,7 @@ from ui.widgets import (
     OutputArea,
     SamplingControls,
     SizeControls,
+    TilingControls,
     batch_request,
     chosen_model,
     connect_generation,
@@ -30,6 +34,7 @@ from ui.widgets import (
     run_batches,
     sampling_controls,
     size_controls,
+    tiling_controls,
 )
 
 TAB = "layout"
@@ -45,6 +50,9 @@ class LayoutTab:
     negative: gr.Textbox
     sampling: SamplingControls
     size: SizeControls
+    tiling: TilingControls
+    boxes_as: gr.Radio
+    strength: gr.Slider
     batch_size: gr.Slider
     generate: gr.Button
     stop: gr.Button
@@ -64,10 +72,14 @@ def blank_canvas(width: int, height: int) -> np.ndarray:
     return np.asarray(image)
 
 
+NATIVE, REGIONS = "layout tokens where the model takes them", "region prompts"
+
+
 def layout_info(studio: Studio) -> str:
-    names = [e.name for e in studio.entries_for(TAB)]
-    supported = ", ".join(names) if names else "none installed"
-    return f"models that take layout boxes: {supported}. Text-only models such as Stable Diffusion cannot take boxes yet."
+    names = [e.name for e in studio.entries_for(TAB) if e.capabilities.layout]
+    native = ", ".join(names) if names else "none installed"
+    return (f"models with layout conditioning: {native}. On other models (Stable Diffusion...) each box's label is "
+            "the prompt of its region: type any text as a label.")
 
 
 def build(studio: Studio) -> LayoutTab:
@@ -85,12 +97,18 @@ def build(studio: Studio) -> LayoutTab:
                 stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
                 clear = gr.Button("Clear boxes")
             sampling = sampling_controls(studio, TAB)
+            with gr.Row():
+                boxes_as = gr.Radio([NATIVE, REGIONS], value=NATIVE, label="Boxes are", elem_id=f"{TAB}-boxes-as")
+                strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Region strength",
+                                     info="how far a region's prompt replaces the global prompt in its box",
+                                     elem_id=f"{TAB}-region-strength")
             size = size_controls(studio, TAB)
+            tiling = tiling_controls(studio, TAB)
             batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size")
             restore = restore_box(TAB, "layout and settings")
         with gr.Column(scale=6):
             output = output_area(TAB, send_to=("inpaint", "upscale"))
-    tab = LayoutTab(model, canvas, prompt, negative, sampling, size, batch_size, generate, stop, restore, output)
+    tab = LayoutTab(model, canvas, prompt, negative, sampling, size, tiling, boxes_as, strength, batch_size, generate, stop, restore, output)
     wire(studio, tab)
     clear.click(lambda w, h: {"image": blank_canvas(int(w), int(h)), "boxes": []}, [size.width, size.height], canvas, queue=False)
     return tab
@@ -113,6 +131,13 @@ def canvas_boxes(value: dict | None) -> tuple:
     return tuple(boxes)
 
 
+def box_fields(loaded, boxes: tuple, boxes_as: str, strength: float) -> dict:
+    """The request's ``boxes`` (layout tokens) or ``regions`` (each label the prompt of its box)."""
+    if boxes_as == NATIVE and loaded.model.takes_layout:
+        return {"boxes": boxes}
+    return {"regions": tuple(RegionPrompt(label, (x0, y0, x1, y1), strength=strength) for label, x0, y0, x1, y1 in boxes)}
+
+
 def canvas_value(width: int, height: int, boxes) -> dict:
     image = blank_canvas(width, height)
     h, w = image.shape[:2]
@@ -123,7 +148,7 @@ def canvas_value(width: int, height: int, boxes) -> dict:
 def wire(studio: Studio, tab: LayoutTab) -> None:
     sampling, out = tab.sampling, tab.output
     inputs = {tab.model.dropdown, tab.canvas, tab.prompt, tab.negative, sampling.steps, sampling.scale, sampling.eta, sampling.seed,
-              tab.size.width, tab.size.height, tab.batch_size, out.images}
+              tab.size.width, tab.size.height, tab.batch_size, out.images, tab.boxes_as, tab.strength, *tab.tiling.components}
 
     @friendly
     def generate(data: dict, request: gr.Request, progress=gr.Progress()):
@@ -132,7 +157,8 @@ def wire(studio: Studio, tab: LayoutTab) -> None:
         if not boxes:
             raise ValueError("no boxes: drag on the canvas to draw one, then give it a label")
         base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), data[tab.size.width],
-                             data[tab.size.height], data[tab.batch_size], boxes)
+                             data[tab.size.height], data[tab.batch_size], tiling=tab.tiling.options(data),
+                             **box_fields(loaded, boxes, data[tab.boxes_as], float(data[tab.strength])))
 
         def one_batch(seed, callback, should_stop):
             result = txt2img(loaded, replace(base, seed=seed), callback=callback, should_stop=should_stop)

@@ -14,6 +14,7 @@ from ui.widgets import (
     OutputArea,
     SamplingControls,
     SizeControls,
+    TilingControls,
     batch_request,
     chosen_model,
     connect_generation,
@@ -24,6 +25,7 @@ from ui.widgets import (
     run_batches,
     sampling_controls,
     size_controls,
+    tiling_controls,
 )
 
 TAB = "txt2img"
@@ -36,6 +38,7 @@ class Txt2ImgTab:
     negative: gr.Textbox
     sampling: SamplingControls
     size: SizeControls
+    tiling: TilingControls
     batch_count: gr.Slider
     batch_size: gr.Slider
     generate: gr.Button
@@ -56,6 +59,7 @@ def build(studio: Studio) -> Txt2ImgTab:
                 stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
             sampling = sampling_controls(studio, TAB)
             size = size_controls(studio, TAB)
+            tiling = tiling_controls(studio, TAB)
             with gr.Row():
                 batch_count = gr.Slider(1, 16, value=1, step=1, label="Batch count", info="batches one after another",
                                         elem_id="txt2img-batch-count")
@@ -64,7 +68,7 @@ def build(studio: Studio) -> Txt2ImgTab:
             restore = restore_box(TAB)
         with gr.Column(scale=6):
             output = output_area(TAB, send_to=("inpaint", "upscale", "layout"))
-    tab = Txt2ImgTab(model, prompt, negative, sampling, size, batch_count, batch_size, generate, stop, restore, output)
+    tab = Txt2ImgTab(model, prompt, negative, sampling, size, tiling, batch_count, batch_size, generate, stop, restore, output)
     wire(studio, tab)
     return tab
 
@@ -72,13 +76,13 @@ def build(studio: Studio) -> Txt2ImgTab:
 def wire(studio: Studio, tab: Txt2ImgTab) -> None:
     sampling, out = tab.sampling, tab.output
     inputs = {tab.model.dropdown, tab.prompt, tab.negative, sampling.steps, sampling.scale, sampling.eta, sampling.seed,
-              tab.size.width, tab.size.height, tab.batch_count, tab.batch_size, out.images}
+              tab.size.width, tab.size.height, tab.batch_count, tab.batch_size, out.images, *tab.tiling.components}
 
     @friendly
     def generate(data: dict, request: gr.Request, progress=gr.Progress()):
         loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
         base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), data[tab.size.width],
-                             data[tab.size.height], data[tab.batch_size])
+                             data[tab.size.height], data[tab.batch_size], tiling=tab.tiling.options(data))
 
         def one_batch(seed, callback, should_stop):
             result = txt2img(loaded, replace(base, seed=seed), callback=callback, should_stop=should_stop)
