@@ -145,6 +145,18 @@ def drag(page, start: tuple[float, float], end: tuple[float, float], steps: int 
     page.mouse.up()
 
 
+def open_layout_canvas(page) -> tuple[float, float, float]:
+    """Open the layout tab; the (left, top, side) on screen of its square canvas image, which is drawn
+    as large as fits, centred in the canvas element."""
+    page.get_by_role("tab", name="Layout").click()
+    canvas = page.locator("#layout-canvas canvas").first
+    canvas.wait_for()
+    page.wait_for_timeout(500)
+    box = canvas.bounding_box()
+    side = min(box["width"], box["height"])
+    return box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2, side
+
+
 # --- the tabs ------------------------------------------------------------------------------------------
 
 
@@ -273,14 +285,7 @@ def test_upscaling_multiplies_the_size_by_four_in_tiles(page, studio, shots, tmp
 
 
 def test_layout_sends_the_dragged_box(page, studio, shots):
-    page.get_by_role("tab", name="Layout").click()
-    canvas = page.locator("#layout-canvas canvas").first
-    canvas.wait_for()
-    page.wait_for_timeout(500)
-    box = canvas.bounding_box()
-    # The square canvas image is drawn as large as fits, centred in the canvas element.
-    side = min(box["width"], box["height"])
-    left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+    left, top, side = open_layout_canvas(page)
     x0, y0, x1, y1 = 0.1, 0.1, 0.45, 0.45
     drag(page, (left + x0 * side, top + y0 * side), (left + x1 * side, top + y1 * side))
     page.get_by_role("button", name="OK").click()
@@ -301,13 +306,7 @@ def test_layout_sends_the_dragged_box(page, studio, shots):
 
 
 def test_layout_boxes_as_region_prompts(page, studio):
-    page.get_by_role("tab", name="Layout").click()
-    canvas = page.locator("#layout-canvas canvas").first
-    canvas.wait_for()
-    page.wait_for_timeout(500)
-    box = canvas.bounding_box()
-    side = min(box["width"], box["height"])
-    left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+    left, top, side = open_layout_canvas(page)
     drag(page, (left + 0.55 * side, top + 0.55 * side), (left + 0.95 * side, top + 0.95 * side))
     page.get_by_role("button", name="OK").click()
     page.locator("#layout-boxes-as").get_by_label("region prompts").check()
