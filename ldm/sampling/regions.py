@@ -72,19 +72,24 @@ class RegionFusion:
         self.denoiser = denoiser
         self.background = background
         self.regions = regions
+        self._weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def weights(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the background's weight, the sum of all weights) on the canvas; the same at every step."""
+        key = (height, width, device)
+        if key not in self._weights:
+            total = torch.zeros(1, 1, height, width, dtype=torch.float32, device=device)
+            for region in self.regions:
+                region.window.crop(total).add_(region.weight.to(device))
+            background = (1 - total).clamp(min=0)
+            self._weights[key] = (background, total + background)
+        return self._weights[key]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **_ignored) -> torch.Tensor:
-        height, width = x.shape[-2:]
+        background, total = self.weights(*x.shape[-2:], x.device)
         fused = torch.zeros_like(x, dtype=torch.float32)
-        total = torch.zeros(1, 1, height, width, dtype=torch.float32, device=x.device)
-        for region in self.regions:
-            weight = region.weight.to(x.device)
-            region.window.crop(total).add_(weight)
-        background = (1 - total).clamp(min=0)
         if background.max() > 0:
-            eps = self.denoiser(x, t, **self.background)
-            fused.add_(eps.float() * background)
-            total.add_(background)
+            fused.add_(self.denoiser(x, t, **self.background).float() * background)
         for region in self.regions:
             eps = self.denoiser(region.window.crop(x), t, **per_window(region.extra, [region.window]))
             region.window.crop(fused).add_(eps.float() * region.weight.to(x.device))

@@ -13,6 +13,7 @@ conditioning (text context, class labels) is repeated for each window of a batch
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -73,9 +74,10 @@ def taper(length: int, overlap: int, fall_start: bool, fall_end: bool) -> torch.
     return weights
 
 
+@functools.lru_cache(maxsize=1024)
 def window_weight(window: Window, height: int, width: int, overlap: int) -> torch.Tensor:
     """(h, w) fusion weight of a window on a ``height`` x ``width`` canvas: it falls only on sides
-    that lie inside the canvas, where a neighbour takes over."""
+    that lie inside the canvas, where a neighbour takes over. Cached: the same at every step (read only)."""
     rows = taper(window.height, overlap, window.top > 0, window.top + window.height < height)
     cols = taper(window.width, overlap, window.left > 0, window.left + window.width < width)
     return (rows[:, None] * cols[None, :]).float()

@@ -19,6 +19,7 @@ from ldm.sampling.regions import Region, RegionFusion, box_weight, context_windo
 from ldm.sampling.tiling import TiledDenoiser, Window
 from ldm.tasks.request import TILING_MODES, RegionPrompt, TilingOptions
 
+
 def unet_bytes_per_latent_pixel(model: LatentDiffusion) -> float:
     """Estimated peak bytes of one UNet evaluation, per sample and latent pixel, in inference: the
     skip connections it keeps (every input block's output) plus a working set of the widest

@@ -67,6 +67,11 @@ def _number(name: str, value, low: float, high: float, integer: bool = False) ->
         raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
 
 
+def regions_from_boxes(boxes, strength: float = 1.0) -> tuple[RegionPrompt, ...]:
+    """Layout boxes (label, x0, y0, x1, y1) as region prompts, each label the prompt of its box."""
+    return tuple(RegionPrompt(label, (x0, y0, x1, y1), strength=strength) for label, x0, y0, x1, y1 in boxes)
+
+
 def check_corners(name: str, corners) -> tuple[float, float, float, float]:
     """(x0, y0, x1, y1) normalised to [0, 1], with x0 < x1 and y0 < y1."""
     if not isinstance(corners, (tuple, list)) or len(corners) != 4:

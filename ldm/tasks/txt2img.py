@@ -12,7 +12,7 @@ from ldm.sampling.ddim import StepInfo
 from ldm.tasks.canvas import decode
 from ldm.tasks.common import GenerationResult, canvas_notices, default_concat, sample, to_pil
 from ldm.tasks.parameters import format_parameters
-from ldm.tasks.request import GenerationRequest, RegionPrompt, TilingOptions, resolve_request
+from ldm.tasks.request import GenerationRequest, TilingOptions, regions_from_boxes, resolve_request
 
 
 def parameters_text(request: GenerationRequest, seed: int, loaded: LoadedModel) -> str:
@@ -39,7 +39,7 @@ def boxes_as_regions(loaded: LoadedModel, request: GenerationRequest) -> tuple[G
     (each label the prompt of its box)."""
     if not request.boxes or loaded.model.takes_layout or loaded.model.cond_stage_model is None:
         return request, []
-    regions = tuple(RegionPrompt(label, (x0, y0, x1, y1)) for label, x0, y0, x1, y1 in request.boxes)
+    regions = regions_from_boxes(request.boxes)
     notice = f"{loaded.name} has no layout conditioning: each box's label is used as a region prompt"
     return replace(request, boxes=(), regions=request.regions + regions), [notice]
 

@@ -13,7 +13,7 @@ from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
 from ldm.data.world import COLOURS, SHAPES
-from ldm.tasks.request import RegionPrompt
+from ldm.tasks.request import regions_from_boxes
 from ldm.tasks.txt2img import txt2img
 from ui.errors import friendly
 from ui.outputs import read_restore
@@ -135,7 +135,7 @@ def box_fields(loaded, boxes: tuple, boxes_as: str, strength: float) -> dict:
     """The request's ``boxes`` (layout tokens) or ``regions`` (each label the prompt of its box)."""
     if boxes_as == NATIVE and loaded.model.takes_layout:
         return {"boxes": boxes}
-    return {"regions": tuple(RegionPrompt(label, (x0, y0, x1, y1), strength=strength) for label, x0, y0, x1, y1 in boxes)}
+    return {"regions": regions_from_boxes(boxes, strength)}
 
 
 def canvas_value(width: int, height: int, boxes) -> dict:
