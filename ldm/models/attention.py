@@ -199,7 +199,8 @@ class AttentionBlock(nn.Module):
             q, k, v = qkv.reshape(b, self.heads, 3 * d, -1).split(d, dim=2)  # each (B, heads, d, T)
         else:
             q, k, v = (t.reshape(b, self.heads, d, -1) for t in qkv.chunk(3, dim=1))
-        q, k, v = (t.transpose(2, 3) for t in (q, k, v))  # (B, heads, T, d)
+        # (B, heads, T, d), contiguous so that the fused kernel applies (see autoencoder.AttnBlock)
+        q, k, v = (t.transpose(2, 3).contiguous() for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(2, 3).reshape(b, c, -1)
         return (x + self.proj_out(out)).reshape(b, c, *spatial)

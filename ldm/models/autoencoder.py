@@ -54,8 +54,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
-        # (B, C, H, W) -> (B, 1, HW, C)
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q(n), self.k(n), self.v(n)))
+        # (B, C, H, W) -> (B, 1, HW, C), made contiguous: with a strided last dimension the CPU
+        # kernel falls back to materialising the HW x HW matrix (2.3 GB at a 128x128 latent)
+        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for t in (self.q(n), self.k(n), self.v(n)))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(out)
