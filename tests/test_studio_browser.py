@@ -23,6 +23,7 @@ from ldm.data.world import COLOURS, render, scene_from_seed
 from ldm.tasks.parameters import parse_parameters
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency (requirements-dev.txt)")
+expect = playwright.expect
 
 CHROMIUM = os.environ.get("LDM_STUDIO_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -84,6 +85,15 @@ def set_number(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+
+
+def edit_cell(page, table, row: int, col: int, text: str) -> None:
+    """Type into a cell of a Dataframe: double-click opens its editor, Enter commits."""
+    table.locator(f"[data-row='{row}'][data-col='{col}']").dblclick()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+    expect(table.locator(f"[data-row='{row}'][data-col='{col}']")).to_contain_text(text, timeout=TIMEOUT)
 
 
 def wait_for_result(page, tab: str, count: int = 1) -> Image.Image:
@@ -310,7 +320,10 @@ def test_layout_boxes_as_region_prompts(page, studio):
     drag(page, (left + 0.55 * side, top + 0.55 * side), (left + 0.95 * side, top + 0.95 * side))
     page.get_by_role("button", name="OK").click()
     page.locator("#layout-boxes-as").get_by_label("region prompts").check()
-    set_number(page, "layout-region-strength", 0.8)
+    table = page.locator("#layout-regions")
+    expect(table.locator("[data-row='0'][data-col='0']")).to_contain_text("red circle", timeout=TIMEOUT)
+    edit_cell(page, table, 0, 1, "green")
+    edit_cell(page, table, 0, 2, "0.8")
     set_number(page, "layout-steps", 10)
     page.locator("#layout-seed input").fill("2")
     page.locator("#layout-generate").click()
@@ -320,6 +333,8 @@ def test_layout_boxes_as_region_prompts(page, studio):
     fields = parse_parameters(record["parameters"])
     label, *corners, strength = fields["Regions"].rsplit(" ", 5)
     assert label == "red circle" and float(strength) == 0.8
+    assert fields["Region negatives"] == "1: green"
+    assert record["regions"] == [["red circle", "green", 0.8]]
     assert np.allclose([float(c) for c in corners], [0.55, 0.55, 0.95, 0.95], atol=0.03)
     assert "Layout" not in fields
 

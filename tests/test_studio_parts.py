@@ -166,3 +166,21 @@ def test_canvas_boxes_are_normalised_and_need_labels():
     assert np.allclose(canvas_boxes(dragged_backwards)[0][1:], (100 / 512, 50 / 256, 300 / 512, 200 / 256))
     with pytest.raises(ValueError, match="needs a label"):
         canvas_boxes({"image": value["image"], "boxes": [{"label": "", "xmin": 1, "ymin": 1, "xmax": 9, "ymax": 9}]})
+
+
+def test_region_table_follows_the_boxes_and_gives_each_its_negative_and_strength():
+    from ldm.tasks.request import GenerationRequest, regions_from_boxes, resolve_request
+    from ui.tabs.layout import region_details, region_rows
+
+    boxes = (("red circle", 0.0, 0.0, 0.5, 0.5), ("blue square", 0.5, 0.5, 1.0, 1.0))
+    assert region_rows(boxes, []) == [["red circle", "", 1.0], ["blue square", "", 1.0]]
+    edited = [["red circle", "green", 0.6], ["blue square", "", 1.0]]
+    # a box added in front and one renamed: rows follow their labels, new boxes start plain
+    moved = (("yellow star", 0.2, 0.2, 0.4, 0.4), ("red circle", 0.0, 0.0, 0.5, 0.5), ("blue ring", 0.5, 0.5, 1.0, 1.0))
+    assert region_rows(moved, edited) == [["yellow star", "", 1.0], ["red circle", "green", 0.6], ["blue ring", "", 1.0]]
+    assert region_details(boxes, edited) == [("green", 0.6), ("", 1.0)]
+    with pytest.raises(ValueError, match=r"region 1 \(red circle\): strength must be a number from 0 to 1, got 'lots'"):
+        region_details(boxes, [["red circle", "", "lots"]])
+    request = GenerationRequest("", regions=regions_from_boxes(boxes, [("", 1.5)]))
+    with pytest.raises(ValueError, match="region 1 strength must be between 0 and 1, got 1.5"):
+        resolve_request(request, 64)

@@ -67,9 +67,12 @@ def _number(name: str, value, low: float, high: float, integer: bool = False) ->
         raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
 
 
-def regions_from_boxes(boxes, strength: float = 1.0) -> tuple[RegionPrompt, ...]:
-    """Layout boxes (label, x0, y0, x1, y1) as region prompts, each label the prompt of its box."""
-    return tuple(RegionPrompt(label, (x0, y0, x1, y1), strength=strength) for label, x0, y0, x1, y1 in boxes)
+def regions_from_boxes(boxes, details=()) -> tuple[RegionPrompt, ...]:
+    """Layout boxes (label, x0, y0, x1, y1) as region prompts, each label the prompt of its box;
+    ``details`` gives boxes, in order, a (negative prompt, strength) of their own (default: none, 1)."""
+    details = list(details) + [("", 1.0)] * (len(boxes) - len(details))
+    return tuple(RegionPrompt(label, (x0, y0, x1, y1), negative, strength)
+                 for (label, x0, y0, x1, y1), (negative, strength) in zip(boxes, details))
 
 
 def check_corners(name: str, corners) -> tuple[float, float, float, float]:

@@ -28,6 +28,8 @@ def parameters_text(request: GenerationRequest, seed: int, loaded: LoadedModel) 
         "Layout": "; ".join(f"{b[0]} {b[1]:.3f} {b[2]:.3f} {b[3]:.3f} {b[4]:.3f}" for b in request.boxes) or None,
         "Regions": "; ".join(f"{r.prompt} {r.box[0]:.3f} {r.box[1]:.3f} {r.box[2]:.3f} {r.box[3]:.3f} {r.strength:g}"
                              for r in request.regions) or None,
+        "Region negatives": "; ".join(f"{i + 1}: {r.negative_prompt}" for i, r in enumerate(request.regions)
+                                      if r.negative_prompt) or None,
         "Tiling": None if request.tiling == TilingOptions() else
                   f"{request.tiling.mode} {request.tiling.tile} {request.tiling.overlap} {request.tiling.budget_mb}",
     }

@@ -52,7 +52,7 @@ class LayoutTab:
     size: SizeControls
     tiling: TilingControls
     boxes_as: gr.Radio
-    strength: gr.Slider
+    regions: gr.Dataframe
     batch_size: gr.Slider
     generate: gr.Button
     stop: gr.Button
@@ -99,16 +99,17 @@ def build(studio: Studio) -> LayoutTab:
             sampling = sampling_controls(studio, TAB)
             with gr.Row():
                 boxes_as = gr.Radio([NATIVE, REGIONS], value=NATIVE, label="Boxes are", elem_id=f"{TAB}-boxes-as")
-                strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Region strength",
-                                     info="how far a region's prompt replaces the global prompt in its box",
-                                     elem_id=f"{TAB}-region-strength")
+            regions = gr.Dataframe(headers=REGION_HEADERS, datatype=["str", "str", "number"], type="array", value=[],
+                                   static_columns=[0], interactive=True, label="Region prompts: each box's own negative "
+                                   "prompt and strength (how far its prompt replaces the global prompt in the box, 0 to 1)",
+                                   elem_id=f"{TAB}-regions")
             size = size_controls(studio, TAB)
             tiling = tiling_controls(studio, TAB)
             batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size")
             restore = restore_box(TAB, "layout and settings")
         with gr.Column(scale=6):
             output = output_area(TAB, send_to=("inpaint", "upscale"))
-    tab = LayoutTab(model, canvas, prompt, negative, sampling, size, tiling, boxes_as, strength, batch_size, generate, stop, restore, output)
+    tab = LayoutTab(model, canvas, prompt, negative, sampling, size, tiling, boxes_as, regions, batch_size, generate, stop, restore, output)
     wire(studio, tab)
     clear.click(lambda w, h: {"image": blank_canvas(int(w), int(h)), "boxes": []}, [size.width, size.height], canvas, queue=False)
     return tab
@@ -131,11 +132,41 @@ def canvas_boxes(value: dict | None) -> tuple:
     return tuple(boxes)
 
 
-def box_fields(loaded, boxes: tuple, boxes_as: str, strength: float) -> dict:
-    """The request's ``boxes`` (layout tokens) or ``regions`` (each label the prompt of its box)."""
+REGION_HEADERS = ["Box", "Negative prompt", "Strength"]
+
+
+def region_rows(boxes: tuple, rows) -> list[list]:
+    """The region table for ``boxes``: a box keeps the negative prompt and strength it had (matched
+    by label, in order), a new box starts with none and 1."""
+    kept: dict[str, list] = {}
+    for row in rows or []:
+        if row and str(row[0]).strip():
+            kept.setdefault(str(row[0]).strip(), []).append(list(row[1:3]) + ["", 1.0][len(row[1:3]):])
+    table = []
+    for label, *_ in boxes:
+        negative, strength = (kept.get(label) or [["", 1.0]]).pop(0)
+        table.append([label, "" if negative is None else str(negative), strength])
+    return table
+
+
+def region_details(boxes: tuple, rows) -> list[tuple[str, float]]:
+    """Each box's (negative prompt, strength) from the region table, checked."""
+    details = []
+    for i, (label, negative, strength) in enumerate(region_rows(boxes, rows)):
+        try:
+            value = float(strength if strength not in (None, "") else 1.0)
+        except (TypeError, ValueError):
+            raise ValueError(f"region {i + 1} ({label}): strength must be a number from 0 to 1, got {strength!r}") from None
+        details.append((negative.strip(), value))
+    return details
+
+
+def box_fields(loaded, boxes: tuple, boxes_as: str, rows) -> dict:
+    """The request's ``boxes`` (layout tokens) or ``regions`` (each label the prompt of its box,
+    with the negative prompt and strength of its row in the region table)."""
     if boxes_as == NATIVE and loaded.model.takes_layout:
         return {"boxes": boxes}
-    return {"regions": regions_from_boxes(boxes, strength)}
+    return {"regions": regions_from_boxes(boxes, region_details(boxes, rows))}
 
 
 def canvas_value(width: int, height: int, boxes) -> dict:
@@ -148,7 +179,7 @@ def canvas_value(width: int, height: int, boxes) -> dict:
 def wire(studio: Studio, tab: LayoutTab) -> None:
     sampling, out = tab.sampling, tab.output
     inputs = {tab.model.dropdown, tab.canvas, tab.prompt, tab.negative, sampling.steps, sampling.scale, sampling.eta, sampling.seed,
-              tab.size.width, tab.size.height, tab.batch_size, out.images, tab.boxes_as, tab.strength, *tab.tiling.components}
+              tab.size.width, tab.size.height, tab.batch_size, out.images, tab.boxes_as, tab.regions, *tab.tiling.components}
 
     @friendly
     def generate(data: dict, request: gr.Request, progress=gr.Progress()):
@@ -158,11 +189,12 @@ def wire(studio: Studio, tab: LayoutTab) -> None:
             raise ValueError("no boxes: drag on the canvas to draw one, then give it a label")
         base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), data[tab.size.width],
                              data[tab.size.height], data[tab.batch_size], tiling=tab.tiling.options(data),
-                             **box_fields(loaded, boxes, data[tab.boxes_as], float(data[tab.strength])))
+                             **box_fields(loaded, boxes, data[tab.boxes_as], data[tab.regions]))
 
         def one_batch(seed, callback, should_stop):
             result = txt2img(loaded, replace(base, seed=seed), callback=callback, should_stop=should_stop)
-            extra = {"task": TAB, "model": loaded.name, "boxes": [{"label": b[0], "box": [round(v, 4) for v in b[1:]]} for b in boxes]}
+            extra = {"task": TAB, "model": loaded.name, "boxes": [{"label": b[0], "box": [round(v, 4) for v in b[1:]]} for b in boxes],
+                     "regions": [[r.prompt, r.negative_prompt, r.strength] for r in base.regions]}
             paths = [studio.writer.save(image, text, s, extra) for image, s, text in zip(result.images, result.seeds, result.parameters)]
             return paths, result.notices
 
@@ -183,17 +215,34 @@ def wire(studio: Studio, tab: LayoutTab) -> None:
     tab.size.width.release(reshape, [tab.size.width, tab.size.height, tab.canvas], tab.canvas, queue=False)
     tab.size.height.release(reshape, [tab.size.width, tab.size.height, tab.canvas], tab.canvas, queue=False)
 
+    def boxes_changed(value, rows):
+        try:
+            return region_rows(canvas_boxes(value), rows)
+        except ValueError:  # a box just drawn, not named yet: its row comes with its name
+            return gr.skip()
+
+    tab.canvas.change(boxes_changed, [tab.canvas, tab.regions], tab.regions, queue=False)
+
     @friendly
     def restore(path, width, height):
         updates, restored = restored_values(path, tab.prompt, tab.negative, sampling, tab.size.width, tab.size.height)
-        boxes = [(b["label"], *b["box"]) for b in (restored.extra.get("boxes") or [])] if restored else []
         w, h = restored.size if restored and restored.size else (int(width), int(height))
-        updates[tab.canvas] = canvas_value(w, h, boxes)
+        updates.update(restored_layout(tab, restored.extra if restored else {}, w, h))
         return updates
 
     tab.restore.upload(restore, [tab.restore, tab.size.width, tab.size.height],
                        [tab.prompt, tab.negative, sampling.steps, sampling.eta, sampling.seed, sampling.scale, tab.size.width,
-                        tab.size.height, tab.canvas], queue=False)
+                        tab.size.height, tab.canvas, tab.regions, tab.boxes_as], queue=False)
+
+
+def restored_layout(tab: LayoutTab, extra: dict, width: int, height: int) -> dict:
+    """The canvas, region table and box mode a saved picture was made with."""
+    boxes = [(b["label"], *b["box"]) for b in (extra.get("boxes") or [])]
+    regions = extra.get("regions") or []
+    updates = {tab.canvas: canvas_value(width, height, boxes), tab.regions: region_rows(tuple(boxes), regions)}
+    if regions:
+        updates[tab.boxes_as] = REGIONS
+    return updates
 
 
 def receive(tab: LayoutTab):
@@ -202,7 +251,7 @@ def receive(tab: LayoutTab):
     def apply(path: str, prompt: str):
         restored = read_restore(path)
         width, height = Image.open(path).size
-        boxes = [(b["label"], *b["box"]) for b in (restored.extra.get("boxes") or [])]
-        return {tab.canvas: canvas_value(width, height, boxes), tab.prompt: prompt, tab.size.width: width, tab.size.height: height}
+        return {**restored_layout(tab, restored.extra, width, height), tab.prompt: prompt, tab.size.width: width,
+                tab.size.height: height}
 
-    return apply, [tab.canvas, tab.prompt, tab.size.width, tab.size.height]
+    return apply, [tab.canvas, tab.regions, tab.boxes_as, tab.prompt, tab.size.width, tab.size.height]
