@@ -95,3 +95,15 @@ def test_guidance_changes_the_image_and_negative_prompt_matters(tiny):
     unguided_2 = GenerationRequest(**{**REQUEST.__dict__, "scale": 1.0, "negative_prompt": "a house"})
     # at scale 1 the negative prompt never runs
     assert np.array_equal(pixels(txt2img(tiny, unguided).images[0]), pixels(txt2img(tiny, unguided_2).images[0]))
+
+
+def test_bf16_weights_run_and_stay_close_to_fp32(tmp_path):
+    from tests.tiny_sd import write_tiny_checkpoint
+
+    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
+    full = load_model(path, preset=preset, tokenizer_dir=tokenizer_dir)
+    half = load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, dtype=torch.bfloat16)
+    assert half.model.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.bfloat16
+    a, b = (pixels(txt2img(m, REQUEST).images[0]).astype(float) for m in (full, half))
+    psnr = 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-9))
+    assert psnr > 25, psnr
