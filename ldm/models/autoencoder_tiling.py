@@ -9,8 +9,10 @@ rectangle with them, exactly as the whole-image layer would. Outside the image e
 is 0, which is the zero padding the next convolution expects.
 
 Resnet block outputs are stored (one tensor at that level's resolution) so that recomputation stays
-bounded; the upsampling convolutions are not, so the largest tensor of the decoder (the last
-upsampling's output) never exists whole. The self-attention blocks attend over the whole image and
+bounded; a block whose input is such a stored tensor of the same width writes its output over it,
+band by band, one band behind its reads, so a level holds one full tensor, not two. The upsampling
+convolutions are not stored, so the largest tensor of the decoder (the last upsampling's output)
+never exists whole. The self-attention blocks attend over the whole image and
 run on their whole input, which is at the latent's resolution.
 """
 
@@ -51,8 +53,10 @@ class Node:
 
 
 class Stored(Node):
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
+    """A computed tensor; ``owned`` when it was made here, so that it may be overwritten."""
+
+    def __init__(self, tensor: torch.Tensor, owned: bool = False):
+        self.tensor, self.owned = tensor, owned
         self.batch, _, self.height, self.width = tensor.shape
 
     def region(self, top, bottom, left, right):
@@ -69,7 +73,23 @@ def store(node: Node, tile: int) -> Stored:
         if out is None:
             out = part.new_empty(node.batch, part.shape[1], node.height, node.width)
         out[..., top:bottom, left:right] = part
-    return Stored(out)
+    return Stored(out, owned=True)
+
+
+def store_over(node: Node, source: Stored, tile: int, halo: int) -> Stored:
+    """Compute ``node`` whole into the tensor of ``source``, which it reads at most ``halo`` rows
+    beyond the rows it computes. Bands of ``tile`` rows are computed top to bottom and each is
+    written one band late, once no later band reads the rows it replaces."""
+    assert source.owned and halo <= tile and (node.batch, node.height, node.width) == (source.batch, source.height, source.width)
+    out, pending = source.tensor, None
+    for top in range(0, node.height, tile):
+        bottom = min(top + tile, node.height)
+        band = torch.cat([node.region(top, bottom, left, min(left + tile, node.width)) for left in range(0, node.width, tile)], dim=-1)
+        if pending is not None:
+            out[..., pending[0] : pending[0] + pending[1].shape[-2], :] = pending[1]
+        pending = (top, band)
+    out[..., pending[0] :, :] = pending[1]
+    return source
 
 
 class Conv(Node):
@@ -158,11 +178,13 @@ def resnet_block(x: Node, block: ResnetBlock, tile: int) -> Node:
     h = Conv(NormSiLU(x, block.norm1, tile), block.conv1)
     h = Conv(NormSiLU(h, block.norm2, tile), block.conv2)
     skip = Conv(x, block.nin_shortcut) if hasattr(block, "nin_shortcut") else x
+    if isinstance(x, Stored) and x.owned and skip is x:  # same width: overwrite the input (two 3x3 convs read 2 rows out)
+        return store_over(Add(skip, h), x, tile, halo=2)
     return store(Add(skip, h), tile)
 
 
 def attention(x: Node, block: AttnBlock, tile: int) -> Node:
-    return Stored(block(store(x, tile).tensor))
+    return Stored(block(store(x, tile).tensor), owned=True)
 
 
 def stage(x: Node, module: Stage, tile: int) -> Node:
