@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.models.autoencoder import AutoencoderConfig
-from ldm.models.conditioners import CLIPTextEncoderConfig, TransformerEmbedderConfig
+from ldm.models.conditioners import CLIPTextEncoderConfig, OpenCLIPTextEncoderConfig, TransformerEmbedderConfig
 from ldm.models.latent_diffusion import LatentDiffusionConfig
 from ldm.models.unet import UNetConfig
+from ldm.sampling.denoiser import PARAMETERIZATIONS
 from ldm.sampling.schedules import ScheduleConfig
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "presets" / "models"
@@ -32,7 +33,8 @@ def default_model_path(name: str) -> Path:
 
 # The embedded model a task uses when none is named: "txt2img" (also layout and inpainting), "upscale".
 DEFAULT_MODELS = {task: default_model_path(f"default-{task}") for task in ("txt2img", "upscale")}
-COND_STAGE_KINDS = {"clip": CLIPTextEncoderConfig, "transformer": TransformerEmbedderConfig}
+UNSTATED = "unstated"  # in detect_prediction: a file whose metadata states no prediction type
+COND_STAGE_KINDS = {"clip": CLIPTextEncoderConfig, "open_clip": OpenCLIPTextEncoderConfig, "transformer": TransformerEmbedderConfig}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class ModelPreset:
     detect: dict[str, tuple[int, ...]]  # key -> required shape
     sampler: SamplerDefaults
     source: Path
+    # The prediction types a file may state (in its metadata) to be detected as this preset;
+    # "unstated" admits files that state none. Default: the preset's own parameterization, or unstated.
+    detect_prediction: tuple[str, ...] = ()
 
 
 def _typed(cls, values: dict[str, Any], where: str):
@@ -86,20 +91,32 @@ def _model_config(raw: dict[str, Any], where: str) -> LatentDiffusionConfig:
     )
 
 
+def _detect_prediction(raw: Any, model: LatentDiffusionConfig, where: str) -> tuple[str, ...]:
+    if raw is None:
+        return (model.parameterization, UNSTATED)
+    allowed = (*PARAMETERIZATIONS, UNSTATED)
+    values = tuple(str(v) for v in raw) if isinstance(raw, list) else ()
+    if not values or any(v not in allowed for v in values):
+        raise ValueError(f"{where}: detect_prediction must be a list of {', '.join(allowed)}; got {raw!r}")
+    return values
+
+
 def preset_from_dict(raw: dict[str, Any], source: Path) -> ModelPreset:
     where = str(source)
     missing = [k for k in ("name", "model") if k not in raw]
     if missing:
         raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
     detect = {str(k): tuple(int(d) for d in v) for k, v in (raw.get("detect") or {}).items()}
+    model = _model_config(raw["model"], where)
     return ModelPreset(
         name=str(raw["name"]),
         family=str(raw.get("family", raw["name"])),
         description=str(raw.get("description", "")),
-        model=_model_config(raw["model"], where),
+        model=model,
         detect=detect,
         sampler=_typed(SamplerDefaults, raw.get("sampler") or {}, f"{where} sampler"),
         source=source,
+        detect_prediction=_detect_prediction(raw.get("detect_prediction"), model, where),
     )
 
 

@@ -5,8 +5,13 @@ transformers' ``CLIPTextModel``. Its keys in a checkpoint are
 ``cond_stage_model.transformer.text_model.*``; transformers 5 dropped the ``text_model`` level from
 ``CLIPTextModel``, so a small holder module keeps that level and the original keys load unchanged.
 
-Prompts longer than 75 tokens are split into chunks of 75, each wrapped in start/end tokens and
-padded to 77, encoded separately and concatenated along the sequence (as AUTOMATIC1111 does).
+``OpenCLIPTextEncoder`` is Stable Diffusion 2.x's frozen OpenCLIP ViT-H/14 text tower, written here
+with the module names of open_clip so that the original ``cond_stage_model.model.*`` keys load
+unchanged. It returns the penultimate layer's output after the final layer norm, as SD 2.x does.
+
+Both use the CLIP BPE tokenizer. Prompts longer than 75 tokens are split into chunks of 75, each
+wrapped in start/end tokens and padded to 77, encoded separately and concatenated along the
+sequence (as AUTOMATIC1111 does). CLIP pads with its end token, OpenCLIP with token 0.
 """
 
 from __future__ import annotations
@@ -42,6 +47,20 @@ class CLIPTextEncoderConfig:
     def chunk_tokens(self) -> int:
         """Prompt tokens per chunk: the context length less the start and end tokens."""
         return self.max_positions - 2
+
+
+def bpe_token_chunks(tokenizer, prompts: list[str], size: int, pad_id: int, min_chunks: int = 1) -> torch.Tensor:
+    """Token ids (B, chunks, size + 2) of CLIP BPE prompts: each chunk of ``size`` tokens is wrapped in the
+    start and end tokens and padded with ``pad_id``; every prompt gets the same number of chunks."""
+    tok = tokenizer
+    ids = [tok(p, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for p in prompts]
+    chunks = max([min_chunks] + [math.ceil(len(i) / size) for i in ids])
+    rows = []
+    for prompt_ids in ids:
+        for c in range(chunks):
+            part = prompt_ids[c * size : (c + 1) * size]
+            rows.append([tok.bos_token_id, *part, tok.eos_token_id] + [pad_id] * (size - len(part)))
+    return torch.tensor(rows, dtype=torch.long).view(len(prompts), chunks, size + 2)
 
 
 class _TextTransformer(nn.Module):
@@ -87,22 +106,154 @@ class CLIPTextEncoder(nn.Module):
         """Token ids (B, chunks, 77): every prompt gets the same number of chunks, padding with empty ones."""
         if self.tokenizer is None:
             raise RuntimeError("CLIPTextEncoder has no tokenizer attached; load the model through ldm.checkpoints")
-        tok = self.tokenizer
-        size = self.config.chunk_tokens
-        ids = [tok(p, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for p in prompts]
-        chunks = max([min_chunks] + [math.ceil(len(i) / size) for i in ids])
-        rows = []
-        for prompt_ids in ids:
-            for c in range(chunks):
-                part = prompt_ids[c * size : (c + 1) * size]
-                rows.append([tok.bos_token_id, *part, tok.eos_token_id] + [tok.pad_token_id] * (size - len(part)))
-        return torch.tensor(rows, dtype=torch.long).view(len(prompts), chunks, size + 2)
+        return bpe_token_chunks(self.tokenizer, prompts, self.config.chunk_tokens, self.tokenizer.pad_token_id, min_chunks)
 
     def forward(self, token_chunks: torch.Tensor) -> torch.Tensor:
         b, chunks, n = token_chunks.shape
         device = self.transformer.text_model.embeddings.token_embedding.weight.device
         out = self.transformer.text_model(input_ids=token_chunks.view(b * chunks, n).to(device)).last_hidden_state
         return out.reshape(b, chunks * n, -1)  # (B, chunks*77, hidden)
+
+    def encode(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
+        return self(self.token_chunks(prompts, min_chunks))
+
+
+OPEN_CLIP_LAYERS = ("last", "penultimate")
+
+
+@dataclass(frozen=True)
+class OpenCLIPTextEncoderConfig:
+    """The OpenCLIP text transformer. Defaults are ViT-H/14 as SD 2.x uses it (open_clip
+    ``model_configs/ViT-H-14.json``): width 1024, 16 heads, 24 layers, plain GELU; ``layer`` is the
+    block whose output SD 2.x takes ("penultimate": blocks 0..22 run, then the final norm)."""
+
+    vocab_size: int = 49408
+    width: int = 1024
+    heads: int = 16
+    layers: int = 24
+    context_length: int = 77
+    embed_dim: int = 1024  # the text projection's width; kept for the checkpoint, unused for conditioning
+    mlp_ratio: int = 4
+    layer: str = "penultimate"
+
+    def __post_init__(self):
+        if self.layer not in OPEN_CLIP_LAYERS:
+            raise ValueError(f"OpenCLIP layer {self.layer!r} is not known; use one of {', '.join(OPEN_CLIP_LAYERS)}")
+        if self.width % self.heads:
+            raise ValueError(f"OpenCLIP width {self.width} does not split into {self.heads} heads")
+
+    @property
+    def context_dim(self) -> int:
+        return self.width
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.context_length - 2
+
+    @property
+    def blocks_run(self) -> int:
+        return self.layers - 1 if self.layer == "penultimate" else self.layers
+
+
+class _CausalSelfAttention(nn.Module):
+    """``in_proj_weight`` (3W, W) holds [q; k; v] stacked, ``out_proj`` maps back: the layout of
+    ``torch.nn.MultiheadAttention``, which open_clip uses."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, width = x.shape
+        qkv = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3W)
+        # (B, N, W) -> (B, heads, N, d)
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, N, d)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, width))
+
+
+class _OpenCLIPMLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class _ResidualAttentionBlock(nn.Module):
+    """Pre-norm block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = _CausalSelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = _OpenCLIPMLP(width, width * mlp_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class _OpenCLIPTransformer(nn.Module):
+    def __init__(self, c: OpenCLIPTextEncoderConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(_ResidualAttentionBlock(c.width, c.heads, c.mlp_ratio) for _ in range(c.layers))
+
+
+class _OpenCLIPTextModel(nn.Module):
+    """The text half of open_clip's ``CLIP`` (SD 2.x deletes the visual half before saving).
+    ``text_projection`` and ``logit_scale`` are stored in the checkpoints; conditioning does not use them."""
+
+    def __init__(self, c: OpenCLIPTextEncoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(c.vocab_size, c.width)
+        self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.width))
+        self.transformer = _OpenCLIPTransformer(c)
+        self.ln_final = nn.LayerNorm(c.width)
+        self.text_projection = nn.Parameter(torch.empty(c.width, c.embed_dim))
+        self.logit_scale = nn.Parameter(torch.empty(()))
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=c.width**-0.5)
+        nn.init.constant_(self.logit_scale, math.log(1 / 0.07))
+
+
+class OpenCLIPTextEncoder(nn.Module):
+    """Encodes prompts to (B, 77 * chunks, width): the output of block ``layers - 2`` (penultimate) or
+    ``layers - 1`` (last), after ``ln_final``, with a causal mask. Padding is token 0, as open_clip's
+    ``tokenize`` pads; the tokenizer is the CLIP BPE, attached after construction."""
+
+    def __init__(self, config: OpenCLIPTextEncoderConfig, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model = _OpenCLIPTextModel(config)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Nothing to recreate: the causal mask is built by the attention kernel."""
+
+    def token_chunks(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
+        """Token ids (B, chunks, 77), padded with 0; every prompt gets the same number of chunks."""
+        if self.tokenizer is None:
+            raise RuntimeError("OpenCLIPTextEncoder has no tokenizer attached; load the model through ldm.checkpoints")
+        return bpe_token_chunks(self.tokenizer, prompts, self.config.chunk_tokens, 0, min_chunks)
+
+    def forward(self, token_chunks: torch.Tensor) -> torch.Tensor:
+        b, chunks, n = token_chunks.shape
+        m = self.model
+        ids = token_chunks.view(b * chunks, n).to(m.token_embedding.weight.device)
+        x = m.token_embedding(ids) + m.positional_embedding[:n]  # (B*chunks, N, width)
+        for block in m.transformer.resblocks[: self.config.blocks_run]:
+            x = block(x)
+        return m.ln_final(x).reshape(b, chunks * n, -1)  # (B, chunks*77, width)
 
     def encode(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
         return self(self.token_chunks(prompts, min_chunks))

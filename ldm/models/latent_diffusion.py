@@ -17,6 +17,8 @@ from ldm.models.autoencoder_tiling import tiled_decode, tiled_encode
 from ldm.models.conditioners import (
     CLIPTextEncoder,
     CLIPTextEncoderConfig,
+    OpenCLIPTextEncoder,
+    OpenCLIPTextEncoderConfig,
     TransformerEmbedder,
     TransformerEmbedderConfig,
 )
@@ -25,13 +27,14 @@ from ldm.sampling.denoiser import EpsDenoiser, check_parameterization
 from ldm.sampling.schedules import ScheduleConfig, make_alphas_cumprod
 
 CONDITIONING_KEYS = ("crossattn", "concat", "hybrid", "none")
+CondStageConfig = CLIPTextEncoderConfig | OpenCLIPTextEncoderConfig | TransformerEmbedderConfig
 
 
 @dataclass(frozen=True)
 class LatentDiffusionConfig:
     unet: UNetConfig
     first_stage: AutoencoderConfig
-    cond_stage: CLIPTextEncoderConfig | TransformerEmbedderConfig | None
+    cond_stage: CondStageConfig | None
     schedule: ScheduleConfig
     parameterization: str = "eps"
     scale_factor: float = 1.0
@@ -60,11 +63,13 @@ class LatentDiffusionConfig:
         return self.first_stage.downsampling_factor * self.unet.downsampling_factor
 
 
-def build_cond_stage(config: CLIPTextEncoderConfig | TransformerEmbedderConfig | None) -> nn.Module | None:
+def build_cond_stage(config: CondStageConfig | None) -> nn.Module | None:
     if config is None:
         return None
     if isinstance(config, CLIPTextEncoderConfig):
         return CLIPTextEncoder(config)
+    if isinstance(config, OpenCLIPTextEncoderConfig):
+        return OpenCLIPTextEncoder(config)
     return TransformerEmbedder(config)
 
 

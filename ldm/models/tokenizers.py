@@ -1,7 +1,8 @@
-"""Find the CLIP BPE tokenizer that a Stable Diffusion v1 checkpoint needs.
+"""Find the CLIP BPE tokenizer that a Stable Diffusion v1 or v2 checkpoint needs.
 
-SD v1 single-file checkpoints hold the CLIP text encoder's weights but not its
-tokenizer, and nothing here downloads one. `find_clip_tokenizer` looks, in this
+SD v1 and v2 single-file checkpoints hold the text encoder's weights (CLIP
+ViT-L/14, OpenCLIP ViT-H/14) but not its tokenizer; both use the same BPE
+vocabulary, and nothing here downloads one. `find_clip_tokenizer` looks, in this
 order, and uses the first source that holds a complete `vocab.json` +
 `merges.txt`:
 
@@ -16,7 +17,8 @@ order, and uses the first source that holds a complete `vocab.json` +
 5. Otherwise `TokenizerNotFoundError`, naming the places searched and the fix.
 
 Whatever the source, the tokenizer returned behaves like SD v1's: at most 77
-tokens, `<|startoftext|>` as bos and `<|endoftext|>` as eos and pad.
+tokens, `<|startoftext|>` as bos and `<|endoftext|>` as eos and pad (the SD 2.x
+encoder pads with token 0 itself, as open_clip does).
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def _not_found_message(searched: list[str], checkpoint_path: str | os.PathLike |
     else:
         put_it = f"put vocab.json and merges.txt of {hub_repo} in a folder"
     lines = [
-        "No CLIP tokenizer found. SD v1 checkpoints do not contain one and nothing is downloaded. Searched:",
+        "No CLIP tokenizer found. SD v1 and v2 checkpoints do not contain one and nothing is downloaded. Searched:",
         *(f"  - {place}" for place in searched),
         "To fix, do one of:",
         f"  - {put_it}",
