@@ -13,6 +13,7 @@ from PIL import Image
 
 from ldm.cli import main
 from ldm.tasks.parameters import read_png_parameters
+from tests.test_detect import sd_v2_file_shapes, write_header_only_file
 from tests.test_key_contract import clip_vit_l14_text_keys
 from tests.tiny_sd import write_tiny_checkpoint, write_tiny_preset_yaml
 from tests.tokenizer_fixtures import tiny_vocab_size
@@ -90,6 +91,18 @@ def test_inspect_of_a_file_reads_only_its_header(tiny, capsys):
     path, _, _ = tiny
     assert main(["inspect", str(path)]) == 2  # the tiny layout is no registered family
     assert "unknown model layout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("metadata, family", [
+    ({}, "Stable Diffusion v2 (768-v, v-prediction)"),
+    ({"modelspec.architecture": "stable-diffusion-v2-512"}, "Stable Diffusion v2 (512-base, eps)"),
+])
+def test_inspect_names_the_family_of_an_sd2_file(tmp_path, capsys, metadata, family):
+    path = write_header_only_file(tmp_path / "sd2.safetensors", sd_v2_file_shapes(), metadata)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"family: {family}" in out
+    assert ("note:" in out and "--preset v2-inference" in out) == (metadata == {})
 
 
 def test_python_dash_m_ldm_runs():

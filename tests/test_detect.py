@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+import struct
 from pathlib import Path
 
 import pytest
 
-from ldm.checkpoints.detect import detect_preset, matching_presets
+from ldm.checkpoints.detect import detect, detect_preset, matching_presets
 from ldm.checkpoints.errors import CheckpointError
-from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model
+from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, resolve_preset
 from ldm.checkpoints.presets import list_presets
-from tests.test_key_contract import clip_vit_l14_text_keys
+from tests.test_key_contract import clip_vit_l14_text_keys, open_clip_vit_h14_text_keys
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -30,6 +33,17 @@ def test_an_sd_v1_file_is_detected_as_v1_inference():
     assert preset.family == "Stable Diffusion v1"
 
 
+# What a file may say of itself: nothing, or Stability's ModelSpec keys in its safetensors header.
+METADATA_CASES = [
+    {},
+    {"modelspec.prediction_type": "epsilon"},
+    {"modelspec.prediction_type": "v"},
+    {"modelspec.architecture": "stable-diffusion-v2-512"},
+    {"modelspec.architecture": "stable-diffusion-v2-768-v"},
+    {"modelspec.architecture": "stable-diffusion-v1"},
+]
+
+
 def test_no_two_registry_entries_match_the_same_file():
     presets = list_presets()
     assert presets, "the registry must not be empty"
@@ -38,27 +52,89 @@ def test_no_two_registry_entries_match_the_same_file():
             continue
         model = build_model(preset.model)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        assert [p.name for p in matching_presets(shapes, presets)] == [preset.name]
+        matched = {}
+        for metadata in METADATA_CASES:
+            names = [p.name for p in matching_presets(shapes, presets, metadata)]
+            assert len(names) <= 1, f"{preset.name}'s tensors with metadata {metadata} match {names}"
+            matched[str(metadata)] = names
+        assert [preset.name] in matched.values(), f"no file with {preset.name}'s tensors is detected as it: {matched}"
 
 
-def test_every_detect_rule_names_real_keys_of_its_own_model():
-    for preset in list_presets():
-        model_shapes = {k: tuple(v.shape) for k, v in build_model(preset.model).state_dict().items()}
-        for key, shape in preset.detect.items():
-            assert model_shapes.get(key) == shape, f"{preset.name}: detect rule {key} {shape}"
+def sd_v2_file_shapes() -> dict[str, tuple[int, ...]]:
+    """An SD 2.x single file: the original keys (eps and v files are identical), OpenCLIP, schedule buffers."""
+    shapes = {k: tuple(v) for k, v in json.loads((FIXTURES / "v2-inference-v.json").read_text()).items()}
+    shapes.update({k: tuple(v) for k, v in open_clip_vit_h14_text_keys().items()})
+    shapes.update({k: (1000,) for k in SCHEDULE_BUFFERS if k != "logvar"})
+    return shapes
 
 
-def test_an_unknown_layout_names_the_file_and_the_closest_family():
-    shapes = sd_v1_file_shapes()
-    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)  # an inpainting UNet
+def test_the_v1_and_v2_fixtures_have_the_same_unet_keys_but_not_the_same_shapes():
+    v1 = json.loads((FIXTURES / "v1-inference.json").read_text())
+    v2 = json.loads((FIXTURES / "v2-inference.json").read_text())
+    assert v2 == json.loads((FIXTURES / "v2-inference-v.json").read_text())  # why v and eps need metadata
+    assert set(v1) == set(v2) and v1 != v2
+
+
+@pytest.mark.parametrize(
+    "metadata, expected",
+    [
+        ({"modelspec.prediction_type": "epsilon"}, "v2-inference"),
+        ({"modelspec.architecture": "stable-diffusion-v2-512", "modelspec.title": "my 512 model"}, "v2-inference"),
+        ({"modelspec.prediction_type": "v"}, "v2-inference-v"),
+        ({"modelspec.architecture": "stable-diffusion-v2-768-v"}, "v2-inference-v"),
+        # prediction_type is the specific key; it wins over an architecture id that implies another
+        ({"modelspec.architecture": "stable-diffusion-v2-768-v", "modelspec.prediction_type": "epsilon"}, "v2-inference"),
+    ],
+)
+def test_an_sd_v2_file_that_states_its_prediction_type_is_detected_without_a_notice(metadata, expected):
+    detection = detect(sd_v2_file_shapes(), list_presets(), "sd2.safetensors", metadata)
+    assert detection.preset.name == expected
+    assert detection.notice == ""
+
+
+@pytest.mark.parametrize("metadata", [None, {}, {"format": "pt"}, {"global_step": 875000}])
+def test_an_sd_v2_file_that_says_nothing_is_taken_as_v_with_a_notice(metadata):
+    detection = detect(sd_v2_file_shapes(), list_presets(), "v2-1_768-ema-pruned.safetensors", metadata)
+    assert detection.preset.name == "v2-inference-v"
+    assert detection.preset.model.parameterization == "v"
+    assert "v2-1_768-ema-pruned.safetensors" in detection.notice
+    assert "--preset v2-inference" in detection.notice
+
+
+def test_a_v1_file_is_detected_without_a_notice_and_v2_rules_do_not_touch_it():
+    detection = detect(sd_v1_file_shapes(), list_presets(), "sd-v1-5.safetensors", {})
+    assert (detection.preset.name, detection.notice) == ("v1-inference", "")
+
+
+def test_a_file_that_states_a_prediction_no_preset_of_its_shapes_takes_is_refused():
     with pytest.raises(CheckpointError) as error:
-        detect_preset(shapes, list_presets(), "mystery.safetensors")
-    message = str(error.value)
-    assert "mystery.safetensors" in message
-    assert "v1-inference" in message
-    assert "[320, 9, 3, 3]" in message and "--preset" in message
+        detect(sd_v1_file_shapes(), list_presets(), "v1-vpred.safetensors", {"modelspec.prediction_type": "v"})
+    assert "v1-vpred.safetensors" in str(error.value)
+    assert "prediction type 'v'" in str(error.value)
 
 
-def test_a_file_of_something_else_is_refused():
-    with pytest.raises(CheckpointError, match="unknown model layout"):
-        detect_preset({"encoder.weight": (3, 3)}, list_presets(), "lora.safetensors")
+def write_header_only_file(path: Path, shapes: dict, metadata: dict) -> Path:
+    """A valid fp16 .safetensors file with these tensors, all zero: the header is written and the file is
+    extended to its full size without writing data (sparse), so a multi-GB layout costs no disk."""
+    header, offset = {"__metadata__": metadata}, 0
+    for key, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+@pytest.mark.parametrize("metadata, expected, notice", [
+    ({}, "v2-inference-v", True),
+    ({"modelspec.prediction_type": "epsilon"}, "v2-inference", False),
+])
+def test_the_loader_detects_a_v2_file_and_logs_the_notice(tmp_path, caplog, metadata, expected, notice):
+    """The notice reaches the user through the loader's log (the CLI prints warnings)."""
+    path = write_header_only_file(tmp_path / "sd2.safetensors", sd_v2_file_shapes(), metadata)
+    with caplog.at_level(logging.WARNING, logger="ldm.checkpoints.loader"):
+        assert resolve_preset(path, None).name == expected
+    assert any("--preset v2-inference" in r.getMessage() for r in caplog.records) == notice

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,6 +30,25 @@ def clip_vit_l14_text_keys() -> dict[str, list[int]]:
         keys[f"{layer}mlp.fc2.weight"], keys[f"{layer}mlp.fc2.bias"] = [768, 3072], [768]
     keys[p + "final_layer_norm.weight"] = [768]
     keys[p + "final_layer_norm.bias"] = [768]
+    return keys
+
+
+def open_clip_vit_h14_text_keys() -> dict[str, list[int]]:
+    """SD 2.x's text encoder keys: open_clip's text tower (width 1024, 24 blocks, MLP 4096), its visual
+    half deleted before saving; text_projection and the scalar logit_scale are stored though unused."""
+    p = "cond_stage_model.model."
+    keys = {p + "token_embedding.weight": [49408, 1024], p + "positional_embedding": [77, 1024]}
+    for i in range(24):
+        block = f"{p}transformer.resblocks.{i}."
+        keys[block + "attn.in_proj_weight"], keys[block + "attn.in_proj_bias"] = [3072, 1024], [3072]
+        keys[block + "attn.out_proj.weight"], keys[block + "attn.out_proj.bias"] = [1024, 1024], [1024]
+        for norm in ("ln_1", "ln_2"):
+            keys[f"{block}{norm}.weight"], keys[f"{block}{norm}.bias"] = [1024], [1024]
+        keys[block + "mlp.c_fc.weight"], keys[block + "mlp.c_fc.bias"] = [4096, 1024], [4096]
+        keys[block + "mlp.c_proj.weight"], keys[block + "mlp.c_proj.bias"] = [1024, 4096], [1024]
+    keys[p + "ln_final.weight"], keys[p + "ln_final.bias"] = [1024], [1024]
+    keys[p + "text_projection"] = [1024, 1024]
+    keys[p + "logit_scale"] = []
     return keys
 
 
@@ -67,3 +87,26 @@ def test_v1_parameter_count_is_stable_diffusions(v1_keys):
     assert round(counts["model"] / 1e6, 1) == 859.5
     assert round(counts["first_stage_model"] / 1e6, 1) == 83.7
     assert round(counts["cond_stage_model"] / 1e6, 1) == 123.1
+
+
+@pytest.mark.parametrize("name", ["v2-inference", "v2-inference-v"])
+def test_v2_unet_and_autoencoder_keys_match_the_original_exactly(name):
+    reference = json.loads((FIXTURES / f"{name}.json").read_text())
+    ours = {k: v for k, v in preset_key_shapes(name).items() if not k.startswith("cond_stage_model.")}
+    assert sorted(set(reference) - set(ours)) == []
+    assert sorted(set(ours) - set(reference)) == []
+    assert {k: v for k, v in ours.items() if reference[k] != v} == {}
+
+
+@pytest.mark.parametrize("name", ["v2-inference", "v2-inference-v"])
+def test_v2_text_encoder_keys_are_open_clip_vit_h14(name):
+    ours = {k: v for k, v in preset_key_shapes(name).items() if k.startswith("cond_stage_model.")}
+    assert ours == open_clip_vit_h14_text_keys()
+
+
+def test_v2_presets_differ_only_in_prediction_and_size():
+    eps, v = find_preset("v2-inference"), find_preset("v2-inference-v")
+    assert (eps.model.parameterization, v.model.parameterization) == ("eps", "v")
+    assert (eps.model.latent_size, v.model.latent_size) == (64, 96)
+    assert dataclasses.replace(v.model, parameterization="eps", latent_size=64) == eps.model
+    assert eps.detect == v.detect

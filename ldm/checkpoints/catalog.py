@@ -13,9 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.checkpoints.detect import detect_preset
+from ldm.checkpoints.detect import detect_file
 from ldm.checkpoints.errors import CheckpointError
-from ldm.checkpoints.io import read_key_shapes
 from ldm.checkpoints.presets import ModelPreset, list_presets
 from ldm.models.latent_diffusion import LatentDiffusionConfig
 
@@ -57,6 +56,7 @@ class CatalogEntry:
     path: Path
     preset: ModelPreset | None  # None when the file could not be recognised
     problem: str = ""  # why, when preset is None
+    notice: str = ""  # what detection assumed, when the file does not say (e.g. SD 2.x v or eps)
 
     @property
     def name(self) -> str:
@@ -88,7 +88,8 @@ def checkpoint_files(folders: Iterable[str | Path]) -> list[Path]:
 
 def identify(path: Path, presets: list[ModelPreset]) -> CatalogEntry:
     try:
-        return CatalogEntry(path, detect_preset(read_key_shapes(path), presets, path))
+        detection = detect_file(path, presets)
+        return CatalogEntry(path, detection.preset, notice=detection.notice)
     except CheckpointError as error:
         reason = str(error).removeprefix(f"{path}: ").split(". ")[0]
         log.info("%s is not offered: %s", path, error)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.checkpoints.detect import detect_preset
-from ldm.checkpoints.io import read_key_shapes, read_metadata
+from ldm.checkpoints.detect import detect
+from ldm.checkpoints.io import read_key_shapes_and_metadata
 from ldm.checkpoints.loader import EMA_PREFIX, build_model
 from ldm.checkpoints.presets import ModelPreset, find_preset, list_presets
 
@@ -17,6 +17,7 @@ class InspectReport:
     preset: ModelPreset
     shapes: dict[str, tuple[int, ...]]
     metadata: dict
+    notice: str = ""
 
     def describe(self) -> str:
         groups: dict[str, int] = {}
@@ -34,15 +35,17 @@ class InspectReport:
         ]
         lines += [f"  {part}: {count / 1e6:.1f} M values" for part, count in sorted(groups.items())]
         lines += [f"  {k}: {v}" for k, v in self.metadata.items()]
+        if self.notice:
+            lines.append(f"  note: {self.notice}")
         return "\n".join(lines)
 
 
 def inspect_target(target: str) -> InspectReport:
     path = Path(target)
     if path.is_file() and path.suffix not in (".yaml", ".yml"):
-        shapes = read_key_shapes(path)
-        preset = detect_preset(shapes, list_presets(), path)
-        return InspectReport(str(path), preset, dict(shapes), read_metadata(path))
+        shapes, metadata = read_key_shapes_and_metadata(path)
+        detection = detect(shapes, list_presets(), path, metadata)
+        return InspectReport(str(path), detection.preset, dict(shapes), metadata, detection.notice)
     preset = find_preset(target)
     model = build_model(preset.model)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -70,6 +70,22 @@ def read_key_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
     return {key: tuple(tensor.shape) for key, tensor in state.items()}
 
 
+class KeysAndMetadata(NamedTuple):
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict[str, object]
+
+
+def read_key_shapes_and_metadata(path: str | os.PathLike[str]) -> KeysAndMetadata:
+    """``read_key_shapes`` and ``read_metadata`` with one read of the file (a pickle is loaded once)."""
+    path = _checked_path(path)
+    if _is_safetensors(path):
+        header = _read_safetensors_header(path)
+        return KeysAndMetadata(_nonempty(path, header.shapes), dict(header.metadata))
+    loaded = _torch_load(path)
+    state = _unwrap_state_dict(path, loaded)
+    return KeysAndMetadata({key: tuple(t.shape) for key, t in state.items()}, _pickle_metadata(loaded))
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint, on CPU, in their stored dtype."""
     path = _checked_path(path)
@@ -83,7 +99,10 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, object]:
     path = _checked_path(path)
     if _is_safetensors(path):
         return dict(_read_safetensors_header(path).metadata)
-    loaded = _torch_load(path)
+    return _pickle_metadata(_torch_load(path))
+
+
+def _pickle_metadata(loaded: object) -> dict[str, object]:
     if not isinstance(loaded, dict):
         return {}
     return {k: v for k, v in loaded.items() if isinstance(k, str) and type(v) in (int, str)}

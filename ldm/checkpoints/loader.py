@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ldm.checkpoints.detect import detect_preset
+from ldm.checkpoints.detect import detect_file
 from ldm.checkpoints.errors import CheckpointError
-from ldm.checkpoints.io import read_key_shapes, read_state_dict
+from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
-from ldm.models.conditioners import CLIPTextEncoder
+from ldm.models.conditioners import CLIPTextEncoder, OpenCLIPTextEncoder
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.models.tokenizers import find_clip_tokenizer
 from ldm.models.word_tokenizer import WordLayoutTokenizer
@@ -126,9 +126,9 @@ def _check_complete(weights: dict, model: LatentDiffusion, preset: ModelPreset, 
 
 
 def load_tokenizer(encoder, preset: ModelPreset, path: Path, tokenizer_dir: str | Path | None):
-    """The tokenizer a conditioning stage needs: CLIP's BPE (looked up), or a word-and-layout vocabulary
-    file named by the preset (relative to the presets folder)."""
-    if isinstance(encoder, CLIPTextEncoder):
+    """The tokenizer a conditioning stage needs: CLIP's BPE (looked up; OpenCLIP uses the same one), or a
+    word-and-layout vocabulary file named by the preset (relative to the presets folder)."""
+    if isinstance(encoder, (CLIPTextEncoder, OpenCLIPTextEncoder)):
         return find_clip_tokenizer(tokenizer_dir=tokenizer_dir, checkpoint_path=path)
     config = encoder.config
     if config.vocab == "layout":
@@ -144,7 +144,10 @@ def resolve_preset(path: Path, preset: str | Path | ModelPreset | None) -> Model
         return preset
     if preset is not None:
         return find_preset(preset)
-    return detect_preset(read_key_shapes(path), list_presets(), path)
+    detection = detect_file(path, list_presets())
+    if detection.notice:
+        log.warning("%s", detection.notice)
+    return detection.preset
 
 
 def load_model(
