@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTokenizer
 
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.loader import ema_key, load_model
+from ldm.models import tokenizers
+from ldm.models.tokenizers import TokenizerNotFoundError
 from tests.tiny_sd import write_tiny_checkpoint
+from tests.tiny_sd2 import write_tiny_v2_checkpoint
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 
@@ -91,3 +97,20 @@ def test_a_checkpoint_of_another_family_names_the_file(tmp_path):
     path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match=str(path)):
         load_model(path, tokenizer_dir=tokenizer)  # detection: the tiny layout is no registered family
+
+
+def test_an_sd2_layout_file_loads_strictly_and_finds_its_tokenizer_as_v1_does(tmp_path, monkeypatch):
+    """The OpenCLIP tower's keys load with no renaming; its CLIP BPE tokenizer is looked up like SD v1's
+    (here: the tokenizer/ folder beside the file), and the same error names the fix when there is none."""
+    path, tokenizer, preset = write_tiny_v2_checkpoint(tmp_path)
+    loaded = load_model(path, preset=preset)
+    raw = load_file(str(path))
+    key = "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight"  # the unused last block loads too
+    assert torch.equal(loaded.model.state_dict()[key], raw[key])
+    assert loaded.model.cond_stage_model.tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(str(tokenizer)).get_vocab()
+
+    monkeypatch.setattr(tokenizers, "_hf_cached_folder", lambda hub_repo: None)
+    monkeypatch.setattr(tokenizers, "_open_clip_bpe_file", lambda: None)
+    shutil.rmtree(tokenizer)
+    with pytest.raises(TokenizerNotFoundError, match="SD v1 and v2 checkpoints do not contain one"):
+        load_model(path, preset=preset)
