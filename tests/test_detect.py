@@ -9,11 +9,12 @@ import struct
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from ldm.checkpoints.detect import detect, detect_preset, matching_presets
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, resolve_preset
-from ldm.checkpoints.presets import list_presets
+from ldm.checkpoints.presets import PRESET_DIR, list_presets, preset_from_dict
 from tests.test_key_contract import clip_vit_l14_text_keys, open_clip_vit_h14_text_keys
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -138,3 +139,10 @@ def test_the_loader_detects_a_v2_file_and_logs_the_notice(tmp_path, caplog, meta
     with caplog.at_level(logging.WARNING, logger="ldm.checkpoints.loader"):
         assert resolve_preset(path, None).name == expected
     assert any("--preset v2-inference" in r.getMessage() for r in caplog.records) == notice
+
+
+def test_a_preset_with_an_unknown_detect_prediction_is_refused_naming_the_allowed_values():
+    raw = OmegaConf.to_container(OmegaConf.load(PRESET_DIR / "v2-inference.yaml"))
+    raw["detect_prediction"] = ["epsilon"]  # ModelSpec's word, not the preset's
+    with pytest.raises(ValueError, match="detect_prediction must be a list of eps, v, x0, unstated"):
+        preset_from_dict(raw, Path("bad.yaml"))

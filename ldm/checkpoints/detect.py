@@ -10,7 +10,8 @@ and v). Weights are never inspected to guess which; the only evidence read is wh
 of itself in Stability's ModelSpec metadata (a safetensors header): ``modelspec.prediction_type``
 ("epsilon" or "v"), else ``modelspec.architecture`` where the id implies it. A file that states
 nothing goes to the one preset that admits "unstated", and the detection carries a notice naming
-the other presets, so the choice is never silent.
+the other presets, so the choice is never silent. (A pickle's ``global_step``, from which diffusers
+guesses, is not used: a step count identifies a training run, not what the network predicts.)
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ def _shared_shapes_notice(chosen: ModelPreset, shapes: Shapes, presets: list[Mod
     )
 
 
-def detect_preset(shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, metadata: Metadata | None = None) -> ModelPreset:
+def detect_preset(
+    shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, metadata: Metadata | None = None
+) -> ModelPreset:
+    """The preset alone; callers that show the user what detection assumed use ``detect``."""
     return detect(shapes, presets, source, metadata).preset
 
 

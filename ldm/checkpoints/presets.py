@@ -34,7 +34,11 @@ def default_model_path(name: str) -> Path:
 # The embedded model a task uses when none is named: "txt2img" (also layout and inpainting), "upscale".
 DEFAULT_MODELS = {task: default_model_path(f"default-{task}") for task in ("txt2img", "upscale")}
 UNSTATED = "unstated"  # in detect_prediction: a file whose metadata states no prediction type
-COND_STAGE_KINDS = {"clip": CLIPTextEncoderConfig, "open_clip": OpenCLIPTextEncoderConfig, "transformer": TransformerEmbedderConfig}
+COND_STAGE_KINDS = {
+    "clip": CLIPTextEncoderConfig,
+    "open_clip": OpenCLIPTextEncoderConfig,
+    "transformer": TransformerEmbedderConfig,
+}
 
 
 @dataclass(frozen=True)
