@@ -164,12 +164,17 @@ def load_model(
     model = build_model(chosen.model)
     state = read_state_dict(path)
     weights, used_ema, ignored = select_weights(state, set(model.state_dict()), ema, path)
+    del state
     _check_complete(weights, model, chosen, path)
+    for key, tensor in weights.items():  # one at a time, so the file's copy is freed as each is converted
+        weights[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(weights, strict=True, assign=True)
+    count = len(weights)
+    del weights
     if model.cond_stage_model is not None:
         model.cond_stage_model.init_non_persistent_buffers()
         model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, chosen, path, tokenizer_dir)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    report = LoadReport(chosen.name, used_ema, ignored, len(weights))
+    report = LoadReport(chosen.name, used_ema, ignored, count)
     log.info("%s: %s", path, report.summary())
     return LoadedModel(model, chosen, path, report, torch.device(device), dtype)
