@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from ldm.checkpoints.detect import detect, detect_preset, matching_presets
+from ldm.checkpoints.detect import detect, detect_file, detect_preset, matching_presets, stated_prediction
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, resolve_preset
 from ldm.checkpoints.presets import PRESET_DIR, list_presets, preset_from_dict
@@ -55,7 +56,7 @@ def test_no_two_registry_entries_match_the_same_file():
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         matched = {}
         for metadata in METADATA_CASES:
-            names = [p.name for p in matching_presets(shapes, presets, metadata)]
+            names = [p.name for p in matching_presets(shapes, presets, stated_prediction(metadata))]
             assert len(names) <= 1, f"{preset.name}'s tensors with metadata {metadata} match {names}"
             matched[str(metadata)] = names
         assert [preset.name] in matched.values(), f"no file with {preset.name}'s tensors is detected as it: {matched}"
@@ -88,14 +89,15 @@ def test_the_v1_and_v2_fixtures_have_the_same_unet_keys_but_not_the_same_shapes(
     ],
 )
 def test_an_sd_v2_file_that_states_its_prediction_type_is_detected_without_a_notice(metadata, expected):
-    detection = detect(sd_v2_file_shapes(), list_presets(), "sd2.safetensors", metadata)
+    detection = detect(sd_v2_file_shapes(), list_presets(), "sd2.safetensors", stated_prediction(metadata))
     assert detection.preset.name == expected
     assert detection.notice == ""
 
 
 @pytest.mark.parametrize("metadata", [None, {}, {"format": "pt"}, {"global_step": 875000}])
 def test_an_sd_v2_file_that_says_nothing_is_taken_as_v_with_a_notice(metadata):
-    detection = detect(sd_v2_file_shapes(), list_presets(), "v2-1_768-ema-pruned.safetensors", metadata)
+    stated = stated_prediction(metadata)
+    detection = detect(sd_v2_file_shapes(), list_presets(), "v2-1_768-ema-pruned.safetensors", stated)
     assert detection.preset.name == "v2-inference-v"
     assert detection.preset.model.parameterization == "v"
     assert "v2-1_768-ema-pruned.safetensors" in detection.notice
@@ -103,13 +105,13 @@ def test_an_sd_v2_file_that_says_nothing_is_taken_as_v_with_a_notice(metadata):
 
 
 def test_a_v1_file_is_detected_without_a_notice_and_v2_rules_do_not_touch_it():
-    detection = detect(sd_v1_file_shapes(), list_presets(), "sd-v1-5.safetensors", {})
+    detection = detect(sd_v1_file_shapes(), list_presets(), "sd-v1-5.safetensors", stated_prediction({}))
     assert (detection.preset.name, detection.notice) == ("v1-inference", "")
 
 
 def test_a_file_that_states_a_prediction_no_preset_of_its_shapes_takes_is_refused():
     with pytest.raises(CheckpointError) as error:
-        detect(sd_v1_file_shapes(), list_presets(), "v1-vpred.safetensors", {"modelspec.prediction_type": "v"})
+        detect(sd_v1_file_shapes(), list_presets(), "v1-vpred.safetensors", stated_prediction({"modelspec.prediction_type": "v"}))
     assert "v1-vpred.safetensors" in str(error.value)
     assert "prediction type 'v'" in str(error.value)
 
@@ -146,3 +148,27 @@ def test_a_preset_with_an_unknown_detect_prediction_is_refused_naming_the_allowe
     raw["detect_prediction"] = ["epsilon"]  # ModelSpec's word, not the preset's
     with pytest.raises(ValueError, match="detect_prediction must be a list of eps, v, x0, unstated"):
         preset_from_dict(raw, Path("bad.yaml"))
+
+
+def original_config(params: dict) -> str:
+    """A config in the original LDM structure (target and params), as SAI's v2-inference(-v).yaml are."""
+    return OmegaConf.to_yaml({"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}})
+
+
+@pytest.mark.parametrize("config, expected, notice", [
+    (original_config({"parameterization": "v", "linear_start": 0.00085}), "v2-inference-v", False),
+    (original_config({"linear_start": 0.00085}), "v2-inference", False),  # absent: the original default, eps
+    (None, "v2-inference-v", True),
+])
+def test_an_original_config_beside_the_file_states_its_prediction_type(tmp_path, config, expected, notice):
+    """AUTOMATIC1111's convention: model.yaml next to model.safetensors. It wins over the file's own header;
+    a preset of ours beside the file is not an original config and states nothing."""
+    metadata = {"modelspec.prediction_type": "nonsense"} if config else {}
+    path = write_header_only_file(tmp_path / "model.safetensors", sd_v2_file_shapes(), metadata)
+    if config:
+        (tmp_path / "model.yaml").write_text(config)
+    else:
+        shutil.copy(PRESET_DIR / "v2-inference.yaml", tmp_path / "model.yaml")
+    detection = detect_file(path, list_presets())
+    assert detection.preset.name == expected
+    assert bool(detection.notice) == notice

@@ -1,28 +1,39 @@
 """Detect a checkpoint's family from its key names and tensor shapes against the preset registry.
 
 Each preset lists a few keys with their shapes (its ``detect`` section). A file matches a preset when
-it has every one of those keys with exactly those shapes, and when the prediction type that its
-metadata states (if any) is one the preset admits (``detect_prediction``). Exactly one preset must
-match; "no match" is checked before the result is used and reports the closest preset and what differs.
+it has every one of those keys with exactly those shapes, and when the prediction type that the file
+states (if any) is one the preset admits (``detect_prediction``). Exactly one preset must match;
+"no match" is checked before the result is used and reports the closest preset and what differs.
 
 Some families share every tensor shape and differ only in what the network predicts (SD 2.x eps
-and v). Weights are never inspected to guess which; the only evidence read is what the file says
-of itself in Stability's ModelSpec metadata (a safetensors header): ``modelspec.prediction_type``
-("epsilon" or "v"), else ``modelspec.architecture`` where the id implies it. A file that states
-nothing goes to the one preset that admits "unstated", and the detection carries a notice naming
-the other presets, so the choice is never silent. (A pickle's ``global_step``, from which diffusers
-guesses, is not used: a step count identifies a training run, not what the network predicts.)
+and v). Weights are never inspected to guess which; the evidence read is, in this order:
+
+1. an original LDM config beside the checkpoint with the same name (``model.yaml`` next to
+   ``model.safetensors``, AUTOMATIC1111's convention): its ``model.params.parameterization``, "eps"
+   when absent as in the original defaults;
+2. Stability's ModelSpec metadata in a safetensors header: ``modelspec.prediction_type``
+   ("epsilon" or "v"), else ``modelspec.architecture`` where the id implies it.
+
+A file that states nothing goes to the one preset that admits "unstated", and the detection carries
+a notice naming the other presets, so the choice is never silent. (A pickle's ``global_step``, from
+which diffusers guesses, is not used: a step count identifies a training run, not a prediction type.)
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_key_shapes_and_metadata
 from ldm.checkpoints.presets import UNSTATED, ModelPreset
+
+log = logging.getLogger(__name__)
 
 Shapes = Mapping[str, tuple[int, ...]]
 Metadata = Mapping[str, object]
@@ -37,6 +48,33 @@ MODELSPEC_ARCHITECTURES = {"stable-diffusion-v2-512": "eps", "stable-diffusion-v
 class Detection(NamedTuple):
     preset: ModelPreset
     notice: str  # empty unless the choice rests on a default the user should know about
+
+
+def config_beside(path: str | Path) -> Path:
+    """Where an original config for a checkpoint sits: beside it, with the same name and ``.yaml``."""
+    return Path(path).with_suffix(".yaml")
+
+
+def config_prediction(config: Path) -> str | None:
+    """The parameterization an original LDM config gives (``model.params.parameterization``, default
+    "eps"); None for a YAML that is not an original config (a preset of ours, say)."""
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
+    except (OSError, OmegaConfBaseException) as error:
+        raise CheckpointError(f"{config}: cannot read the config beside the checkpoint: {error}") from None
+    model = raw.get("model") if isinstance(raw, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
+    if not isinstance(params, dict):
+        log.debug("%s is not an original LDM config (no model.params); detection ignores it", config)
+        return None
+    return str(params.get("parameterization", "eps"))
+
+
+def file_prediction(path: str | Path, metadata: Metadata | None) -> str:
+    """What a checkpoint states it predicts: an original config beside it, else its own metadata."""
+    config = config_beside(path)
+    stated = config_prediction(config) if config.is_file() else None
+    return stated_prediction(metadata) if stated is None else stated
 
 
 def stated_prediction(metadata: Metadata | None) -> str:
@@ -63,38 +101,39 @@ def shape_mismatches(preset: ModelPreset, shapes: Shapes) -> list[str]:
     return problems
 
 
-def mismatches(preset: ModelPreset, shapes: Shapes, metadata: Metadata | None = None) -> list[str]:
-    """What keeps a file (``shapes`` and ``metadata``) from matching ``preset``; empty when it matches."""
+def mismatches(preset: ModelPreset, shapes: Shapes, stated: str = UNSTATED) -> list[str]:
+    """What keeps a file (its ``shapes`` and the prediction type it ``stated``) from matching ``preset``;
+    empty when it matches."""
     problems = shape_mismatches(preset, shapes)
-    stated, admitted = stated_prediction(metadata), admitted_predictions(preset)
+    admitted = admitted_predictions(preset)
     if stated not in admitted:
         if stated == UNSTATED:
-            problems.append(f"its metadata does not state the prediction type, and {preset.name} is only "
+            problems.append(f"the file does not state its prediction type, and {preset.name} is only "
                             f"detected from a stated {' or '.join(admitted)}")
         else:
-            problems.append(f"its metadata states prediction type {stated!r}; {preset.name} takes "
+            problems.append(f"the file states prediction type {stated!r}; {preset.name} takes "
                             f"{' or '.join(p for p in admitted if p != UNSTATED)}")
     return problems
 
 
-def matching_presets(shapes: Shapes, presets: Iterable[ModelPreset], metadata: Metadata | None = None) -> list[ModelPreset]:
-    return [p for p in presets if p.detect and not mismatches(p, shapes, metadata)]
+def matching_presets(shapes: Shapes, presets: Iterable[ModelPreset], stated: str = UNSTATED) -> list[ModelPreset]:
+    return [p for p in presets if p.detect and not mismatches(p, shapes, stated)]
 
 
-def detect(shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, metadata: Metadata | None = None) -> Detection:
+def detect(shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, stated: str = UNSTATED) -> Detection:
     """The one preset that matches a file, with a notice when the file's tensors fit others too."""
     presets = list(presets)
-    found = matching_presets(shapes, presets, metadata)
+    found = matching_presets(shapes, presets, stated)
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise CheckpointError(f"{source}: the file matches several model families ({names}); name one with --preset")
     if found:
-        return Detection(found[0], _shared_shapes_notice(found[0], shapes, presets, metadata, source))
+        return Detection(found[0], _shared_shapes_notice(found[0], shapes, presets, stated, source))
     candidates = [p for p in presets if p.detect]
     if not candidates:
         raise CheckpointError(f"{source}: no model presets with detection rules are installed")
-    closest = min(candidates, key=lambda p: len(mismatches(p, shapes, metadata)))
-    shown = "; ".join(mismatches(closest, shapes, metadata)[:3])
+    closest = min(candidates, key=lambda p: len(mismatches(p, shapes, stated)))
+    shown = "; ".join(mismatches(closest, shapes, stated)[:3])
     known = ", ".join(p.name for p in candidates)
     raise CheckpointError(
         f"{source}: unknown model layout ({len(shapes)} tensors). It matches none of the known families "
@@ -102,8 +141,8 @@ def detect(shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, m
     )
 
 
-def _shared_shapes_notice(chosen: ModelPreset, shapes: Shapes, presets: list[ModelPreset], metadata, source) -> str:
-    if stated_prediction(metadata) != UNSTATED:
+def _shared_shapes_notice(chosen: ModelPreset, shapes: Shapes, presets: list[ModelPreset], stated: str, source) -> str:
+    if stated != UNSTATED:
         return ""
     others = [p for p in presets if p is not chosen and p.detect and not shape_mismatches(p, shapes)]
     if not others:
@@ -112,18 +151,17 @@ def _shared_shapes_notice(chosen: ModelPreset, shapes: Shapes, presets: list[Mod
     return (
         f"{source}: the file does not say what its network predicts, and its tensors fit several presets; "
         f"using {chosen.name} ({chosen.model.parameterization} prediction, {chosen.family}). "
-        f"If images come out as noise or flat colour, it is another kind: {alternatives}."
+        f"If images come out as noise or flat colour, it is another kind: {alternatives}, "
+        f"or put its original config beside it as {config_beside(source).name}."
     )
 
 
-def detect_preset(
-    shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, metadata: Metadata | None = None
-) -> ModelPreset:
+def detect_preset(shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, stated: str = UNSTATED) -> ModelPreset:
     """The preset alone; callers that show the user what detection assumed use ``detect``."""
-    return detect(shapes, presets, source, metadata).preset
+    return detect(shapes, presets, source, stated).preset
 
 
 def detect_file(path: str | Path, presets: Iterable[ModelPreset]) -> Detection:
-    """Detect a checkpoint file's family from its keys, shapes and metadata (read once)."""
+    """Detect a checkpoint file's family from its keys, shapes, metadata (read once) and any config beside it."""
     shapes, metadata = read_key_shapes_and_metadata(path)
-    return detect(shapes, presets, path, metadata)
+    return detect(shapes, presets, path, file_prediction(path, metadata))

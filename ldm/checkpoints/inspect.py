@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.checkpoints.detect import detect
+from ldm.checkpoints.detect import detect, file_prediction
 from ldm.checkpoints.io import read_key_shapes_and_metadata
 from ldm.checkpoints.loader import EMA_PREFIX, build_model
 from ldm.checkpoints.presets import ModelPreset, find_preset, list_presets
@@ -44,7 +44,7 @@ def inspect_target(target: str) -> InspectReport:
     path = Path(target)
     if path.is_file() and path.suffix not in (".yaml", ".yml"):
         shapes, metadata = read_key_shapes_and_metadata(path)
-        detection = detect(shapes, list_presets(), path, metadata)
+        detection = detect(shapes, list_presets(), path, file_prediction(path, metadata))
         return InspectReport(str(path), detection.preset, dict(shapes), metadata, detection.notice)
     preset = find_preset(target)
     model = build_model(preset.model)
