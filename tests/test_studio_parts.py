@@ -184,3 +184,22 @@ def test_region_table_follows_the_boxes_and_gives_each_its_negative_and_strength
     request = GenerationRequest("", regions=regions_from_boxes(boxes, [("", 1.5)]))
     with pytest.raises(ValueError, match="region 1 strength must be between 0 and 1, got 1.5"):
         resolve_request(request, 64)
+
+
+def test_model_menu_notes_say_which_files_cannot_be_used_and_what_detection_assumed(tmp_path):
+    from tests.test_detect import sd_v2_file_shapes, write_header_only_file
+    from ui.widgets import unusable_files
+
+    write_header_only_file(tmp_path / "sd21.safetensors", sd_v2_file_shapes(), {})
+    write_header_only_file(tmp_path / "sd2-base.safetensors", sd_v2_file_shapes(), {"modelspec.prediction_type": "epsilon"})
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    entries = scan([tmp_path])
+
+    class Catalog:
+        def catalog(self):
+            return entries
+
+    notes = unusable_files(Catalog()).splitlines()
+    assert len(notes) == 2
+    assert notes[0].startswith("- `junk.safetensors` cannot be used")
+    assert notes[1].startswith("- `sd21.safetensors`: ") and "--preset v2-inference" in notes[1]

@@ -30,7 +30,7 @@ MAX_BATCH_COUNT = 16
 class ModelMenu:
     dropdown: gr.Dropdown
     refresh: gr.Button
-    problems: gr.Markdown  # the files that cannot be used, and why
+    problems: gr.Markdown  # the files that cannot be used, and why; what detection assumed of others
 
 
 def model_menu(studio: Studio, task: str, info: str = "") -> ModelMenu:
@@ -52,8 +52,10 @@ def model_menu(studio: Studio, task: str, info: str = "") -> ModelMenu:
 
 
 def unusable_files(studio: Studio) -> str:
-    bad = [e for e in studio.catalog() if e.preset is None]
-    return "\n".join(f"- `{e.path.name}` cannot be used: {e.problem}" for e in bad)
+    """The files that cannot be used, and the notices of those loaded on an assumption (SD 2.x v or eps)."""
+    lines = [f"- `{e.path.name}` cannot be used: {e.problem}" for e in studio.catalog() if e.preset is None]
+    lines += [f"- `{e.path.name}`: {e.notice}" for e in studio.catalog() if e.preset is not None and e.notice]
+    return "\n".join(lines)
 
 
 def model_choices(studio: Studio, task: str) -> list[tuple[str, str]]:
