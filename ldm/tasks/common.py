@@ -13,8 +13,8 @@ from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.sampling.ddim import StepInfo, ddim_sample
 from ldm.sampling.noise import randn, seeded_generators
 from ldm.sampling.schedules import ddim_schedule
-from ldm.tasks.canvas import CanvasPlan, describe, guided_denoiser, plan_canvas, region_fusion, replace_prompts
-from ldm.tasks.request import GenerationRequest
+from ldm.tasks.canvas import CanvasPlan, describe, first_stage_tile, guided_denoiser, plan_canvas, region_fusion, replace_prompts
+from ldm.tasks.request import GenerationRequest, TilingOptions
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,14 @@ def conditioning(model: LatentDiffusion, request: GenerationRequest, concat: tor
     return cond, uncond
 
 
-def default_concat(model: LatentDiffusion, height: int, width: int) -> torch.Tensor | None:
-    """What a hybrid inpainting model gets for plain generation: "no mask" (fill everything)."""
+def default_concat(model: LatentDiffusion, height: int, width: int, options: TilingOptions) -> torch.Tensor | None:
+    """What a hybrid inpainting model gets for plain generation: "no mask" (fill everything); the
+    blank image is encoded in tiles on the same terms as any other."""
     if not model.inpaints_natively:
         return None
     blank = torch.zeros(1, 3, height, width, device=model.device)
-    return model.inpainting_concat(blank, torch.ones(1, 1, height, width, device=model.device))
+    tile = first_stage_tile(model, options, 1, height, width)
+    return model.inpainting_concat(blank, torch.ones(1, 1, height, width, device=model.device), tile=tile)
 
 
 def sample(

@@ -56,7 +56,7 @@ def sample_latents(
     """The final latents for a resolved request (sides rounded, seed chosen); see ``txt2img``."""
     model = loaded.model
     with torch.inference_mode():
-        concat = default_concat(model, request.height, request.width)
+        concat = default_concat(model, request.height, request.width, request.tiling)
     return sample(model, request, concat=concat, callback=callback, should_stop=should_stop)
 
 
