@@ -57,16 +57,23 @@ def run_default(side: int, steps: int, options: TilingOptions) -> None:
     plan = canvas_plan(loaded.model, request, side // 4, side // 4)
     start = time.perf_counter()
     steps_done = []
-    txt2img(loaded, request, callback=lambda info: steps_done.append(time.perf_counter()))
+    sampling_peak = []
+    txt2img(loaded, request, callback=lambda info: (steps_done.append(time.perf_counter()), sampling_peak.append(peak_mb())))
     total = time.perf_counter() - start
     per_step = (steps_done[-1] - start) / steps
-    report("default", side, plan, per_step, total - (steps_done[-1] - start), total, first_stage_tile(loaded.model, options, 1, side, side))
+    report("default", side, plan, per_step, total - (steps_done[-1] - start), total,
+           first_stage_tile(loaded.model, options, 1, side, side), sampling_peak[-1])
 
 
 def run_sd(side: int, steps: int, options: TilingOptions, dtype: torch.dtype) -> None:
     preset = find_preset("v1-inference")
     torch.manual_seed(0)
-    model = build_model(preset.model, device="cpu").to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype, so that the peak is not that of a float32 copy
+    try:
+        model = build_model(preset.model, device="cpu").eval()
+    finally:
+        torch.set_default_dtype(default)
     f = model.config.downsampling_factor
     h = w = side // f
     generators = seeded_generators([1])
@@ -77,18 +84,18 @@ def run_sd(side: int, steps: int, options: TilingOptions, dtype: torch.dtype) ->
         start = time.perf_counter()
         latents = ddim_sample(guided_denoiser(model, 7.5, plan), x_T, ddim_schedule(model.alphas_cumprod, steps), eta=0.0,
                               generator=generators, extra_args={"cond": {"context": context[1:]}, "uncond": {"context": context[:1]}})
-        sampled = time.perf_counter()
+        sampled, sampling_peak = time.perf_counter(), peak_mb()
         image = decode(model, latents, options)
         done = time.perf_counter()
     assert image.shape[-1] == side and torch.isfinite(image.float()).all()
     report(f"sd-v1 {str(dtype).removeprefix('torch.')}", side, plan, (sampled - start) / steps, done - sampled, done - start,
-           first_stage_tile(model, options, 1, side, side))
+           first_stage_tile(model, options, 1, side, side), sampling_peak)
 
 
-def report(name: str, side: int, plan, per_step: float, decode_s: float, total: float, ae_tile: int) -> None:
+def report(name: str, side: int, plan, per_step: float, decode_s: float, total: float, ae_tile: int, sampling_peak: float) -> None:
     how = f"tiles of {plan.tile} latent px, {plan.batch_windows} a call" if plan.tiled else "whole canvas"
     ae = f"tiled decode ({ae_tile} px tiles)" if ae_tile else "whole decode"
-    print(f"{name} {side}x{side}: peak RSS {peak_mb():,.0f} MB; {per_step:.2f} s a step ({how}; whole-canvas estimate "
+    print(f"{name} {side}x{side}: peak RSS {peak_mb():,.0f} MB ({sampling_peak:,.0f} MB while sampling); {per_step:.2f} s a step ({how}; whole-canvas estimate "
           f"{plan.estimate_mb:,.0f} MB), decode {decode_s:.1f} s ({ae}), total {total:.1f} s", flush=True)
 
 
