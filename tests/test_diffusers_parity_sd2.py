@@ -25,6 +25,7 @@ from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.loader import load_model
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import sample_latents
+from tests.test_diffusers_parity import assert_unet_matches
 from tests.tiny_sd2 import TEXT, original_v2_config, write_tiny_v2_checkpoint
 
 TOL = 1e-4
@@ -110,18 +111,8 @@ def test_the_penultimate_block_and_zero_padding_matter(tiny, reference):
     assert max_error(last(ids[:, None]), expected) > 100 * TOL
 
 
-@torch.no_grad()
 def test_sd2_unet_prediction_matches_diffusers(tiny, reference):
-    _, ours = tiny
-    unet, _ = reference
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    context = torch.randn(2, 77, 32, generator=g)
-    t = torch.tensor([999, 17])
-    expected = unet(x, t, encoder_hidden_states=context).sample
-    got = ours.model.unet(x, t, context=context)
-    assert expected.abs().mean() > 0.05, "the reference output should not be trivial"
-    assert max_error(got, expected) < TOL
+    assert_unet_matches(tiny[1].model.unet, reference[0])
 
 
 def reference_v_sample(ours, reference, request: GenerationRequest) -> torch.Tensor:
