@@ -217,9 +217,12 @@ def wire(studio: Studio, tab: LayoutTab) -> None:
 
     def boxes_changed(value, rows):
         try:
-            return region_rows(canvas_boxes(value), rows)
+            boxes = canvas_boxes(value)
         except ValueError:  # a box just drawn, not named yet: its row comes with its name
             return gr.skip()
+        if [str(r[0]).strip() for r in rows or [] if r and str(r[0]).strip()] == [b[0] for b in boxes]:
+            return gr.skip()  # the same boxes, moved or resized: the table stays as the user edited it
+        return region_rows(boxes, rows)
 
     tab.canvas.change(boxes_changed, [tab.canvas, tab.regions], tab.regions, queue=False)
 
