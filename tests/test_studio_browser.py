@@ -88,11 +88,14 @@ def set_number(page, elem_id: str, value) -> None:
 
 
 def edit_cell(page, table, row: int, col: int, text: str) -> None:
-    """Type into a cell of a Dataframe: double-click opens its editor, Enter commits."""
-    table.locator(f"[data-row='{row}'][data-col='{col}']").dblclick()
-    page.keyboard.press("Control+A")
-    page.keyboard.type(text)
-    page.keyboard.press("Enter")
+    """Type into a cell of a Dataframe: double-click opens its editor (waited for, then filled, so
+    the old value is replaced whatever the timing), Enter commits."""
+    cell = table.locator(f"[data-row='{row}'][data-col='{col}']")
+    cell.dblclick()
+    editor = cell.locator("input, textarea").first
+    editor.wait_for(state="visible", timeout=TIMEOUT)
+    editor.fill(text)
+    editor.press("Enter")
     expect(table.locator(f"[data-row='{row}'][data-col='{col}']")).to_contain_text(text, timeout=TIMEOUT)
 
 
