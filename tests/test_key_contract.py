@@ -89,7 +89,7 @@ def test_v1_parameter_count_is_stable_diffusions(v1_keys):
     assert round(counts["cond_stage_model"] / 1e6, 1) == 123.1
 
 
-@pytest.mark.parametrize("name", ["v2-inference", "v2-inference-v"])
+@pytest.mark.parametrize("name", ["v2-inference", "v2-inference-v", "v2-inpainting-inference"])
 def test_v2_unet_and_autoencoder_keys_match_the_original_exactly(name):
     reference = json.loads((FIXTURES / f"{name}.json").read_text())
     ours = {k: v for k, v in preset_key_shapes(name).items() if not k.startswith("cond_stage_model.")}
@@ -98,7 +98,7 @@ def test_v2_unet_and_autoencoder_keys_match_the_original_exactly(name):
     assert {k: v for k, v in ours.items() if reference[k] != v} == {}
 
 
-@pytest.mark.parametrize("name", ["v2-inference", "v2-inference-v"])
+@pytest.mark.parametrize("name", ["v2-inference", "v2-inference-v", "v2-inpainting-inference"])
 def test_v2_text_encoder_keys_are_open_clip_vit_h14(name):
     ours = {k: v for k, v in preset_key_shapes(name).items() if k.startswith("cond_stage_model.")}
     assert ours == open_clip_vit_h14_text_keys()
@@ -110,3 +110,11 @@ def test_v2_presets_differ_only_in_prediction_and_size():
     assert (eps.model.latent_size, v.model.latent_size) == (64, 96)
     assert dataclasses.replace(v.model, parameterization="eps", latent_size=64) == eps.model
     assert eps.detect == v.detect
+
+
+def test_v2_inpainting_is_the_512_base_network_with_a_9_channel_input_and_hybrid_conditioning():
+    base, inpainting = find_preset("v2-inference"), find_preset("v2-inpainting-inference")
+    assert inpainting.model.unet.in_channels == 9
+    assert (inpainting.model.conditioning, inpainting.model.parameterization) == ("hybrid", "eps")
+    unet = dataclasses.replace(inpainting.model.unet, in_channels=4)
+    assert dataclasses.replace(inpainting.model, unet=unet, conditioning="crossattn") == base.model
