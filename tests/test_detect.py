@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ldm.checkpoints.detect import detect, detect_file, detect_preset, matching_presets, stated_prediction
+from ldm.checkpoints.detect import detect, detect_file, detect_preset, matching_presets, mismatches, stated_prediction
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, resolve_preset
 from ldm.checkpoints.presets import PRESET_DIR, list_presets, preset_from_dict
@@ -172,3 +172,49 @@ def test_an_original_config_beside_the_file_states_its_prediction_type(tmp_path,
     detection = detect_file(path, list_presets())
     assert detection.preset.name == expected
     assert bool(detection.notice) == notice
+
+
+def sd_v2_inpainting_file_shapes() -> dict[str, tuple[int, ...]]:
+    """An SD 2 inpainting single file (512-inpainting-ema): SD 2.x's tensors with a 9-channel input conv."""
+    shapes = {k: tuple(v) for k, v in json.loads((FIXTURES / "v2-inpainting-inference.json").read_text()).items()}
+    shapes.update({k: tuple(v) for k, v in open_clip_vit_h14_text_keys().items()})
+    shapes.update({k: (1000,) for k in SCHEDULE_BUFFERS if k != "logvar"})
+    return shapes
+
+
+def test_sd2_inpainting_differs_from_sd2_in_the_input_convolution_alone():
+    inpainting = json.loads((FIXTURES / "v2-inpainting-inference.json").read_text())
+    base = json.loads((FIXTURES / "v2-inference.json").read_text())
+    assert {k for k in base if base[k] != inpainting.get(k)} == {"model.diffusion_model.input_blocks.0.0.weight"}
+    assert inpainting["model.diffusion_model.input_blocks.0.0.weight"] == [320, 9, 3, 3]
+
+
+@pytest.mark.parametrize("metadata", [{}, {"modelspec.prediction_type": "epsilon"},
+                                      {"modelspec.architecture": "stable-diffusion-v2-512"}])
+def test_an_sd2_inpainting_file_is_detected_without_a_notice(metadata):
+    """Its input convolution rules out v2-inference and v2-inference-v, so a file that states nothing is no
+    ambiguity: only eps inpainting models were published in this layout."""
+    detection = detect(sd_v2_inpainting_file_shapes(), list_presets(), "512-inpainting-ema.safetensors",
+                       stated_prediction(metadata))
+    assert (detection.preset.name, detection.notice) == ("v2-inpainting-inference", "")
+
+
+def test_an_sd2_inpainting_file_that_states_v_prediction_is_refused():
+    with pytest.raises(CheckpointError, match="prediction type 'v'"):
+        detect(sd_v2_inpainting_file_shapes(), list_presets(), "inpaint-v.safetensors",
+               stated_prediction({"modelspec.prediction_type": "v"}))
+
+
+@pytest.mark.parametrize("shapes, name", [(sd_v1_file_shapes, "v1-inference"), (sd_v2_file_shapes, "v2-inference-v")])
+def test_the_sd2_inpainting_rules_do_not_touch_v1_or_v2_files(shapes, name):
+    inpainting = next(p for p in list_presets() if p.name == "v2-inpainting-inference")
+    assert mismatches(inpainting, shapes()) != []
+    assert detect_preset(shapes(), list_presets(), "model.safetensors").name == name
+
+
+def test_the_loader_detects_an_sd2_inpainting_file_with_its_original_config_beside_it(tmp_path):
+    path = write_header_only_file(tmp_path / "model.safetensors", sd_v2_inpainting_file_shapes(), {})
+    (tmp_path / "model.yaml").write_text(original_config({"conditioning_key": "hybrid", "linear_start": 0.00085}))
+    detection = detect_file(path, list_presets())
+    assert (detection.preset.name, detection.notice) == ("v2-inpainting-inference", "")
+    assert resolve_preset(path, None).name == "v2-inpainting-inference"

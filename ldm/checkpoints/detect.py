@@ -132,7 +132,9 @@ def detect(shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, s
     candidates = [p for p in presets if p.detect]
     if not candidates:
         raise CheckpointError(f"{source}: no model presets with detection rules are installed")
-    closest = min(candidates, key=lambda p: len(mismatches(p, shapes, stated)))
+    # A preset whose tensors all fit is closer than one with fewer problems of shape: what keeps it
+    # out is then what the file states, and that is the message to show.
+    closest = min(candidates, key=lambda p: (len(shape_mismatches(p, shapes)), len(mismatches(p, shapes, stated))))
     shown = "; ".join(mismatches(closest, shapes, stated)[:3])
     known = ", ".join(p.name for p in candidates)
     raise CheckpointError(
