@@ -199,8 +199,9 @@ def test_an_sd2_inpainting_file_is_detected_without_a_notice(metadata):
     assert (detection.preset.name, detection.notice) == ("v2-inpainting-inference", "")
 
 
-def test_an_sd2_inpainting_file_that_states_v_prediction_is_refused():
-    with pytest.raises(CheckpointError, match="prediction type 'v'"):
+def test_an_sd2_inpainting_file_that_states_v_prediction_is_refused_naming_what_the_preset_takes():
+    """The closest preset named is the one whose tensors all fit, not v2-inference-v (as many problems)."""
+    with pytest.raises(CheckpointError, match="Closest is v2-inpainting-inference: .*prediction type 'v'.* takes eps"):
         detect(sd_v2_inpainting_file_shapes(), list_presets(), "inpaint-v.safetensors",
                stated_prediction({"modelspec.prediction_type": "v"}))
 

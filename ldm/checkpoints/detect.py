@@ -116,6 +116,12 @@ def mismatches(preset: ModelPreset, shapes: Shapes, stated: str = UNSTATED) -> l
     return problems
 
 
+def distance(preset: ModelPreset, shapes: Shapes, stated: str) -> tuple[int, int]:
+    """How far a file is from matching ``preset``, for naming the closest: tensors first, so that a
+    preset whose tensors all fit comes first and the message says what the file states instead."""
+    return len(shape_mismatches(preset, shapes)), len(mismatches(preset, shapes, stated))
+
+
 def matching_presets(shapes: Shapes, presets: Iterable[ModelPreset], stated: str = UNSTATED) -> list[ModelPreset]:
     return [p for p in presets if p.detect and not mismatches(p, shapes, stated)]
 
@@ -132,9 +138,7 @@ def detect(shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, s
     candidates = [p for p in presets if p.detect]
     if not candidates:
         raise CheckpointError(f"{source}: no model presets with detection rules are installed")
-    # A preset whose tensors all fit is closer than one with fewer problems of shape: what keeps it
-    # out is then what the file states, and that is the message to show.
-    closest = min(candidates, key=lambda p: (len(shape_mismatches(p, shapes)), len(mismatches(p, shapes, stated))))
+    closest = min(candidates, key=lambda p: distance(p, shapes, stated))
     shown = "; ".join(mismatches(closest, shapes, stated)[:3])
     known = ", ".join(p.name for p in candidates)
     raise CheckpointError(
