@@ -1,7 +1,10 @@
 """LDM Studio: the composition root. ``./launch.sh`` runs this; it serves http://127.0.0.1:7860.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--models-dir DIR ...] [--outputs outputs]
-                  [--device auto] [--dtype auto] [--concurrency 1]
+    python app.py [--listen] [--auth USER:PASSWORD | --auth-file FILE] [--port 7860] [--models-dir DIR ...]
+                  [--outputs outputs] [--device auto] [--dtype auto] [--concurrency 1]
+
+It serves this machine only (127.0.0.1) unless ``--listen`` is given; ``--auth`` (repeatable) or
+``--auth-file`` (one USER:PASSWORD a line) asks for a login.
 
 Models are listed from weights/ and from every --models-dir (also the LDM_STUDIO_MODELS variable,
 folders separated by ':'); they load when first used and stay loaded.
@@ -22,7 +25,10 @@ ROOT = Path(__file__).resolve().parent
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="app.py", description="LDM Studio in the browser")
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for the local network)")
+    parser.add_argument("--listen", action="store_true", help="serve the local network too (0.0.0.0), not only this machine")
+    parser.add_argument("--host", default=None, help="the address to serve on (default 127.0.0.1; 0.0.0.0 with --listen)")
+    parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD", help="ask for this login (repeatable)")
+    parser.add_argument("--auth-file", metavar="FILE", help="ask for a login: one USER:PASSWORD a line (# comments)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--models-dir", action="append", default=[], help="another folder of checkpoints (repeatable)")
     parser.add_argument("--outputs", default=str(ROOT / "outputs"), help="where images are saved, in one folder per day")
@@ -31,7 +37,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=1, help="generations that may run at once (one per model at most)")
     parser.add_argument("--memory-budget", type=int, default=DEFAULT_BUDGET_MB, metavar="MB",
                         help="beyond this estimated peak, canvases are sampled and decoded in tiles (the tabs' default)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
+    try:
+        args.logins = logins(args.auth, args.auth_file)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def logins(pairs: list[str], path: str | None) -> list[tuple[str, str]]:
+    """The (user, password) logins of --auth and --auth-file; a malformed one is refused by its place."""
+    lines = [(f"--auth {pair!r}", pair) for pair in pairs]
+    if path:
+        try:
+            text = Path(path).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot read the auth file {path}: {error}") from None
+        lines += [(f"{path} line {i}", line.strip()) for i, line in enumerate(text.splitlines(), 1)
+                  if line.strip() and not line.strip().startswith("#")]
+        if not lines:
+            raise ValueError(f"the auth file {path} holds no USER:PASSWORD line")
+    found = []
+    for where, pair in lines:
+        user, colon, password = (part.strip() for part in pair.partition(":"))  # spaces around a part are ignored
+        if not colon or not user or not password:
+            raise ValueError(f"{where}: a login must be USER:PASSWORD with neither part empty")
+        found.append((user, password))
+    return found
 
 
 def make_studio(args: argparse.Namespace):
@@ -44,8 +77,10 @@ def make_studio(args: argparse.Namespace):
                   ModelCache(device, choose_dtype(args.dtype, device)), memory_budget_mb=args.memory_budget)
 
 
-def launch(studio, host: str, port: int, concurrency: int = 1, block: bool = True):
-    """Build the page, warm the default model, and serve. Returns the Gradio app (for tests)."""
+def launch(studio, host: str, port: int, concurrency: int = 1, block: bool = True, logins=None):
+    """Build the page, warm the default model, and serve (behind a login when ``logins`` are
+    given). Only the outputs folder and Gradio's own temporary files are served. Returns the Gradio
+    app (for tests)."""
     from ui.studio import CSS, SHORTCUTS_JS, build_app
 
     default = studio.default_for("txt2img")
@@ -54,7 +89,7 @@ def launch(studio, host: str, port: int, concurrency: int = 1, block: bool = Tru
     app = build_app(studio)
     app.queue(default_concurrency_limit=concurrency)
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=False, quiet=not block,
-               allowed_paths=[str(studio.writer.root)], js=SHORTCUTS_JS, css=CSS, footer_links=[])
+               allowed_paths=[str(studio.writer.root)], js=SHORTCUTS_JS, css=CSS, footer_links=[], auth=logins or None)
     return app
 
 
@@ -65,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--concurrency must be at least 1")
     studio = make_studio(args)
     print(f"LDM Studio: http://{args.host}:{args.port}  (outputs in {studio.writer.root})", flush=True)
-    launch(studio, args.host, args.port, args.concurrency)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.logins:
+        print("Warning: the studio is open to the network with no login; add --auth USER:PASSWORD", flush=True)
+    launch(studio, args.host, args.port, args.concurrency, logins=args.logins)
 
 
 if __name__ == "__main__":
