@@ -62,10 +62,11 @@ def reference_embeddings(ours, text, prompts):
 
 
 @torch.no_grad()
-def assert_unet_matches(ours, reference_unet) -> None:
-    """Our UNet and diffusers' on the same noisy latents, timesteps and context, within TOL."""
+def assert_unet_matches(ours, reference_unet, in_channels: int = 4) -> None:
+    """Our UNet and diffusers' on the same noisy latents (with any concat channels), timesteps and
+    context, within TOL."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 8, 8, generator=g)
+    x = torch.randn(2, in_channels, 8, 8, generator=g)
     context = torch.randn(2, 77, 32, generator=g)
     t = torch.tensor([999, 17])
     expected = reference_unet(x, t, encoder_hidden_states=context).sample

@@ -39,10 +39,14 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny):
-    """diffusers' UNet and transformers' CLIP text model, made from the same file by diffusers' converters."""
     path, ours = tiny
+    return converted_models(path, ours, original_v2_config())
+
+
+def converted_models(path, ours, config: dict) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """diffusers' UNet and transformers' CLIP text model, made from the same file by diffusers' converters."""
     checkpoint = read_state_dict(path)
-    unet_config = sfu.create_unet_diffusers_config_from_ldm(original_v2_config(), checkpoint)
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)
     assert unet_config["use_linear_projection"] and list(unet_config["attention_head_dim"]) == [2, 4]
     unet = UNet2DConditionModel(**unet_config)
     unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)

@@ -1,4 +1,4 @@
-"""Layout, inpainting and upscaling on tiny models of the default layouts and of SD v1."""
+"""Layout, inpainting and upscaling on tiny models of the default layouts, of SD v1 and of SD 2 inpainting."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ldm.tasks.txt2img import txt2img
 from ldm.tasks.upscale import TileOptions, upscale
 from tests import tiny_default
 from tests.tiny_sd import write_tiny_checkpoint
+from tests.tiny_sd2 import write_tiny_v2_checkpoint
 
 REQUEST = GenerationRequest("a red circle on the left", steps=3, scale=3.0, seed=5, width=32, height=32)
 
@@ -33,6 +34,13 @@ def upscaler(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sd_v1(tmp_path_factory):
     path, tokenizer, preset = write_tiny_checkpoint(tmp_path_factory.mktemp("sd"))
+    return load_model(path, preset=preset, tokenizer_dir=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def sd_v2_inpainting(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd2_inpainting")
+    path, tokenizer, preset = write_tiny_v2_checkpoint(folder, "eps", inpainting=True)
     return load_model(path, preset=preset, tokenizer_dir=tokenizer)
 
 
@@ -65,7 +73,7 @@ def test_boxes_without_area_are_refused(hybrid):
         txt2img(hybrid, GenerationRequest(**{**REQUEST.__dict__, "boxes": (("red circle", 0.4, 0.1, 0.4, 0.4),)}))
 
 
-@pytest.mark.parametrize("model_name", ["hybrid", "sd_v1"])
+@pytest.mark.parametrize("model_name", ["hybrid", "sd_v1", "sd_v2_inpainting"])
 def test_inpainting_keeps_unmasked_pixels_exactly(model_name, request):
     loaded = request.getfixturevalue(model_name)
     image = picture(1, 36)  # not a multiple of the grid: generation runs at 32, paste-back at 36
@@ -76,9 +84,12 @@ def test_inpainting_keeps_unmasked_pixels_exactly(model_name, request):
     assert not np.array_equal(out[:, 18:], original[:, 18:])
 
 
-def test_native_inpainting_sees_the_image(hybrid):
-    a = inpaint(hybrid, REQUEST, picture(1), half_mask()).images[0]
-    b = inpaint(hybrid, REQUEST, picture(2), half_mask()).images[0]
+@pytest.mark.parametrize("model_name", ["hybrid", "sd_v2_inpainting"])
+def test_native_inpainting_sees_the_image(model_name, request):
+    loaded = request.getfixturevalue(model_name)
+    assert loaded.model.inpaints_natively
+    a = inpaint(loaded, REQUEST, picture(1), half_mask()).images[0]
+    b = inpaint(loaded, REQUEST, picture(2), half_mask()).images[0]
     assert not np.array_equal(np.asarray(a)[:, 16:], np.asarray(b)[:, 16:])
 
 

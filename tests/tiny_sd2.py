@@ -4,6 +4,8 @@ Differences from the SD v1 layout (``tests.tiny_sd``) are those of SD 2.x: heads
 (``num_head_channels``), linear ``proj_in``/``proj_out``, an OpenCLIP text tower under
 ``cond_stage_model.model.`` read at its penultimate block, and v-prediction. One description of the
 architecture feeds our preset and the original config structure that diffusers' converters read.
+With ``inpainting=True`` it is the layout of SD 2 inpainting instead: a 9-channel input
+[x, mask, masked-image latent], hybrid conditioning and eps prediction.
 """
 
 from __future__ import annotations
@@ -27,29 +29,36 @@ UNET = dict(
 TEXT = dict(width=32, heads=2, layers=3, context_length=77, embed_dim=24, mlp_ratio=4)
 
 
-def tiny_v2_preset(vocab_size: int, parameterization: str = "v") -> ModelPreset:
+def unet_in_channels(inpainting: bool) -> int:
+    return 9 if inpainting else UNET["in_channels"]
+
+
+def tiny_v2_preset(vocab_size: int, parameterization: str = "v", inpainting: bool = False) -> ModelPreset:
+    name = "tiny-v2-inpainting" if inpainting else f"tiny-v2-{parameterization}"
     raw = {
-        "name": f"tiny-v2-{parameterization}",
+        "name": name,
         "family": "tiny SD 2.x layout (tests)",
         "model": {
             "parameterization": parameterization,
             "scale_factor": SCALE_FACTOR,
-            "conditioning": "crossattn",
+            "conditioning": "hybrid" if inpainting else "crossattn",
             "latent_size": 8,
             "schedule": SCHEDULE,
-            "unet": dict(UNET, head_dim=HEAD_CHANNELS, use_spatial_transformer=True, use_linear_in_transformer=True),
+            "unet": dict(UNET, in_channels=unet_in_channels(inpainting), head_dim=HEAD_CHANNELS,
+                         use_spatial_transformer=True, use_linear_in_transformer=True),
             "first_stage": dict(FIRST_STAGE, kind="kl"),
             "cond_stage": dict(TEXT, kind="open_clip", vocab_size=vocab_size, layer="penultimate"),
         },
         "sampler": {"steps": 10, "scale": 9.0, "eta": 0.0},
     }
-    return preset_from_dict(raw, Path(f"tiny-v2-{parameterization}.yaml"))
+    return preset_from_dict(raw, Path(f"{name}.yaml"))
 
 
-def original_v2_config(parameterization: str = "v") -> dict:
-    """The same architecture in the structure of SAI's v2-inference(-v).yaml (for diffusers' converters)."""
-    unet = dict(UNET, num_head_channels=HEAD_CHANNELS, image_size=8, use_spatial_transformer=True,
-                use_linear_in_transformer=True, legacy=False)
+def original_v2_config(parameterization: str = "v", inpainting: bool = False) -> dict:
+    """The same architecture in the structure of SAI's v2-inference(-v).yaml, or v2-inpainting-inference.yaml
+    (for diffusers' converters)."""
+    unet = dict(UNET, in_channels=unet_in_channels(inpainting), num_head_channels=HEAD_CHANNELS, image_size=8,
+                use_spatial_transformer=True, use_linear_in_transformer=True, legacy=False)
     return {
         "model": {
             "params": {
@@ -65,11 +74,13 @@ def original_v2_config(parameterization: str = "v") -> dict:
     }
 
 
-def write_tiny_v2_checkpoint(folder: Path, parameterization: str = "v", seed: int = 0) -> tuple[Path, Path, ModelPreset]:
+def write_tiny_v2_checkpoint(
+    folder: Path, parameterization: str = "v", seed: int = 0, inpainting: bool = False
+) -> tuple[Path, Path, ModelPreset]:
     """Writes ``tiny-v2.safetensors`` (with schedule buffers, as an original file) and a tokenizer folder;
     returns (checkpoint, tokenizer folder, preset)."""
     tokenizer_dir = write_tiny_clip_tokenizer(folder / "tokenizer")
-    preset = tiny_v2_preset(tiny_vocab_size(tokenizer_dir), parameterization)
+    preset = tiny_v2_preset(tiny_vocab_size(tokenizer_dir), parameterization, inpainting)
     model = build_model(preset.model, device="cpu")
     randomise(model, seed)
     with torch.no_grad():  # layer norms of the text tower near identity, as in a trained one
