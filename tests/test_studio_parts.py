@@ -203,3 +203,35 @@ def test_model_menu_notes_say_which_files_cannot_be_used_and_what_detection_assu
     assert len(notes) == 2
     assert notes[0].startswith("- `junk.safetensors` cannot be used")
     assert notes[1].startswith("- `sd21.safetensors`: ") and "--preset v2-inference" in notes[1]
+
+
+def test_an_outputs_folder_that_cannot_be_made_is_reported_with_its_path(tmp_path):
+    from ui.outputs import OutputError
+
+    blocked = tmp_path / "outputs"
+    blocked.write_text("a file where the folder should be")
+    with pytest.raises(OutputError) as error:
+        OutputWriter(blocked).save(Image.new("RGB", (4, 4)), "p", 1, {})
+    text = message_for(error.value)
+    assert str(blocked) in text and "--outputs" in text
+
+
+def test_a_full_disk_is_reported_and_leaves_no_partial_file_nor_loses_earlier_images(tmp_path, monkeypatch):
+    import errno
+
+    from ui.outputs import OutputError
+
+    writer = OutputWriter(tmp_path)
+    first = writer.save(Image.new("RGB", (4, 4), "red"), "first", 1, {})
+
+    def full(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OutputError, match="No space left on device") as error:
+        writer.save(Image.new("RGB", (4, 4), "blue"), "second", 2, {}, attachments={"mask": Image.new("L", (4, 4))})
+    assert "the images saved before it are kept" in message_for(error.value)
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
+    monkeypatch.undo()
+    assert read_restore(first).fields["Prompt"] == "first"

@@ -9,14 +9,16 @@ import logging
 
 import gradio as gr
 
+from ui.outputs import OutputError
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 300
 
 
 def message_for(error: BaseException) -> str:
-    if isinstance(error, (ValueError, FileNotFoundError)):
-        text = str(error)  # the engine's own messages: they name the parameter and what is allowed
+    if isinstance(error, (ValueError, FileNotFoundError, OutputError)):
+        text = str(error)  # our own messages: they name the parameter and what is allowed, or the folder
     elif isinstance(error, MemoryError) or "out of memory" in str(error).lower():
         text = "not enough memory for this size; try a smaller image, a smaller batch or tiling"
     else:
@@ -29,7 +31,7 @@ def friendly(fn):
     """Wrap a handler (plain or generator) so that its errors become ``gr.Error`` messages."""
 
     def report(error: BaseException) -> gr.Error:
-        if not isinstance(error, (ValueError, FileNotFoundError)):
+        if not isinstance(error, (ValueError, FileNotFoundError, OutputError)):
             log.error("handler %s failed", fn.__name__, exc_info=error)
         return gr.Error(message_for(error), print_exception=False)
 

@@ -19,6 +19,10 @@ from ldm.tasks.parameters import parse_parameters, save_png
 _INDEX = re.compile(r"^(\d{5})-")
 
 
+class OutputError(OSError):
+    """The outputs folder cannot take an image: its message says where and why."""
+
+
 @dataclass
 class OutputWriter:
     root: Path
@@ -31,15 +35,18 @@ class OutputWriter:
         """Write one image (and its attachments, e.g. the mask, as NNNNN-<seed>-<name>.png) and return its path."""
         with self._lock:
             folder = self.folder()
-            folder.mkdir(parents=True, exist_ok=True)
-            index = 1 + max((int(m.group(1)) for p in folder.iterdir() if (m := _INDEX.match(p.name))), default=0)
-            stem = f"{index:05d}-{seed}"
-            files = {}
-            for name, picture in (attachments or {}).items():
-                path = folder / f"{stem}-{name}.png"
-                picture.save(path)
-                files[name] = path.name
-            return save_png(image, folder / f"{stem}.png", parameters, {**extra, **({"files": files} if files else {})})
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                index = 1 + max((int(m.group(1)) for p in folder.iterdir() if (m := _INDEX.match(p.name))), default=0)
+                stem = f"{index:05d}-{seed}"
+                files = {}
+                for name, picture in (attachments or {}).items():
+                    files[name] = save_png(picture, folder / f"{stem}-{name}.png").name
+                return save_png(image, folder / f"{stem}.png", parameters, {**extra, **({"files": files} if files else {})})
+            except OSError as error:
+                why = error.strerror or str(error)
+                raise OutputError(f"cannot save the image in {folder}: {why}; the images saved before it are kept. "
+                                  "Free some space or start the studio with --outputs DIR") from error
 
 
 @dataclass(frozen=True)

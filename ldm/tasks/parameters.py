@@ -51,13 +51,14 @@ def parse_parameters(text: str) -> dict[str, str]:
     return fields
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str, extra: dict | None = None) -> Path:
+def save_png(image: Image.Image, path: str | Path, parameters: str | None = None, extra: dict | None = None) -> Path:
     """Write a PNG with a ``parameters`` text chunk (and ``ldm_studio`` JSON for ``extra``), atomically:
     a temporary file in the same folder, then a rename, so a crash never leaves half an image."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     if extra:
         info.add_text("ldm_studio", json.dumps(extra))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
