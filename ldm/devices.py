@@ -34,3 +34,19 @@ def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not supported; use auto, {', '.join(sorted(set(DTYPES)))}")
     return DTYPES[name]
+
+
+def free_memory_mb(device: torch.device) -> float | None:
+    """Memory a new allocation can still take on ``device``, in MB: the GPU's free memory, or the
+    system's MemAvailable on Linux; None where it cannot be known (not checked then)."""
+    if device.type == "cuda":  # free on the card, plus what torch's cache holds but no tensor uses
+        free, _ = torch.cuda.mem_get_info(device)
+        return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) / 2**20
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

@@ -182,3 +182,24 @@ def test_bad_regions_and_tiling_are_refused_with_what_is_allowed(change, message
 def test_an_overlap_as_large_as_the_tile_is_refused(tiny):
     with pytest.raises(ValueError, match="tile overlap must be from 0 to less than the tile"):
         plan_canvas(tiny.model, TilingOptions(tile=64, overlap=64), 2, 32, 32)
+
+
+def test_a_request_that_does_not_fit_the_free_memory_is_refused_with_the_numbers(tiny, monkeypatch):
+    from ldm.tasks import common
+    from ldm.tasks.canvas import NotEnoughMemory, check_memory
+
+    request = GenerationRequest("a red cat", steps=2, scale=5.0, seed=1, width=256, height=256)
+    monkeypatch.setattr(common, "free_memory_mb", lambda device: 0.5)
+    with pytest.raises(NotEnoughMemory, match=r"needs about [\d,]+ MB beyond the model's weights, but only 0 MB of memory "
+                                              r"is free; make the image or the batch smaller, or set tiling to 'always'"):
+        txt2img(tiny, request)
+    monkeypatch.setattr(common, "free_memory_mb", lambda device: None)  # unknown: not checked
+    assert txt2img(tiny, request).images[0].size == (256, 256)
+    # tiled, the UNet's share stops growing with the canvas; what grows is the autoencoder's, with the pixels
+    options = TilingOptions(mode="always")
+    needed = [check_memory(tiny.model, plan_canvas(tiny.model, options, 2, side, side), 2, 1, side, side, options, None)
+              for side in (256, 512)]
+    assert needed[1] <= 4.01 * needed[0]
+    whole = check_memory(tiny.model, plan_canvas(tiny.model, TilingOptions(mode="off"), 2, 512, 512), 2, 1, 512, 512,
+                         TilingOptions(mode="off"), None)
+    assert whole > needed[1]

@@ -133,6 +133,16 @@ def estimate_first_stage_bytes(model: LatentDiffusion, batch: int, height: int, 
     return int(size * batch * height * width * 3 * widest)
 
 
+def estimate_tiled_first_stage_bytes(model: LatentDiffusion, batch: int, height: int, width: int) -> int:
+    """Estimated peak bytes of the tiled autoencoder (``autoencoder_tiling``): one feature map of its
+    top level and one of the next, whole, plus tiles and bands (x1.6, from the decodes of
+    ``bench/large_canvas.py``: SD v1 bf16 at 2048 px 2.5 GB, the default model 1.1 GB)."""
+    c = model.config.first_stage
+    size = torch.finfo(model.dtype).bits // 8
+    second = c.ch_mult[min(1, len(c.ch_mult) - 1)]
+    return int(1.6 * size * batch * height * width * c.ch * (c.ch_mult[0] + second / 4))
+
+
 def first_stage_tile(model: LatentDiffusion, options: TilingOptions, batch: int, height: int, width: int) -> int:
     """The tile (pixels at each level) to run the autoencoder with on a ``height`` x ``width`` pixel
     image, 0 for the whole image at once; tiled on the same terms as sampling."""
@@ -146,3 +156,30 @@ def decode(model: LatentDiffusion, latents: torch.Tensor, options: TilingOptions
     f = model.config.downsampling_factor
     h, w = latents.shape[-2] * f, latents.shape[-1] * f
     return model.decode_first_stage(latents, tile=first_stage_tile(model, options, latents.shape[0], h, w))
+
+
+class NotEnoughMemory(ValueError):
+    """A request whose estimated peak does not fit the memory that is free: refused before it runs."""
+
+
+def check_memory(model: LatentDiffusion, plan: CanvasPlan, rows: int, images: int, height: int, width: int,
+                 options: TilingOptions, free_mb: float | None) -> float:
+    """The estimated peak (MB, beyond the weights) of sampling a ``height`` x ``width`` latent canvas as
+    ``plan`` says (``rows`` UNet rows) and running the autoencoder on its ``images``; raises
+    ``NotEnoughMemory`` with the numbers when it exceeds 90% of ``free_mb`` (None: unknown, not checked)."""
+    if plan.tiled:
+        unet = plan.batch_windows * estimate_unet_bytes(model, rows, plan.tile, plan.tile)
+    else:
+        unet = estimate_unet_bytes(model, rows, height, width)
+    f = model.config.downsampling_factor
+    pixels_h, pixels_w = height * f, width * f
+    if first_stage_tile(model, options, images, pixels_h, pixels_w):
+        first_stage = estimate_tiled_first_stage_bytes(model, images, pixels_h, pixels_w)
+    else:
+        first_stage = estimate_first_stage_bytes(model, images, pixels_h, pixels_w)
+    needed = max(unet, first_stage) / 2**20
+    if free_mb is not None and needed > 0.9 * free_mb:
+        hint = "" if options.mode == "always" else ", or set tiling to 'always'"
+        raise NotEnoughMemory(f"this request needs about {needed:,.0f} MB beyond the model's weights, but only "
+                              f"{free_mb:,.0f} MB of memory is free; make the image or the batch smaller{hint}")
+    return needed

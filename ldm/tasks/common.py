@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.devices import free_memory_mb
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.sampling.ddim import StepInfo, ddim_sample
 from ldm.sampling.noise import randn, seeded_generators
 from ldm.sampling.schedules import ddim_schedule
-from ldm.tasks.canvas import CanvasPlan, describe, first_stage_tile, guided_denoiser, plan_canvas, region_fusion, replace_prompts
+from ldm.tasks.canvas import CanvasPlan, check_memory, describe, first_stage_tile, guided_denoiser, plan_canvas, region_fusion, replace_prompts
 from ldm.tasks.request import GenerationRequest, TilingOptions
 
 
@@ -90,6 +91,8 @@ def sample(
         if x_T is None:
             x_T = randn(shape, generators, device=model.device, dtype=model.dtype)
         plan = canvas_plan(model, request, *x_T.shape[-2:])
+        check_memory(model, plan, plan_rows(model, request), request.batch_size, *x_T.shape[-2:], request.tiling,
+                     free_memory_mb(model.device))
         denoiser = guided_denoiser(model, request.scale, plan)
         cond, uncond = conditioning(model, request, concat)
         extra_args = {"cond": cond, "uncond": uncond}
@@ -112,10 +115,15 @@ def sample(
         )
 
 
+def plan_rows(model: LatentDiffusion, request: GenerationRequest) -> int:
+    """Rows of each UNet call: the batch, twice over when guided."""
+    guided = request.scale != 1.0 and model.cond_stage_model is not None
+    return request.batch_size * (2 if guided else 1)
+
+
 def canvas_plan(model: LatentDiffusion, request: GenerationRequest, height: int, width: int) -> CanvasPlan:
     """How a resolved request's ``height`` x ``width`` latent canvas is denoised (see ``ldm.tasks.canvas``)."""
-    guided = request.scale != 1.0 and model.cond_stage_model is not None
-    return plan_canvas(model, request.tiling, request.batch_size * (2 if guided else 1), height, width)
+    return plan_canvas(model, request.tiling, plan_rows(model, request), height, width)
 
 
 def canvas_notices(model: LatentDiffusion, request: GenerationRequest) -> list[str]:
