@@ -119,15 +119,21 @@ def test_sd2_unet_prediction_matches_diffusers(tiny, reference):
     assert_unet_matches(tiny[1].model.unet, reference[0])
 
 
-def reference_v_sample(ours, reference, request: GenerationRequest) -> torch.Tensor:
-    """The same generation with diffusers' DDIMScheduler set up as the original sampler, predicting v."""
-    unet, text = reference
+def original_ddim(prediction_type: str, steps: int) -> DDIMScheduler:
+    """diffusers' DDIMScheduler set up as the original SD 2 sampler (its schedule and timestep spacing)."""
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-        prediction_type="v_prediction",
+        prediction_type=prediction_type,
     )
-    scheduler.set_timesteps(request.steps)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def reference_v_sample(ours, reference, request: GenerationRequest) -> torch.Tensor:
+    """The same generation with diffusers' DDIMScheduler set up as the original sampler, predicting v."""
+    unet, text = reference
+    scheduler = original_ddim("v_prediction", request.steps)
     generator = torch.Generator().manual_seed(request.seed)
     latents = torch.randn(1, 4, request.height // 2, request.width // 2, generator=generator)
     context = reference_embeddings(ours, text, [request.negative_prompt, request.prompt])

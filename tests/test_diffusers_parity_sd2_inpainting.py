@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL
 from diffusers.loaders import single_file_utils as sfu
 from PIL import Image
 
@@ -34,7 +34,7 @@ from ldm.tasks.inpaint import inpaint
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import sample_latents
 from tests.test_diffusers_parity import assert_unet_matches
-from tests.test_diffusers_parity_sd2 import converted_models, max_error, reference_embeddings
+from tests.test_diffusers_parity_sd2 import converted_models, max_error, original_ddim, reference_embeddings
 from tests.tiny_sd import SCALE_FACTOR
 from tests.tiny_sd2 import original_v2_config, write_tiny_v2_checkpoint
 
@@ -88,12 +88,7 @@ def reference_concat(vae: AutoencoderKL, image: Image.Image, mask: Image.Image, 
 def reference_sample(ours, reference, request: GenerationRequest, concat: torch.Tensor) -> torch.Tensor:
     """Guided DDIM as the original samples an inpainting model: the unconditional branch keeps c_concat."""
     unet, _, text = reference
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
-    scheduler.set_timesteps(request.steps)
+    scheduler = original_ddim("epsilon", request.steps)
     generator = torch.Generator().manual_seed(request.seed)
     latents = torch.randn(1, 4, *concat.shape[-2:], generator=generator)
     context = reference_embeddings(ours, text, [request.negative_prompt, request.prompt])
