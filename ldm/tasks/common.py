@@ -15,6 +15,7 @@ from ldm.sampling.ddim import StepInfo, ddim_sample
 from ldm.sampling.noise import randn, seeded_generators
 from ldm.sampling.schedules import ddim_schedule
 from ldm.tasks.canvas import CanvasPlan, check_memory, describe, first_stage_tile, guided_denoiser, plan_canvas, region_fusion, replace_prompts
+from ldm.tasks.images import as_rgb
 from ldm.tasks.request import GenerationRequest, TilingOptions
 
 
@@ -41,8 +42,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def from_pil(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image -> (1, 3, H, W) in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    """A PIL image of any mode (``as_rgb``) -> (1, 3, H, W) in [-1, 1]."""
+    array = np.asarray(as_rgb(image), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 

@@ -19,6 +19,7 @@ from ldm.checkpoints.loader import LoadedModel
 from ldm.sampling.ddim import StepInfo
 from ldm.tasks.canvas import decode, first_stage_tile
 from ldm.tasks.common import Blend, GenerationResult, canvas_notices, from_pil, sample, to_pil
+from ldm.tasks.images import as_rgb
 from ldm.tasks.request import GenerationRequest, resolve_request
 from ldm.tasks.parameters import format_parameters, parse_parameters
 from ldm.tasks.txt2img import parameters_text
@@ -117,7 +118,7 @@ def inpaint(
     """Fill the white part of ``mask`` in ``image`` from the request's prompt (and boxes). The result
     has the image's size; outside the mask every pixel is the input's, exactly."""
     options.check()
-    image = image.convert("RGB")
+    image = as_rgb(image)
     masked = mask_array(mask, image.size)
     left, top, right, bottom = mask_region(masked, options.padding) if options.only_masked else (0, 0, *image.size)
     crop = image.crop((left, top, right, bottom))
