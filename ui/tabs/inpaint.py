@@ -10,6 +10,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from ldm.tasks.images import as_rgb
 from ldm.tasks.inpaint import InpaintOptions, inpaint
 from ui.errors import friendly
 from ui.services import Studio
@@ -85,7 +86,7 @@ def editor_parts(value: dict | None) -> tuple[Image.Image, Image.Image]:
     """(image, mask) from the editor: the mask is white wherever any brush layer has paint."""
     if not value or value.get("background") is None:
         raise ValueError("no image: upload one, or send one here from another tab")
-    background = value["background"].convert("RGB")
+    background = as_rgb(value["background"])  # transparency over white, not black
     painted = np.zeros((background.height, background.width), dtype=bool)
     for layer in value.get("layers") or []:
         if layer is not None:

@@ -42,7 +42,8 @@ def build(studio: Studio) -> UpscaleTab:
     with gr.Row():
         with gr.Column(scale=5):
             model = model_menu(studio, TAB, info="latent-diffusion super-resolution models")
-            image = gr.Image(label=f"Image to upscale (up to {MAX_INPUT_SIDE} px a side)", type="pil", image_mode="RGB",
+            # image_mode None: the file's own mode reaches the engine, which reads any (ldm.tasks.images)
+            image = gr.Image(label=f"Image to upscale (up to {MAX_INPUT_SIDE} px a side)", type="pil", image_mode=None,
                              sources=["upload", "clipboard"], height=320, elem_id="upscale-input")
             with gr.Row():
                 generate = gr.Button("Upscale 4x", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
