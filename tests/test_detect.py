@@ -10,11 +10,12 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoints.detect import detect, detect_file, detect_preset, matching_presets, mismatches, stated_prediction
 from ldm.checkpoints.errors import CheckpointError
-from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, resolve_preset
+from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, resolve_preset, select_weights
 from ldm.checkpoints.presets import PRESET_DIR, list_presets, preset_from_dict
 from tests.test_key_contract import clip_vit_l14_text_keys, open_clip_vit_h14_text_keys
 
@@ -219,3 +220,38 @@ def test_the_loader_detects_an_sd2_inpainting_file_with_its_original_config_besi
     detection = detect_file(path, list_presets())
     assert (detection.preset.name, detection.notice) == ("v2-inpainting-inference", "")
     assert resolve_preset(path, None).name == "v2-inpainting-inference"
+
+
+def sd_x4_upscaler_file_shapes() -> dict[str, tuple[int, ...]]:
+    """An x4 upscaler single file: the original keys, OpenCLIP, and the schedule buffers twice (the
+    diffusion's and the noise augmentation's, under ``low_scale_model.``)."""
+    shapes = {k: tuple(v) for k, v in json.loads((FIXTURES / "x4-upscaling.json").read_text()).items()}
+    shapes.update({k: tuple(v) for k, v in open_clip_vit_h14_text_keys().items()})
+    shapes.update({k: (1000,) for k in SCHEDULE_BUFFERS if k != "logvar"})
+    shapes.update({f"low_scale_model.{k}": (1000,) for k in SCHEDULE_BUFFERS if k != "logvar"})
+    return shapes
+
+
+@pytest.mark.parametrize("metadata", [{}, {"modelspec.prediction_type": "v"}])
+def test_an_x4_upscaler_file_is_detected_without_a_notice(metadata):
+    """Its 256-wide 7-channel input convolution is no other preset's, so a file that states nothing is no ambiguity."""
+    detection = detect(sd_x4_upscaler_file_shapes(), list_presets(), "x4-upscaler-ema.safetensors", stated_prediction(metadata))
+    assert (detection.preset.name, detection.notice) == ("x4-upscaling", "")
+
+
+@pytest.mark.parametrize("shapes, name", [(sd_v1_file_shapes, "v1-inference"), (sd_v2_file_shapes, "v2-inference-v"),
+                                          (sd_v2_inpainting_file_shapes, "v2-inpainting-inference")])
+def test_the_x4_rules_do_not_touch_sd_files(shapes, name):
+    x4 = next(p for p in list_presets() if p.name == "x4-upscaling")
+    assert mismatches(x4, shapes())
+    assert detect_preset(shapes(), list_presets(), "model.safetensors").name == name
+
+
+def test_the_loader_keeps_the_noise_augmentations_schedule_buffers_out_of_the_model():
+    shapes = sd_x4_upscaler_file_shapes()
+    expected = {k for k in shapes if k.startswith(("model.", "first_stage_model.", "cond_stage_model."))}
+    state = {k: torch.zeros(0) for k in shapes}
+    weights, _, ignored = select_weights(state, expected, None, Path("x4.safetensors"))
+    assert set(weights) == expected and "low_scale_model.alphas_cumprod" in ignored
+    with pytest.raises(CheckpointError, match="do not belong"):
+        select_weights({**state, "low_scale_model.unknown": torch.zeros(0)}, expected, None, Path("x4.safetensors"))

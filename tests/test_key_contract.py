@@ -118,3 +118,21 @@ def test_v2_inpainting_is_the_512_base_network_with_a_9_channel_input_and_hybrid
     assert (inpainting.model.conditioning, inpainting.model.parameterization) == ("hybrid", "eps")
     unet = dataclasses.replace(inpainting.model.unet, in_channels=4)
     assert dataclasses.replace(inpainting.model, unet=unet, conditioning="crossattn") == base.model
+
+
+def test_x4_upscaling_keys_match_the_original_exactly():
+    reference = json.loads((FIXTURES / "x4-upscaling.json").read_text())
+    keys = preset_key_shapes("x4-upscaling")
+    ours = {k: v for k, v in keys.items() if not k.startswith("cond_stage_model.")}
+    assert sorted(set(reference) - set(ours)) == []
+    assert sorted(set(ours) - set(reference)) == []
+    assert {k: v for k, v in ours.items() if reference[k] != v} == {}
+    assert {k: v for k, v in keys.items() if k.startswith("cond_stage_model.")} == open_clip_vit_h14_text_keys()
+
+
+def test_x4_upscaling_is_a_v_prediction_hybrid_with_noise_augmentation():
+    model = find_preset("x4-upscaling").model
+    assert (model.parameterization, model.conditioning, model.scale_factor) == ("v", "hybrid", 0.08333)
+    assert (model.unet.in_channels, model.unet.num_classes, model.first_stage.downsampling_factor) == (7, 1000, 4)
+    assert model.noise_augmentation.max_noise_level == 350
+    assert model.noise_augmentation.schedule == model.schedule  # linear 1e-4 to 0.02 over 1000, as the original's

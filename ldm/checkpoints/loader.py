@@ -35,6 +35,7 @@ SCHEDULE_BUFFERS = frozenset(
 )
 KNOWN_EXTRA_SUFFIXES = ("embeddings.position_ids",)  # saved by transformers 4.x before it became non-persistent
 EMA_PREFIX = "model_ema."
+LOW_SCALE_PREFIX = "low_scale_model."  # the x4 upscaler's noise augmentation registers the schedule buffers again
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def build_model(config: LatentDiffusionConfig, device: str | torch.device = "met
 
 
 def _is_known_extra(key: str) -> bool:
-    return key in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX) or key.endswith(KNOWN_EXTRA_SUFFIXES)
+    return key.removeprefix(LOW_SCALE_PREFIX) in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX) or key.endswith(KNOWN_EXTRA_SUFFIXES)
 
 
 def select_weights(

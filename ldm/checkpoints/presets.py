@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.models.autoencoder import AutoencoderConfig
 from ldm.models.conditioners import CLIPTextEncoderConfig, OpenCLIPTextEncoderConfig, TransformerEmbedderConfig
-from ldm.models.latent_diffusion import LatentDiffusionConfig
+from ldm.models.latent_diffusion import LatentDiffusionConfig, NoiseAugmentationConfig
 from ldm.models.unet import UNetConfig
 from ldm.sampling.denoiser import PARAMETERIZATIONS
 from ldm.sampling.schedules import ScheduleConfig
@@ -88,9 +88,17 @@ def _model_config(raw: dict[str, Any], where: str) -> LatentDiffusionConfig:
         if kind not in COND_STAGE_KINDS:
             raise ValueError(f"{where}: cond_stage kind {kind!r} is not known; use one of {', '.join(COND_STAGE_KINDS)}")
         cond_stage = _typed(COND_STAGE_KINDS[kind], cond_raw, f"{where} model.cond_stage")
+    augmentation_raw = raw.pop("noise_augmentation", None)
+    augmentation = None
+    if augmentation_raw is not None:
+        augmentation_raw = dict(augmentation_raw)
+        augmentation_schedule = _typed(ScheduleConfig, augmentation_raw.pop("schedule", {}), f"{where} model.noise_augmentation.schedule")
+        augmentation = _typed(NoiseAugmentationConfig, dict(augmentation_raw, schedule=augmentation_schedule),
+                              f"{where} model.noise_augmentation")
     return _typed(
         LatentDiffusionConfig,
-        dict(raw, unet=unet, first_stage=first_stage, schedule=schedule, cond_stage=cond_stage),
+        dict(raw, unet=unet, first_stage=first_stage, schedule=schedule, cond_stage=cond_stage,
+             noise_augmentation=augmentation),
         f"{where} model",
     )
 

@@ -31,6 +31,20 @@ CondStageConfig = CLIPTextEncoderConfig | OpenCLIPTextEncoderConfig | Transforme
 
 
 @dataclass(frozen=True)
+class NoiseAugmentationConfig:
+    """Noise augmentation of a concatenated low-resolution image (the x4 upscaler's
+    ``ImageConcatWithNoiseAugmentation``): the image is diffused to a noise level in
+    0..max_noise_level under its own ``schedule``, and the level is the UNet's class label."""
+
+    schedule: ScheduleConfig
+    max_noise_level: int
+
+    def __post_init__(self):
+        if not 0 <= self.max_noise_level < self.schedule.timesteps:
+            raise ValueError(f"max_noise_level must be from 0 to {self.schedule.timesteps - 1}, got {self.max_noise_level}")
+
+
+@dataclass(frozen=True)
 class LatentDiffusionConfig:
     unet: UNetConfig
     first_stage: AutoencoderConfig
@@ -40,9 +54,12 @@ class LatentDiffusionConfig:
     scale_factor: float = 1.0
     conditioning: str = "crossattn"
     latent_size: int = 64  # the latent side the UNet was trained at
+    noise_augmentation: NoiseAugmentationConfig | None = None
 
     def __post_init__(self):
         check_parameterization(self.parameterization)
+        if self.noise_augmentation is not None and not isinstance(self.unet.num_classes, int):
+            raise ValueError("noise augmentation gives the UNet its noise level as a class label: set unet.num_classes")
         if self.conditioning not in CONDITIONING_KEYS:
             raise ValueError(f"conditioning {self.conditioning!r} is not known; use one of {', '.join(CONDITIONING_KEYS)}")
         if self.conditioning in ("crossattn", "hybrid") and self.cond_stage is None:
@@ -90,6 +107,8 @@ class LatentDiffusion(nn.Module):
         self.cond_stage_model = build_cond_stage(config.cond_stage)
         # float64 on the CPU: the samplers read their coefficients from it as Python floats.
         self.alphas_cumprod = make_alphas_cumprod(config.schedule)
+        augmentation = config.noise_augmentation
+        self.low_scale_alphas_cumprod = None if augmentation is None else make_alphas_cumprod(augmentation.schedule)
 
     @property
     def unet(self) -> UNetModel:
@@ -145,6 +164,15 @@ class LatentDiffusion(nn.Module):
         masked_latent = self.encode_first_stage(images * (1 - mask), tile=tile)
         latent_mask = torch.nn.functional.max_pool2d(mask.float(), f).to(masked_latent)
         return torch.cat([latent_mask, masked_latent], dim=1)
+
+    def augment_low_res(self, images: torch.Tensor, noise_level: int, noise: torch.Tensor) -> torch.Tensor:
+        """The low-resolution ``images`` (B, 3, h, w) in [-1, 1] diffused to ``noise_level`` under the
+        augmentation schedule with the given standard normal ``noise``:
+        sqrt(abar) * images + sqrt(1 - abar) * noise (the original's q_sample)."""
+        if self.low_scale_alphas_cumprod is None:
+            raise ValueError("this model has no noise augmentation of its low-resolution input")
+        alpha_bar = float(self.low_scale_alphas_cumprod[noise_level])
+        return alpha_bar**0.5 * images + (1 - alpha_bar) ** 0.5 * noise.to(images)
 
     def decode_first_stage(self, latents: torch.Tensor, tile: int = 0) -> torch.Tensor:
         """Scaled latents to images in about [-1, 1] (not clamped); in tiles of ``tile`` at each level
