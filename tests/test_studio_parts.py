@@ -49,6 +49,8 @@ def test_capabilities_follow_the_architecture():
     assert upscaler.tasks == ("upscale",)
     sd = capabilities(find_preset("v1-inference").model)
     assert sd.tasks == ("txt2img", "inpaint", "layout") and not sd.inpaint_natively and not sd.layout
+    x4 = capabilities(find_preset("x4-upscaling").model)  # hybrid and text-guided, yet only an upscaler
+    assert x4.tasks == ("upscale",) and not x4.txt2img and not x4.inpaint_natively
 
 
 def test_sampler_presets_are_read_and_checked(tmp_path):

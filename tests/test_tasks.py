@@ -15,6 +15,7 @@ from ldm.tasks.upscale import TileOptions, upscale
 from tests import tiny_default
 from tests.tiny_sd import write_tiny_checkpoint
 from tests.tiny_sd2 import write_tiny_v2_checkpoint
+from tests.tiny_x4 import write_tiny_x4_checkpoint
 
 REQUEST = GenerationRequest("a red circle on the left", steps=3, scale=3.0, seed=5, width=32, height=32)
 
@@ -41,6 +42,12 @@ def sd_v1(tmp_path_factory):
 def sd_v2_inpainting(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd2_inpainting")
     path, tokenizer, preset = write_tiny_v2_checkpoint(folder, "eps", inpainting=True)
+    return load_model(path, preset=preset, tokenizer_dir=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def sd_x4(tmp_path_factory):
+    path, tokenizer, preset = write_tiny_x4_checkpoint(tmp_path_factory.mktemp("sd_x4"))
     return load_model(path, preset=preset, tokenizer_dir=tokenizer)
 
 
@@ -207,3 +214,46 @@ def test_tile_options_are_checked(upscaler):
         upscale(upscaler, picture(), GenerationRequest("", steps=2), tiles=TileOptions(3, 0))
     with pytest.raises(ValueError, match="overlap"):
         upscale(upscaler, picture(), GenerationRequest("", steps=2), tiles=TileOptions(32, 20))
+
+
+X4_REQUEST = GenerationRequest("a sharp photo", steps=2, scale=9.0, seed=4)
+
+
+@pytest.mark.parametrize("noise_level", [-1, 351, 20.5, "20", True])
+def test_the_noise_level_is_checked_against_the_models_range(sd_x4, noise_level):
+    with pytest.raises(ValueError, match=r"noise level must be a whole number from 0 to 350 \(the default is 20\)"):
+        upscale(sd_x4, picture(size=16), X4_REQUEST, noise_level=noise_level)
+
+
+def test_a_text_guided_upscaler_follows_its_prompt_and_noise_level_and_records_them(sd_x4):
+    image = picture(size=16)
+    base = upscale(sd_x4, image, X4_REQUEST, tiles=TileOptions(0, 0))
+    assert base.images[0].size == (32, 32)  # the tiny autoencoder's f is 2
+    fields = parse_parameters(base.parameters[0])
+    assert (fields["Prompt"], fields["Noise level"], fields["CFG scale"]) == ("a sharp photo", "20", "9.0")
+    pixels = np.asarray(base.images[0])
+    assert np.array_equal(pixels, np.asarray(upscale(sd_x4, image, X4_REQUEST, tiles=TileOptions(0, 0)).images[0]))
+    for changed in (dict(request=GenerationRequest(**{**X4_REQUEST.__dict__, "prompt": "a blurry drawing"})),
+                    dict(noise_level=300), dict(image=picture(1, size=16))):
+        other = upscale(sd_x4, changed.get("image", image), changed.get("request", X4_REQUEST), tiles=TileOptions(0, 0),
+                        noise_level=changed.get("noise_level", 20))
+        assert not np.array_equal(pixels, np.asarray(other.images[0])), changed
+
+
+def test_a_text_guided_upscaler_tiles_with_its_noise_level_in_every_window(sd_x4):
+    """The class label is repeated for each window of a batch; one tile covering the image equals none."""
+    image = picture(2, size=24)
+    tiled = upscale(sd_x4, image, X4_REQUEST, tiles=TileOptions(8, 2))
+    assert tiled.images[0].size == (48, 48)
+    whole = np.asarray(upscale(sd_x4, image, X4_REQUEST, tiles=TileOptions(0, 0)).images[0])
+    one_tile = np.asarray(upscale(sd_x4, image, X4_REQUEST, tiles=TileOptions(24, 4)).images[0])
+    assert np.abs(whole.astype(int) - one_tile.astype(int)).max() <= 1
+
+
+def test_the_default_upscaler_ignores_the_noise_level(upscaler):
+    """It has no noise augmentation: the level is neither checked nor recorded, and changes nothing."""
+    request = GenerationRequest("", steps=2, seed=1)
+    a = upscale(upscaler, picture(4, 8), request)
+    b = upscale(upscaler, picture(4, 8), request, noise_level=999)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert "Noise level" not in parse_parameters(a.parameters[0])

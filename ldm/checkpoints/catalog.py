@@ -42,12 +42,15 @@ class Capabilities:
 
 def capabilities(config: LatentDiffusionConfig) -> Capabilities:
     cond = config.cond_stage
-    text = cond is not None and config.conditioning in ("crossattn", "hybrid")
+    # A concatenated low-resolution image makes an upscaler, text-guided when hybrid (the x4 upscaler);
+    # such a model cannot generate from a prompt alone.
+    upscale = config.conditioning in ("concat", "hybrid") and config.unet.in_channels == config.latent_channels + 3
+    text = cond is not None and config.conditioning in ("crossattn", "hybrid") and not upscale
     return Capabilities(
         txt2img=text,
         layout=text and getattr(cond, "max_objects", 0) > 0,
         inpaint_natively=config.conditioning == "hybrid" and config.unet.in_channels == 2 * config.latent_channels + 1,
-        upscale=config.conditioning == "concat" and config.unet.in_channels == config.latent_channels + 3,
+        upscale=upscale,
     )
 
 

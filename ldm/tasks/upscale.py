@@ -3,7 +3,12 @@
 
 Large inputs are denoised in overlapping tiles fused at every step (``ldm.sampling.tiling``), each
 tile seeing its window of the low-resolution image, and decoded with whole-image normalisation when
-the decoder would exceed the memory budget (``ldm.models.autoencoder_tiling``)."""
+the decoder would exceed the memory budget (``ldm.models.autoencoder_tiling``).
+
+A model with noise augmentation (Stable Diffusion's x4 upscaler) is also guided by the prompt: its
+low-resolution image is first diffused to the requested noise level under the augmentation schedule,
+with noise from the request's seeds, and the level is the UNet's class label. Both branches of
+guidance keep the noised image and the level; only the text differs, as in Stability's script."""
 
 from __future__ import annotations
 
@@ -15,14 +20,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.checkpoints.loader import LoadedModel
-from ldm.sampling.ddim import StepInfo
-from ldm.tasks.canvas import decode
-from ldm.tasks.common import GenerationResult, from_pil, sample, to_pil
+from ldm.devices import free_memory_mb
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.sampling.ddim import StepInfo, ddim_sample
+from ldm.sampling.noise import randn, seeded_generators
+from ldm.sampling.schedules import ddim_schedule
+from ldm.tasks.canvas import check_memory, decode, guided_denoiser
+from ldm.tasks.common import GenerationResult, canvas_plan, conditioning, from_pil, plan_rows, sample, to_pil
 from ldm.tasks.parameters import format_parameters
 from ldm.tasks.request import GenerationRequest, TilingOptions, resolve_request
 
 MAX_INPUT_SIDE = 1024
 MAX_TILE = 1024
+DEFAULT_NOISE_LEVEL = 20  # Stability's scripts/gradio/superresolution.py
 
 
 @dataclass(frozen=True)
@@ -42,8 +52,50 @@ class TileOptions:
 
 def check_upscaler(loaded: LoadedModel) -> None:
     config = loaded.model.config
-    if config.conditioning != "concat" or config.unet.in_channels != config.latent_channels + 3:
+    if config.conditioning not in ("concat", "hybrid") or config.unet.in_channels != config.latent_channels + 3:
         raise ValueError(f"{loaded.name} is not a super-resolution model (it does not take a low-resolution image)")
+
+
+def check_noise_level(model: LatentDiffusion, noise_level) -> int:
+    """The noise level of the low-resolution image: a whole number from 0 to the model's
+    max_noise_level. Models without noise augmentation ignore it."""
+    augmentation = model.config.noise_augmentation
+    if augmentation is None:
+        return 0
+    top = augmentation.max_noise_level
+    if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)) or noise_level != int(noise_level) \
+            or not 0 <= noise_level <= top:
+        raise ValueError(f"noise level must be a whole number from 0 to {top} (the default is {DEFAULT_NOISE_LEVEL}), "
+                         f"got {noise_level!r}")
+    return int(noise_level)
+
+
+def sample_noise_augmented(
+    model: LatentDiffusion,
+    request: GenerationRequest,
+    low: torch.Tensor,
+    noise_level: int,
+    *,
+    callback: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Latents for a resolved request on a noise-augmented upscaler. Each seed's generator draws the
+    initial latent noise, then the noise of its low-resolution image (1, 3, h, w in [-1, 1]), then
+    DDIM's. The noise level is the class label ``y`` of both guidance branches."""
+    batch = request.batch_size
+    generators = seeded_generators([request.seed + i for i in range(batch)])
+    height, width = low.shape[-2:]
+    x_T = randn((batch, model.config.latent_channels, height, width), generators, device=model.device, dtype=model.dtype)
+    noise = randn((batch, *low.shape[1:]), generators, device=model.device, dtype=model.dtype)
+    concat = model.augment_low_res(low.expand(batch, -1, -1, -1).to(model.dtype), noise_level, noise)
+    plan = canvas_plan(model, request, height, width)
+    check_memory(model, plan, plan_rows(model, request), batch, height, width, request.tiling, free_memory_mb(model.device))
+    cond, uncond = conditioning(model, replace(request, boxes=(), regions=()), concat)
+    label = torch.full((batch,), noise_level, dtype=torch.long, device=model.device)
+    extra_args = {"cond": {**cond, "y": label}, "uncond": None if uncond is None else {**uncond, "y": label}}
+    return ddim_sample(guided_denoiser(model, request.scale, plan), x_T, ddim_schedule(model.alphas_cumprod, request.steps),
+                       eta=request.eta, generator=generators, extra_args=extra_args, callback=callback,
+                       should_stop=should_stop)
 
 
 def upscale(
@@ -52,14 +104,17 @@ def upscale(
     request: GenerationRequest,
     *,
     tiles: TileOptions = TileOptions(),
+    noise_level: int = DEFAULT_NOISE_LEVEL,
     callback: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """The image at ``downsampling_factor`` times its size. Uses request.steps, eta and seed (one image
     per seed of the batch); the input is padded (by reflection) to the UNet's grid, the output
-    cropped back."""
+    cropped back. A text-guided upscaler also uses the prompts, scale and ``noise_level``."""
     check_upscaler(loaded)
     model = loaded.model
+    noise_level = check_noise_level(model, noise_level)
+    augmented = model.config.noise_augmentation is not None
     image = image.convert("RGB")
     if max(image.size) > MAX_INPUT_SIDE:
         raise ValueError(f"the image is {image.width}x{image.height}; upscaling takes at most {MAX_INPUT_SIDE} px a side")
@@ -71,15 +126,22 @@ def upscale(
     if pad_w or pad_h:
         low = F.pad(low, (0, pad_w, 0, pad_h), mode="reflect" if min(image.size) > max(pad_w, pad_h) else "replicate")
     h, w = low.shape[-2:]
-    request, notices = resolve_request(replace(request, width=w * f, height=h * f, prompt="", negative_prompt=""), f * grid)
+    if model.cond_stage_model is None:
+        request = replace(request, prompt="", negative_prompt="")
+    request, notices = resolve_request(replace(request, width=w * f, height=h * f), f * grid)
     # Tiles are fused at every step (MultiDiffusion): the canvas is one sample, with no seams.
     mode = "always" if tiles.tile else "off"
     request = replace(request, tiling=TilingOptions(mode, tiles.tile * f, tiles.overlap * f, request.tiling.budget_mb))
     seeds = [request.seed + i for i in range(request.batch_size)]
     with torch.inference_mode():
-        latents = sample(model, request, concat=low.to(model.dtype), callback=callback, should_stop=should_stop)
+        if augmented:
+            latents = sample_noise_augmented(model, request, low, noise_level, callback=callback, should_stop=should_stop)
+        else:
+            latents = sample(model, request, concat=low.to(model.dtype), callback=callback, should_stop=should_stop)
         out = decode(model, latents, replace(request.tiling, mode="auto")).float()[..., : image.height * f, : image.width * f]
     fields = {"Steps": request.steps, "Sampler": "DDIM", "Seed": request.seed, "Size": f"{image.width * f}x{image.height * f}",
               "Model hash": loaded.short_hash, "Model": loaded.name, "Eta DDIM": request.eta, "Upscale": f"{f}x",
-              "Tile size": tiles.tile or None, "Tile overlap": tiles.overlap if tiles.tile else None}
-    return GenerationResult(to_pil(out), seeds, [format_parameters("", "", {**fields, "Seed": s}) for s in seeds], notices)
+              "Tile size": tiles.tile or None, "Tile overlap": tiles.overlap if tiles.tile else None,
+              "CFG scale": request.scale if augmented else None, "Noise level": noise_level if augmented else None}
+    texts = [format_parameters(request.prompt, request.negative_prompt, {**fields, "Seed": s}) for s in seeds]
+    return GenerationResult(to_pil(out), seeds, texts, notices)
