@@ -50,6 +50,11 @@ def converted_models(path, ours, config: dict) -> tuple[UNet2DConditionModel, CL
     assert unet_config["use_linear_projection"] and list(unet_config["attention_head_dim"]) == [2, 4]
     unet = UNet2DConditionModel(**unet_config)
     unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
+    return unet.eval(), converted_text_model(ours, checkpoint)
+
+
+def converted_text_model(ours, checkpoint: dict) -> CLIPTextModel:
+    """transformers' CLIP text model from a file's OpenCLIP tower, by diffusers' converter."""
     blocks = TEXT["layers"] - 1  # SD 2.x reads the penultimate block: a transformers model one block shorter
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=ours.model.cond_stage_model.config.vocab_size, hidden_size=TEXT["width"],
@@ -61,7 +66,7 @@ def converted_models(path, ours, config: dict) -> tuple[UNet2DConditionModel, CL
     converted = {k.removeprefix("text_model."): v for k, v in converted.items() if k != "text_projection.weight"}
     converted = {k: v for k, v in converted.items() if not k.startswith(f"encoder.layers.{blocks}.")}
     text.load_state_dict(converted, strict=True)
-    return unet.eval(), text.eval()
+    return text.eval()
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
