@@ -69,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     upscale = commands.add_parser("upscale", help="4x super-resolution of an image")
     _add_model_arguments(upscale, "upscale")
-    _add_sampling_arguments(upscale, "upscale.png", prompt=False)
+    _add_sampling_arguments(upscale, "upscale.png")  # the prompt guides text-guided upscalers (SD x4)
     upscale.add_argument("--image", required=True)
+    upscale.add_argument("--noise-level", type=int, default=20,
+                         help="noise added to the input before upscaling, 0 to the model's maximum (350 for the SD x4 "
+                              "upscaler; default 20); models without noise augmentation ignore it")
 
     inspect = commands.add_parser("inspect", help="name the family of a checkpoint or preset")
     inspect.add_argument("target", help="a checkpoint file, or a preset name or YAML path")
@@ -155,6 +158,10 @@ def run_generation(args: argparse.Namespace) -> int:
     else:
         request = make_request(args, loaded)
     resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
+    if args.command == "upscale":
+        from ldm.tasks.upscale import check_noise_level
+
+        check_noise_level(loaded.model, args.noise_level)
     with tqdm(desc="sampling", unit="step") as bar:
         def progress(info):
             bar.total = info.total
@@ -179,7 +186,7 @@ def run_task(args, loaded, request, progress):
     if args.command == "upscale":
         from ldm.tasks.upscale import upscale
 
-        return upscale(loaded, open_image(args.image), request, callback=progress)
+        return upscale(loaded, open_image(args.image), request, noise_level=args.noise_level, callback=progress)
     from ldm.tasks.txt2img import txt2img
 
     return txt2img(loaded, request, callback=progress)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.cli import main
@@ -16,6 +17,7 @@ from ldm.tasks.parameters import read_png_parameters
 from tests.test_detect import sd_v2_file_shapes, write_header_only_file
 from tests.test_key_contract import clip_vit_l14_text_keys
 from tests.tiny_sd import write_tiny_checkpoint, write_tiny_preset_yaml
+from tests.tiny_x4 import tiny_x4_preset_dict, write_tiny_x4_checkpoint
 from tests.tokenizer_fixtures import tiny_vocab_size
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -66,6 +68,26 @@ def test_bad_input_is_a_message_not_a_traceback(tiny, tmp_path, capsys):
     assert main(txt2img_args(tiny, tmp_path / "x.png", "--steps", "0")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: steps must be between 1 and 1000") and "Traceback" not in err
+
+
+def x4_upscale_args(folder: Path, *extra) -> list[str]:
+    path, tokenizer_dir, _ = write_tiny_x4_checkpoint(folder)
+    preset_yaml = folder / "tiny-x4.yaml"
+    OmegaConf.save(OmegaConf.create(tiny_x4_preset_dict(tiny_vocab_size(tokenizer_dir))), preset_yaml)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "low.png")
+    return ["upscale", "--model", str(path), "--preset", str(preset_yaml), "--tokenizer", str(tokenizer_dir),
+            "--image", str(folder / "low.png"), "--prompt", "a sharp photo", "--steps", "2", "--seed", "3", *extra]
+
+
+def test_upscale_takes_a_prompt_and_noise_level_for_a_text_guided_upscaler(tmp_path, capsys):
+    out = tmp_path / "up.png"
+    assert main(x4_upscale_args(tmp_path, "--noise-level", "30", "--scale", "4", "--out", str(out))) == 0
+    params = read_png_parameters(out)
+    assert (params["Prompt"], params["Noise level"], params["CFG scale"], params["Size"]) == ("a sharp photo", "30", "4.0", "32x32")
+    capsys.readouterr()
+    assert main(x4_upscale_args(tmp_path, "--noise-level", "351", "--out", str(out))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: noise level must be a whole number from 0 to 350") and "Traceback" not in err
 
 
 def test_a_missing_model_file_is_named(tmp_path, capsys):

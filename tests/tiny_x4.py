@@ -34,7 +34,11 @@ UNET = dict(
 
 
 def tiny_x4_preset(vocab_size: int) -> ModelPreset:
-    raw = {
+    return preset_from_dict(tiny_x4_preset_dict(vocab_size), Path("tiny-x4.yaml"))
+
+
+def tiny_x4_preset_dict(vocab_size: int) -> dict:
+    return {
         "name": "tiny-x4",
         "family": "tiny SD x4 upscaler layout (tests)",
         "model": {
@@ -50,7 +54,6 @@ def tiny_x4_preset(vocab_size: int) -> ModelPreset:
         },
         "sampler": {"steps": 10, "scale": 9.0, "eta": 0.0},
     }
-    return preset_from_dict(raw, Path("tiny-x4.yaml"))
 
 
 def original_x4_config() -> dict:
