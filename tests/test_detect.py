@@ -255,3 +255,16 @@ def test_the_loader_keeps_the_noise_augmentations_schedule_buffers_out_of_the_mo
     assert set(weights) == expected and "low_scale_model.alphas_cumprod" in ignored
     with pytest.raises(CheckpointError, match="do not belong"):
         select_weights({**state, "low_scale_model.unknown": torch.zeros(0)}, expected, None, Path("x4.safetensors"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["unet"].pop("num_classes"), "noise augmentation gives the UNet its noise level as a class label"),
+    (lambda m: m["noise_augmentation"].update(max_noise_level=1000), "max_noise_level must be from 0 to 999"),
+    (lambda m: m["noise_augmentation"].update(max_level=350), "model.noise_augmentation: unknown key"),
+    (lambda m: m["noise_augmentation"]["schedule"].update(kind="quadratic"), "schedule kind 'quadratic' is not known"),
+])
+def test_a_preset_with_a_bad_noise_augmentation_is_refused(change, message):
+    raw = OmegaConf.to_container(OmegaConf.load(PRESET_DIR / "x4-upscaling.yaml"))
+    change(raw["model"])
+    with pytest.raises(ValueError, match=message):
+        preset_from_dict(raw, Path("bad.yaml"))
