@@ -27,6 +27,7 @@ from ldm.sampling.noise import randn, seeded_generators
 from ldm.sampling.schedules import ddim_schedule
 from ldm.tasks.canvas import check_memory, decode, guided_denoiser
 from ldm.tasks.common import GenerationResult, canvas_plan, conditioning, from_pil, plan_rows, sample, to_pil
+from ldm.tasks.images import as_rgb
 from ldm.tasks.parameters import format_parameters
 from ldm.tasks.request import GenerationRequest, TilingOptions, resolve_request
 
@@ -115,7 +116,7 @@ def upscale(
     model = loaded.model
     noise_level = check_noise_level(model, noise_level)
     augmented = model.config.noise_augmentation is not None
-    image = image.convert("RGB")
+    image = as_rgb(image)
     if max(image.size) > MAX_INPUT_SIDE:
         raise ValueError(f"the image is {image.width}x{image.height}; upscaling takes at most {MAX_INPUT_SIDE} px a side")
     f = model.config.downsampling_factor

@@ -8,7 +8,7 @@ import gradio as gr
 from PIL import Image
 
 from ldm.tasks.request import GenerationRequest
-from ldm.tasks.upscale import MAX_INPUT_SIDE, MAX_TILE, TileOptions, upscale
+from ldm.tasks.upscale import DEFAULT_NOISE_LEVEL, MAX_INPUT_SIDE, MAX_TILE, TileOptions, upscale
 from ui.errors import friendly
 from ui.services import Studio
 from ui.widgets import (
@@ -24,6 +24,7 @@ from ui.widgets import (
 )
 
 TAB = "upscale"
+MAX_NOISE_LEVEL = 350  # the SD x4 upscaler's max_noise_level; the engine checks each model's own
 
 
 @dataclass
@@ -31,6 +32,9 @@ class UpscaleTab:
     model: ModelMenu
     image: gr.Image
     sampling: SamplingControls
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    noise_level: gr.Slider
     tile: gr.Slider
     overlap: gr.Slider
     generate: gr.Button
@@ -48,20 +52,28 @@ def build(studio: Studio) -> UpscaleTab:
             with gr.Row():
                 generate = gr.Button("Upscale 4x", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
                 stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
-            sampling = sampling_controls(studio, TAB, steps=20, scale=None)
+            sampling = sampling_controls(studio, TAB, steps=20, scale=1.0)
+            with gr.Accordion("Text-guided upscalers (SD x4)", open=False):
+                prompt = gr.Textbox(label="Prompt", placeholder="what the picture shows", lines=2, elem_id=f"{TAB}-prompt")
+                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{TAB}-negative")
+                noise_level = gr.Slider(0, MAX_NOISE_LEVEL, value=DEFAULT_NOISE_LEVEL, step=1, label="Noise level",
+                                        info="noise added to the input first: higher lets the prompt invent more detail, "
+                                        "lower stays closer to the input", elem_id=f"{TAB}-noise-level")
+                gr.Markdown("Upscalers without text (the default model) ignore these and the guidance scale.")
             with gr.Row():
                 tile = gr.Slider(0, MAX_TILE, value=128, step=16, label="Tile size (input px)", info="0: the whole image at once", elem_id="upscale-tile")
                 overlap = gr.Slider(0, 128, value=16, step=4, label="Tile overlap (input px)", info="tiles blend across it", elem_id="upscale-overlap")
         with gr.Column(scale=6):
             output = output_area(TAB, send_to=("inpaint", "layout"))
-    tab = UpscaleTab(model, image, sampling, tile, overlap, generate, stop, output)
+    tab = UpscaleTab(model, image, sampling, prompt, negative, noise_level, tile, overlap, generate, stop, output)
     wire(studio, tab)
     return tab
 
 
 def wire(studio: Studio, tab: UpscaleTab) -> None:
     sampling, out = tab.sampling, tab.output
-    inputs = {tab.model.dropdown, tab.image, sampling.steps, sampling.eta, sampling.seed, tab.tile, tab.overlap, out.images}
+    inputs = {tab.model.dropdown, tab.image, sampling.steps, sampling.eta, sampling.seed, sampling.scale, tab.prompt, tab.negative,
+              tab.noise_level, tab.tile, tab.overlap, out.images}
 
     @friendly
     def generate(data: dict, request: gr.Request, progress=gr.Progress()):
@@ -70,11 +82,14 @@ def wire(studio: Studio, tab: UpscaleTab) -> None:
         if image is None:
             raise ValueError("no image: upload one, or send one here from another tab")
         tiles = TileOptions(int(data[tab.tile]), int(data[tab.overlap]))
-        base = GenerationRequest("", **sampling.values(data))
+        base = GenerationRequest(data[tab.prompt], data[tab.negative], **sampling.values(data))
+        noise_level = int(data[tab.noise_level])
 
         def one_batch(seed, callback, should_stop):
-            result = upscale(loaded, image, replace(base, seed=seed), tiles=tiles, callback=callback, should_stop=should_stop)
-            extra = {"task": TAB, "model": loaded.name, "tiles": {"tile": tiles.tile, "overlap": tiles.overlap}}
+            result = upscale(loaded, image, replace(base, seed=seed), tiles=tiles, noise_level=noise_level, callback=callback,
+                             should_stop=should_stop)
+            extra = {"task": TAB, "model": loaded.name, "tiles": {"tile": tiles.tile, "overlap": tiles.overlap},
+                     "noise_level": noise_level}
             paths = [studio.writer.save(picture, text, s, extra, {"input": image})
                      for picture, s, text in zip(result.images, result.seeds, result.parameters)]
             return paths, result.notices
