@@ -74,6 +74,16 @@ def original_v2_config(parameterization: str = "v", inpainting: bool = False) ->
     }
 
 
+def text_norms_near_identity(model, seed: int) -> None:
+    """The OpenCLIP tower's layer norms near identity, as in a trained one (``randomise`` spreads them)."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.cond_stage_model.named_parameters():
+            if ".ln_" in name or name.startswith("model.ln_"):
+                noise = 0.1 * torch.randn(p.shape, generator=g)
+                p.copy_(1.0 + noise if name.endswith("weight") else noise)
+
+
 def write_tiny_v2_checkpoint(
     folder: Path, parameterization: str = "v", seed: int = 0, inpainting: bool = False
 ) -> tuple[Path, Path, ModelPreset]:
@@ -83,12 +93,7 @@ def write_tiny_v2_checkpoint(
     preset = tiny_v2_preset(tiny_vocab_size(tokenizer_dir), parameterization, inpainting)
     model = build_model(preset.model, device="cpu")
     randomise(model, seed)
-    with torch.no_grad():  # layer norms of the text tower near identity, as in a trained one
-        g = torch.Generator().manual_seed(seed + 1)
-        for name, p in model.cond_stage_model.named_parameters():
-            if ".ln_" in name or name.startswith("model.ln_"):
-                noise = 0.1 * torch.randn(p.shape, generator=g)
-                p.copy_(1.0 + noise if name.endswith("weight") else noise)
+    text_norms_near_identity(model, seed + 1)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     schedule = ScheduleConfig(**SCHEDULE)
     state["betas"] = make_betas(schedule).float()

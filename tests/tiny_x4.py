@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from ldm.checkpoints.loader import build_model
 from ldm.checkpoints.presets import ModelPreset, preset_from_dict
 from ldm.sampling.schedules import ScheduleConfig, make_alphas_cumprod, make_betas
 from tests.tiny_sd import FIRST_STAGE, randomise
-from tests.tiny_sd2 import TEXT
+from tests.tiny_sd2 import TEXT, text_norms_near_identity
 from tests.tokenizer_fixtures import tiny_vocab_size, write_tiny_clip_tokenizer
 
 SCALE_FACTOR = 0.08333
@@ -85,12 +84,7 @@ def write_tiny_x4_checkpoint(folder: Path, seed: int = 0) -> tuple[Path, Path, M
     preset = tiny_x4_preset(tiny_vocab_size(tokenizer_dir))
     model = build_model(preset.model, device="cpu")
     randomise(model, seed)
-    with torch.no_grad():  # layer norms of the text tower near identity, as in a trained one
-        g = torch.Generator().manual_seed(seed + 1)
-        for name, p in model.cond_stage_model.named_parameters():
-            if ".ln_" in name or name.startswith("model.ln_"):
-                noise = 0.1 * torch.randn(p.shape, generator=g)
-                p.copy_(1.0 + noise if name.endswith("weight") else noise)
+    text_norms_near_identity(model, seed + 1)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     schedule = ScheduleConfig(**SCHEDULE)
     for prefix in ("", "low_scale_model."):
