@@ -47,7 +47,9 @@ def estimate_unet_bytes(model: LatentDiffusion, batch: int, height: int, width: 
     return int(batch * height * width * unet_bytes_per_latent_pixel(model))
 
 
-MAX_BATCH_WINDOWS = 4
+# Small windows gain from large calls (the default model at 1024 px, 16-pixel latent windows: 5.9 s a
+# step at 4 a call, 4.2 at 16, 3.9 at 64; its 2048 px peak RSS 1.53, 1.72 and 1.89 GB); the budget bounds the rest.
+MAX_BATCH_WINDOWS = 16
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class CanvasPlan:
     tile: int  # latent pixels; 0: the whole canvas at once
     overlap: int
     estimate_mb: float  # the whole canvas's estimated peak
-    batch_windows: int = 1  # windows denoised in one UNet call, as many as the budget holds (at most 4)
+    batch_windows: int = 1  # windows denoised in one UNet call, as many as the budget holds (at most 16)
 
     @property
     def tiled(self) -> bool:
