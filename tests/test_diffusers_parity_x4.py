@@ -26,9 +26,9 @@ from PIL import Image
 
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.loader import load_model
-from ldm.tasks.common import from_pil
+from ldm.tasks.common import from_pil, sample
 from ldm.tasks.request import GenerationRequest, resolve_request
-from ldm.tasks.upscale import TileOptions, sample_noise_augmented, upscale
+from ldm.tasks.upscale import TileOptions, noised_low_res, upscale
 from tests.test_diffusers_parity_sd2 import converted_text_model, max_error, reference_embeddings
 from tests.tiny_x4 import MAX_NOISE_LEVEL, SCALE_FACTOR, SCHEDULE, original_x4_config, write_tiny_x4_checkpoint
 
@@ -137,7 +137,7 @@ def test_guided_ddim_upscale_matches_diffusers(tiny, reference, eta, noise_level
     low = from_pil(picture())
     request, _ = resolve_request(request_for(eta), ours.model.config.size_multiple)
     expected = reference_latents(ours, reference, request, low, noise_level)
-    got = sample_noise_augmented(ours.model, request, low, noise_level)
+    got = sample(ours.model, request, concat=noised_low_res(ours.model, low, noise_level, request.batch_size), label=noise_level)
     assert max_error(got, expected) < TOL
 
 

@@ -76,14 +76,17 @@ def sample(
     model: LatentDiffusion,
     request: GenerationRequest,
     *,
-    concat: torch.Tensor | None = None,
+    concat: torch.Tensor | Callable[[list[torch.Generator]], torch.Tensor] | None = None,
+    label: int | None = None,
     blend: Blend | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Latents for a resolved request: noise from seeds request.seed + i (or the given ``x_T``, e.g.
-    a window of a larger canvas's noise), then guided DDIM."""
+    a window of a larger canvas's noise), then guided DDIM. ``concat`` may be a function of the seeds'
+    generators, drawn from after the initial noise (a noise-augmented low-resolution image);
+    ``label`` is a class label ``y`` given to both guidance branches (the noise level)."""
     config = model.config
     generators = seeded_generators([request.seed + i for i in range(request.batch_size)])
     f = config.downsampling_factor
@@ -95,7 +98,12 @@ def sample(
         check_memory(model, plan, plan_rows(model, request), request.batch_size, *x_T.shape[-2:], request.tiling,
                      free_memory_mb(model.device))
         denoiser = guided_denoiser(model, request.scale, plan)
+        if callable(concat):
+            concat = concat(generators)
         cond, uncond = conditioning(model, request, concat)
+        if label is not None:
+            y = torch.full((request.batch_size,), label, dtype=torch.long, device=model.device)
+            cond, uncond = {**cond, "y": y}, None if uncond is None else {**uncond, "y": y}
         extra_args = {"cond": cond, "uncond": uncond}
         if request.regions:
             regions = [(r, dict(zip(("cond", "uncond"), conditioning(model, replace_prompts(request, r), concat))))

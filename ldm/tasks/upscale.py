@@ -20,13 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.checkpoints.loader import LoadedModel
-from ldm.devices import free_memory_mb
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.sampling.ddim import StepInfo, ddim_sample
-from ldm.sampling.noise import randn, seeded_generators
-from ldm.sampling.schedules import ddim_schedule
-from ldm.tasks.canvas import check_memory, decode, guided_denoiser
-from ldm.tasks.common import GenerationResult, canvas_plan, conditioning, from_pil, plan_rows, sample, to_pil
+from ldm.sampling.ddim import StepInfo
+from ldm.sampling.noise import randn
+from ldm.tasks.canvas import decode
+from ldm.tasks.common import GenerationResult, from_pil, sample, to_pil
 from ldm.tasks.images import as_rgb
 from ldm.tasks.parameters import format_parameters
 from ldm.tasks.request import GenerationRequest, TilingOptions, resolve_request
@@ -71,32 +69,16 @@ def check_noise_level(model: LatentDiffusion, noise_level) -> int:
     return int(noise_level)
 
 
-def sample_noise_augmented(
-    model: LatentDiffusion,
-    request: GenerationRequest,
-    low: torch.Tensor,
-    noise_level: int,
-    *,
-    callback: Callable[[StepInfo], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> torch.Tensor:
-    """Latents for a resolved request on a noise-augmented upscaler. Each seed's generator draws the
-    initial latent noise, then the noise of its low-resolution image (1, 3, h, w in [-1, 1]), then
-    DDIM's. The noise level is the class label ``y`` of both guidance branches."""
-    batch = request.batch_size
-    generators = seeded_generators([request.seed + i for i in range(batch)])
-    height, width = low.shape[-2:]
-    x_T = randn((batch, model.config.latent_channels, height, width), generators, device=model.device, dtype=model.dtype)
-    noise = randn((batch, *low.shape[1:]), generators, device=model.device, dtype=model.dtype)
-    concat = model.augment_low_res(low.expand(batch, -1, -1, -1).to(model.dtype), noise_level, noise)
-    plan = canvas_plan(model, request, height, width)
-    check_memory(model, plan, plan_rows(model, request), batch, height, width, request.tiling, free_memory_mb(model.device))
-    cond, uncond = conditioning(model, replace(request, boxes=(), regions=()), concat)
-    label = torch.full((batch,), noise_level, dtype=torch.long, device=model.device)
-    extra_args = {"cond": {**cond, "y": label}, "uncond": None if uncond is None else {**uncond, "y": label}}
-    return ddim_sample(guided_denoiser(model, request.scale, plan), x_T, ddim_schedule(model.alphas_cumprod, request.steps),
-                       eta=request.eta, generator=generators, extra_args=extra_args, callback=callback,
-                       should_stop=should_stop)
+def noised_low_res(model: LatentDiffusion, low: torch.Tensor, noise_level: int, batch: int):
+    """The concat of a noise-augmented upscaler as ``sample`` takes it: a function of the seeds'
+    generators, which draw the low-resolution image's (1, 3, h, w in [-1, 1]) noise after the latent
+    noise, so each image of a batch is reproducible from its own seed."""
+
+    def concat(generators: list[torch.Generator]) -> torch.Tensor:
+        noise = randn((batch, *low.shape[1:]), generators, device=model.device, dtype=model.dtype)
+        return model.augment_low_res(low.expand(batch, -1, -1, -1).to(model.dtype), noise_level, noise)
+
+    return concat
 
 
 def upscale(
@@ -136,7 +118,8 @@ def upscale(
     seeds = [request.seed + i for i in range(request.batch_size)]
     with torch.inference_mode():
         if augmented:
-            latents = sample_noise_augmented(model, request, low, noise_level, callback=callback, should_stop=should_stop)
+            latents = sample(model, request, concat=noised_low_res(model, low, noise_level, request.batch_size),
+                             label=noise_level, callback=callback, should_stop=should_stop)
         else:
             latents = sample(model, request, concat=low.to(model.dtype), callback=callback, should_stop=should_stop)
         out = decode(model, latents, replace(request.tiling, mode="auto")).float()[..., : image.height * f, : image.width * f]
