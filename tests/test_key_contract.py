@@ -117,7 +117,7 @@ def test_v2_inpainting_is_the_512_base_network_with_a_9_channel_input_and_hybrid
     assert inpainting.model.unet.in_channels == 9
     assert (inpainting.model.conditioning, inpainting.model.parameterization) == ("hybrid", "eps")
     unet = dataclasses.replace(inpainting.model.unet, in_channels=4)
-    assert dataclasses.replace(inpainting.model, unet=unet, conditioning="crossattn") == base.model
+    assert dataclasses.replace(inpainting.model, unet=unet, conditioning="crossattn", concat_input="none") == base.model
 
 
 def test_x4_upscaling_keys_match_the_original_exactly():

@@ -19,7 +19,7 @@ def hybrid_preset() -> ModelPreset:
     return preset_from_dict({
         "name": "tiny-hybrid",
         "model": {
-            "conditioning": "hybrid", "latent_size": 8, "scale_factor": 1.0, "schedule": SCHEDULE,
+            "conditioning": "hybrid", "concat_input": "mask_and_masked_latent", "latent_size": 8, "scale_factor": 1.0, "schedule": SCHEDULE,
             "unet": dict(in_channels=9, out_channels=4, model_channels=32, attention_resolutions=[1, 2], num_res_blocks=1,
                          channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True, context_dim=32),
             "first_stage": FIRST_STAGE,
@@ -34,7 +34,7 @@ def upscale_preset() -> ModelPreset:
     return preset_from_dict({
         "name": "tiny-upscale",
         "model": {
-            "conditioning": "concat", "latent_size": 8, "scale_factor": 1.0, "schedule": SCHEDULE,
+            "conditioning": "concat", "concat_input": "low_res_image", "latent_size": 8, "scale_factor": 1.0, "schedule": SCHEDULE,
             "unet": dict(in_channels=7, out_channels=4, model_channels=32, attention_resolutions=[], middle_attention=False,
                          num_res_blocks=1, channel_mult=[1, 2]),
             "first_stage": FIRST_STAGE,

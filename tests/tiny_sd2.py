@@ -42,6 +42,7 @@ def tiny_v2_preset(vocab_size: int, parameterization: str = "v", inpainting: boo
             "parameterization": parameterization,
             "scale_factor": SCALE_FACTOR,
             "conditioning": "hybrid" if inpainting else "crossattn",
+            "concat_input": "mask_and_masked_latent" if inpainting else "none",
             "latent_size": 8,
             "schedule": SCHEDULE,
             "unet": dict(UNET, in_channels=unet_in_channels(inpainting), head_dim=HEAD_CHANNELS,

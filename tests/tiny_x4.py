@@ -43,7 +43,7 @@ def tiny_x4_preset_dict(vocab_size: int) -> dict:
         "model": {
             "parameterization": "v",
             "scale_factor": SCALE_FACTOR,
-            "conditioning": "hybrid",
+            "conditioning": "hybrid", "concat_input": "low_res_image",
             "latent_size": 8,
             "schedule": SCHEDULE,
             "noise_augmentation": {"max_noise_level": MAX_NOISE_LEVEL, "schedule": SCHEDULE},

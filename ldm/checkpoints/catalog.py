@@ -29,28 +29,31 @@ class Capabilities:
 
     txt2img: bool  # generates from a text prompt
     layout: bool  # takes layout boxes as conditioning tokens
-    inpaint_natively: bool  # a hybrid [x, mask, masked latent] UNet
+    inpaint_natively: bool  # its UNet takes a mask and the masked image
     upscale: bool  # concatenates a low-resolution image
+    semantic: bool = False  # generates from a segmentation map
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        # Every text model serves the layout tab: boxes are layout tokens where the model takes them,
-        # region prompts elsewhere.
-        names = [("txt2img", self.txt2img), ("inpaint", self.txt2img), ("layout", self.txt2img), ("upscale", self.upscale)]
+        # Every text model serves the layout tab (boxes are layout tokens where the model takes them,
+        # region prompts elsewhere) and the inpainting tab (by latent blending where not native).
+        names = [("txt2img", self.txt2img), ("inpaint", self.txt2img or self.inpaint_natively),
+                 ("layout", self.txt2img or self.layout), ("upscale", self.upscale), ("semantic", self.semantic)]
         return tuple(name for name, ok in names if ok)
 
 
 def capabilities(config: LatentDiffusionConfig) -> Capabilities:
-    cond = config.cond_stage
-    # A concatenated low-resolution image makes an upscaler, text-guided when hybrid (the x4 upscaler);
-    # such a model cannot generate from a prompt alone.
-    upscale = config.conditioning in ("concat", "hybrid") and config.unet.in_channels == config.latent_channels + 3
-    text = cond is not None and config.conditioning in ("crossattn", "hybrid") and not upscale
+    cond, concat = config.cond_stage, config.concat_input
+    # A model with a text stage generates from a prompt unless its concat channels need an image
+    # (an upscaler, text-guided or not, cannot generate from a prompt alone).
+    text = (cond is not None and getattr(cond, "takes_text", True) and config.conditioning in ("crossattn", "hybrid")
+            and concat in ("none", "mask_and_masked_latent"))
     return Capabilities(
         txt2img=text,
-        layout=text and getattr(cond, "max_objects", 0) > 0,
-        inpaint_natively=config.conditioning == "hybrid" and config.unet.in_channels == 2 * config.latent_channels + 1,
-        upscale=upscale,
+        layout=getattr(cond, "max_objects", 0) > 0,
+        inpaint_natively=concat in ("mask_and_masked_latent", "masked_latent_and_mask"),
+        upscale=concat == "low_res_image",
+        semantic=concat == "segmentation",
     )
 
 

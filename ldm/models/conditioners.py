@@ -282,6 +282,11 @@ class TransformerEmbedderConfig:
     def context_dim(self) -> int:
         return self.dim
 
+    @property
+    def takes_text(self) -> bool:
+        """False for an encoder of layout ids alone (``vocab: layout``)."""
+        return self.vocab != "layout"
+
 
 class _TokenAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int):

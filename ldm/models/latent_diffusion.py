@@ -27,6 +27,14 @@ from ldm.sampling.denoiser import EpsDenoiser, check_parameterization
 from ldm.sampling.schedules import ScheduleConfig, make_alphas_cumprod
 
 CONDITIONING_KEYS = ("crossattn", "concat", "hybrid", "none")
+# What a concat/hybrid model's extra UNet input channels carry, after x (the original's c_concat):
+CONCAT_INPUTS = (
+    "none",
+    "low_res_image",           # an RGB image in [-1, 1] at latent size (LDM-BSR, the x4 upscaler): 3 channels
+    "mask_and_masked_latent",  # SD inpainting: [mask (1 = fill), masked-image latent]
+    "masked_latent_and_mask",  # LDM inpainting_big: [masked-image latent, mask in [-1, 1]]
+    "segmentation",            # semantic synthesis: the conditioning stage's map of a segmentation
+)
 CondStageConfig = CLIPTextEncoderConfig | OpenCLIPTextEncoderConfig | TransformerEmbedderConfig
 
 
@@ -55,6 +63,7 @@ class LatentDiffusionConfig:
     conditioning: str = "crossattn"
     latent_size: int = 64  # the latent side the UNet was trained at
     noise_augmentation: NoiseAugmentationConfig | None = None
+    concat_input: str = "none"  # one of CONCAT_INPUTS; must be set for concat and hybrid conditioning
 
     def __post_init__(self):
         check_parameterization(self.parameterization)
@@ -64,6 +73,16 @@ class LatentDiffusionConfig:
             raise ValueError(f"conditioning {self.conditioning!r} is not known; use one of {', '.join(CONDITIONING_KEYS)}")
         if self.conditioning in ("crossattn", "hybrid") and self.cond_stage is None:
             raise ValueError(f"conditioning {self.conditioning!r} needs a cond_stage")
+        if self.concat_input not in CONCAT_INPUTS:
+            raise ValueError(f"concat_input {self.concat_input!r} is not known; use one of {', '.join(CONCAT_INPUTS)}")
+        if (self.conditioning in ("concat", "hybrid")) != (self.concat_input != "none"):
+            raise ValueError(f"conditioning {self.conditioning!r} with concat_input {self.concat_input!r}: concat and "
+                             "hybrid models name what their extra input channels carry, other models take none")
+        extra = {"low_res_image": 3, "mask_and_masked_latent": self.latent_channels + 1,
+                 "masked_latent_and_mask": self.latent_channels + 1}.get(self.concat_input)
+        if extra is not None and self.unet.in_channels != self.latent_channels + extra:
+            raise ValueError(f"concat_input {self.concat_input!r} gives the UNet {self.latent_channels + extra} input "
+                             f"channels ({self.latent_channels} latent + {extra}), but unet.in_channels is {self.unet.in_channels}")
 
     @property
     def latent_channels(self) -> int:
@@ -152,9 +171,8 @@ class LatentDiffusion(nn.Module):
 
     @property
     def inpaints_natively(self) -> bool:
-        """A hybrid model whose UNet takes [x, mask, masked-image latent] (SD's inpainting layout)."""
-        c = self.config
-        return c.conditioning == "hybrid" and c.unet.in_channels == 2 * c.latent_channels + 1
+        """A model whose UNet takes [x, mask, masked-image latent] (SD's inpainting layout)."""
+        return self.config.concat_input == "mask_and_masked_latent"
 
     def inpainting_concat(self, images: torch.Tensor, mask: torch.Tensor, tile: int = 0) -> torch.Tensor:
         """The concat channels [mask, masked-image latent] at latent size. ``images`` (B, 3, H, W) in

@@ -50,8 +50,7 @@ class TileOptions:
 
 
 def check_upscaler(loaded: LoadedModel) -> None:
-    config = loaded.model.config
-    if config.conditioning not in ("concat", "hybrid") or config.unet.in_channels != config.latent_channels + 3:
+    if loaded.model.config.concat_input != "low_res_image":
         raise ValueError(f"{loaded.name} is not a super-resolution model (it does not take a low-resolution image)")
 
 
