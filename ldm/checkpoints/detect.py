@@ -17,6 +17,10 @@ and v). Weights are never inspected to guess which; the evidence read is, in thi
 A file that states nothing goes to the one preset that admits "unstated", and the detection carries
 a notice naming the other presets, so the choice is never silent. (A pickle's ``global_step``, from
 which diffusers guesses, is not used: a step count identifies a training run, not a prediction type.)
+
+Presets that differ only in the size they were trained at (LDM's semantic synthesis 256 and 512) are
+one detected preset and its ``variant_of`` presets: an original config beside the file picks one by
+its ``image_size``; a file without one gets the detected preset and a notice naming the variants.
 """
 
 from __future__ import annotations
@@ -134,6 +138,9 @@ def detect(shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, s
         names = ", ".join(p.name for p in found)
         raise CheckpointError(f"{source}: the file matches several model families ({names}); name one with --preset")
     if found:
+        variants = [p for p in presets if p.variant_of == found[0].name]
+        if variants:
+            return _variant_detection(found[0], variants, source)
         return Detection(found[0], _shared_shapes_notice(found[0], shapes, presets, stated, source))
     candidates = [p for p in presets if p.detect]
     if not candidates:
@@ -160,6 +167,41 @@ def _shared_shapes_notice(chosen: ModelPreset, shapes: Shapes, presets: list[Mod
         f"If images come out as noise or flat colour, it is another kind: {alternatives}, "
         f"or put its original config beside it as {config_beside(source).name}."
     )
+
+
+def config_latent_size(config: Path) -> int | None:
+    """The latent side an original LDM config trained at (``model.params.image_size``, else its
+    UNet's); None for a YAML that is not an original config or gives none."""
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
+    except (OSError, OmegaConfBaseException) as error:
+        raise CheckpointError(f"{config}: cannot read the config beside the checkpoint: {error}") from None
+    model = raw.get("model") if isinstance(raw, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
+    if not isinstance(params, dict):
+        return None
+    unet = params.get("unet_config")
+    unet_params = unet.get("params") if isinstance(unet, dict) else None
+    size = params.get("image_size", unet_params.get("image_size") if isinstance(unet_params, dict) else None)
+    return size if isinstance(size, int) else None
+
+
+def _variant_detection(chosen: ModelPreset, variants: list[ModelPreset], source) -> Detection:
+    """Presets whose files hold the same tensors and differ in training size (``variant_of``): the
+    original config beside the file decides by its image_size; without one, ``chosen`` with a notice."""
+    config = config_beside(source)
+    size = config_latent_size(config) if config.is_file() else None
+    if size is not None:
+        for preset in (chosen, *variants):
+            if preset.model.latent_size == size:
+                return Detection(preset, "")
+        log.debug("%s gives image_size %s, which no variant of %s has", config, size, chosen.name)
+    alternatives = "; ".join(f"for {p.family} pass --preset {p.name}" for p in variants)
+    return Detection(chosen, (
+        f"{source}: files of {chosen.family} and of its variants hold the same tensors, and this one does not say "
+        f"which it is; using {chosen.name} (trained at latent size {chosen.model.latent_size}). "
+        f"{alternatives[0].upper()}{alternatives[1:]}, or put its original config beside it as {config_beside(source).name}."
+    ))
 
 
 def detect_preset(shapes: Shapes, presets: Iterable[ModelPreset], source: str | Path, stated: str = UNSTATED) -> ModelPreset:

@@ -172,7 +172,7 @@ def load_model(
     model.load_state_dict(weights, strict=True, assign=True)
     count = len(weights)
     del weights
-    if model.cond_stage_model is not None:
+    if model.encodes_tokens:  # text and layout encoders; not a spatial conditioner
         model.cond_stage_model.init_non_persistent_buffers()
         model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, chosen, path, tokenizer_dir)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -16,7 +16,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.models.autoencoder import AutoencoderConfig
-from ldm.models.conditioners import CLIPTextEncoderConfig, OpenCLIPTextEncoderConfig, TransformerEmbedderConfig
+from ldm.models.conditioners import (
+    CLIPTextEncoderConfig,
+    OpenCLIPTextEncoderConfig,
+    SpatialRescalerConfig,
+    TransformerEmbedderConfig,
+)
 from ldm.models.latent_diffusion import LatentDiffusionConfig, NoiseAugmentationConfig
 from ldm.models.unet import UNetConfig
 from ldm.sampling.denoiser import PARAMETERIZATIONS
@@ -38,6 +43,7 @@ COND_STAGE_KINDS = {
     "clip": CLIPTextEncoderConfig,
     "open_clip": OpenCLIPTextEncoderConfig,
     "transformer": TransformerEmbedderConfig,
+    "spatial_rescaler": SpatialRescalerConfig,
 }
 
 
@@ -60,7 +66,10 @@ class ModelPreset:
     # The prediction types a file may state (in its metadata) to be detected as this preset;
     # "unstated" admits files that state none. Default: the preset's own parameterization, or unstated.
     detect_prediction: tuple[str, ...] = ()
-
+    # A preset with no ``detect`` section of its own whose files hold exactly the same tensors as the
+    # named preset (e.g. a fine-tune at another training size): a file detected as that preset is
+    # this one when an original config beside it says so, and the detection notice names it.
+    variant_of: str = ""
 
 def _typed(cls, values: dict[str, Any], where: str):
     """Build dataclass ``cls`` from a mapping, turning lists into tuples and naming unknown keys."""
@@ -129,7 +138,18 @@ def preset_from_dict(raw: dict[str, Any], source: Path) -> ModelPreset:
         sampler=_typed(SamplerDefaults, raw.get("sampler") or {}, f"{where} sampler"),
         source=source,
         detect_prediction=_detect_prediction(raw.get("detect_prediction"), model, where),
+        variant_of=_variant_of(raw.get("variant_of"), detect, where),
     )
+
+
+def _variant_of(raw: Any, detect: dict, where: str) -> str:
+    if raw is None:
+        return ""
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(f"{where}: variant_of must name a preset, got {raw!r}")
+    if detect:
+        raise ValueError(f"{where}: a variant_of preset is detected through {raw}; it takes no detect section of its own")
+    return raw
 
 
 def read_preset(path: str | Path) -> ModelPreset:

@@ -19,6 +19,8 @@ from ldm.models.conditioners import (
     CLIPTextEncoderConfig,
     OpenCLIPTextEncoder,
     OpenCLIPTextEncoderConfig,
+    SpatialRescaler,
+    SpatialRescalerConfig,
     TransformerEmbedder,
     TransformerEmbedderConfig,
 )
@@ -35,7 +37,7 @@ CONCAT_INPUTS = (
     "masked_latent_and_mask",  # LDM inpainting_big: [masked-image latent, mask in [-1, 1]]
     "segmentation",            # semantic synthesis: the conditioning stage's map of a segmentation
 )
-CondStageConfig = CLIPTextEncoderConfig | OpenCLIPTextEncoderConfig | TransformerEmbedderConfig
+CondStageConfig = CLIPTextEncoderConfig | OpenCLIPTextEncoderConfig | TransformerEmbedderConfig | SpatialRescalerConfig
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,14 @@ class LatentDiffusionConfig:
                              "hybrid models name what their extra input channels carry, other models take none")
         extra = {"low_res_image": 3, "mask_and_masked_latent": self.latent_channels + 1,
                  "masked_latent_and_mask": self.latent_channels + 1}.get(self.concat_input)
+        if self.concat_input == "segmentation":
+            if not isinstance(self.cond_stage, SpatialRescalerConfig):
+                raise ValueError("concat_input 'segmentation' needs a spatial_rescaler cond_stage (it maps the segmentation "
+                                 "to the latent size)")
+            extra = self.cond_stage.out_channels
+            if self.cond_stage.downsampling_factor != self.downsampling_factor:
+                raise ValueError(f"the spatial_rescaler reduces the segmentation {self.cond_stage.downsampling_factor}x, "
+                                 f"but the latent is {self.downsampling_factor}x smaller than the image")
         if extra is not None and self.unet.in_channels != self.latent_channels + extra:
             raise ValueError(f"concat_input {self.concat_input!r} gives the UNet {self.latent_channels + extra} input "
                              f"channels ({self.latent_channels} latent + {extra}), but unet.in_channels is {self.unet.in_channels}")
@@ -106,6 +116,8 @@ def build_cond_stage(config: CondStageConfig | None) -> nn.Module | None:
         return CLIPTextEncoder(config)
     if isinstance(config, OpenCLIPTextEncoderConfig):
         return OpenCLIPTextEncoder(config)
+    if isinstance(config, SpatialRescalerConfig):
+        return SpatialRescaler(config)
     return TransformerEmbedder(config)
 
 
@@ -148,10 +160,23 @@ class LatentDiffusion(nn.Module):
     def takes_layout(self) -> bool:
         return isinstance(self.cond_stage_model, TransformerEmbedder) and self.cond_stage_model.config.max_objects > 0
 
+    @property
+    def encodes_tokens(self) -> bool:
+        """Whether the conditioning stage encodes prompts or layout tokens (and needs a tokenizer);
+        False without one and for a spatial conditioner (semantic synthesis's segmentation maps)."""
+        return isinstance(self.cond_stage_model, (CLIPTextEncoder, OpenCLIPTextEncoder, TransformerEmbedder))
+
+    def segmentation_concat(self, labels: torch.Tensor) -> torch.Tensor:
+        """The concat channels of a semantic synthesis model: label maps (B, H, W) of class indices,
+        one-hot, through the spatial conditioner to (B, out_channels, H / f, W / f)."""
+        if not isinstance(self.cond_stage_model, SpatialRescaler):
+            raise ValueError("this model takes no segmentation map (its conditioning stage is not a spatial rescaler)")
+        return self.cond_stage_model.encode_labels(labels).to(self.dtype)
+
     def encode_prompts(self, prompts: list[str], min_chunks: int = 1, layouts: list | None = None) -> torch.Tensor:
         """Conditioning tokens (B, N, context_dim) for prompts, and for layouts (lists of
         (label, x0, y0, x1, y1) boxes) on models that take them."""
-        if self.cond_stage_model is None:
+        if not self.encodes_tokens:
             raise ValueError("this model takes no text prompt (it has no text conditioning stage)")
         if layouts is not None and any(layouts) and not self.takes_layout:
             raise ValueError("this model takes no layout boxes; use region prompts instead")

@@ -53,7 +53,7 @@ def conditioning(model: LatentDiffusion, request: GenerationRequest, concat: tor
     layout boxes are the same for both branches (the layout only conditions the positive one)."""
     batch = request.batch_size
     extra = {} if concat is None else {"concat": concat.expand(batch, -1, -1, -1)}
-    if model.cond_stage_model is None:
+    if not model.encodes_tokens:
         return extra, None
     layouts = [[], list(request.boxes)] if request.boxes else None
     context = model.encode_prompts([request.negative_prompt, request.prompt], layouts=layouts)
@@ -126,7 +126,7 @@ def sample(
 
 def plan_rows(model: LatentDiffusion, request: GenerationRequest) -> int:
     """Rows of each UNet call: the batch, twice over when guided."""
-    guided = request.scale != 1.0 and model.cond_stage_model is not None
+    guided = request.scale != 1.0 and model.encodes_tokens
     return request.batch_size * (2 if guided else 1)
 
 
