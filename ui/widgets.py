@@ -216,7 +216,8 @@ class OutputArea:
     send: dict[str, gr.Button]  # "Send to <tab>" buttons by tab id
 
 
-TAB_TITLES = {"txt2img": "Text to image", "inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
+TAB_TITLES = {"txt2img": "Text to image", "inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout",
+              "semantic": "Semantic synthesis"}
 
 
 def output_area(prefix: str, send_to: tuple[str, ...]) -> OutputArea:
@@ -346,11 +347,14 @@ def connect_generation(studio: Studio, handler, inputs: set, *, model: ModelMenu
     "generate" queue, stop, seed reuse, and a new model's size and sampler defaults."""
     outputs = [output.preview, output.status, output.gallery, output.images, output.selected, output.parameters,
                output.last_seed]
+    # API names follow the buttons' ids ("txt2img-generate" -> /txt2img_generate), so that scripts
+    # (gradio_client) can drive each tab; Enter in the prompt is the same event, unnamed.
+    prefix = generate.elem_id.removesuffix("-generate")
     events = dict(fn=handler, inputs=inputs, outputs=outputs, concurrency_id="generate")
-    generate.click(**events)
+    generate.click(**events, api_name=f"{prefix}_generate")
     if submit is not None:
-        submit.submit(**events)
-    stop.click(stopper(studio), None, None, queue=False)
+        submit.submit(**events, api_name=False)
+    stop.click(stopper(studio), None, None, queue=False, api_name=f"{prefix}_stop")
     connect_seed(sampling, output)
     targets = [*([size.width, size.height] if size else []), sampling.steps, sampling.eta, *([sampling.scale] if sampling.scale else [])]
     model.dropdown.change(model_changed(studio, sampling, size), [model.dropdown, sampling.preset], targets, queue=False)
