@@ -21,7 +21,8 @@ log = logging.getLogger("ldm")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--model", help=f"checkpoint file (default: the embedded {default} model in weights/default/)")
+    parser.add_argument("--model", help="checkpoint file, or diffusers folder (the one with model_index.json) "
+                        f"(default: the embedded {default} model in weights/default/)")
     parser.add_argument("--preset", help="model preset name or YAML path, when detection cannot tell the family")
     parser.add_argument("--tokenizer", help="folder with the CLIP tokenizer's vocab.json and merges.txt")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
@@ -75,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="noise added to the input before upscaling, 0 to the model's maximum (350 for the SD x4 "
                               "upscaler; default 20); models without noise augmentation ignore it")
 
-    inspect = commands.add_parser("inspect", help="name the family of a checkpoint or preset")
-    inspect.add_argument("target", help="a checkpoint file, or a preset name or YAML path")
+    inspect = commands.add_parser("inspect", help="name the family of a checkpoint file, diffusers folder or preset")
+    inspect.add_argument("target", help="a checkpoint file, a diffusers folder, or a preset name or YAML path")
     inspect.add_argument("--keys", action="store_true", help="print a JSON object mapping every key to its shape")
 
     train = commands.add_parser("train", help="train a stage of the embedded default model")
@@ -100,7 +101,7 @@ def load(args: argparse.Namespace, task: str):
 
     path = args.model or DEFAULT_MODELS[task]
     if args.model is None and not Path(path).is_file():
-        raise ValueError(f"no --model given and the embedded default model {path} is missing; pass --model FILE")
+        raise ValueError(f"no --model given and the embedded default model {path} is missing; pass --model FILE_OR_FOLDER")
     device = choose_device(args.device)
     return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), preset=args.preset,
                       ema=args.ema, tokenizer_dir=args.tokenizer)

@@ -6,20 +6,20 @@ serving; memory comes back to its level after the burst. Uses the embedded defau
 from __future__ import annotations
 
 import gc
-import re
 import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from gradio_client import Client
 from PIL import Image
 
 import app
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
+from ui.client import StudioClient
 
 CLIENTS = 8
 REQUESTS_EACH = 3
@@ -48,31 +48,19 @@ def served(tmp_path_factory):
 
 
 class Tab:
-    """One client's calls to a tab's generate endpoint, its inputs given by their labels."""
+    """One user of one tab."""
 
     def __init__(self, url: str, tab: str = "txt2img"):
-        self.client = Client(url, verbose=False)
-        self.api = f"/{tab}_generate"
-        info = self.client.view_api(return_format="dict", print_info=False)["named_endpoints"][self.api]
-        # an empty text box's default is None on the API; the page sends ""
-        self.parameters = [(p["label"], "" if p["component"] == "Textbox" and p.get("parameter_default") is None
-                            else p.get("parameter_default")) for p in info["parameters"]]
-
-    def arguments(self, **by_label) -> list:
-        unknown = set(by_label) - {label for label, _ in self.parameters}
-        assert not unknown, f"no such inputs: {unknown}"
-        return [by_label.get(label, default) for label, default in self.parameters]
+        self.client, self.tab = StudioClient(url), tab
 
     def generate(self, prompt: str, seed: int, steps: int = STEPS):
-        preview, status, gallery, parameters = self.client.predict(
-            *self.arguments(Prompt=prompt, Seed=seed, Steps=steps), api_name=self.api)
-        return status, gallery, parameters
+        return self.client.generate(self.tab, Prompt=prompt, Seed=seed, Steps=steps)
 
     def submit(self, prompt: str, seed: int, steps: int, **more):
-        return self.client.submit(*self.arguments(Prompt=prompt, Seed=seed, Steps=steps, **more), api_name=self.api)
+        return self.client.submit(self.tab, Prompt=prompt, Seed=seed, Steps=steps, **more)
 
     def stop(self):
-        self.client.predict(api_name=self.api.replace("_generate", "_stop"))
+        self.client.stop(self.tab)
 
 
 def image_path(entry) -> str:
@@ -165,3 +153,12 @@ def test_a_fault_inside_a_job_is_reported_to_its_user_and_the_server_goes_on(ser
             failed.result()
         assert fine.result()[0].startswith("saved ")
     assert victim.generate("a green circle", 5)[0].startswith("saved ")  # the same user goes on too
+
+
+def test_the_script_client_names_unknown_tabs_and_inputs(served):
+    _, url = served
+    client = StudioClient(url)
+    with pytest.raises(ValueError, match="no tab 'paint'; tabs: .*inpaint.*txt2img"):
+        client.generate("paint", Prompt="x")
+    with pytest.raises(ValueError, match="the txt2img tab has no input 'Promt'; its inputs: Model, Prompt"):
+        client.generate("txt2img", Promt="x")

@@ -1,4 +1,4 @@
-"""The checkpoints in a set of folders, each with its detected family and what it can do.
+"""The checkpoints (files and diffusers folders) in a set of folders, each with its detected family and what it can do.
 
 Listing reads only key names and shapes (a safetensors header, or a pickle through the safe
 loader), never builds a model: a folder of large checkpoints lists in well under a second each.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.checkpoints.detect import detect_file
+from ldm.checkpoints.diffusers_folder import MODEL_INDEX, is_diffusers_folder
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.presets import ModelPreset, list_presets
 from ldm.models.latent_diffusion import LatentDiffusionConfig
@@ -66,7 +67,7 @@ class CatalogEntry:
 
     @property
     def name(self) -> str:
-        return self.path.stem
+        return self.path.name if self.path.is_dir() else self.path.stem
 
     @property
     def capabilities(self) -> Capabilities | None:
@@ -80,14 +81,20 @@ class CatalogEntry:
 
 
 def checkpoint_files(folders: Iterable[str | Path]) -> list[Path]:
-    """Checkpoint files under the folders (recursively), sorted, each once; missing folders are skipped."""
+    """Checkpoint files and diffusers folders under the folders (recursively), sorted, each once; missing
+    folders are skipped. A diffusers folder (one with model_index.json) is one entry, and the weights
+    files inside it are not listed on their own."""
     found: dict[Path, None] = {}
     for folder in folders:
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             continue
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file() and not path.name.startswith("."):
+        pipelines = {index.parent for index in folder.rglob(MODEL_INDEX) if is_diffusers_folder(index.parent)}
+        for path in sorted([*folder.rglob("*"), folder]):
+            if path in pipelines:
+                found[path.resolve()] = None
+            elif (path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file() and not path.name.startswith(".")
+                  and not any(p in pipelines for p in path.parents)):
                 found[path.resolve()] = None
     return list(found)
 

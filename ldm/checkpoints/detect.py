@@ -33,6 +33,7 @@ from typing import NamedTuple
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.checkpoints.diffusers_folder import open_folder, read_folder_shapes
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_key_shapes_and_metadata
 from ldm.checkpoints.presets import UNSTATED, ModelPreset
@@ -210,6 +211,9 @@ def detect_preset(shapes: Shapes, presets: Iterable[ModelPreset], source: str | 
 
 
 def detect_file(path: str | Path, presets: Iterable[ModelPreset]) -> Detection:
-    """Detect a checkpoint file's family from its keys, shapes, metadata (read once) and any config beside it."""
+    """Detect a checkpoint file's family from its keys, shapes, metadata (read once) and any config beside it;
+    a diffusers folder's from its tensors under the original keys and the prediction type its scheduler states."""
+    if Path(path).is_dir():
+        return detect(read_folder_shapes(path), presets, path, open_folder(path).prediction)
     shapes, metadata = read_key_shapes_and_metadata(path)
     return detect(shapes, presets, path, file_prediction(path, metadata))

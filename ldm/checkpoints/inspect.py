@@ -1,4 +1,4 @@
-"""What a checkpoint or preset is: its family, its parts, and every key with its shape."""
+"""What a checkpoint (a file or a diffusers folder) or preset is: its family, its parts, and every key with its shape."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.checkpoints.detect import detect, file_prediction
+from ldm.checkpoints.diffusers_folder import open_folder, read_folder_shapes
 from ldm.checkpoints.io import read_key_shapes_and_metadata
 from ldm.checkpoints.loader import EMA_PREFIX, build_model
 from ldm.checkpoints.presets import ModelPreset, find_preset, list_presets
@@ -46,6 +47,11 @@ def inspect_target(target: str) -> InspectReport:
         shapes, metadata = read_key_shapes_and_metadata(path)
         detection = detect(shapes, list_presets(), path, file_prediction(path, metadata))
         return InspectReport(str(path), detection.preset, dict(shapes), metadata, detection.notice)
+    if path.is_dir():  # its tensors under the original keys, and what its model_index and scheduler say
+        folder = open_folder(path)
+        shapes = read_folder_shapes(path)
+        detection = detect(shapes, list_presets(), path, folder.prediction)
+        return InspectReport(str(path), detection.preset, shapes, folder.metadata(), detection.notice)
     preset = find_preset(target)
     model = build_model(preset.model)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

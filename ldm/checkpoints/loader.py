@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoints.detect import detect_file
+from ldm.checkpoints.diffusers_folder import (
+    check_against_preset, fill_unused, open_folder, read_folder_state, weight_files,
+)
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
@@ -44,11 +47,13 @@ class LoadReport:
     used_ema: bool
     ignored: tuple[str, ...] = ()
     tensors: int = 0
+    filled: tuple[str, ...] = ()  # tensors a diffusers folder does not carry and sampling never reads, set to zeros
 
     def summary(self) -> str:
         ema = "EMA weights" if self.used_ema else "weights"
         ignored = f", ignored {len(self.ignored)} non-model entries" if self.ignored else ""
-        return f"loaded {self.tensors} {ema} as {self.preset}{ignored}"
+        filled = f", filled {len(self.filled)} unused tensors the folder does not carry with zeros" if self.filled else ""
+        return f"loaded {self.tensors} {ema} as {self.preset}{ignored}{filled}"
 
 
 @dataclass
@@ -62,15 +67,17 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
-        return self.path.stem
+        return self.path.name if self.path.is_dir() else self.path.stem
 
     @cached_property
     def short_hash(self) -> str:
-        """First 10 hex digits of the file's SHA-256 (the 'Model hash' other tools print)."""
+        """First 10 hex digits of the file's SHA-256 (the 'Model hash' other tools print); for a diffusers
+        folder, of its UNet, VAE and text encoder weights read in that order."""
         digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        for path in weight_files(self.path) if self.path.is_dir() else [self.path]:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
         return digest.hexdigest()[:10]
 
 
@@ -163,19 +170,24 @@ def load_model(
     path = Path(path)
     chosen = resolve_preset(path, preset)
     model = build_model(chosen.model)
-    state = read_state_dict(path)
+    folder = path.is_dir()  # a diffusers folder (one without model_index.json is refused by name)
+    if folder:  # its schedules must be the preset's; its own tokenizer unless one is given
+        check_against_preset(path, chosen.model, chosen.name)
+        tokenizer_dir = tokenizer_dir or open_folder(path).tokenizer_dir
+    state = read_folder_state(path) if folder else read_state_dict(path)
     weights, used_ema, ignored = select_weights(state, set(model.state_dict()), ema, path)
     del state
+    filled = fill_unused(weights, model.state_dict(), chosen.model) if folder else ()
     _check_complete(weights, model, chosen, path)
     for key, tensor in weights.items():  # one at a time, so the file's copy is freed as each is converted
         weights[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(weights, strict=True, assign=True)
-    count = len(weights)
+    count = len(weights) - len(filled)
     del weights
     if model.encodes_tokens:  # text and layout encoders; not a spatial conditioner
         model.cond_stage_model.init_non_persistent_buffers()
         model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, chosen, path, tokenizer_dir)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    report = LoadReport(chosen.name, used_ema, ignored, count)
+    report = LoadReport(chosen.name, used_ema, ignored, count, filled)
     log.info("%s: %s", path, report.summary())
     return LoadedModel(model, chosen, path, report, torch.device(device), dtype)
