@@ -24,7 +24,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--model", help="checkpoint file, or diffusers folder (the one with model_index.json) "
                         f"(default: the embedded {default} model in weights/default/)")
     parser.add_argument("--preset", help="model preset name or YAML path, when detection cannot tell the family")
-    parser.add_argument("--tokenizer", help="folder with the CLIP tokenizer's vocab.json and merges.txt")
+    parser.add_argument("--tokenizer", help="folder with the model's tokenizer: CLIP's vocab.json and merges.txt (Stable "
+                        "Diffusion), or bert-base-uncased's vocab.txt (LDM text2img models)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
     ema = parser.add_mutually_exclusive_group()
@@ -55,10 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     t2i.add_argument("--width", type=int, help="image width in pixels (default: the model's training size)")
     t2i.add_argument("--height", type=int, help="image height in pixels")
 
-    layout = commands.add_parser("layout", help="generate an image from labelled boxes (and an optional prompt)")
+    layout = commands.add_parser("layout", help="generate an image from labelled boxes (and an optional prompt)",
+                                 description="Generate from labelled boxes. The default model's labels are class names "
+                                 "('red circle'); LDM's layout2img-openimages256 takes up to 30 boxes labelled with "
+                                 "class ids (whole numbers 0 to 8190: its class-name table was not released) and no "
+                                 "prompt; other text models take each label as the prompt of its region.")
     _add_model_arguments(layout, "txt2img")
     _add_sampling_arguments(layout, "layout.png")
-    layout.add_argument("--boxes", required=True, help='JSON file: [{"label": "red circle", "box": [x0, y0, x1, y1]}, ...], corners in [0, 1]')
+    layout.add_argument("--boxes", required=True, help='JSON file: [{"label": "red circle", "box": [x0, y0, x1, y1]}, ...], '
+                        'corners in [0, 1]; for layout2img-openimages256 the labels are class ids: {"label": 7, ...}')
     layout.add_argument("--width", type=int)
     layout.add_argument("--height", type=int)
 
@@ -108,12 +114,25 @@ def load(args: argparse.Namespace, task: str):
 
 
 def read_boxes(path: str) -> tuple:
+    """Boxes (label, x0, y0, x1, y1) from a JSON list of {"label": ..., "box": [x0, y0, x1, y1]}. A label
+    is a name, or a class id (a whole number, kept as its digits) for models that number their classes."""
+    expected = ('expected a JSON list of {"label": "red circle", "box": [x0, y0, x1, y1]} with corners in [0, 1] '
+                '(labels are class ids such as 7 for layout2img-openimages256)')
     try:
         entries = json.loads(Path(path).read_text())
-        return tuple((e["label"], *e["box"]) for e in entries)
+        boxes = tuple((_box_label(e["label"]), *e["box"]) for e in entries)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: cannot read boxes ({error}); expected a JSON list of "
-                         '{"label": "red circle", "box": [x0, y0, x1, y1]} with corners in [0, 1]') from None
+        raise ValueError(f"{path}: cannot read boxes ({error}); {expected}") from None
+    for i, box in enumerate(boxes):
+        if len(box) != 5:
+            raise ValueError(f"{path}: box {i + 1} has {len(box) - 1} coordinates, not 4; {expected}")
+    return boxes
+
+
+def _box_label(label) -> str:
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise ValueError(f"label {label!r} is neither a name nor a class id (a whole number)")
+    return str(label)
 
 
 def make_request(args: argparse.Namespace, loaded, **overrides):

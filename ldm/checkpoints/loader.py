@@ -23,8 +23,10 @@ from ldm.checkpoints.diffusers_folder import (
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
+from ldm.models.bert_tokenizer import BERT_HUB_REPO, find_bert_tokenizer
 from ldm.models.conditioners import CLIPTextEncoder, OpenCLIPTextEncoder
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.models.layout_tokens import LDMLayoutTokenizer
 from ldm.models.tokenizers import find_clip_tokenizer
 from ldm.models.word_tokenizer import WordLayoutTokenizer
 
@@ -134,13 +136,20 @@ def _check_complete(weights: dict, model: LatentDiffusion, preset: ModelPreset, 
 
 
 def load_tokenizer(encoder, preset: ModelPreset, path: Path, tokenizer_dir: str | Path | None):
-    """The tokenizer a conditioning stage needs: CLIP's BPE (looked up; OpenCLIP uses the same one), or a
-    word-and-layout vocabulary file named by the preset (relative to the presets folder)."""
+    """The tokenizer a conditioning stage needs: CLIP's BPE (looked up; OpenCLIP uses the same one),
+    bert-base-uncased's WordPiece for LDM BERT (looked up), LDM's layout tokens for a layout-only
+    encoder, or a word-and-layout vocabulary file named by the preset (relative to the presets folder)."""
     if isinstance(encoder, (CLIPTextEncoder, OpenCLIPTextEncoder)):
         return find_clip_tokenizer(tokenizer_dir=tokenizer_dir, checkpoint_path=path)
     config = encoder.config
+    if config.vocab == BERT_HUB_REPO:
+        tokenizer = find_bert_tokenizer(tokenizer_dir=tokenizer_dir, checkpoint_path=path)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise CheckpointError(f"{path}: the tokenizer from {tokenizer.source} has {tokenizer.vocab_size} tokens, more "
+                                  f"than the {config.vocab_size} of the {preset.name} model; it is not {BERT_HUB_REPO}'s")
+        return tokenizer
     if config.vocab == "layout":
-        return None
+        return LDMLayoutTokenizer(config.vocab_size, config.max_objects, config.grid) if config.max_objects else None
     vocab = PRESET_DIR.parent / config.vocab
     if not vocab.is_file():
         raise CheckpointError(f"{path}: the tokenizer vocabulary {vocab} that preset {preset.name} names is missing")

@@ -46,6 +46,16 @@ def boxes_as_regions(loaded: LoadedModel, request: GenerationRequest) -> tuple[G
     return replace(request, boxes=(), regions=request.regions + regions), [notice]
 
 
+def tokenizer_notices(loaded: LoadedModel, request: GenerationRequest) -> list[str]:
+    """What the model's tokenizer does not take of the prompts (LDM BERT cuts a prompt to 77 tokens; a
+    layout-only model reads no prompt), for the user to see, from its ``notices`` where it has one."""
+    notices = getattr(getattr(loaded.model.cond_stage_model, "tokenizer", None), "notices", None)
+    if notices is None:
+        return []
+    return notices([request.prompt, request.negative_prompt, *(p for r in request.regions
+                                                              for p in (r.prompt, r.negative_prompt))])
+
+
 def sample_latents(
     loaded: LoadedModel,
     request: GenerationRequest,
@@ -72,7 +82,7 @@ def txt2img(
     ``SamplingCancelled`` when ``should_stop`` turns true."""
     request, notices = resolve_request(request, loaded.model.config.size_multiple)
     request, more = boxes_as_regions(loaded, request)
-    notices += more + canvas_notices(loaded.model, request)
+    notices += more + tokenizer_notices(loaded, request) + canvas_notices(loaded.model, request)
     latents = sample_latents(loaded, request, callback=callback, should_stop=should_stop)
     with torch.inference_mode():
         images = to_pil(decode(loaded.model, latents, request.tiling))

@@ -1,0 +1,142 @@
+"""The bert-base-uncased tokenizer that LDM's text-to-image models (LDM BERT) need.
+
+LDM's ``BERTEmbedder`` turns a caption into ids with transformers' ``BertTokenizerFast`` for
+"bert-base-uncased": ``[CLS] ... [SEP]``, truncated and padded with ``[PAD]`` (id 0) to 77 tokens
+(CompVis/latent-diffusion ``ldm/modules/encoders/modules.py``). The checkpoints hold no vocabulary
+and no pip package ships bert-base-uncased's ``vocab.txt``, so ``find_bert_tokenizer`` looks for it
+in the same order as ``ldm.models.tokenizers.find_clip_tokenizer`` and never downloads:
+
+1. ``tokenizer_dir``, when given. A folder without ``vocab.txt`` is an error, never skipped.
+2. Next to the checkpoint: its own folder, its ``tokenizer/`` subfolder, or a
+   ``<checkpoint stem>.tokenizer/`` folder beside it.
+3. The Hugging Face cache for ``bert-base-uncased`` (files already downloaded; offline).
+4. Otherwise ``TokenizerNotFoundError``, naming the places searched and where to put ``vocab.txt``.
+
+A prompt longer than 77 tokens is cut, as the original does; ``notices`` says so for the user.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub
+import torch
+from transformers import BertTokenizerFast
+
+from ldm.models.tokenizers import TokenizerNotFoundError, _folders_next_to
+
+log = logging.getLogger(__name__)
+
+BERT_HUB_REPO = "bert-base-uncased"
+BERT_VOCAB_FILE = "vocab.txt"
+BERT_MAX_LENGTH = 77  # LDM's BERTTokenizer(max_length=77)
+BERT_SPECIALS = {"pad": ("[PAD]", 0), "cls": ("[CLS]", None), "sep": ("[SEP]", None)}
+
+
+@dataclass(frozen=True)
+class BertPromptTokenizer:
+    """bert-base-uncased ids for prompts, as LDM's ``BERTTokenizer`` makes them: (B, 77) with
+    ``[CLS]`` first, ``[SEP]`` after the last kept token, ``[PAD]`` = 0 after it. The interface of
+    the project's word-and-layout tokenizer (``encode_batch(prompts, layouts)``), so that the
+    conditioning stage encodes with it unchanged; LDM BERT models take no layout."""
+
+    tokenizer: BertTokenizerFast
+    max_length: int = BERT_MAX_LENGTH
+    source: str = ""
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def token_count(self, prompt: str) -> int:
+        """Tokens of ``prompt`` with ``[CLS]`` and ``[SEP]``, before truncation."""
+        return len(self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
+
+    def notices(self, prompts: Sequence[str]) -> list[str]:
+        """What the user should know: which prompts are cut to the model's 77 tokens."""
+        out = []
+        for prompt in dict.fromkeys(p for p in prompts if p):
+            count = self.token_count(prompt)
+            if count > self.max_length:
+                kept = self.tokenizer.decode(self.encode_batch([prompt])[0, 1:-1].tolist())
+                out.append(f"prompt {_excerpt(prompt)!r} is {count - 2} tokens long; LDM BERT reads the first "
+                           f"{self.max_length - 2}, up to {_excerpt(kept, tail=True)!r}, and ignores the rest")
+        return out
+
+    def encode_batch(self, prompts: Sequence[str], layouts: Sequence | None = None) -> torch.Tensor:
+        if layouts is not None and any(layouts):
+            raise ValueError("this model takes no layout boxes (its LDM BERT reads text only); use region prompts")
+        for prompt in prompts:
+            if prompt and self.token_count(prompt) > self.max_length:
+                log.info("prompt cut to %d tokens: %r", self.max_length, _excerpt(prompt))
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")["input_ids"]
+        return ids.to(torch.long)  # (B, 77)
+
+
+def _excerpt(text: str, width: int = 40, tail: bool = False) -> str:
+    if len(text) <= width:
+        return text
+    return "..." + text[-width:] if tail else text[:width] + "..."
+
+
+def find_bert_tokenizer(
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    hub_repo: str = BERT_HUB_REPO,
+) -> BertPromptTokenizer:
+    """LDM BERT's tokenizer from the first source in the module's lookup order."""
+    if tokenizer_dir is not None:
+        folder = Path(tokenizer_dir)
+        if not (folder / BERT_VOCAB_FILE).is_file():
+            what = "does not exist" if not folder.is_dir() else f"has no {BERT_VOCAB_FILE}"
+            raise TokenizerNotFoundError(
+                f"Tokenizer folder {folder} {what}; for an LDM BERT model it must hold {hub_repo}'s {BERT_VOCAB_FILE}")
+        return load_bert_tokenizer(folder, source=f"tokenizer folder {folder}")
+
+    searched: list[str] = []
+    if checkpoint_path is not None:
+        for folder in _folders_next_to(Path(checkpoint_path)):
+            if (folder / BERT_VOCAB_FILE).is_file():
+                return load_bert_tokenizer(folder, source=f"folder next to the checkpoint {folder}")
+            searched.append(f"{folder}/")
+
+    cached = huggingface_hub.try_to_load_from_cache(hub_repo, BERT_VOCAB_FILE)
+    if isinstance(cached, str):
+        folder = Path(cached).parent
+        return load_bert_tokenizer(folder, source=f"Hugging Face cache for {hub_repo} ({folder})")
+    searched.append(f"the Hugging Face cache for {hub_repo}")
+    raise TokenizerNotFoundError(_not_found_message(searched, checkpoint_path, hub_repo))
+
+
+def _not_found_message(searched: list[str], checkpoint_path: str | os.PathLike | None, hub_repo: str) -> str:
+    where = f"in {Path(checkpoint_path).parent / 'tokenizer'}/" if checkpoint_path is not None else "in a folder"
+    lines = [
+        f"No {hub_repo} tokenizer found. LDM BERT checkpoints (LDM text2img) do not contain one, no pip package "
+        "ships it and nothing is downloaded. Searched:",
+        *(f"  - {place}" for place in searched),
+        "To fix, do one of:",
+        f"  - put {hub_repo}'s {BERT_VOCAB_FILE} (30,522 lines, from the Hugging Face model {hub_repo}) {where}",
+        f"  - pass --tokenizer DIR, a folder holding {BERT_VOCAB_FILE}",
+        f"  - download it once into the Hugging Face cache: `huggingface-cli download {hub_repo} {BERT_VOCAB_FILE}`",
+    ]
+    return "\n".join(lines)
+
+
+def load_bert_tokenizer(folder: str | os.PathLike, *, source: str = "") -> BertPromptTokenizer:
+    """The uncased WordPiece tokenizer of ``folder/vocab.txt``, checked for BERT's special tokens."""
+    folder = Path(folder)
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True, do_lower_case=True,
+                                                  model_max_length=BERT_MAX_LENGTH)
+    vocab = tokenizer.get_vocab()
+    for token, wanted in BERT_SPECIALS.values():
+        if token not in vocab or (wanted is not None and vocab[token] != wanted):
+            at = "missing" if token not in vocab else f"id {vocab[token]}, not {wanted}"
+            raise ValueError(f"{folder / BERT_VOCAB_FILE} is not a BERT WordPiece vocabulary: {token} is {at}")
+    log.info("BERT tokenizer: %s", source or folder)
+    return BertPromptTokenizer(tokenizer, source=source or str(folder))
