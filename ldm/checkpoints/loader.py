@@ -97,11 +97,31 @@ def _is_known_extra(key: str) -> bool:
     return key.removeprefix(LOW_SCALE_PREFIX) in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX) or key.endswith(KNOWN_EXTRA_SUFFIXES)
 
 
+FIRST_STAGE_PREFIX, COND_STAGE_PREFIX = "first_stage_model.", "cond_stage_model."
+
+
+def check_first_stage_copies(state: dict[str, torch.Tensor], source: Path) -> set[str]:
+    """The ``cond_stage_model.*`` keys of a model whose conditioning stage is its first stage
+    (``__is_first_stage__``): the original registers the module twice, so a file may hold each first
+    stage tensor again under the conditioning stage's name. Each must be an exact copy."""
+    copies = {k for k in state if k.startswith(COND_STAGE_PREFIX)}
+    for key in sorted(copies):
+        twin = FIRST_STAGE_PREFIX + key.removeprefix(COND_STAGE_PREFIX)
+        if twin not in state:
+            raise CheckpointError(f"{source}: {key} has no counterpart {twin}; this model's conditioning stage is its "
+                                  "first stage, so cond_stage_model.* may only repeat first_stage_model.* tensors")
+        if state[key].shape != state[twin].shape or not torch.equal(state[key], state[twin]):
+            raise CheckpointError(f"{source}: {key} differs from {twin}; this model's conditioning stage is its first "
+                                  "stage, so the two copies must be identical (the file may be a merge or damaged)")
+    return copies
+
+
 def select_weights(
-    state: dict[str, torch.Tensor], expected: set[str], ema: bool | None, source: Path
+    state: dict[str, torch.Tensor], expected: set[str], ema: bool | None, source: Path, *, first_stage_copies: bool = False
 ) -> tuple[dict[str, torch.Tensor], bool, tuple[str, ...]]:
     """The model's tensors from a file's entries, EMA copies swapped in when wanted (``ema=None``: when
-    present). Returns (weights, used_ema, ignored keys). Unknown extra keys raise."""
+    present). Returns (weights, used_ema, ignored keys). Unknown extra keys raise. With
+    ``first_stage_copies``, ``cond_stage_model.*`` copies of the first stage are checked and ignored."""
     ema_keys = {k: ema_key(k) for k in expected if k.startswith("model.diffusion_model.")}
     has_ema = bool(ema_keys) and all(v in state for v in ema_keys.values())
     if ema and not has_ema:
@@ -111,7 +131,8 @@ def select_weights(
     if use_ema:
         weights.update({k: state[e] for k, e in ema_keys.items()})
     extra = sorted(k for k in state if k not in expected)
-    unexpected = [k for k in extra if not _is_known_extra(k)]
+    copies = check_first_stage_copies(state, source) if first_stage_copies else set()
+    unexpected = [k for k in extra if not _is_known_extra(k) and k not in copies]
     if unexpected:
         raise CheckpointError(
             f"{source}: {len(unexpected)} tensors do not belong to this model, e.g. {', '.join(unexpected[:3])}. "
@@ -184,7 +205,8 @@ def load_model(
         check_against_preset(path, chosen.model, chosen.name)
         tokenizer_dir = tokenizer_dir or open_folder(path).tokenizer_dir
     state = read_folder_state(path) if folder else read_state_dict(path)
-    weights, used_ema, ignored = select_weights(state, set(model.state_dict()), ema, path)
+    weights, used_ema, ignored = select_weights(state, set(model.state_dict()), ema, path,
+                                                first_stage_copies=chosen.model.first_stage_conditions)
     del state
     filled = fill_unused(weights, model.state_dict(), chosen.model) if folder else ()
     _check_complete(weights, model, chosen, path)

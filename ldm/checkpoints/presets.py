@@ -22,7 +22,7 @@ from ldm.models.conditioners import (
     SpatialRescalerConfig,
     TransformerEmbedderConfig,
 )
-from ldm.models.latent_diffusion import LatentDiffusionConfig, NoiseAugmentationConfig
+from ldm.models.latent_diffusion import FirstStageConditionerConfig, LatentDiffusionConfig, NoiseAugmentationConfig
 from ldm.models.unet import UNetConfig
 from ldm.sampling.denoiser import PARAMETERIZATIONS
 from ldm.sampling.schedules import ScheduleConfig
@@ -43,6 +43,7 @@ COND_STAGE_KINDS = {
     "clip": CLIPTextEncoderConfig,
     "open_clip": OpenCLIPTextEncoderConfig,
     "transformer": TransformerEmbedderConfig,
+    "first_stage": FirstStageConditionerConfig,  # the original's __is_first_stage__ (LDM inpainting_big)
     "spatial_rescaler": SpatialRescalerConfig,
 }
 
@@ -70,6 +71,7 @@ class ModelPreset:
     # named preset (e.g. a fine-tune at another training size): a file detected as that preset is
     # this one when an original config beside it says so, and the detection notice names it.
     variant_of: str = ""
+
 
 def _typed(cls, values: dict[str, Any], where: str):
     """Build dataclass ``cls`` from a mapping, turning lists into tuples and naming unknown keys."""

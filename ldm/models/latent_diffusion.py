@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
@@ -55,10 +56,18 @@ class NoiseAugmentationConfig:
 
 
 @dataclass(frozen=True)
+class FirstStageConditionerConfig:
+    """The original's ``cond_stage_config: __is_first_stage__`` (LDM inpainting_big): the conditioning
+    stage is the first stage itself, which encodes the masked image. No module of its own is built, so
+    the model's keys are the original's; a file may still hold ``cond_stage_model.*`` copies of the
+    first stage's tensors (the original registers the same module twice), which the loader checks."""
+
+
+@dataclass(frozen=True)
 class LatentDiffusionConfig:
     unet: UNetConfig
     first_stage: AutoencoderConfig
-    cond_stage: CondStageConfig | None
+    cond_stage: CondStageConfig | FirstStageConditionerConfig | None
     schedule: ScheduleConfig
     parameterization: str = "eps"
     scale_factor: float = 1.0
@@ -69,6 +78,9 @@ class LatentDiffusionConfig:
 
     def __post_init__(self):
         check_parameterization(self.parameterization)
+        if self.first_stage_conditions and self.concat_input != "masked_latent_and_mask":
+            raise ValueError(f"cond_stage kind first_stage encodes a masked image for concat_input 'masked_latent_and_mask', "
+                             f"not {self.concat_input!r}")
         if self.noise_augmentation is not None and not isinstance(self.unet.num_classes, int):
             raise ValueError("noise augmentation gives the UNet its noise level as a class label: set unet.num_classes")
         if self.conditioning not in CONDITIONING_KEYS:
@@ -93,6 +105,11 @@ class LatentDiffusionConfig:
         if extra is not None and self.unet.in_channels != self.latent_channels + extra:
             raise ValueError(f"concat_input {self.concat_input!r} gives the UNet {self.latent_channels + extra} input "
                              f"channels ({self.latent_channels} latent + {extra}), but unet.in_channels is {self.unet.in_channels}")
+
+    @property
+    def first_stage_conditions(self) -> bool:
+        """The first stage is the conditioning stage (``__is_first_stage__``)."""
+        return isinstance(self.cond_stage, FirstStageConditionerConfig)
 
     @property
     def latent_channels(self) -> int:
@@ -135,7 +152,8 @@ class LatentDiffusion(nn.Module):
         self.config = config
         self.model = DiffusionWrapper(UNetModel(config.unet))
         self.first_stage_model = Autoencoder(config.first_stage)
-        self.cond_stage_model = build_cond_stage(config.cond_stage)
+        # A first stage that conditions (inpainting_big) is not registered twice: no cond_stage_model keys.
+        self.cond_stage_model = None if config.first_stage_conditions else build_cond_stage(config.cond_stage)
         # float64 on the CPU: the samplers read their coefficients from it as Python floats.
         self.alphas_cumprod = make_alphas_cumprod(config.schedule)
         augmentation = config.noise_augmentation
@@ -196,17 +214,31 @@ class LatentDiffusion(nn.Module):
 
     @property
     def inpaints_natively(self) -> bool:
-        """A model whose UNet takes [x, mask, masked-image latent] (SD's inpainting layout)."""
-        return self.config.concat_input == "mask_and_masked_latent"
+        """A model whose UNet takes a mask and the masked image's latent: SD's [x, mask, masked latent]
+        or LDM inpainting_big's [x, masked latent, mask]."""
+        return self.config.concat_input in ("mask_and_masked_latent", "masked_latent_and_mask")
 
     def inpainting_concat(self, images: torch.Tensor, mask: torch.Tensor, tile: int = 0) -> torch.Tensor:
         """The concat channels [mask, masked-image latent] at latent size. ``images`` (B, 3, H, W) in
         [-1, 1]; ``mask`` (B, 1, H, W), 1 where the image is to be filled. A latent pixel counts as
         masked when any of its pixels is. An all-ones mask is "no mask": generate everything."""
+        if self.config.concat_input == "masked_latent_and_mask":
+            return self._ldm_inpainting_concat(images, mask, tile)
         f = self.config.downsampling_factor
         masked_latent = self.encode_first_stage(images * (1 - mask), tile=tile)
         latent_mask = torch.nn.functional.max_pool2d(mask.float(), f).to(masked_latent)
         return torch.cat([latent_mask, masked_latent], dim=1)
+
+    def _ldm_inpainting_concat(self, images: torch.Tensor, mask: torch.Tensor, tile: int) -> torch.Tensor:
+        """LDM inpainting_big's concat [masked-image latent, mask], as its scripts/inpaint.py builds it:
+        the masked image is (1 - mask) * image in [0, 1] (black where masked), then it and the mask go
+        to [-1, 1]; the first stage (the conditioning stage) encodes the masked image to its
+        pre-quantisation latent, unscaled; the mask is resized to latent size by nearest neighbour."""
+        mask = (mask >= 0.5).to(images)
+        masked = (1 - mask) * (images + 1) - 1  # ((1 - mask) * (images + 1) / 2) * 2 - 1
+        latent = self.encode_first_stage(masked, tile=tile) / self.config.scale_factor
+        latent_mask = F.interpolate(mask * 2 - 1, size=latent.shape[-2:], mode="nearest").to(latent)
+        return torch.cat([latent, latent_mask], dim=1)
 
     def augment_low_res(self, images: torch.Tensor, noise_level: int, noise: torch.Tensor) -> torch.Tensor:
         """The low-resolution ``images`` (B, 3, h, w) in [-1, 1] diffused to ``noise_level`` under the

@@ -1,8 +1,11 @@
 """Inpainting: fill the masked part of an image from a prompt (and layout), keep the rest exactly.
 
-A dedicated inpainting model (hybrid: [x, mask, masked-image latent]) is used natively; any other
-model inpaints by latent blending (the kept region is replaced each step by the image's latent
-noised to that step). Either way the unmasked pixels are pasted back from the input, unchanged.
+A dedicated inpainting model is used natively: SD's (hybrid: [x, mask, masked-image latent]) or
+LDM's inpainting_big (concat: [x, masked-image latent, mask], no text stage, so the prompt and the
+guidance scale are not used and a notice says so). Any other text model inpaints by latent blending
+(the kept region is replaced each step by the image's latent noised to that step). Either way the
+unmasked pixels are pasted back from the input, unchanged: for inpainting_big this is its script's
+final ``(1 - mask) * image + mask * decoded``.
 """
 
 from __future__ import annotations
@@ -77,6 +80,27 @@ def working_size(width: int, height: int, native: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def check_inpainter(loaded: LoadedModel) -> None:
+    """Native inpainting models and models whose UNet takes no extra channels (latent blending) inpaint;
+    an upscaler or a segmentation model does not."""
+    model = loaded.model
+    if not model.inpaints_natively and model.config.concat_input != "none":
+        raise ValueError(f"{loaded.name} cannot inpaint: its UNet also reads a {model.config.concat_input.replace('_', ' ')}; "
+                         "use an inpainting model or a text-to-image model")
+
+
+def without_text(loaded: LoadedModel, request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
+    """A model with no text stage (LDM inpainting_big) samples unguided: the prompts and the guidance
+    scale are dropped from the request, with a notice when they were given."""
+    if loaded.model.encodes_tokens:
+        return request, []
+    unused = [name for name, given in (("prompt", request.prompt or request.negative_prompt), ("guidance scale", request.scale != 1.0))
+              if given]
+    notices = [f"{loaded.name} has no text stage: the {' and the '.join(unused)} {'are' if len(unused) > 1 else 'is'} not used; "
+               "the fill follows the image around the mask"] if unused else []
+    return replace(request, prompt="", negative_prompt="", scale=1.0), notices
+
+
 def fill(
     loaded: LoadedModel,
     request: GenerationRequest,
@@ -118,6 +142,8 @@ def inpaint(
     """Fill the white part of ``mask`` in ``image`` from the request's prompt (and boxes). The result
     has the image's size; outside the mask every pixel is the input's, exactly."""
     options.check()
+    check_inpainter(loaded)
+    request, text_notices = without_text(loaded, request)
     image = as_rgb(image)
     masked = mask_array(mask, image.size)
     left, top, right, bottom = mask_region(masked, options.padding) if options.only_masked else (0, 0, *image.size)
@@ -139,7 +165,7 @@ def inpaint(
     seeds = [request.seed + i for i in range(request.batch_size)]
     texts = [inpaint_parameters(parameters_text(replace(request, width=image.width, height=image.height), s, loaded), options)
              for s in seeds]
-    return GenerationResult(images, seeds, texts, notices)
+    return GenerationResult(images, seeds, texts, text_notices + notices)
 
 
 def inpaint_parameters(text: str, options: InpaintOptions) -> str:

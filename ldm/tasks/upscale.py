@@ -5,6 +5,10 @@ Large inputs are denoised in overlapping tiles fused at every step (``ldm.sampli
 tile seeing its window of the low-resolution image, and decoded with whole-image normalisation when
 the decoder would exceed the memory budget (``ldm.models.autoencoder_tiling``).
 
+LDM's bsr_sr (VQ-f4, no text stage) takes this path as it is: its low-resolution image in [-1, 1] is
+concatenated to the latent unchanged (the original's Identity conditioning stage), and its VQ first
+stage quantises the final latent to the nearest codebook entries before decoding.
+
 A model with noise augmentation (Stable Diffusion's x4 upscaler) is also guided by the prompt: its
 low-resolution image is first diffused to the requested noise level under the augmentation schedule,
 with noise from the request's seeds, and the level is the UNet's class label. Both branches of
@@ -108,9 +112,12 @@ def upscale(
     if pad_w or pad_h:
         low = F.pad(low, (0, pad_w, 0, pad_h), mode="reflect" if min(image.size) > max(pad_w, pad_h) else "replicate")
     h, w = low.shape[-2:]
+    unused_prompt = model.cond_stage_model is None and bool(request.prompt or request.negative_prompt)
     if model.cond_stage_model is None:
         request = replace(request, prompt="", negative_prompt="")
     request, notices = resolve_request(replace(request, width=w * f, height=h * f), f * grid)
+    if unused_prompt:
+        notices.insert(0, f"{loaded.name} has no text stage: the prompt is not used")
     # Tiles are fused at every step (MultiDiffusion): the canvas is one sample, with no seams.
     mode = "always" if tiles.tile else "off"
     request = replace(request, tiling=TilingOptions(mode, tiles.tile * f, tiles.overlap * f, request.tiling.budget_mb))
