@@ -1,6 +1,6 @@
 """Command line: ``python -m ldm COMMAND``.
 
-txt2img, layout, inpaint and upscale generate PNGs that carry their parameters; inspect names a
+txt2img, layout, inpaint, upscale and semantic generate PNGs that carry their parameters; inspect names a
 checkpoint's family; train and eval build and measure the embedded default model.
 """
 
@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--noise-level", type=int, default=20,
                          help="noise added to the input before upscaling, 0 to the model's maximum (350 for the SD x4 "
                               "upscaler; default 20); models without noise augmentation ignore it")
+
+    semantic = commands.add_parser("semantic", help="a picture from a segmentation map (LDM semantic synthesis models)")
+    _add_model_arguments(semantic, "semantic")
+    next(a for a in semantic._actions if a.dest == "model").help = (
+        "checkpoint of a semantic synthesis model (LDM's semantic_synthesis256 or semantic_synthesis512); required")
+    _add_sampling_arguments(semantic, "semantic.png", prompt=False)
+    semantic.add_argument("--segmentation", required=True,
+                          help="label map: an 8-bit greyscale (or palette) PNG whose pixel values are class indices "
+                               "(0 to 181 for LDM's landscape models); the picture has its size")
 
     inspect = commands.add_parser("inspect", help="name the family of a checkpoint file, diffusers folder or preset")
     inspect.add_argument("target", help="a checkpoint file, a diffusers folder, or a preset name or YAML path")
@@ -212,6 +221,31 @@ def run_task(args, loaded, request, progress):
     return txt2img(loaded, request, callback=progress)
 
 
+def run_semantic(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ldm.tasks.parameters import save_png
+    from ldm.tasks.semantic import check_semantic, semantic
+
+    if args.model is None:
+        raise ValueError("semantic synthesis has no embedded model: pass --model FILE, a checkpoint of LDM's "
+                         "semantic_synthesis256 or semantic_synthesis512")
+    loaded = load(args, "semantic")
+    check_semantic(loaded)
+    segmentation = open_image(args.segmentation)
+    with tqdm(desc="sampling", unit="step") as bar:
+        def progress(info):
+            bar.total = info.total
+            bar.update(1)
+
+        result = semantic(loaded, segmentation, make_request(args, loaded), callback=progress)
+    for notice in result.notices:
+        print(f"note: {notice}", file=sys.stderr)
+    save_png(result.images[0], args.out, result.parameters[0])
+    print(f"{args.out} (seed {result.seeds[0]})")
+    return 0
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from ldm.checkpoints.inspect import inspect_target
 
@@ -248,6 +282,7 @@ COMMANDS = {
     "layout": run_generation,
     "inpaint": run_generation,
     "upscale": run_generation,
+    "semantic": run_semantic,
     "inspect": run_inspect,
     "train": run_train,
     "eval": run_eval,

@@ -48,6 +48,8 @@ def write_tiny_semantic_checkpoint(folder: Path, seed: int = 0) -> tuple[Path, M
     preset = read_preset(preset_path)
     model = build_model(preset.model, device="cpu")
     randomise(model, seed)
+    with torch.no_grad():  # a strong map, so that it shows through the VQ codebook's snapping of the latent
+        model.cond_stage_model.channel_mapper.weight.mul_(4.0)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     schedule = ScheduleConfig(**SCHEDULE)
     state["betas"] = make_betas(schedule).float()

@@ -1,4 +1,4 @@
-"""The studio's page: a header, the four tabs (each a module of ``ui.tabs``), and the "send to" links
+"""The studio's page: a header, the five tabs (each a module of ``ui.tabs``), and the "send to" links
 between them. ``build_app`` only builds; ``app.py`` launches."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import gradio as gr
 from ui.errors import friendly
 from ui.outputs import read_restore
 from ui.services import Studio
-from ui.tabs import inpaint, layout, txt2img, upscale
+from ui.tabs import inpaint, layout, semantic, txt2img, upscale
 from ui.widgets import TAB_TITLES
 
-TABS = {"txt2img": txt2img, "inpaint": inpaint, "upscale": upscale, "layout": layout}
+TABS = {"txt2img": txt2img, "inpaint": inpaint, "upscale": upscale, "layout": layout, "semantic": semantic}
 
 # Ctrl+Enter (Cmd+Enter on a Mac) presses the visible tab's generate button.
 SHORTCUTS_JS = """

@@ -91,7 +91,10 @@ def semantic(
     height, width = labels.shape
     request = replace(request, prompt="", negative_prompt="", scale=1.0, boxes=(), regions=(), width=width, height=height)
     request, notices = resolve_request(request, model.config.size_multiple)
-    labels = resize_labels(labels, request.width, request.height)
+    if (request.width, request.height) != (width, height):
+        notices.append(f"the segmentation map ({width}x{height}) is resized by nearest neighbour to "
+                       f"{request.width}x{request.height}, the picture's size")
+        labels = resize_labels(labels, request.width, request.height)
     seeds = [request.seed + i for i in range(request.batch_size)]
     with torch.inference_mode():
         concat = model.segmentation_concat(torch.from_numpy(labels.astype(np.int64))[None])
