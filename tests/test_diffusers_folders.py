@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,15 +21,21 @@ from diffusers import (
     StableDiffusionUpscalePipeline, UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as sfu
+from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.checkpoints.catalog import checkpoint_files, scan
-from ldm.checkpoints.detect import detect_file
-from ldm.checkpoints.diffusers_folder import read_folder_shapes, read_folder_state
+from ldm.checkpoints.detect import detect, detect_file
+from ldm.checkpoints.diffusers_folder import (
+    clip_to_original, open_clip_to_original, read_folder_shapes, read_folder_state, unet_to_original, unused_text_keys,
+    vae_to_original,
+)
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.inspect import inspect_target
 from ldm.checkpoints.io import read_state_dict
-from ldm.checkpoints.loader import load_model
+from ldm.checkpoints.loader import build_model, load_model
+from ldm.checkpoints.presets import find_preset, list_presets
+from ldm.models.conditioners import OpenCLIPTextEncoderConfig
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import sample_latents
 from tests.test_diffusers_parity_sd2 import converted_text_model
@@ -38,6 +45,7 @@ from tests.tiny_x4 import MAX_NOISE_LEVEL, original_x4_config, write_tiny_x4_che
 from tests.tiny_x4 import SCALE_FACTOR as X4_SCALE_FACTOR
 from tests.tiny_x4 import SCHEDULE as X4_SCHEDULE
 
+FIXTURES = Path(__file__).parent / "fixtures"
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 CLIP_TOKENS = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 OPEN_CLIP_TOKENS = "cond_stage_model.model.token_embedding.weight"
@@ -322,3 +330,37 @@ def test_catalog_lists_a_folder_once(cases, presets, tmp_path):
     entries = scan([tmp_path / "models"], presets)
     assert [(e.name, e.preset.name) for e in entries] == [("single", "tiny-v1"), ("tiny-sd", "tiny-v1")]
     assert checkpoint_files([tmp_path / "models" / "tiny-sd"]) == [(tmp_path / "models" / "tiny-sd").resolve()]
+
+
+# ---------------------------------------------------------------- full-size layouts, on the meta device
+
+FULL_SIZE = [("v1-inference", "eps"), ("v2-inference", "eps"), ("v2-inference-v", "v"),
+             ("v2-inpainting-inference", "eps"), ("x4-upscaling", "v")]
+
+
+@pytest.mark.parametrize("name,prediction", FULL_SIZE)
+def test_full_size_folder_layouts_map_back_to_the_presets_keys(name, prediction):
+    """The registry presets' own keys (pinned to the originals by test_key_contract), taken through
+    diffusers' converters with the original configs, as diffusers' folders hold them (SD 2's text model
+    one block shorter, without the projection), come back as those keys and are detected as the preset."""
+    preset = find_preset(name)
+    original = build_model(preset.model).state_dict()  # meta tensors: shapes only
+    config = OmegaConf.to_container(OmegaConf.load(FIXTURES / "original_configs" / f"{name}.yaml"))
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(config, original)
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(config, original)
+    unet = sfu.convert_ldm_unet_checkpoint(original, unet_config)
+    vae = sfu.convert_ldm_vae_checkpoint(original, vae_config)
+    if isinstance(preset.model.cond_stage, OpenCLIPTextEncoderConfig):
+        text = sfu.convert_open_clip_checkpoint(SimpleNamespace(config=SimpleNamespace(hidden_size=1024)), original)
+        text = {k: v for k, v in text.items() if not k.startswith("text_model.encoder.layers.23.") and k != "text_projection.weight"}
+        text = open_clip_to_original(text, Path("text_encoder"))
+    else:
+        text = clip_to_original(sfu.convert_ldm_clip_checkpoint(original), Path("text_encoder"))
+    ours = {**unet_to_original(unet, unet_config["layers_per_block"], Path("unet")),
+            **vae_to_original(vae, len(vae_config["up_block_types"]), Path("vae")), **text}
+    shapes = {k: tuple(v.shape) for k, v in ours.items()}
+    assert shapes == {k: tuple(v.shape) for k, v in original.items() if k in shapes}
+    assert set(original) - set(shapes) == unused_text_keys(preset.model)
+    assert len(unused_text_keys(preset.model)) == (0 if name == "v1-inference" else 14)
+    detection = detect(shapes, list_presets(), name, prediction)
+    assert (detection.preset.name, detection.notice) == (name, "")
