@@ -1,7 +1,9 @@
 """Layout: draw, drag and resize labelled boxes on a canvas, with an optional global prompt. A
 layout-conditioned model turns each box into layout tokens (a class token and two grid corners);
 any other text model (or any model, when asked) takes each box's label as a region prompt, fused
-with the global prompt (MultiDiffusion), on canvases of any size."""
+with the global prompt (MultiDiffusion), on canvases of any size. LDM's layout2img model reads
+class ids (its class-name table was not released) and no prompt: a hint under the menu says so
+when it is chosen, and its boxes are always layout tokens."""
 
 from __future__ import annotations
 
@@ -79,13 +81,36 @@ def layout_info(studio: Studio) -> str:
     names = [e.name for e in studio.entries_for(TAB) if e.capabilities.layout]
     native = ", ".join(names) if names else "none installed"
     return (f"models with layout conditioning: {native}. On other models (Stable Diffusion...) each box's label is "
-            "the prompt of its region: type any text as a label.")
+            "the prompt of its region: type any text as a label. Layout-only models (LDM layout2img) take class "
+            "ids as labels.")
+
+
+def reads_class_ids(cond_stage) -> bool:
+    """A layout-only conditioning stage (LDM layout2img): its boxes name class ids, and it reads no text."""
+    return getattr(cond_stage, "max_objects", 0) > 0 and not getattr(cond_stage, "takes_text", True)
+
+
+def model_hint(studio: Studio, path: str | None) -> str:
+    """What the chosen model makes of the boxes and the prompt, when it differs from the usual."""
+    try:
+        entry = studio.entry(path) if path else None
+    except ValueError:  # a file gone since the last scan: the menu's own check reports it
+        entry = None
+    cond = entry.preset.model.cond_stage if entry is not None and entry.preset is not None else None
+    if not reads_class_ids(cond):
+        return ""
+    return (f"**{entry.name}** reads class ids, not names: label each box with a whole number from 0 to "
+            f"{cond.vocab_size - 2} (the model's class-name table was not released), at most {cond.max_objects} "
+            "boxes. It generates from the layout alone: the global and negative prompts are not used and the boxes "
+            "are always layout tokens. Guidance does not apply (the model had no unconditional training): "
+            "keep the scale at 1.")
 
 
 def build(studio: Studio) -> LayoutTab:
     with gr.Row():
         with gr.Column(scale=5):
             model = model_menu(studio, TAB, info=layout_info(studio))
+            hint = gr.Markdown(model_hint(studio, model.dropdown.value), elem_id=f"{TAB}-model-hint")
             canvas = image_annotator({"image": blank_canvas(64, 64), "boxes": []}, label_list=LABELS, image_type="numpy",
                                      label="Layout: drag on the canvas to draw a box, then name it; drag boxes to move or resize",
                                      sources=[], height=CANVAS_SIDE + 40, box_min_size=6, show_clear_button=False,
@@ -111,6 +136,7 @@ def build(studio: Studio) -> LayoutTab:
             output = output_area(TAB, send_to=("inpaint", "upscale"))
     tab = LayoutTab(model, canvas, prompt, negative, sampling, size, tiling, boxes_as, regions, batch_size, generate, stop, restore, output)
     wire(studio, tab)
+    model.dropdown.change(lambda path: model_hint(studio, path), model.dropdown, hint, queue=False)
     clear.click(lambda w, h: {"image": blank_canvas(int(w), int(h)), "boxes": []}, [size.width, size.height], canvas, queue=False)
     return tab
 
@@ -127,7 +153,8 @@ def canvas_boxes(value: dict | None) -> tuple:
         y0, y1 = sorted((float(box["ymin"]) / h, float(box["ymax"]) / h))
         label = str(box.get("label") or "").strip()
         if not label:
-            raise ValueError("every box needs a label (a class such as 'red circle'); click a box to name it")
+            raise ValueError("every box needs a label (a class such as 'red circle', or a class id such as 7 for "
+                             "LDM's layout2img); click a box to name it")
         boxes.append((label, max(0.0, x0), max(0.0, y0), min(1.0, x1), min(1.0, y1)))
     return tuple(boxes)
 
@@ -163,8 +190,10 @@ def region_details(boxes: tuple, rows) -> list[tuple[str, float]]:
 
 def box_fields(loaded, boxes: tuple, boxes_as: str, rows) -> dict:
     """The request's ``boxes`` (layout tokens) or ``regions`` (each label the prompt of its box,
-    with the negative prompt and strength of its row in the region table)."""
-    if boxes_as == NATIVE and loaded.model.takes_layout:
+    with the negative prompt and strength of its row in the region table). A layout-only model
+    reads no region prompts: its boxes are layout tokens whatever the choice."""
+    native = boxes_as == NATIVE or reads_class_ids(loaded.model.config.cond_stage)
+    if native and loaded.model.takes_layout:
         return {"boxes": boxes}
     return {"regions": regions_from_boxes(boxes, region_details(boxes, rows))}
 
