@@ -77,12 +77,9 @@ def test_the_text_models_serve_text_tasks_and_the_layout_model_only_the_layout_t
     assert (layout.txt2img, layout.layout, layout.tasks) == (False, True, ("layout",))
 
 
-@pytest.mark.parametrize("make", [tiny.kl_preset, tiny.vq_preset, tiny.layout_preset])
-def test_each_tiny_file_is_detected_as_its_tiny_preset(tmp_path, make):
-    preset = make()
-    path = tiny.write(preset, tmp_path)
-    others = [tiny.kl_preset(), tiny.vq_preset(), tiny.layout_preset()]
-    assert detect_file(path, list_presets() + others).preset.name == preset.name
+def test_each_tiny_file_is_detected_as_its_tiny_preset(files):
+    presets = list_presets() + [tiny.kl_preset(), tiny.vq_preset(), tiny.layout_preset()]
+    assert {name: detect_file(path, presets).preset.name for name, path in files.items()} == {n: n for n in files}
 
 
 # --- bert-base-uncased tokenizer ----------------------------------------------
