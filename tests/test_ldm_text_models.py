@@ -299,3 +299,15 @@ def test_read_boxes_takes_class_ids_and_names(tmp_path):
     path.write_text(json.dumps([{"label": 1, "box": [0, 0, 1]}]))
     with pytest.raises(ValueError, match="box 1 has 3 coordinates, not 4"):
         read_boxes(str(path))
+
+
+def test_inpainting_with_an_ldm_bert_model_reports_a_cut_prompt(files):
+    from ldm.tasks.inpaint import inpaint
+
+    preset = tiny.vq_preset()
+    loaded = load_model(files[preset.name], preset=preset)
+    image, mask = Image.new("RGB", (16, 16), (200, 40, 40)), Image.new("L", (16, 16), 0)
+    mask.paste(255, (4, 4, 12, 12))
+    result = inpaint(loaded, request(prompt="a red cat " * 30), image, mask)
+    assert result.images[0].size == (16, 16)
+    assert any("LDM BERT reads the first 75" in n for n in result.notices)

@@ -25,7 +25,7 @@ from ldm.tasks.common import Blend, GenerationResult, canvas_notices, from_pil, 
 from ldm.tasks.images import as_rgb
 from ldm.tasks.request import GenerationRequest, resolve_request
 from ldm.tasks.parameters import format_parameters, parse_parameters
-from ldm.tasks.txt2img import parameters_text
+from ldm.tasks.txt2img import parameters_text, tokenizer_notices
 
 MAX_FEATHER = 256
 MAX_PADDING = 1024
@@ -144,6 +144,7 @@ def inpaint(
     options.check()
     check_inpainter(loaded)
     request, text_notices = without_text(loaded, request)
+    text_notices += tokenizer_notices(loaded, request)  # e.g. a prompt cut to LDM BERT's 77 tokens
     image = as_rgb(image)
     masked = mask_array(mask, image.size)
     left, top, right, bottom = mask_region(masked, options.padding) if options.only_masked else (0, 0, *image.size)
