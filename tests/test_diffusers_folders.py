@@ -264,6 +264,7 @@ def test_prediction_type_comes_from_the_scheduler(cases, presets, tmp_path):
     config_path.write_text(json.dumps(config))
     detection = detect_file(folder, presets)
     assert detection.preset.name == "tiny-v2-v" and "tiny-v2-eps" in detection.notice
+    assert "scheduler/scheduler_config.json" in detection.notice and ".yaml" not in detection.notice
 
 
 def test_inspect_names_the_folders_family(cases, presets, monkeypatch):

@@ -14,6 +14,10 @@ and v). Weights are never inspected to guess which; the evidence read is, in thi
 2. Stability's ModelSpec metadata in a safetensors header: ``modelspec.prediction_type``
    ("epsilon" or "v"), else ``modelspec.architecture`` where the id implies it.
 
+A diffusers folder is detected from its tensors under the original keys (ldm.checkpoints.diffusers_folder),
+and states its prediction type in ``scheduler/scheduler_config.json`` (``prediction_type`` epsilon or
+v_prediction).
+
 A file that states nothing goes to the one preset that admits "unstated", and the detection carries
 a notice naming the other presets, so the choice is never silent. (A pickle's ``global_step``, from
 which diffusers guesses, is not used: a step count identifies a training run, not a prediction type.)
@@ -166,8 +170,14 @@ def _shared_shapes_notice(chosen: ModelPreset, shapes: Shapes, presets: list[Mod
         f"{source}: the file does not say what its network predicts, and its tensors fit several presets; "
         f"using {chosen.name} ({chosen.model.parameterization} prediction, {chosen.family}). "
         f"If images come out as noise or flat colour, it is another kind: {alternatives}, "
-        f"or put its original config beside it as {config_beside(source).name}."
+        f"or {_how_to_state(source)}."
     )
+
+
+def _how_to_state(source) -> str:
+    if Path(source).is_dir():
+        return "set prediction_type (epsilon or v_prediction) in its scheduler/scheduler_config.json"
+    return f"put its original config beside it as {config_beside(source).name}"
 
 
 def config_latent_size(config: Path) -> int | None:

@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -355,12 +356,11 @@ def _unmapped(source: Path, key: str, kind: str) -> CheckpointError:
 # ---------------------------------------------------------------- the whole folder
 
 
-def _int_setting(config: Mapping, key: str, where: Path) -> int:
-    value = config.get(key)
-    if isinstance(value, list):  # up_block_types and the like: their count
-        return len(value)
-    if type(value) is not int:
-        raise CheckpointError.for_file(where, f"has {key} = {value!r}; expected a number")
+def _config_value(folder: DiffusersFolder, component: str, key: str, kind: type):
+    value = folder.config(component).get(key)
+    if type(value) is not kind:
+        raise CheckpointError.for_file(folder.component(component) / "config.json",
+                                       f"has {key} = {value!r}; expected a {kind.__name__}")
     return value
 
 
@@ -376,25 +376,28 @@ def text_layout(folder: DiffusersFolder) -> str:
     return layouts[activation]
 
 
-def _components(folder: DiffusersFolder) -> list[tuple[str, Path, Callable[[Tensors], Tensors]]]:
-    """(component, weights file, key map) for each component with weights."""
-    unet_dir, vae_dir, text_dir = (folder.component(n) for n in ("unet", "vae", "text_encoder"))
-    per_block = _int_setting(folder.config("unet"), "layers_per_block", unet_dir / "config.json")
-    up_blocks = _int_setting(folder.config("vae"), "up_block_types", vae_dir / "config.json")
+class Component(NamedTuple):
+    weights: Path
+    to_original: Callable[[Tensors], Tensors]  # the component's keys -> the original single file's
+
+
+def _components(folder: DiffusersFolder) -> list[Component]:
+    """The UNet, VAE and text encoder: each one's weights file and key map."""
+    per_block = _config_value(folder, "unet", "layers_per_block", int)
+    up_blocks = len(_config_value(folder, "vae", "up_block_types", list))
     text = clip_to_original if text_layout(folder) == "clip" else open_clip_to_original
-    files = [(name, weight_file(folder.component(name))) for name in ("unet", "vae", "text_encoder")]
-    maps = {
-        "unet": lambda state, f: unet_to_original(state, per_block, f),
-        "vae": lambda state, f: vae_to_original(state, up_blocks, f),
-        "text_encoder": text,
-    }
-    return [(name, file, lambda state, name=name, file=file: maps[name](state, file)) for name, file in files]
+    unet, vae, text_encoder = (weight_file(folder.component(n)) for n in ("unet", "vae", "text_encoder"))
+    return [
+        Component(unet, lambda state: unet_to_original(state, per_block, unet)),
+        Component(vae, lambda state: vae_to_original(state, up_blocks, vae)),
+        Component(text_encoder, lambda state: text(state, text_encoder)),
+    ]
 
 
 def read_folder_state(path: str | Path) -> Tensors:
     """Every tensor of a diffusers folder, on CPU in its stored dtype, under the original keys."""
     state: Tensors = {}
-    for _, file, to_original in _components(open_folder(path)):
+    for file, to_original in _components(open_folder(path)):
         state.update(to_original(read_state_dict(file)))
     return state
 
@@ -403,7 +406,7 @@ def read_folder_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """The original keys and shapes of a folder's tensors, from the safetensors headers where it has
     them (the key maps run on meta tensors, so nothing is read or allocated)."""
     shapes = {}
-    for _, file, to_original in _components(open_folder(path)):
+    for file, to_original in _components(open_folder(path)):
         meta = {k: torch.empty(s, device="meta") for k, s in read_key_shapes(file).items()}
         shapes.update({k: tuple(v.shape) for k, v in to_original(meta).items()})
     return shapes
