@@ -27,7 +27,7 @@ from ldm.checkpoints.presets import find_preset, list_presets, preset_from_dict
 from ldm.cli import main
 from ldm.models.conditioners import SpatialRescaler, SpatialRescalerConfig
 from ldm.tasks.parameters import read_png_parameters
-from ldm.tasks.request import GenerationRequest
+from ldm.tasks.request import GenerationRequest, TilingOptions
 from ldm.tasks.semantic import semantic
 from tests.tiny_semantic import CLASSES, label_map, tiny_semantic_preset_dict, write_tiny_semantic_checkpoint
 
@@ -173,6 +173,16 @@ def test_a_palette_map_reads_its_indices_and_odd_sizes_are_rounded_with_a_notice
     assert result.images[0].size == (32, 32)  # 40 rounds to 32 (2.5 multiples of 16, rounded to even)
     assert any("not a multiple of 16" in n for n in result.notices)
     assert any("nearest neighbour" in n for n in result.notices)
+
+
+def test_a_map_larger_than_a_tile_is_denoised_in_tiles_that_each_see_their_part_of_the_map(tiny):
+    _, _, loaded = tiny
+    tiled = dataclasses.replace(REQUEST, tiling=TilingOptions("always", 32, 8))
+    segmentation = label_map((64, 48))
+    result = semantic(loaded, segmentation, tiled)
+    assert result.images[0].size == (64, 48) and result.notices  # the notice says how it was tiled
+    flipped = semantic(loaded, segmentation.transpose(Image.FLIP_LEFT_RIGHT), tiled)
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(flipped.images[0]))
 
 
 def test_a_class_out_of_range_is_refused_naming_the_largest_allowed(tiny):
