@@ -197,6 +197,8 @@ def test_a_bad_class_id_is_refused_with_a_message(label, message):
 def test_more_than_30_boxes_are_refused():
     with pytest.raises(ValueError, match="31 boxes given; this model takes at most 30"):
         LDMLayoutTokenizer().encode([(1, 0.1, 0.1, 0.2, 0.2)] * 31)
+    with pytest.raises(ValueError, match=r"corner \(1.5, 0.2\) is outside the image"):
+        LDMLayoutTokenizer().encode([(1, 0.1, 0.1, 1.5, 0.2)])
 
 
 def test_the_layout_tokenizer_batches_layouts_and_refuses_a_prompt_alone():

@@ -50,6 +50,8 @@ class LDMLayoutTokenizer:
         return 3 * self.max_objects + 2
 
     def coordinate_id(self, x: float, y: float) -> int:
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise ValueError(f"box corner ({x}, {y}) is outside the image; corners are normalised to [0, 1]")
         g = self.grid - 1
         return round(y * g) * self.grid + round(x * g)
 
