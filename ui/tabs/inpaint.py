@@ -1,6 +1,7 @@
 """Inpainting: paint a mask over an image with a brush (size, eraser and undo are in the editor's
 toolbar), feather its edge, optionally work only around the mask; the unmasked pixels come out
-exactly as they went in. The mask and the input image are saved next to each result."""
+exactly as they went in. The mask and the input image are saved next to each result. A model without a
+text stage (LDM's inpainting_big) fills from the image alone: its prompt boxes are disabled."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from ui.widgets import (
 )
 
 TAB = "inpaint"
+PROMPT_PLACEHOLDER = "what to paint in the masked area"
+NO_PROMPT = "this model takes no prompt: the fill follows the image around the mask"
 BRUSH = gr.Brush(default_size=12, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed")
 
 
@@ -53,14 +56,15 @@ class InpaintTab:
 def build(studio: Studio) -> InpaintTab:
     with gr.Row():
         with gr.Column(scale=5):
-            model = model_menu(studio, TAB, info="inpainting models (e.g. the default) fill natively; "
-                                                 "any other model inpaints by latent blending")
+            model = model_menu(studio, TAB, info="inpainting models (e.g. the default, SD 2 inpainting, LDM inpainting_big) "
+                                                 "fill natively; any other model inpaints by latent blending")
             editor = gr.ImageMask(label="Image and mask: paint over what to replace", type="pil", image_mode="RGBA",
                                   sources=["upload", "clipboard"], brush=BRUSH, eraser=gr.Eraser(default_size=12),
                                   layers=False, height=420, elem_id="inpaint-editor")
-            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what to paint in the masked area", info="Ctrl+Enter generates",
-                                elem_id=f"{TAB}-prompt")
-            negative = gr.Textbox(label="Negative prompt", lines=1)
+            text = takes_prompt(studio, model.dropdown.value)
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder=PROMPT_PLACEHOLDER if text else NO_PROMPT,
+                                info="Ctrl+Enter generates", interactive=text, elem_id=f"{TAB}-prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=1, interactive=text)
             with gr.Row():
                 generate = gr.Button("Inpaint", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
                 stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
@@ -82,6 +86,26 @@ def build(studio: Studio) -> InpaintTab:
     return tab
 
 
+def takes_prompt(studio: Studio, path: str | None) -> bool:
+    """Whether the chosen model reads a prompt (LDM's inpainting_big has no text stage)."""
+    if not path:
+        return True
+    capabilities = studio.entry(path).capabilities
+    return capabilities is None or capabilities.txt2img
+
+
+def prompt_boxes(studio: Studio):
+    """On a new model: the prompt boxes are enabled for a text model, disabled (and say why) otherwise."""
+
+    @friendly
+    def changed(path):
+        text = takes_prompt(studio, path)
+        return (gr.update(interactive=text, placeholder=PROMPT_PLACEHOLDER if text else NO_PROMPT),
+                gr.update(interactive=text))
+
+    return changed
+
+
 def editor_parts(value: dict | None) -> tuple[Image.Image, Image.Image]:
     """(image, mask) from the editor: the mask is white wherever any brush layer has paint."""
     if not value or value.get("background") is None:
@@ -96,10 +120,9 @@ def editor_parts(value: dict | None) -> tuple[Image.Image, Image.Image]:
     return background, Image.fromarray(painted.astype(np.uint8) * 255)
 
 
-def wire(studio: Studio, tab: InpaintTab) -> None:
+def handler(studio: Studio, tab: InpaintTab):
+    """The generate event's handler: a generator of output updates, given the tab's inputs by component."""
     sampling, out = tab.sampling, tab.output
-    inputs = {tab.model.dropdown, tab.editor, tab.prompt, tab.negative, tab.feather, tab.only_masked, tab.padding,
-              sampling.steps, sampling.scale, sampling.eta, sampling.seed, tab.batch_size, out.images}
 
     @friendly
     def generate(data: dict, request: gr.Request, progress=gr.Progress()):
@@ -122,8 +145,16 @@ def wire(studio: Studio, tab: InpaintTab) -> None:
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
                                data[out.images], progress)
 
-    connect_generation(studio, generate, inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
+    return generate
+
+
+def wire(studio: Studio, tab: InpaintTab) -> None:
+    sampling, out = tab.sampling, tab.output
+    inputs = {tab.model.dropdown, tab.editor, tab.prompt, tab.negative, tab.feather, tab.only_masked, tab.padding,
+              sampling.steps, sampling.scale, sampling.eta, sampling.seed, tab.batch_size, out.images}
+    connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
                        output=out)
+    tab.model.dropdown.change(prompt_boxes(studio), tab.model.dropdown, [tab.prompt, tab.negative], queue=False)
 
     @friendly
     def restore(path):

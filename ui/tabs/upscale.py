@@ -45,7 +45,7 @@ class UpscaleTab:
 def build(studio: Studio) -> UpscaleTab:
     with gr.Row():
         with gr.Column(scale=5):
-            model = model_menu(studio, TAB, info="latent-diffusion super-resolution models")
+            model = model_menu(studio, TAB, info="latent-diffusion super-resolution models (the default, LDM bsr_sr, SD x4)")
             # image_mode None: the file's own mode reaches the engine, which reads any (ldm.tasks.images)
             image = gr.Image(label=f"Image to upscale (up to {MAX_INPUT_SIDE} px a side)", type="pil", image_mode=None,
                              sources=["upload", "clipboard"], height=320, elem_id="upscale-input")
@@ -59,7 +59,7 @@ def build(studio: Studio) -> UpscaleTab:
                 noise_level = gr.Slider(0, MAX_NOISE_LEVEL, value=DEFAULT_NOISE_LEVEL, step=1, label="Noise level",
                                         info="noise added to the input first: higher lets the prompt invent more detail, "
                                         "lower stays closer to the input", elem_id=f"{TAB}-noise-level")
-                gr.Markdown("Upscalers without text (the default model) ignore these and the guidance scale.")
+                gr.Markdown("Upscalers without text (the default model, LDM's bsr_sr) ignore these and the guidance scale.")
             with gr.Row():
                 tile = gr.Slider(0, MAX_TILE, value=128, step=16, label="Tile size (input px)", info="0: the whole image at once", elem_id="upscale-tile")
                 overlap = gr.Slider(0, 128, value=16, step=4, label="Tile overlap (input px)", info="tiles blend across it", elem_id="upscale-overlap")
@@ -70,10 +70,9 @@ def build(studio: Studio) -> UpscaleTab:
     return tab
 
 
-def wire(studio: Studio, tab: UpscaleTab) -> None:
+def handler(studio: Studio, tab: UpscaleTab):
+    """The generate event's handler: a generator of output updates, given the tab's inputs by component."""
     sampling, out = tab.sampling, tab.output
-    inputs = {tab.model.dropdown, tab.image, sampling.steps, sampling.eta, sampling.seed, sampling.scale, tab.prompt, tab.negative,
-              tab.noise_level, tab.tile, tab.overlap, out.images}
 
     @friendly
     def generate(data: dict, request: gr.Request, progress=gr.Progress()):
@@ -97,7 +96,14 @@ def wire(studio: Studio, tab: UpscaleTab) -> None:
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
                                data[out.images], progress)
 
-    connect_generation(studio, generate, inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
+    return generate
+
+
+def wire(studio: Studio, tab: UpscaleTab) -> None:
+    sampling, out = tab.sampling, tab.output
+    inputs = {tab.model.dropdown, tab.image, sampling.steps, sampling.eta, sampling.seed, sampling.scale, tab.prompt, tab.negative,
+              tab.noise_level, tab.tile, tab.overlap, out.images}
+    connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
                        output=out)
 
 
