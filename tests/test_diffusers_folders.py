@@ -365,3 +365,17 @@ def test_full_size_folder_layouts_map_back_to_the_presets_keys(name, prediction)
     assert len(unused_text_keys(preset.model)) == (0 if name == "v1-inference" else 14)
     detection = detect(shapes, list_presets(), name, prediction)
     assert (detection.preset.name, detection.notice) == (name, "")
+
+
+@pytest.mark.parametrize("file,key,value,message", [
+    ("model_index.json", "max_noise_level", 250, "max_noise_level 250, but preset tiny-x4 has 350"),
+    ("low_res_scheduler/scheduler_config.json", "beta_schedule", "linear", "kind 'sqrt_linear' .preset: 'linear'."),
+    ("vae/config.json", "scaling_factor", 0.18215, "scaling_factor 0.18215, but preset tiny-x4 has 0.08333"),
+])
+def test_x4_folder_settings_must_be_the_presets(cases, presets, tmp_path, file, key, value, message):
+    folder = copy_of(cases["x4"], tmp_path)
+    config = json.loads((folder / file).read_text())
+    config[key] = value
+    (folder / file).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder, preset=preset_named(presets, "tiny-x4"))
