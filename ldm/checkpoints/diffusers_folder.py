@@ -42,8 +42,7 @@ from ldm.sampling.schedules import ScheduleConfig
 log = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-# The pipeline classes loaded, with the components each needs beyond COMPONENTS.
+# The pipeline classes loaded, with the components each needs beyond unet, vae, text_encoder and scheduler.
 PIPELINES = {
     "StableDiffusionPipeline": (),
     "StableDiffusionInpaintPipeline": (),
