@@ -311,6 +311,25 @@ def test_a_key_that_does_not_map_names_its_file(cases, presets, tmp_path):
         detect_file(folder, presets)
 
 
+def test_x4_vae_scale_is_the_presets_whatever_its_config_says(cases, presets, tmp_path):
+    """diffusers' upscale pipeline also uses 0.08333, as published x4 VAE configs lacked the setting."""
+    folder = copy_of(cases["x4"], tmp_path)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    config["scaling_factor"] = 0.18215
+    (folder / "vae" / "config.json").write_text(json.dumps(config))
+    loaded = load_model(folder, preset=preset_named(presets, "tiny-x4"))
+    assert loaded.model.config.scale_factor == X4_SCALE_FACTOR
+
+
+def test_sd_vae_scale_must_be_the_presets(cases, presets, tmp_path):
+    folder = copy_of(cases["v1"], tmp_path)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    config["scaling_factor"] = 0.13025
+    (folder / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="scaling_factor 0.13025, but preset tiny-v1 has 0.18215"):
+        load_model(folder, preset=preset_named(presets, "tiny-v1"))
+
+
 def test_folder_without_model_index_and_mismatched_schedule(cases, presets, tmp_path):
     with pytest.raises(CheckpointError, match="without model_index.json"):
         detect_file(tmp_path, presets)
@@ -370,7 +389,6 @@ def test_full_size_folder_layouts_map_back_to_the_presets_keys(name, prediction)
 @pytest.mark.parametrize("file,key,value,message", [
     ("model_index.json", "max_noise_level", 250, "max_noise_level 250, but preset tiny-x4 has 350"),
     ("low_res_scheduler/scheduler_config.json", "beta_schedule", "linear", "kind 'sqrt_linear' .preset: 'linear'."),
-    ("vae/config.json", "scaling_factor", 0.18215, "scaling_factor 0.18215, but preset tiny-x4 has 0.08333"),
 ])
 def test_x4_folder_settings_must_be_the_presets(cases, presets, tmp_path, file, key, value, message):
     folder = copy_of(cases["x4"], tmp_path)

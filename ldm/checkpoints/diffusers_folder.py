@@ -446,11 +446,16 @@ def fill_unused(weights: Tensors, expected: Mapping[str, torch.Tensor], config: 
 
 def check_against_preset(path: str | Path, config: LatentDiffusionConfig, preset_name: str) -> None:
     """The folder's schedules and latent scale are those of the preset (a folder whose tensors fit a preset
-    but whose scheduler says otherwise would sample wrongly): raises naming the file and both values."""
+    but whose scheduler says otherwise would sample wrongly): raises naming the file and both values. An
+    upscaler's VAE scale is not checked, as diffusers' pipeline does not read it."""
     folder = open_folder(path)
     _check_schedule(folder, "scheduler", config.schedule, preset_name)
     scale = folder.config("vae").get("scaling_factor")
-    if scale is not None and abs(float(scale) - config.scale_factor) > 1e-6:
+    if folder.pipeline == "StableDiffusionUpscalePipeline":
+        # diffusers' upscale pipeline sets 0.08333 whatever the VAE config says (published configs lacked it).
+        log.debug("%s: the upscaler's VAE scaling_factor %s is not read; the preset's %s is used", path, scale,
+                  config.scale_factor)
+    elif scale is not None and abs(float(scale) - config.scale_factor) > 1e-6:
         raise CheckpointError.for_file(folder.component("vae") / "config.json",
                                        f"has scaling_factor {scale}, but preset {preset_name} has {config.scale_factor}",
                                        "Pass --preset with a preset of that scale factor")
