@@ -11,7 +11,7 @@ detect -> registry -> strict load -> report path as a single file. The renaming 
 diffusers' single-file converters; every key must match a known pattern, and one that does not
 is an error naming its file.
 
-What the folder states is read as a single file's metadata is: the prediction type from
+What the folder states is read as a single file's metadata would be: the prediction type from
 ``scheduler/scheduler_config.json`` (``epsilon`` -> eps, ``v_prediction`` -> v).
 
 SD 2.x folders carry a text tower one block shorter than the original OpenCLIP one (SD 2 reads the
