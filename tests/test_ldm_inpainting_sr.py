@@ -92,6 +92,16 @@ def test_the_preset_builds_the_original_keys_exactly(name):
     assert {k: v for k, v in ours.items() if reference[k] != v} == {}
 
 
+@pytest.mark.parametrize("name, unet, first_stage", [("inpainting_big", 387.2, 53.2), ("bsr_sr", 113.6, 55.3)])
+def test_parameter_counts(name, unet, first_stage):
+    """Millions of values in the UNet and the first stage, pinned (the key contract fixes the shapes;
+    this says the sizes at a glance)."""
+    counts = {}
+    for key, tensor in build_model(find_preset(name).model).state_dict().items():
+        counts[key.split(".")[0]] = counts.get(key.split(".")[0], 0) + tensor.numel()
+    assert (round(counts["model"] / 1e6, 1), round(counts["first_stage_model"] / 1e6, 1)) == (unet, first_stage)
+
+
 def test_inpainting_big_is_conditioned_by_its_first_stage_and_bsr_sr_by_the_image_itself():
     inpainting, sr = find_preset("inpainting_big"), find_preset("bsr_sr")
     assert inpainting.model.first_stage_conditions and not sr.model.first_stage_conditions
