@@ -13,7 +13,17 @@ import gradio as gr
 from PIL import Image
 
 from ldm.sampling.ddim import SamplingCancelled
-from ldm.tasks.request import MAX_BATCH, MAX_SCALE, MAX_SEED, MAX_SIDE, TILING_MODES, GenerationRequest, TilingOptions
+from ldm.tasks.request import (
+    MAX_BATCH,
+    MAX_BUDGET_MB,
+    MAX_SCALE,
+    MAX_SEED,
+    MAX_SIDE,
+    TILING_MODES,
+    GenerationRequest,
+    TilingOptions,
+    checked_number,
+)
 from ui.errors import friendly
 from ui.jobs import Done, previewer, stream
 from ui.outputs import read_restore
@@ -86,9 +96,10 @@ class SamplingControls:
     reuse_seed: gr.Button
 
     def values(self, data: dict) -> dict:
-        out = {"steps": int(data[self.steps]), "eta": float(data[self.eta]), "seed": seed_value(data[self.seed])}
+        # checked, with the other fields, by resolve_request
+        out = {"steps": data[self.steps], "eta": data[self.eta], "seed": seed_value(data[self.seed])}
         if self.scale is not None:
-            out["scale"] = float(data[self.scale])
+            out["scale"] = data[self.scale]
         return out
 
 
@@ -168,11 +179,10 @@ class TilingControls:
     budget: gr.Number
 
     def options(self, data: dict) -> TilingOptions:
-        overlap = int(data[self.overlap])
-        budget = data[self.budget]
-        if budget is None or budget < 1:
-            raise ValueError(f"the memory budget must be at least 1 MB, got {budget}")
-        return TilingOptions(str(data[self.mode]), int(data[self.tile]), overlap if overlap > 0 else -1, int(budget))
+        overlap = checked_number("tile overlap", data[self.overlap], 0, MAX_SIDE, integer=True)
+        budget = checked_number("the memory budget (MB)", data[self.budget], 1, MAX_BUDGET_MB, integer=True)
+        return TilingOptions(str(data[self.mode]), checked_number("tile size", data[self.tile], 0, MAX_SIDE, integer=True),
+                             overlap if overlap > 0 else -1, budget)
 
     @property
     def components(self) -> set:
@@ -258,7 +268,7 @@ def run_batches(
     area: OutputArea,
     loaded,
     stop,
-    batch_count: int,
+    batch_count,
     base_seed: int,
     one_batch: Callable[[int, Callable, Callable], tuple[list[Path], list[str]]],
     previous: list[str],
@@ -267,11 +277,10 @@ def run_batches(
     """Run ``one_batch(seed, callback, should_stop)`` ``batch_count`` times (seeds following on), each
     returning the paths it saved and its notices; every finished image shows at once. Holds the
     model's lock, so a model runs one generation at a time. A stop keeps everything finished."""
-    if not 1 <= batch_count <= MAX_BATCH_COUNT:
-        raise ValueError(f"batch count must be from 1 to {MAX_BATCH_COUNT}, got {batch_count}")
+    batch_count = checked_number("batch count", batch_count, 1, MAX_BATCH_COUNT, integer=True)
     stop.clear()
     seed = random.randrange(MAX_SEED) if base_seed == -1 else base_seed
-    shown = list(previous)
+    shown = list(previous or [])
     preview = previewer(loaded.model)
     lock = studio.models.lock(loaded.path)
     while not lock.acquire(timeout=0.5):
@@ -331,10 +340,9 @@ def restored_values(path: str | None, prompt: gr.Textbox, negative: gr.Textbox |
 def batch_request(prompt: str, negative: str, sampling: dict, width: int, height: int, batch_size: int, boxes=(),
                   **more) -> GenerationRequest:
     """A request from a tab's values; ``more`` carries the other fields (regions, tiling)."""
-    if not 1 <= batch_size <= MAX_BATCH:
-        raise ValueError(f"batch size must be from 1 to {MAX_BATCH}, got {batch_size}")
-    return GenerationRequest(prompt=prompt, negative_prompt=negative, width=int(width), height=int(height),
-                             batch_size=int(batch_size), boxes=tuple(boxes), **sampling, **more)
+    return GenerationRequest(prompt=prompt, negative_prompt=negative, width=width, height=height,
+                             batch_size=checked_number("batch size", batch_size, 1, MAX_BATCH, integer=True),
+                             boxes=tuple(boxes), **sampling, **more)
 
 
 # --- wiring a tab's generation -------------------------------------------------------------------------

@@ -58,13 +58,20 @@ class GenerationRequest:
 
 def _number(name: str, value, low: float, high: float, integer: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
+        raise ValueError(f"{name} must be a finite number from {low:g} to {high:g}, got {value}")
     if integer and value != int(value):
         raise ValueError(f"{name} must be a whole number, got {value}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+
+
+def checked_number(name: str, value, low: float, high: float, integer: bool = False) -> int | float:
+    """``value`` if it is a finite number from ``low`` to ``high`` (a whole one when ``integer``), as an
+    int or a float; otherwise a ValueError naming ``name``, the value and the range."""
+    _number(name, value, low, high, integer)
+    return int(value) if integer else float(value)
 
 
 def regions_from_boxes(boxes, details=()) -> tuple[RegionPrompt, ...]:

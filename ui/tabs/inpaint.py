@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from ldm.tasks.images import as_rgb
-from ldm.tasks.inpaint import InpaintOptions, inpaint
+from ldm.tasks.inpaint import MAX_FEATHER, MAX_PADDING, InpaintOptions, inpaint
+from ldm.tasks.request import checked_number
 from ui.errors import friendly
 from ui.services import Studio
 from ui.widgets import (
@@ -128,7 +129,9 @@ def handler(studio: Studio, tab: InpaintTab):
     def generate(data: dict, request: gr.Request, progress=gr.Progress()):
         loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
         image, mask = editor_parts(data[tab.editor])
-        options = InpaintOptions(int(data[tab.feather]), bool(data[tab.only_masked]), int(data[tab.padding]))
+        options = InpaintOptions(checked_number("mask feather", data[tab.feather], 0, MAX_FEATHER, integer=True),
+                                 bool(data[tab.only_masked]),
+                                 checked_number("masked area padding", data[tab.padding], 0, MAX_PADDING, integer=True))
         base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), image.width, image.height,
                              data[tab.batch_size])
 

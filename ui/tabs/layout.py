@@ -143,14 +143,23 @@ def build(studio: Studio) -> LayoutTab:
 
 def canvas_boxes(value: dict | None) -> tuple:
     """The canvas's boxes as (label, x0, y0, x1, y1) normalised to [0, 1]."""
-    if not value or value.get("image") is None:
+    if not value:
         return ()
-    image = value["image"]
-    h, w = (image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width))
+    if not isinstance(value, dict) or not isinstance(value.get("boxes") or [], list):
+        raise ValueError("the layout canvas sent no usable value; press Clear boxes and draw them again")
+    image = value.get("image")
+    if image is None:
+        return ()
+    h, w = (image.shape[:2] if isinstance(image, np.ndarray) else (getattr(image, "height", 0), getattr(image, "width", 0)))
+    if not (h and w):
+        raise ValueError("the layout canvas has no picture; press Clear boxes")
     boxes = []
-    for box in value.get("boxes") or []:
-        x0, x1 = sorted((float(box["xmin"]) / w, float(box["xmax"]) / w))
-        y0, y1 = sorted((float(box["ymin"]) / h, float(box["ymax"]) / h))
+    for i, box in enumerate(value.get("boxes") or []):
+        try:
+            x0, x1 = sorted((float(box["xmin"]) / w, float(box["xmax"]) / w))
+            y0, y1 = sorted((float(box["ymin"]) / h, float(box["ymax"]) / h))
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"box {i + 1} has no usable corners (xmin, ymin, xmax, ymax); draw it again") from None
         label = str(box.get("label") or "").strip()
         if not label:
             raise ValueError("every box needs a label (a class such as 'red circle', or a class id such as 7 for "

@@ -90,7 +90,7 @@ def wire(studio: Studio, tab: Txt2ImgTab) -> None:
             paths = [studio.writer.save(image, text, s, extra) for image, s, text in zip(result.images, result.seeds, result.parameters)]
             return paths, result.notices
 
-        yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), int(data[tab.batch_count]),
+        yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), data[tab.batch_count],
                                base.seed, one_batch, data[out.images], progress)
 
     connect_generation(studio, generate, inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,

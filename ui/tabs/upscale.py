@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 import gradio as gr
 from PIL import Image
 
-from ldm.tasks.request import GenerationRequest
-from ldm.tasks.upscale import DEFAULT_NOISE_LEVEL, MAX_INPUT_SIDE, MAX_TILE, TileOptions, upscale
+from ldm.tasks.request import GenerationRequest, checked_number
+from ldm.tasks.upscale import DEFAULT_NOISE_LEVEL, MAX_INPUT_SIDE, MAX_TILE, TileOptions, check_noise_level, upscale
 from ui.errors import friendly
 from ui.services import Studio
 from ui.widgets import (
@@ -80,9 +80,10 @@ def handler(studio: Studio, tab: UpscaleTab):
         image: Image.Image | None = data[tab.image]
         if image is None:
             raise ValueError("no image: upload one, or send one here from another tab")
-        tiles = TileOptions(int(data[tab.tile]), int(data[tab.overlap]))
+        tiles = TileOptions(checked_number("tile size", data[tab.tile], 0, MAX_TILE, integer=True),
+                            checked_number("tile overlap", data[tab.overlap], 0, MAX_TILE, integer=True))
         base = GenerationRequest(data[tab.prompt], data[tab.negative], **sampling.values(data))
-        noise_level = int(data[tab.noise_level])
+        noise_level = check_noise_level(loaded.model, data[tab.noise_level])  # 0 for models without noise augmentation
 
         def one_batch(seed, callback, should_stop):
             result = upscale(loaded, image, replace(base, seed=seed), tiles=tiles, noise_level=noise_level, callback=callback,
