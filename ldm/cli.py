@@ -187,16 +187,23 @@ def run_generation(args: argparse.Namespace) -> int:
     else:
         request = make_request(args, loaded)
     resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
+    images = {}
     if args.command == "upscale":
         from ldm.tasks.upscale import check_noise_level
 
         check_noise_level(loaded.model, args.noise_level)
+        images["image"] = open_image(args.image)
+    if args.command == "inpaint":
+        from ldm.tasks.inpaint import mask_array
+
+        images["image"], images["mask"] = open_image(args.image), open_image(args.mask)
+        mask_array(images["mask"], images["image"].size)  # an empty mask is refused here
     with tqdm(desc="sampling", unit="step") as bar:
         def progress(info):
             bar.total = info.total
             bar.update(1)
 
-        result = run_task(args, loaded, request, progress)
+        result = run_task(args, loaded, request, images, progress)
     for notice in result.notices:
         print(f"note: {notice}", file=sys.stderr)
     out = Path(args.out)
@@ -207,15 +214,15 @@ def run_generation(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_task(args, loaded, request, progress):
+def run_task(args, loaded, request, images, progress):
     if args.command == "inpaint":
         from ldm.tasks.inpaint import inpaint
 
-        return inpaint(loaded, request, open_image(args.image), open_image(args.mask), callback=progress)
+        return inpaint(loaded, request, images["image"], images["mask"], callback=progress)
     if args.command == "upscale":
         from ldm.tasks.upscale import upscale
 
-        return upscale(loaded, open_image(args.image), request, noise_level=args.noise_level, callback=progress)
+        return upscale(loaded, images["image"], request, noise_level=args.noise_level, callback=progress)
     from ldm.tasks.txt2img import txt2img
 
     return txt2img(loaded, request, callback=progress)

@@ -312,6 +312,7 @@ def test_cli_inpaint_runs_a_model_without_a_text_stage(files, tmp_path, capsys):
     assert main([*args[:-2], "--mask", str(tmp_path / "empty.png"), "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "error: the mask is empty: paint over the part of the image to fill" in err and "Traceback" not in err
+    assert "sampling" not in err  # refused before the progress bar starts
 
 
 def test_cli_upscale_runs_an_ldm_upscaler(files, tmp_path, capsys):
