@@ -198,3 +198,24 @@ def test_any_values_save_images_or_end_with_a_clear_message(handlers, tab, data)
 def test_the_valid_examples_did_generate(tab):
     """Runs after the property above (same module, file order): each tab saved images for some examples."""
     assert SAVED.get(tab, 0) >= 5, f"only {SAVED.get(tab, 0)} examples of the {tab} tab saved images"
+
+
+def test_the_gallery_keeps_the_newest_images_up_to_its_limit(handlers, tmp_path):
+    from ui.widgets import MAX_GALLERY
+
+    handler = handlers.found["txt2img_generate"]
+    earlier = [str(tmp_path / f"old-{i}.png") for i in range(MAX_GALLERY)]
+    data = {}
+    for component in handler.inputs:  # the page's defaults, 2 steps, the default model
+        label = getattr(component, "label", None)
+        if isinstance(component, gr.State):
+            data[component] = earlier
+        else:
+            data[component] = {"Model": handlers.studio.default_for("txt2img"), "Steps": 2}.get(label, component.value)
+        if isinstance(component, gr.Textbox) and data[component] is None:
+            data[component] = ""
+    gallery = None
+    for update in handler.fn(data, SimpleNamespace(session_hash="gallery"), progress=lambda *a, **k: None):
+        gallery = next((v for k, v in update.items() if str(getattr(k, "elem_id", "")).endswith("-gallery")), gallery)
+    assert len(gallery) == MAX_GALLERY
+    assert gallery[1:] == earlier[:-1] and gallery[0] not in earlier

@@ -31,6 +31,9 @@ from ui.services import Studio
 
 MODEL_DEFAULT = "Model default"
 MAX_BATCH_COUNT = 16
+# The gallery shows a session's newest images, at most this many (every image stays in the outputs
+# folder): a long session would otherwise send an ever longer gallery with each result.
+MAX_GALLERY = 64
 
 
 # --- the model menu ---------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def run_batches(
                 return
             for notice in notices:
                 gr.Warning(notice)
-            shown = [str(p) for p in saved] + shown
+            shown = ([str(p) for p in saved] + shown)[:MAX_GALLERY]
             first = str(saved[0])
             yield {area.gallery: shown, area.images: shown, area.selected: first, area.parameters: read_parameters_text(first),
                    area.last_seed: seed, area.status: f"{label}saved {', '.join(p.name for p in saved)} in {saved[0].parent}"}
