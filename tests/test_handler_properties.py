@@ -200,22 +200,45 @@ def test_the_valid_examples_did_generate(tab):
     assert SAVED.get(tab, 0) >= 5, f"only {SAVED.get(tab, 0)} examples of the {tab} tab saved images"
 
 
+def page_defaults(handlers, tab: str, states, **by_label) -> dict:
+    """A handler's inputs as the page starts them (empty text boxes ""), the default model, 2 steps,
+    the given values by label and ``states`` for the session's state."""
+    handler = handlers.found[f"{tab}_generate"]
+    by_label = {"Model": handlers.studio.default_for(tab), "Steps": 2, **by_label}
+    data = {}
+    for component in handler.inputs:
+        if isinstance(component, gr.State):
+            data[component] = states
+            continue
+        data[component] = by_label.get(component.label, component.value)
+        if isinstance(component, gr.Textbox) and data[component] is None:
+            data[component] = ""
+    return data
+
+
 def test_the_gallery_keeps_the_newest_images_up_to_its_limit(handlers, tmp_path):
     from ui.widgets import MAX_GALLERY
 
-    handler = handlers.found["txt2img_generate"]
     earlier = [str(tmp_path / f"old-{i}.png") for i in range(MAX_GALLERY)]
-    data = {}
-    for component in handler.inputs:  # the page's defaults, 2 steps, the default model
-        label = getattr(component, "label", None)
-        if isinstance(component, gr.State):
-            data[component] = earlier
-        else:
-            data[component] = {"Model": handlers.studio.default_for("txt2img"), "Steps": 2}.get(label, component.value)
-        if isinstance(component, gr.Textbox) and data[component] is None:
-            data[component] = ""
     gallery = None
-    for update in handler.fn(data, SimpleNamespace(session_hash="gallery"), progress=lambda *a, **k: None):
+    for update in handlers.found["txt2img_generate"].fn(page_defaults(handlers, "txt2img", earlier),
+                                                        SimpleNamespace(session_hash="gallery"), progress=lambda *a, **k: None):
         gallery = next((v for k, v in update.items() if str(getattr(k, "elem_id", "")).endswith("-gallery")), gallery)
     assert len(gallery) == MAX_GALLERY
     assert gallery[1:] == earlier[:-1] and gallery[0] not in earlier
+
+
+@pytest.mark.parametrize("side", [1, 10_000])
+@pytest.mark.parametrize("tab", ["inpaint", "upscale"])
+def test_a_one_pixel_image_is_worked_and_a_10000_pixel_one_refused_by_its_size(handlers, tab, side):
+    image = Image.new("RGB", (side, side), (200, 30, 30))
+    if tab == "inpaint":
+        value = {"background": image, "layers": [Image.new("RGBA", (side, side), (255, 255, 255, 255))], "composite": image}
+        label = "Image and mask: paint over what to replace"
+    else:
+        value, label = image, "Image to upscale (up to 1024 px a side)"
+    outcome = check(handlers.found[f"{tab}_generate"], page_defaults(handlers, tab, [], **{label: value}))
+    if side == 1:
+        assert outcome.startswith("saved "), outcome
+    else:
+        assert "10000" in outcome and ("4096" in outcome or "1024" in outcome), outcome
