@@ -105,6 +105,15 @@ def test_an_empty_mask_is_refused_with_a_message(hybrid):
         inpaint(hybrid, REQUEST, picture(), Image.new("L", (32, 32), 0))
 
 
+@pytest.mark.parametrize("model_name", ["hybrid", "sd_v1"])
+def test_a_full_mask_regenerates_the_whole_picture(model_name, request):
+    loaded = request.getfixturevalue(model_name)
+    full = Image.new("L", (32, 32), 255)
+    a = np.asarray(inpaint(loaded, REQUEST, picture(1), full).images[0])
+    b = np.asarray(inpaint(loaded, REQUEST, picture(2), full).images[0])
+    np.testing.assert_array_equal(a, b)  # nothing of the input is kept: the same seed gives the same picture
+
+
 def test_upscaling_multiplies_the_size_by_the_first_stage_factor(upscaler):
     image = picture(3, 10)  # padded to the UNet's grid, cropped back
     result = upscale(upscaler, image, GenerationRequest("", steps=3, seed=1))
