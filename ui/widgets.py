@@ -312,6 +312,14 @@ def run_batches(
         lock.release()
 
 
+def save_result(studio: Studio, result, extra: dict, attachments: dict | None = None) -> tuple[list[Path], list[str]]:
+    """What a batch returns to ``run_batches``: the paths of its saved images (each with its
+    parameters, the studio's record ``extra`` and ``attachments``), and the task's notices."""
+    paths = [studio.writer.save(image, text, seed, extra, attachments)
+             for image, seed, text in zip(result.images, result.seeds, result.parameters)]
+    return paths, result.notices
+
+
 # --- restoring parameters from a PNG -------------------------------------------------------------------
 
 

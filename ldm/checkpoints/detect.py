@@ -64,9 +64,8 @@ def config_beside(path: str | Path) -> Path:
     return Path(path).with_suffix(".yaml")
 
 
-def config_prediction(config: Path) -> str | None:
-    """The parameterization an original LDM config gives (``model.params.parameterization``, default
-    "eps"); None for a YAML that is not an original config (a preset of ours, say)."""
+def original_params(config: Path) -> dict | None:
+    """``model.params`` of an original LDM config; None for a YAML that is not one (a preset of ours, say)."""
     try:
         raw = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
     except (OSError, OmegaConfBaseException) as error:
@@ -76,7 +75,14 @@ def config_prediction(config: Path) -> str | None:
     if not isinstance(params, dict):
         log.debug("%s is not an original LDM config (no model.params); detection ignores it", config)
         return None
-    return str(params.get("parameterization", "eps"))
+    return params
+
+
+def config_prediction(config: Path) -> str | None:
+    """The parameterization an original LDM config gives (``model.params.parameterization``, default
+    "eps"); None for a YAML that is not an original config."""
+    params = original_params(config)
+    return None if params is None else str(params.get("parameterization", "eps"))
 
 
 def file_prediction(path: str | Path, metadata: Metadata | None) -> str:
@@ -183,13 +189,8 @@ def _how_to_state(source) -> str:
 def config_latent_size(config: Path) -> int | None:
     """The latent side an original LDM config trained at (``model.params.image_size``, else its
     UNet's); None for a YAML that is not an original config or gives none."""
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
-    except (OSError, OmegaConfBaseException) as error:
-        raise CheckpointError(f"{config}: cannot read the config beside the checkpoint: {error}") from None
-    model = raw.get("model") if isinstance(raw, dict) else None
-    params = model.get("params") if isinstance(model, dict) else None
-    if not isinstance(params, dict):
+    params = original_params(config)
+    if params is None:
         return None
     unet = params.get("unet_config")
     unet_params = unet.get("params") if isinstance(unet, dict) else None

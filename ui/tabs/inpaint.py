@@ -29,6 +29,7 @@ from ui.widgets import (
     restored_values,
     run_batches,
     sampling_controls,
+    save_result,
 )
 
 TAB = "inpaint"
@@ -141,9 +142,7 @@ def handler(studio: Studio, tab: InpaintTab):
             extra = {"task": TAB, "model": loaded.name,
                      "mask": {"feather": options.feather, "only_masked": options.only_masked, "padding": options.padding,
                               "coverage": round(float(np.asarray(mask).mean() / 255), 4)}}
-            paths = [studio.writer.save(picture, text, s, extra, {"mask": mask, "input": image})
-                     for picture, s, text in zip(result.images, result.seeds, result.parameters)]
-            return paths, result.notices
+            return save_result(studio, result, extra, {"mask": mask, "input": image})
 
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
                                data[out.images], progress)

@@ -35,6 +35,7 @@ from ui.widgets import (
     restored_values,
     run_batches,
     sampling_controls,
+    save_result,
     size_controls,
     tiling_controls,
 )
@@ -233,8 +234,7 @@ def wire(studio: Studio, tab: LayoutTab) -> None:
             result = txt2img(loaded, replace(base, seed=seed), callback=callback, should_stop=should_stop)
             extra = {"task": TAB, "model": loaded.name, "boxes": [{"label": b[0], "box": [round(v, 4) for v in b[1:]]} for b in boxes],
                      "regions": [[r.prompt, r.negative_prompt, r.strength] for r in base.regions]}
-            paths = [studio.writer.save(image, text, s, extra) for image, s, text in zip(result.images, result.seeds, result.parameters)]
-            return paths, result.notices
+            return save_result(studio, result, extra)
 
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
                                data[out.images], progress)

@@ -27,6 +27,7 @@ from ui.widgets import (
     output_area,
     run_batches,
     sampling_controls,
+    save_result,
 )
 
 TAB = "semantic"
@@ -108,9 +109,7 @@ def handler(studio: Studio, tab: SemanticTab):
         def one_batch(seed, callback, should_stop):
             result = semantic(loaded, label_map, replace(base, seed=seed), callback=callback, should_stop=should_stop)
             extra = {"task": TAB, "model": loaded.name}
-            paths = [studio.writer.save(picture, text, s, extra, {"segmentation": label_map})
-                     for picture, s, text in zip(result.images, result.seeds, result.parameters)]
-            return paths, result.notices
+            return save_result(studio, result, extra, {"segmentation": label_map})
 
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
                                data[out.images], progress)

@@ -24,6 +24,7 @@ from ui.widgets import (
     restored_values,
     run_batches,
     sampling_controls,
+    save_result,
     size_controls,
     tiling_controls,
 )
@@ -87,8 +88,7 @@ def wire(studio: Studio, tab: Txt2ImgTab) -> None:
         def one_batch(seed, callback, should_stop):
             result = txt2img(loaded, replace(base, seed=seed), callback=callback, should_stop=should_stop)
             extra = {"task": TAB, "model": loaded.name}
-            paths = [studio.writer.save(image, text, s, extra) for image, s, text in zip(result.images, result.seeds, result.parameters)]
-            return paths, result.notices
+            return save_result(studio, result, extra)
 
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), data[tab.batch_count],
                                base.seed, one_batch, data[out.images], progress)

@@ -21,6 +21,7 @@ from ui.widgets import (
     output_area,
     run_batches,
     sampling_controls,
+    save_result,
 )
 
 TAB = "upscale"
@@ -90,9 +91,7 @@ def handler(studio: Studio, tab: UpscaleTab):
                              should_stop=should_stop)
             extra = {"task": TAB, "model": loaded.name, "tiles": {"tile": tiles.tile, "overlap": tiles.overlap},
                      "noise_level": noise_level}
-            paths = [studio.writer.save(picture, text, s, extra, {"input": image})
-                     for picture, s, text in zip(result.images, result.seeds, result.parameters)]
-            return paths, result.notices
+            return save_result(studio, result, extra, {"input": image})
 
         yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
                                data[out.images], progress)
