@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, help="total steps (default: the recipe's)")
     train.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda")
 
+    commands.add_parser("bench", add_help=False, help="time the engine against diffusers on the same weights "
+                        "(bench/speed.py; --help lists its options)")
+
     evaluate = commands.add_parser("eval", help="measure the embedded default model on held-out scenes")
     evaluate.add_argument("--count", type=int, default=100, help="held-out samples per task")
     evaluate.add_argument("--steps", type=int, default=20, help="DDIM steps")
@@ -296,7 +299,19 @@ COMMANDS = {
 }
 
 
+def run_bench(argv: list[str]) -> int:
+    """``bench/speed.py``, which lives with the other benchmarks outside the package."""
+    import runpy
+
+    speed = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "speed.py"))
+    speed["main"](argv)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

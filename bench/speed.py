@@ -1,0 +1,278 @@
+"""Speed against diffusers on the same weights and machine: the full-size Stable Diffusion v1
+architecture with random weights, built by this engine from its v1-inference preset and by diffusers
+from the same tensors (through diffusers' own single-file converters), timed side by side in one run,
+alternating, and checked for agreement. Also the embedded default model's whole text-to-image.
+
+    .venv/bin/python -m ldm bench                 # CPU: fp32, and bf16 where the CPU has bf16 units
+    .venv/bin/python -m ldm bench --device cuda   # GPU: fp16 and bf16
+    .venv/bin/python -m ldm bench --parts unet --rounds 5
+
+Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
+diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work (torch's flop counter)
+over our time; "% peak" relates it to a large matrix product's speed measured at the start, the
+practical limit of this machine for this dtype. "max diff" is the largest difference between the two
+outputs (fp32: the same numbers up to summation order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.checkpoints.loader import build_model  # noqa: E402
+from ldm.checkpoints.presets import find_preset  # noqa: E402
+from ldm.devices import choose_device  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PARTS = ("unet", "vae", "text", "default")
+
+
+@dataclass(frozen=True)
+class Figure:
+    part: str
+    dtype: str
+    ours_s: float
+    theirs_s: float | None
+    flop: float
+    max_diff: float | None
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matrix units that make bf16 worth using on a CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """TFLOP/s of an n x n x n matrix product (the best of a few)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5 if device.type == "cpu" else 20):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
+def flops(call: Callable[[], object]) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        call()
+    return float(counter.get_total_flops())
+
+
+def alternate(ours: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tensor] | None, rounds: int,
+              device: torch.device) -> tuple[float, float | None, torch.Tensor, torch.Tensor | None]:
+    """Median seconds of each, called in turn (ours, theirs, ours, ...) after a warm-up, and their outputs."""
+    def timed(call):
+        synchronize(device)
+        start = time.perf_counter()
+        out = call()
+        synchronize(device)
+        return time.perf_counter() - start, out
+
+    out_ours, out_theirs = ours(), theirs() if theirs else None  # warm-up
+    times_ours, times_theirs = [], []
+    for _ in range(rounds):
+        t, out_ours = timed(ours)
+        times_ours.append(t)
+        if theirs:
+            t, out_theirs = timed(theirs)
+            times_theirs.append(t)
+    return statistics.median(times_ours), statistics.median(times_theirs) if theirs else None, out_ours, out_theirs
+
+
+def original_config(preset) -> dict:
+    """The preset's architecture in the structure of the original v1-inference.yaml, which diffusers'
+    converters read."""
+    unet, first, m = preset.model.unet, preset.model.first_stage, preset.model
+    return {"model": {"params": {
+        "linear_start": m.schedule.linear_start, "linear_end": m.schedule.linear_end, "timesteps": m.schedule.timesteps,
+        "image_size": m.latent_size, "channels": m.latent_channels, "scale_factor": m.scale_factor,
+        "unet_config": {"params": {
+            "image_size": m.latent_size, "in_channels": unet.in_channels, "out_channels": unet.out_channels,
+            "model_channels": unet.model_channels, "attention_resolutions": list(unet.attention_resolutions),
+            "num_res_blocks": unet.num_res_blocks, "channel_mult": list(unet.channel_mult), "num_heads": unet.num_heads,
+            "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": unet.context_dim, "legacy": False}},
+        "first_stage_config": {"params": {"embed_dim": first.embed_dim, "ddconfig": {
+            "double_z": True, "z_channels": first.z_channels, "resolution": first.resolution, "in_channels": 3, "out_ch": 3,
+            "ch": first.ch, "ch_mult": list(first.ch_mult), "num_res_blocks": first.num_res_blocks, "attn_resolutions": [],
+            "dropout": 0.0}}},
+    }}}
+
+
+def build_pair(seed: int = 0):
+    """Our SD v1 model with random weights, and diffusers' UNet, VAE and CLIP text model from the same tensors."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    preset = find_preset("v1-inference")
+    torch.manual_seed(seed)
+    ours = build_model(preset.model, device="cpu").eval().requires_grad_(False)
+    ours.cond_stage_model.init_non_persistent_buffers()
+    with torch.no_grad():  # the default init of a zero-initialised output layer would make the UNet trivial
+        for name, p in ours.named_parameters():
+            if p.dim() > 1 and p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    checkpoint = {k: v for k, v in ours.state_dict().items()}
+    config = original_config(preset)
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(config, checkpoint, scaling_factor=preset.model.scale_factor)
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
+    clip = preset.model.cond_stage
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=clip.vocab_size, hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
+        num_hidden_layers=clip.num_layers, num_attention_heads=clip.num_heads, max_position_embeddings=clip.max_positions,
+        hidden_act=clip.hidden_act))
+    converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    text.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")},
+                         strict=True)
+    return ours, unet.eval().requires_grad_(False), vae.eval().requires_grad_(False), text.eval().requires_grad_(False)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """diffusers' usual low-precision CPU path is bf16 autocast over fp32 weights (as measured in
+    the project's notes); on a GPU its models are simply cast."""
+    if device.type == "cpu" and dtype != torch.float32:
+        return torch.autocast("cpu", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, rounds: int) -> list[Figure]:
+    dtype = DTYPES[dtype_name]
+    ours, unet, vae, text = build_pair()
+    ours = ours.to(device, dtype)
+    their_dtype = torch.float32 if device.type == "cpu" else dtype  # CPU: autocast over fp32 weights
+    unet, vae, text = (m.to(device) if their_dtype == torch.float32 else m.to(device, their_dtype) for m in (unet, vae, text))
+    g = torch.Generator().manual_seed(1)
+    figures = []
+    with torch.inference_mode():
+        if "unet" in parts:  # one guided step: batch 2 (unconditional and conditional), 64x64 latent
+            x = torch.randn(2, 4, 64, 64, generator=g).to(device)
+            t = torch.tensor([500, 500], device=device)
+            context = torch.randn(2, 77, 768, generator=g).to(device)
+
+            def ours_call():
+                return ours.unet(x.to(dtype), t, context=context.to(dtype))
+
+            def theirs_call():
+                with autocast(device, dtype):
+                    return unet(x.to(their_dtype), t, encoder_hidden_states=context.to(their_dtype)).sample
+
+            figures.append(measure("UNet step (guided, 64x64 latent)", dtype_name, ours_call, theirs_call, rounds, device))
+        if "vae" in parts:  # decoding one 512x512 image
+            z = torch.randn(1, 4, 64, 64, generator=g).to(device)
+
+            def ours_call():
+                return ours.first_stage_model.decode(z.to(dtype))
+
+            def theirs_call():
+                with autocast(device, dtype):
+                    return vae.decode(z.to(their_dtype)).sample
+
+            figures.append(measure("VAE decode 512x512", dtype_name, ours_call, theirs_call, rounds, device))
+        if "text" in parts:  # two prompts of 77 tokens
+            ids = torch.randint(0, 49407, (2, 1, 77), generator=g).to(device)
+
+            def ours_call():
+                return ours.cond_stage_model(ids)
+
+            def theirs_call():
+                with autocast(device, dtype):
+                    return text(ids[:, 0]).last_hidden_state
+
+            figures.append(measure("text encoder (2 x 77 tokens)", dtype_name, ours_call, theirs_call, rounds, device))
+    return figures
+
+
+def measure(part: str, dtype_name: str, ours, theirs, rounds: int, device: torch.device) -> Figure:
+    ours_s, theirs_s, a, b = alternate(ours, theirs, rounds, device)
+    diff = None if b is None else (a.float() - b.float().reshape(a.shape)).abs().max().item()
+    figure = Figure(part, dtype_name, ours_s, theirs_s, flops(ours), diff)
+    print(format_figure(figure, None), flush=True)
+    return figure
+
+
+def default_model_figure(dtype_name: str, device: torch.device, rounds: int) -> Figure:
+    from ldm.checkpoints.loader import load_model
+    from ldm.checkpoints.presets import DEFAULT_MODELS
+    from ldm.tasks.request import GenerationRequest
+    from ldm.tasks.txt2img import txt2img
+
+    loaded = load_model(DEFAULT_MODELS["txt2img"], device=device, dtype=DTYPES[dtype_name])
+    request = GenerationRequest("a red circle in the top left and a small blue square at the bottom", steps=20, scale=4.0,
+                                seed=1, width=64, height=64)
+
+    def call():
+        return torch.from_numpy(__import__("numpy").asarray(txt2img(loaded, request).images[0]))
+
+    return measure("default model text to image (64 px, 20 steps, guided)", dtype_name, call, None, rounds, device)
+
+
+def format_figure(f: Figure, peaks: dict[str, float] | None) -> str:
+    rate = f.flop / f.ours_s / 1e12 if f.flop else 0.0
+    theirs = f"{f.theirs_s:8.3f} s" if f.theirs_s is not None else "       -  "
+    ratio = f"{f.ours_s / f.theirs_s:5.2f}" if f.theirs_s else "    -"
+    peak = f"{100 * rate / peaks[f.dtype]:4.0f}%" if peaks and f.flop else "    -"
+    diff = f"{f.max_diff:.2e}" if f.max_diff is not None else "-"
+    return f"{f.part:55s} {f.dtype:5s} {f.ours_s:8.3f} s {theirs} {ratio} {rate:6.3f} {peak}  {diff}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ldm bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES),
+                        help="default: fp32 and, on a CPU with bf16 units, bf16; fp16 and bf16 on a GPU")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
+    args = parser.parse_args(argv)
+    device = choose_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = args.dtypes or (["fp16", "bf16"] if device.type == "cuda" else ["fp32"] + (["bf16"] if cpu_has_bf16() else []))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__} on {name}")
+    peaks = {d: matmul_peak(device, DTYPES[d]) for d in dtypes}
+    print("matrix product peak: " + ", ".join(f"{d} {p:.3f} TFLOP/s" for d, p in peaks.items()))
+    print(f"{'part':55s} {'dtype':5s} {'ours':>10s} {'diffusers':>10s} {'ratio':>5s} {'TFLOP/s':>6s} {'peak':>5s}  max diff")
+    figures = []
+    for dtype_name in dtypes:
+        pair_parts = [p for p in args.parts if p != "default"]
+        if pair_parts:
+            figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds)
+        if "default" in args.parts:
+            figures.append(default_model_figure(dtype_name, device, args.rounds))
+    print("\nsummary")
+    for f in figures:
+        print(format_figure(f, peaks))
+
+
+if __name__ == "__main__":
+    main()
