@@ -156,7 +156,7 @@ def resolve_request(request: GenerationRequest, size_multiple: int) -> tuple[Gen
     height = round_side("height", request.height, size_multiple, notices)
     seed = random.randrange(MAX_SEED) if request.seed == -1 else int(request.seed)
     resolved = replace(
-        request, steps=int(request.steps), width=width, height=height, seed=seed, batch_size=int(request.batch_size),
+        request, steps=int(request.steps), scale=float(request.scale), eta=float(request.eta), width=width, height=height, seed=seed, batch_size=int(request.batch_size),
         boxes=boxes, regions=regions, tiling=tiling,
     )
     return resolved, notices
