@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.checkpoints.loader import build_model  # noqa: E402
+from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
 from ldm.devices import choose_device  # noqa: E402
 
@@ -106,25 +107,6 @@ def alternate(ours: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tenso
     return statistics.median(times_ours), statistics.median(times_theirs) if theirs else None, out_ours, out_theirs
 
 
-def original_config(preset) -> dict:
-    """The preset's architecture in the structure of the original v1-inference.yaml, which diffusers'
-    converters read."""
-    unet, first, m = preset.model.unet, preset.model.first_stage, preset.model
-    return {"model": {"params": {
-        "linear_start": m.schedule.linear_start, "linear_end": m.schedule.linear_end, "timesteps": m.schedule.timesteps,
-        "image_size": m.latent_size, "channels": m.latent_channels, "scale_factor": m.scale_factor,
-        "unet_config": {"params": {
-            "image_size": m.latent_size, "in_channels": unet.in_channels, "out_channels": unet.out_channels,
-            "model_channels": unet.model_channels, "attention_resolutions": list(unet.attention_resolutions),
-            "num_res_blocks": unet.num_res_blocks, "channel_mult": list(unet.channel_mult), "num_heads": unet.num_heads,
-            "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": unet.context_dim, "legacy": False}},
-        "first_stage_config": {"params": {"embed_dim": first.embed_dim, "ddconfig": {
-            "double_z": True, "z_channels": first.z_channels, "resolution": first.resolution, "in_channels": 3, "out_ch": 3,
-            "ch": first.ch, "ch_mult": list(first.ch_mult), "num_res_blocks": first.num_res_blocks, "attn_resolutions": [],
-            "dropout": 0.0}}},
-    }}}
-
-
 def build_pair(seed: int = 0):
     """Our SD v1 model with random weights, and diffusers' UNet, VAE and CLIP text model from the same tensors."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -140,7 +122,7 @@ def build_pair(seed: int = 0):
             if p.dim() > 1 and p.abs().max() == 0:
                 p.normal_(0, 0.02)
     checkpoint = {k: v for k, v in ours.state_dict().items()}
-    config = original_config(preset)
+    config = original_config(preset.model)
     unet_config = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)
     unet = UNet2DConditionModel(**unet_config)
     unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)

@@ -21,7 +21,6 @@ from diffusers import (
     StableDiffusionUpscalePipeline, UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as sfu
-from omegaconf import OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm.checkpoints.catalog import checkpoint_files, scan
@@ -34,6 +33,7 @@ from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.inspect import inspect_target
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.loader import build_model, load_model
+from ldm.checkpoints.original_config import original_config as written_original_config
 from ldm.checkpoints.presets import find_preset, list_presets
 from ldm.models.conditioners import OpenCLIPTextEncoderConfig
 from ldm.tasks.request import GenerationRequest
@@ -365,7 +365,7 @@ def test_full_size_folder_layouts_map_back_to_the_presets_keys(name, prediction)
     one block shorter, without the projection), come back as those keys and are detected as the preset."""
     preset = find_preset(name)
     original = build_model(preset.model).state_dict()  # meta tensors: shapes only
-    config = OmegaConf.to_container(OmegaConf.load(FIXTURES / "original_configs" / f"{name}.yaml"))
+    config = written_original_config(preset.model)  # the original YAML's structure, as diffusers' converters read it
     unet_config = sfu.create_unet_diffusers_config_from_ldm(config, original)
     vae_config = sfu.create_vae_diffusers_config_from_ldm(config, original)
     unet = sfu.convert_ldm_unet_checkpoint(original, unet_config)

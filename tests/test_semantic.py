@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.checkpoints.catalog import capabilities
 from ldm.checkpoints.detect import detect
 from ldm.checkpoints.loader import build_model, load_model
+from ldm.checkpoints.original_config import original_config
 from ldm.checkpoints.presets import find_preset, list_presets, preset_from_dict
 from ldm.cli import main
 from ldm.models.conditioners import SpatialRescaler, SpatialRescalerConfig
@@ -85,7 +87,7 @@ def test_a_file_that_says_nothing_is_the_256_model_with_a_notice_naming_the_512_
 
 @pytest.mark.parametrize(("image_size", "expected"), [(64, "semantic_synthesis256"), (128, "semantic_synthesis512")])
 def test_the_original_config_beside_the_file_picks_the_model(tmp_path, image_size, expected):
-    original = (FIXTURES / "semantic_synthesis256-config.yaml").read_text()  # LDM's config.yaml of the 256 model
+    original = OmegaConf.to_yaml(original_config(find_preset(NAMES[0]).model))  # in the structure of LDM's config.yaml
     assert original.count("image_size: 64") == 2  # the model's and its UNet's
     (tmp_path / "landscapes.yaml").write_text(original.replace("image_size: 64", f"image_size: {image_size}"))
     found = detect(reference_shapes(NAMES[0]), list_presets(), tmp_path / "landscapes.ckpt")
