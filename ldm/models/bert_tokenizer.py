@@ -70,9 +70,6 @@ class BertPromptTokenizer:
     def encode_batch(self, prompts: Sequence[str], layouts: Sequence | None = None) -> torch.Tensor:
         if layouts is not None and any(layouts):
             raise ValueError("this model takes no layout boxes (its LDM BERT reads text only); use region prompts")
-        for prompt in prompts:
-            if prompt and self.token_count(prompt) > self.max_length:
-                log.info("prompt cut to %d tokens: %r", self.max_length, _excerpt(prompt))
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")["input_ids"]
         return ids.to(torch.long)  # (B, 77)
