@@ -4,6 +4,7 @@ values as a ``{component: value}`` mapping (Gradio's set-of-inputs form) and rea
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -113,6 +114,8 @@ def seed_value(value) -> int:
         seed = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}, or -1 for a random one; got {value!r}") from None
+    if not math.isfinite(seed):
+        raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}, or -1 for a random one; got {value!r}")
     if seed != int(seed):
         raise ValueError(f"seed must be a whole number, got {value}")
     return int(seed)

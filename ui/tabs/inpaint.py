@@ -110,7 +110,7 @@ def prompt_boxes(studio: Studio):
 
 def editor_parts(value: dict | None) -> tuple[Image.Image, Image.Image]:
     """(image, mask) from the editor: the mask is white wherever any brush layer has paint."""
-    if not value or value.get("background") is None:
+    if not isinstance(value, dict) or not isinstance(value.get("background"), Image.Image):
         raise ValueError("no image: upload one, or send one here from another tab")
     background = as_rgb(value["background"])  # transparency over white, not black
     painted = np.zeros((background.height, background.width), dtype=bool)

@@ -79,7 +79,7 @@ def handler(studio: Studio, tab: UpscaleTab):
     def generate(data: dict, request: gr.Request, progress=gr.Progress()):
         loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
         image: Image.Image | None = data[tab.image]
-        if image is None:
+        if not isinstance(image, Image.Image):
             raise ValueError("no image: upload one, or send one here from another tab")
         tiles = TileOptions(checked_number("tile size", data[tab.tile], 0, MAX_TILE, integer=True),
                             checked_number("tile overlap", data[tab.overlap], 0, MAX_TILE, integer=True))
