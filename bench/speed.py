@@ -17,6 +17,7 @@ outputs (fp32: the same numbers up to summation order).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -33,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.checkpoints.loader import build_model  # noqa: E402
 from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
-from ldm.devices import choose_device  # noqa: E402
+from ldm.devices import choose_device, cpu_has_bf16  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PARTS = ("unet", "vae", "text", "default")
+PARTS = ("unet", "vae", "text", "default", "fidelity")
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,6 @@ class Figure:
     theirs_s: float | None
     flop: float
     max_diff: float | None
-
-
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matrix units that make bf16 worth using on a CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def synchronize(device: torch.device) -> None:
@@ -148,10 +140,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, enabled=False)
 
 
-def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, rounds: int) -> list[Figure]:
+def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, rounds: int,
+                   channels_last: bool = False) -> list[Figure]:
     dtype = DTYPES[dtype_name]
     ours, unet, vae, text = build_pair()
     ours = ours.to(device, dtype)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        ours = ours.to(memory_format=layout)
     their_dtype = torch.float32 if device.type == "cpu" else dtype  # CPU: autocast over fp32 weights
     unet, vae, text = (m.to(device) if their_dtype == torch.float32 else m.to(device, their_dtype) for m in (unet, vae, text))
     g = torch.Generator().manual_seed(1)
@@ -163,7 +159,7 @@ def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, roun
             context = torch.randn(2, 77, 768, generator=g).to(device)
 
             def ours_call():
-                return ours.unet(x.to(dtype), t, context=context.to(dtype))
+                return ours.unet(x.to(dtype).contiguous(memory_format=layout), t, context=context.to(dtype))
 
             def theirs_call():
                 with autocast(device, dtype):
@@ -174,7 +170,7 @@ def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, roun
             z = torch.randn(1, 4, 64, 64, generator=g).to(device)
 
             def ours_call():
-                return ours.first_stage_model.decode(z.to(dtype))
+                return ours.first_stage_model.decode(z.to(dtype).contiguous(memory_format=layout))
 
             def theirs_call():
                 with autocast(device, dtype):
@@ -219,6 +215,75 @@ def default_model_figure(dtype_name: str, device: torch.device, rounds: int) -> 
     return measure("default model text to image (64 px, 20 steps, guided)", dtype_name, call, None, rounds, device)
 
 
+def image_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def default_model_fidelity(dtype_name: str, device: torch.device, count: int) -> list[float]:
+    """PSNR of the default model's images in ``dtype_name`` against fp32, from the same held-out
+    captions and seeds (64 px, 20 steps, guidance 4)."""
+    from ldm.checkpoints.loader import load_model
+    from ldm.checkpoints.presets import DEFAULT_MODELS
+    from ldm.data.batches import HELD_OUT_SEED
+    from ldm.data.world import scene_from_seed
+    from ldm.tasks.request import GenerationRequest
+    from ldm.tasks.txt2img import txt2img
+
+    models = {d: load_model(DEFAULT_MODELS["txt2img"], device=device, dtype=d) for d in (torch.float32, DTYPES[dtype_name])}
+    values = []
+    for i in range(count):
+        request = GenerationRequest(scene_from_seed(HELD_OUT_SEED + 10_000 + i).caption, steps=20, scale=4.0, seed=i,
+                                    width=64, height=64)
+        fp32, low = (np.asarray(txt2img(m, request).images[0]) for m in models.values())
+        values.append(image_psnr(fp32, low))
+    return values
+
+
+def sd_v1_fidelity(dtype_name: str, device: torch.device, count: int, side: int = 256, steps: int = 10) -> list[float]:
+    """PSNR of SD v1 (random weights) images in ``dtype_name`` against fp32: guided DDIM from the same
+    noise and a random stand-in for the text embedding, then the VAE decode."""
+    from ldm.sampling.ddim import ddim_sample
+    from ldm.sampling.guidance import ClassifierFreeGuidance
+    from ldm.sampling.schedules import ddim_schedule
+    from ldm.tasks.common import to_pil
+
+    preset = find_preset("v1-inference")
+    torch.manual_seed(0)
+    model = build_model(preset.model, device="cpu").eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    values = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        x_T = torch.randn(1, 4, side // 8, side // 8, generator=g)
+        context = torch.randn(2, 77, 768, generator=g)
+        images = []
+        for dtype in (torch.float32, DTYPES[dtype_name]):
+            model = model.to(device, dtype)
+            guided = ClassifierFreeGuidance(model.denoiser(), 7.5)
+            with torch.inference_mode():
+                z = ddim_sample(guided, x_T.to(device, dtype), ddim_schedule(model.alphas_cumprod, steps),
+                                generator=[torch.Generator().manual_seed(i)],
+                                extra_args={"uncond": {"context": context[:1].to(device, dtype)},
+                                            "cond": {"context": context[1:].to(device, dtype)}})
+                images.append(np.asarray(to_pil(model.decode_first_stage(z))[0]))
+        values.append(image_psnr(*images))
+    return values
+
+
+def fidelity_lines(dtype_name: str, device: torch.device, count: int) -> list[str]:
+    lines = []
+    for name, measure_psnr in (("default model text to image", default_model_fidelity), ("SD v1 (random weights) 256 px, 10 steps", sd_v1_fidelity)):
+        values = measure_psnr(dtype_name, device, count)
+        line = f"{name:55s} {dtype_name:5s} PSNR vs fp32: mean {np.mean(values):.1f} dB, min {min(values):.1f} dB over {count} images"
+        print(line, flush=True)
+        lines.append(line)
+    return lines
+
+
 def format_figure(f: Figure, peaks: dict[str, float] | None) -> str:
     rate = f.flop / f.ours_s / 1e12 if f.flop else 0.0
     theirs = f"{f.theirs_s:8.3f} s" if f.theirs_s is not None else "       -  "
@@ -235,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: fp32 and, on a CPU with bf16 units, bf16; fp16 and bf16 on a GPU")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fidelity-images", type=int, default=8, help="images per model for the low-precision PSNR check")
+    parser.add_argument("--channels-last", action="store_true", help="run our UNet and VAE in channels-last memory format")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
     args = parser.parse_args(argv)
     device = choose_device(args.device)
@@ -246,16 +313,20 @@ def main(argv: list[str] | None = None) -> None:
     peaks = {d: matmul_peak(device, DTYPES[d]) for d in dtypes}
     print("matrix product peak: " + ", ".join(f"{d} {p:.3f} TFLOP/s" for d, p in peaks.items()))
     print(f"{'part':55s} {'dtype':5s} {'ours':>10s} {'diffusers':>10s} {'ratio':>5s} {'TFLOP/s':>6s} {'peak':>5s}  max diff")
-    figures = []
+    figures, fidelity = [], []
     for dtype_name in dtypes:
-        pair_parts = [p for p in args.parts if p != "default"]
+        pair_parts = [p for p in args.parts if p not in ("default", "fidelity")]
         if pair_parts:
-            figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds)
+            figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last)
         if "default" in args.parts:
             figures.append(default_model_figure(dtype_name, device, args.rounds))
+        if "fidelity" in args.parts and DTYPES[dtype_name] != torch.float32:
+            fidelity += fidelity_lines(dtype_name, device, args.fidelity_images)
     print("\nsummary")
     for f in figures:
         print(format_figure(f, peaks))
+    for line in fidelity:
+        print(line)
 
 
 if __name__ == "__main__":

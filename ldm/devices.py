@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 DTYPES = {
@@ -12,6 +14,25 @@ DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
 }
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matrix units that make bf16 worth using on a CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def training_autocast(device: torch.device, name: str | None) -> torch.autocast:
+    """The autocast context of a training step: ``name`` "bf16" uses bfloat16 where it pays (CUDA,
+    or a CPU with bf16 units; elsewhere it runs in float32), None or "none" never does."""
+    if name in (None, "none"):
+        return torch.autocast(device.type, enabled=False)
+    if name != "bf16":
+        raise ValueError(f"autocast {name!r} is not supported; use bf16 or none")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cpu_has_bf16())
 
 
 def choose_device(name: str | None = None) -> torch.device:

@@ -24,6 +24,7 @@ from ldm.checkpoints.loader import build_model, load_tokenizer
 from ldm.checkpoints.presets import ModelPreset, find_preset
 from ldm.data.batches import random_crop, scene_batch
 from ldm.data.masks import training_mask
+from ldm.devices import training_autocast
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.word_tokenizer import WordLayoutTokenizer
 from ldm.sampling.denoiser import training_target
@@ -161,8 +162,9 @@ def train_diffusion(
             group["lr"] = learning_rate(step, recipe["learning_rate"], recipe["warmup_steps"], total)
         images, scenes = scene_batch(recipe.get("seed_offset", 0) + step * batch, batch, render_sizes[step % len(render_sizes)])
         images = random_crop(images, size, generator).to(device)
-        latents, conditioning = training_inputs(model, recipe["task"], images, scenes, rng, mix, generator)
-        loss = diffusion_loss(model, latents, conditioning, generator)
+        with training_autocast(torch.device(device), recipe.get("autocast")):
+            latents, conditioning = training_inputs(model, recipe["task"], images, scenes, rng, mix, generator)
+            loss = diffusion_loss(model, latents, conditioning, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parts.parameters(), 1.0)
@@ -191,7 +193,8 @@ def latent_scale_from(autoencoder_state: dict, preset: ModelPreset) -> float:
 def training_inputs(model, task: str, images, scenes, rng, mix, generator) -> tuple[torch.Tensor, dict]:
     """(scaled latents, conditioning keyword arguments of the denoiser) for one batch."""
     with torch.no_grad():
-        latents = model.config.scale_factor * model.first_stage_model.encode(images).sample(generator)
+        # float32 even under autocast: the noise and the target are drawn at the latents' precision
+        latents = model.config.scale_factor * model.first_stage_model.encode(images).sample(generator).float()
     if task == "upscale":
         return latents, {"concat": low_resolution(images, model.config.downsampling_factor)}
     size = images.shape[-1]
