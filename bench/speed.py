@@ -199,13 +199,14 @@ def measure(part: str, dtype_name: str, ours, theirs, rounds: int, device: torch
     return figure
 
 
-def default_model_figure(dtype_name: str, device: torch.device, rounds: int) -> Figure:
+def default_model_figure(dtype_name: str, device: torch.device, rounds: int, channels_last: bool = False) -> Figure:
     from ldm.checkpoints.loader import load_model
     from ldm.checkpoints.presets import DEFAULT_MODELS
     from ldm.tasks.request import GenerationRequest
     from ldm.tasks.txt2img import txt2img
 
-    loaded = load_model(DEFAULT_MODELS["txt2img"], device=device, dtype=DTYPES[dtype_name])
+    loaded = load_model(DEFAULT_MODELS["txt2img"], device=device, dtype=DTYPES[dtype_name],
+                        memory_format="channels_last" if channels_last else "contiguous")
     request = GenerationRequest("a red circle in the top left and a small blue square at the bottom", steps=20, scale=4.0,
                                 seed=1, width=64, height=64)
 
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fidelity-images", type=int, default=8, help="images per model for the low-precision PSNR check")
-    parser.add_argument("--channels-last", action="store_true", help="run our UNet and VAE in channels-last memory format")
+    parser.add_argument("--channels-last", action="store_true", help="run our models in channels-last memory format (the default on a CPU: "
+                        "ldm.devices.choose_memory_format)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
     args = parser.parse_args(argv)
     device = choose_device(args.device)
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         if pair_parts:
             figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last)
         if "default" in args.parts:
-            figures.append(default_model_figure(dtype_name, device, args.rounds))
+            figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last))
         if "fidelity" in args.parts and DTYPES[dtype_name] != torch.float32:
             fidelity += fidelity_lines(dtype_name, device, args.fidelity_images)
     print("\nsummary")

@@ -27,7 +27,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--tokenizer", help="folder with the model's tokenizer: CLIP's vocab.json and merges.txt (Stable "
                         "Diffusion), or bert-base-uncased's vocab.txt (LDM text2img models)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (fp16 on CUDA; bf16 on a CPU with bf16 units, else fp32), fp32, fp16, bf16")
+    parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                        help="auto (channels_last on the CPU for models of SD's width, where it is faster), channels_last, contiguous")
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="use the EMA weights (default: when present)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even when EMA weights are present")
@@ -122,7 +125,8 @@ def load(args: argparse.Namespace, task: str):
         raise ValueError(f"no --model given and the embedded default model {path} is missing; pass --model FILE_OR_FOLDER")
     device = choose_device(args.device)
     return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), preset=args.preset,
-                      ema=args.ema, tokenizer_dir=args.tokenizer)
+                      ema=args.ema, tokenizer_dir=args.tokenizer,
+                      memory_format=args.memory_format)
 
 
 def read_boxes(path: str) -> tuple:

@@ -49,12 +49,33 @@ def choose_device(name: str | None = None) -> torch.device:
 
 
 def choose_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """``None`` or "auto": float16 on CUDA, float32 on the CPU."""
+    """``None`` or "auto": float16 on CUDA; on the CPU bfloat16 where it has bf16 units (AVX512-BF16
+    or AMX), else float32. bf16 on such a CPU: SD v1 UNet step 5.6 s against 10.0 s in fp32 (2 cores),
+    images 44 dB PSNR from the fp32 ones (default model: mean 44.9 dB, lowest 35.4 dB over 40
+    held-out captions; ``python -m ldm bench --parts fidelity``)."""
     if name in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not supported; use auto, {', '.join(sorted(set(DTYPES)))}")
     return DTYPES[name]
+
+
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def choose_memory_format(name: str | None, device: torch.device, unet_channels: int) -> torch.memory_format:
+    """``None`` or "auto": channels-last on the CPU for models of Stable Diffusion's width or more
+    (``unet_channels``, the UNet's base width, at least 128), where oneDNN's convolutions run faster in
+    it, contiguous otherwise. Measured on a 2-core CPU with ``python -m ldm bench [--channels-last]``:
+    SD v1 VAE decode 512 px bf16 8.15 -> 6.79 s, UNet step bf16 0.98x -> 0.93x of diffusers' time;
+    the 64-channel default model's text to image 0.43 -> 0.48 s (slower). Not measured on a GPU."""
+    if name in (None, "auto"):
+        return torch.channels_last if device.type == "cpu" and unet_channels >= 128 else torch.contiguous_format
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"memory format {name!r} is not supported; use auto, {', '.join(MEMORY_FORMATS)}")
+    return MEMORY_FORMATS[name]
 
 
 def free_memory_mb(device: torch.device) -> float | None:

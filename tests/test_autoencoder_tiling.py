@@ -36,8 +36,9 @@ def smooth_images(height: int, width: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 @pytest.mark.parametrize("tile", [8, 16])
-def test_tiled_encode_and_decode_equal_the_whole_image(kind, tile):
-    model = random_autoencoder(CONFIGS[kind])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_tiled_encode_and_decode_equal_the_whole_image(kind, tile, layout):
+    model = random_autoencoder(CONFIGS[kind]).to(memory_format=layout)  # channels-last: the CPU default for wide models
     images = smooth_images(40, 56)  # not a multiple of the tile: ragged last tiles and bands
     with torch.no_grad():
         whole, tiled = model.encode(images), tiled_encode(model, images, tile)

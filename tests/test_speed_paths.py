@@ -1,12 +1,13 @@
 """The faster code paths give the numbers of the plain ones: half-precision GroupNorm on the CPU,
 channels-last models, and the training autocast switch."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ldm.checkpoints.loader import build_model
-from ldm.devices import cpu_has_bf16, training_autocast
+from ldm.devices import choose_memory_format, cpu_has_bf16, training_autocast
 from ldm.models.attention import GroupNorm32, SpatialTransformer, memory_format_of
 
 
@@ -68,3 +69,30 @@ def test_training_autocast_is_bf16_only_when_asked_and_names_bad_values():
             assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="autocast 'fp8' is not supported; use bf16 or none"):
         training_autocast(cpu, "fp8")
+
+
+def test_the_memory_format_is_channels_last_on_the_cpu_for_wide_models_and_names_bad_values():
+    cpu = torch.device("cpu")
+    assert choose_memory_format("auto", cpu, 320) == torch.channels_last  # SD's width: faster
+    assert choose_memory_format("auto", cpu, 64) == torch.contiguous_format  # the default model: slower
+    assert choose_memory_format(None, torch.device("cuda"), 320) == torch.contiguous_format
+    assert choose_memory_format("contiguous", cpu, 320) == torch.contiguous_format
+    assert choose_memory_format("channels_last", cpu, 64) == torch.channels_last
+    with pytest.raises(ValueError, match="memory format 'nhwc' is not supported; use auto, channels_last, contiguous"):
+        choose_memory_format("nhwc", cpu, 320)
+
+
+def test_a_channels_last_load_generates_the_contiguous_load_image(tmp_path):
+    from ldm.checkpoints.loader import load_model
+    from ldm.tasks.request import GenerationRequest
+    from ldm.tasks.txt2img import txt2img
+    from tests.tiny_sd import write_tiny_checkpoint
+
+    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
+    plain, last = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, memory_format=f)
+                   for f in ("contiguous", "channels_last"))
+    conv = last.model.model.diffusion_model.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    request = GenerationRequest("a red house", steps=4, scale=5.0, seed=3, width=32, height=32)
+    a, b = (np.asarray(txt2img(m, request).images[0]).astype(int) for m in (plain, last))
+    assert np.abs(a - b).max() <= 1  # the same numbers up to summation order

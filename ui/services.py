@@ -27,8 +27,9 @@ class ModelCache:
     """Models loaded on first use and kept, by path; one lock per model, so that a model runs one
     generation at a time however many sessions ask for it."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device: torch.device, dtype: torch.dtype,
+                 memory_format: str = "contiguous"):
+        self.device, self.dtype, self.memory_format = device, dtype, memory_format
         self._models: dict[Path, LoadedModel] = {}
         self._locks: dict[Path, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -44,7 +45,8 @@ class ModelCache:
         with self._loading:
             if path not in self._models:
                 log.info("loading %s", path)
-                self._models[path] = load_model(path, device=self.device, dtype=self.dtype)
+                self._models[path] = load_model(path, device=self.device, dtype=self.dtype,
+                                                 memory_format=self.memory_format)
             return self._models[path]
 
 
