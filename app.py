@@ -1,7 +1,8 @@
 """LDM Studio: the composition root. ``./launch.sh`` runs this; it serves http://127.0.0.1:7860.
 
     python app.py [--listen] [--auth USER:PASSWORD | --auth-file FILE] [--port 7860] [--models-dir DIR ...]
-                  [--outputs outputs] [--device auto] [--dtype auto] [--memory-format auto] [--concurrency 1]
+                  [--outputs outputs] [--device auto] [--dtype auto] [--memory-format auto] [--compile]
+                  [--concurrency 1]
 
 It serves this machine only (127.0.0.1) unless ``--listen`` is given; ``--auth`` (repeatable) or
 ``--auth-file`` (one USER:PASSWORD a line) asks for a login.
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto",
                         help="auto (fp16 on CUDA; bf16 on a CPU with bf16 units, else fp32), fp32, fp16, bf16")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the UNet with torch.compile: the first generation at each size waits for the "
+                        "compiler (84 s for SD v1 on a 2-core CPU), later ones are faster (6%% there); needs g++ on a CPU")
     parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
                         help="auto (channels_last on the CPU for models of SD's width, where it is faster), channels_last, contiguous")
     parser.add_argument("--concurrency", type=int, default=1, help="generations that may run at once (one per model at most)")
@@ -77,7 +81,7 @@ def make_studio(args: argparse.Namespace):
     folders = [*args.models_dir, *filter(None, os.environ.get("LDM_STUDIO_MODELS", "").split(":"))]
     device = choose_device(args.device)
     return Studio([Path(f).expanduser() for f in folders], OutputWriter(Path(args.outputs)),
-                  ModelCache(device, choose_dtype(args.dtype, device), args.memory_format),
+                  ModelCache(device, choose_dtype(args.dtype, device), args.memory_format, args.compile),
                   memory_budget_mb=args.memory_budget)
 
 

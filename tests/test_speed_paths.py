@@ -96,3 +96,31 @@ def test_a_channels_last_load_generates_the_contiguous_load_image(tmp_path):
     request = GenerationRequest("a red house", steps=4, scale=5.0, seed=3, width=32, height=32)
     a, b = (np.asarray(txt2img(m, request).images[0]).astype(int) for m in (plain, last))
     assert np.abs(a - b).max() <= 1  # the same numbers up to summation order
+
+
+def test_a_compiled_unet_keeps_its_names_and_gives_the_eager_numbers(tmp_path, monkeypatch):
+    import torch._dynamo
+
+    from ldm.checkpoints.loader import load_model
+    from tests.tiny_sd import write_tiny_checkpoint
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
+    eager, compiled = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, compile=c) for c in (False, True))
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # the checkpoint contract
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = eager.model.unet(x, t, context=context)
+        got = compiled.model.unet(x, t, context=context)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it really was compiled
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_compiling_on_a_cpu_without_a_cpp_compiler_says_what_to_install(monkeypatch):
+    from ldm import devices
+
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"needs a C\+\+ compiler.*apt-get install g\+\+.*without --compile"):
+        devices.compile_unet(torch.nn.Linear(2, 2), torch.device("cpu"))

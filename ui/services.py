@@ -28,8 +28,8 @@ class ModelCache:
     generation at a time however many sessions ask for it."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype,
-                 memory_format: str = "contiguous"):
-        self.device, self.dtype, self.memory_format = device, dtype, memory_format
+                 memory_format: str = "contiguous", compile: bool = False):
+        self.device, self.dtype, self.memory_format, self.compile = device, dtype, memory_format, compile
         self._models: dict[Path, LoadedModel] = {}
         self._locks: dict[Path, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -46,7 +46,7 @@ class ModelCache:
             if path not in self._models:
                 log.info("loading %s", path)
                 self._models[path] = load_model(path, device=self.device, dtype=self.dtype,
-                                                 memory_format=self.memory_format)
+                                                 memory_format=self.memory_format, compile=self.compile)
             return self._models[path]
 
 

@@ -23,7 +23,7 @@ from ldm.checkpoints.diffusers_folder import (
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
-from ldm.devices import choose_memory_format
+from ldm.devices import choose_memory_format, compile_unet
 from ldm.models.bert_tokenizer import BERT_HUB_REPO, find_bert_tokenizer
 from ldm.models.conditioners import CLIPTextEncoder, OpenCLIPTextEncoder
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
@@ -198,9 +198,11 @@ def load_model(
     ema: bool | None = None,
     tokenizer_dir: str | Path | None = None,
     memory_format: str = "contiguous",
+    compile: bool = False,
 ) -> LoadedModel:
     """Detect, build, strictly load and report. ``memory_format``: "contiguous", "channels_last" or
-    "auto" (the faster one for this model on ``device``: ``ldm.devices.choose_memory_format``)."""
+    "auto" (the faster one for this model on ``device``: ``ldm.devices.choose_memory_format``).
+    ``compile``: compile the UNet, the part every sampling step runs (``ldm.devices.compile_unet``)."""
     path = Path(path)
     chosen = resolve_preset(path, preset)
     model = build_model(chosen.model)
@@ -224,6 +226,8 @@ def load_model(
         model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, chosen, path, tokenizer_dir)
     layout = choose_memory_format(memory_format, torch.device(device), chosen.model.unet.model_channels)
     model = model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
+    if compile:
+        compile_unet(model.model.diffusion_model, torch.device(device))
     report = LoadReport(chosen.name, used_ema, ignored, count, filled)
     log.info("%s: %s", path, report.summary())
     return LoadedModel(model, chosen, path, report, torch.device(device), dtype)
