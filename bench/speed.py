@@ -6,6 +6,8 @@ alternating, and checked for agreement. Also the embedded default model's whole 
     .venv/bin/python -m ldm bench                 # CPU: fp32, and bf16 where the CPU has bf16 units
     .venv/bin/python -m ldm bench --device cuda   # GPU: fp16 and bf16
     .venv/bin/python -m ldm bench --parts unet --rounds 5
+    .venv/bin/python -m ldm bench --parts unet vae --channels-last   # our models in channels-last
+    .venv/bin/python -m ldm bench --parts fidelity --dtypes bf16     # PSNR of bf16 images against fp32
 
 Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
 diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work (torch's flop counter)
