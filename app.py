@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from ldm.devices import choose_device, choose_dtype
+from ldm.devices import add_device_arguments, choose_device, choose_dtype
 from ldm.tasks.request import DEFAULT_BUDGET_MB
 
 ROOT = Path(__file__).resolve().parent
@@ -33,14 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--models-dir", action="append", default=[], help="another folder of checkpoints (repeatable)")
     parser.add_argument("--outputs", default=str(ROOT / "outputs"), help="where images are saved, in one folder per day")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (fp16 on CUDA; bf16 on a CPU with bf16 units, else fp32), fp32, fp16, bf16")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the UNet with torch.compile: the first generation at each size waits for the "
-                        "compiler (84 s for SD v1 on a 2-core CPU), later ones are faster (6%% there); needs g++ on a CPU")
-    parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
-                        help="auto (channels_last on the CPU for models of SD's width, where it is faster), channels_last, contiguous")
+    add_device_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=1, help="generations that may run at once (one per model at most)")
     parser.add_argument("--memory-budget", type=int, default=DEFAULT_BUDGET_MB, metavar="MB",
                         help="beyond this estimated peak, canvases are sampled and decoded in tiles (the tabs' default)")

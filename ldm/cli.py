@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.presets import DEFAULT_MODELS
+from ldm.devices import add_device_arguments
 from ldm.models.tokenizers import TokenizerNotFoundError
 
 log = logging.getLogger("ldm")
@@ -26,14 +27,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--preset", help="model preset name or YAML path, when detection cannot tell the family")
     parser.add_argument("--tokenizer", help="folder with the model's tokenizer: CLIP's vocab.json and merges.txt (Stable "
                         "Diffusion), or bert-base-uncased's vocab.txt (LDM text2img models)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (fp16 on CUDA; bf16 on a CPU with bf16 units, else fp32), fp32, fp16, bf16")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the UNet with torch.compile: the first generation at each size waits for the "
-                        "compiler (84 s for SD v1 on a 2-core CPU), later ones are faster (6%% there); needs g++ on a CPU")
-    parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
-                        help="auto (channels_last on the CPU for models of SD's width, where it is faster), channels_last, contiguous")
+    add_device_arguments(parser)
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None, help="use the EMA weights (default: when present)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights even when EMA weights are present")
