@@ -8,6 +8,7 @@ alternating, and checked for agreement. Also the embedded default model's whole 
     .venv/bin/python -m ldm bench --parts unet --rounds 5
     .venv/bin/python -m ldm bench --parts unet vae --channels-last   # our models in channels-last
     .venv/bin/python -m ldm bench --parts fidelity --dtypes bf16     # PSNR of bf16 images against fp32
+    .venv/bin/python -m ldm bench --parts unet --dtypes bf16 --channels-last --compile
 
 Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
 diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work (torch's flop counter)
@@ -19,7 +20,7 @@ outputs (fp32: the same numbers up to summation order).
 from __future__ import annotations
 
 import argparse
-import math
+import copy
 import statistics
 import sys
 import time
@@ -36,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.checkpoints.loader import build_model  # noqa: E402
 from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
-from ldm.devices import choose_device, cpu_has_bf16  # noqa: E402
+from ldm.data.scoring import psnr  # noqa: E402
+from ldm.devices import choose_device, compile_unet, cpu_has_bf16  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARTS = ("unet", "vae", "text", "default", "fidelity")
@@ -101,6 +103,18 @@ def alternate(ours: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tenso
     return statistics.median(times_ours), statistics.median(times_theirs) if theirs else None, out_ours, out_theirs
 
 
+def random_sd_v1(seed: int = 0):
+    """Our SD v1 model with random weights (float32, CPU)."""
+    torch.manual_seed(seed)
+    model = build_model(find_preset("v1-inference").model, device="cpu").eval().requires_grad_(False)
+    model.cond_stage_model.init_non_persistent_buffers()
+    with torch.no_grad():  # the default init of a zero-initialised output layer would make the UNet trivial
+        for p in model.parameters():
+            if p.dim() > 1 and p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    return model
+
+
 def build_pair(seed: int = 0):
     """Our SD v1 model with random weights, and diffusers' UNet, VAE and CLIP text model from the same tensors."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -108,13 +122,7 @@ def build_pair(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     preset = find_preset("v1-inference")
-    torch.manual_seed(seed)
-    ours = build_model(preset.model, device="cpu").eval().requires_grad_(False)
-    ours.cond_stage_model.init_non_persistent_buffers()
-    with torch.no_grad():  # the default init of a zero-initialised output layer would make the UNet trivial
-        for name, p in ours.named_parameters():
-            if p.dim() > 1 and p.abs().max() == 0:
-                p.normal_(0, 0.02)
+    ours = random_sd_v1(seed)
     checkpoint = {k: v for k, v in ours.state_dict().items()}
     config = original_config(preset.model)
     unet_config = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)
@@ -143,13 +151,13 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, rounds: int,
-                   channels_last: bool = False) -> list[Figure]:
+                   channels_last: bool = False, compile: bool = False) -> list[Figure]:
     dtype = DTYPES[dtype_name]
     ours, unet, vae, text = build_pair()
-    ours = ours.to(device, dtype)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        ours = ours.to(memory_format=layout)
+    ours = ours.to(device, dtype, memory_format=layout)
+    if compile:
+        compile_unet(ours.model.diffusion_model, device)  # compiled during the warm-up call
     their_dtype = torch.float32 if device.type == "cpu" else dtype  # CPU: autocast over fp32 weights
     unet, vae, text = (m.to(device) if their_dtype == torch.float32 else m.to(device, their_dtype) for m in (unet, vae, text))
     g = torch.Generator().manual_seed(1)
@@ -218,11 +226,6 @@ def default_model_figure(dtype_name: str, device: torch.device, rounds: int, cha
     return measure("default model text to image (64 px, 20 steps, guided)", dtype_name, call, None, rounds, device)
 
 
-def image_psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 def default_model_fidelity(dtype_name: str, device: torch.device, count: int) -> list[float]:
     """PSNR of the default model's images in ``dtype_name`` against fp32, from the same held-out
     captions and seeds (64 px, 20 steps, guidance 4)."""
@@ -239,7 +242,7 @@ def default_model_fidelity(dtype_name: str, device: torch.device, count: int) ->
         request = GenerationRequest(scene_from_seed(HELD_OUT_SEED + 10_000 + i).caption, steps=20, scale=4.0, seed=i,
                                     width=64, height=64)
         fp32, low = (np.asarray(txt2img(m, request).images[0]) for m in models.values())
-        values.append(image_psnr(fp32, low))
+        values.append(psnr(fp32, low))
     return values
 
 
@@ -251,21 +254,16 @@ def sd_v1_fidelity(dtype_name: str, device: torch.device, count: int, side: int 
     from ldm.sampling.schedules import ddim_schedule
     from ldm.tasks.common import to_pil
 
-    preset = find_preset("v1-inference")
-    torch.manual_seed(0)
-    model = build_model(preset.model, device="cpu").eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and p.abs().max() == 0:
-                p.normal_(0, 0.02)
+    full = random_sd_v1().to(device)
+    low = copy.deepcopy(full).to(dtype=DTYPES[dtype_name])  # fp32 stays fp32: no weights rounded and back
     values = []
     for i in range(count):
         g = torch.Generator().manual_seed(i)
         x_T = torch.randn(1, 4, side // 8, side // 8, generator=g)
         context = torch.randn(2, 77, 768, generator=g)
         images = []
-        for dtype in (torch.float32, DTYPES[dtype_name]):
-            model = model.to(device, dtype)
+        for model in (full, low):
+            dtype = model.dtype
             guided = ClassifierFreeGuidance(model.denoiser(), 7.5)
             with torch.inference_mode():
                 z = ddim_sample(guided, x_T.to(device, dtype), ddim_schedule(model.alphas_cumprod, steps),
@@ -273,7 +271,7 @@ def sd_v1_fidelity(dtype_name: str, device: torch.device, count: int, side: int 
                                 extra_args={"uncond": {"context": context[:1].to(device, dtype)},
                                             "cond": {"context": context[1:].to(device, dtype)}})
                 images.append(np.asarray(to_pil(model.decode_first_stage(z))[0]))
-        values.append(image_psnr(*images))
+        values.append(psnr(*images))
     return values
 
 
@@ -306,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fidelity-images", type=int, default=8, help="images per model for the low-precision PSNR check")
     parser.add_argument("--channels-last", action="store_true", help="run our models in channels-last memory format (the default on a CPU: "
                         "ldm.devices.choose_memory_format)")
+    parser.add_argument("--compile", action="store_true", help="compile our UNet with torch.compile (in the warm-up call)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
     args = parser.parse_args(argv)
     device = choose_device(args.device)
@@ -321,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     for dtype_name in dtypes:
         pair_parts = [p for p in args.parts if p not in ("default", "fidelity")]
         if pair_parts:
-            figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last)
+            figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last, args.compile)
         if "default" in args.parts:
             figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last))
         if "fidelity" in args.parts and DTYPES[dtype_name] != torch.float32:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -19,8 +20,10 @@ DTYPES = {
 }
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matrix units that make bf16 worth using on a CPU."""
+    """AVX512-BF16 or AMX: bf16 matrix units that make bf16 worth using on a CPU (read once; a
+    training step asks every time)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
