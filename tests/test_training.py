@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from ldm.checkpoints.loader import load_model
@@ -11,7 +12,16 @@ from ldm.data.masks import box_mask, brush_mask, training_mask
 from ldm.models.autoencoder import Autoencoder
 from ldm.train import pipeline
 from ldm.train.autoencoder import autoencoder_loss, gradient_l1
-from ldm.train.diffusion import ConditioningMix, diffusion_loss, masked_concat, token_batch
+from ldm.train.diffusion import (
+    ConditioningMix,
+    Curriculum,
+    diffusion_loss,
+    masked_concat,
+    min_snr_weight,
+    structure_layout_embeddings,
+    token_batch,
+    training_inputs,
+)
 from tests import tiny_default
 
 
@@ -21,6 +31,7 @@ def test_masks_are_boolean_and_varied():
     assert brush.dtype == bool and 0 < brush.mean() < 1 and 0 < box.mean() < 1
     kinds = [training_mask(rng, 32).all() for _ in range(400)]
     assert 0.4 < np.mean(kinds) < 0.6  # "no mask" half of the time
+    assert 0.75 < np.mean([training_mask(rng, 32, p_none=0.85).all() for _ in range(400)]) < 0.95
 
 
 def test_the_conditioning_mix_drops_captions_and_layouts_as_asked():
@@ -110,3 +121,74 @@ def test_set_preset_scale_rewrites_only_that_line(tmp_path):
     preset.write_text("model:\n  scale_factor: 1.0   # replaced\n  other: 2\n")
     pipeline.set_preset_scale(preset, 0.4321)
     assert preset.read_text() == "model:\n  scale_factor: 0.432100 # replaced\n  other: 2\n"
+
+
+def test_the_curriculum_raises_the_object_count_at_its_steps():
+    curriculum = Curriculum([[0, 1], [100, 2], [250, 4]])
+    assert [curriculum.max_objects(s) for s in (0, 99, 100, 249, 250, 10_000)] == [1, 1, 2, 2, 4, 4]
+    _, scenes = scene_batch(0, 50, 16, max_objects=curriculum.max_objects(0))
+    assert {len(s.objects) for s in scenes} == {1}
+    _, scenes = scene_batch(0, 200, 16, max_objects=curriculum.max_objects(100))
+    assert {len(s.objects) for s in scenes} == {1, 2}
+
+
+@pytest.mark.parametrize("phases", [[], [[5, 1]], [[0, 2], [10, 1], [5, 4]], [[0, 0]], [[0, 5]]])
+def test_a_curriculum_that_cannot_be_followed_is_refused(phases):
+    with pytest.raises(ValueError, match="curriculum"):
+        Curriculum(phases)
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "x0"])
+def test_min_snr_weighting_makes_every_loss_min_snr_times_the_clean_latent_error(kind):
+    from ldm.sampling.denoiser import training_target
+
+    torch.manual_seed(0)
+    x0, eps, x0_hat = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    abar = torch.tensor([0.999, 0.5, 0.01])  # SNR 999, 1 and about 0.01
+    a = abar.view(-1, 1, 1, 1)
+    # the network output that implies x0_hat at this x_t, in the kind's own terms
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    eps_hat = (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()
+    error = (training_target(x0_hat, eps_hat, abar, kind) - training_target(x0, eps, abar, kind)).pow(2).mean((1, 2, 3))
+    clean_error = (x0_hat - x0).pow(2).mean((1, 2, 3))
+    snr = abar / (1 - abar)
+    torch.testing.assert_close(error * min_snr_weight(abar, kind, 5.0), snr.clamp(max=5.0) * clean_error, rtol=1e-4, atol=1e-5)
+
+
+def test_min_snr_weighting_leaves_the_noisy_steps_alone_for_eps():
+    weights = min_snr_weight(torch.tensor([0.999, 0.5, 0.01]), "eps", 5.0)
+    assert weights[0] < 0.01 and weights[1:].tolist() == [1.0, 1.0]
+
+
+def test_layout_token_embeddings_start_from_what_they_mean():
+    from ldm.models.word_tokenizer import WordLayoutTokenizer
+    from tests.test_word_tokenizer import VOCAB
+
+    tokenizer = WordLayoutTokenizer.from_file(VOCAB, 40, 4, 16)
+    table = torch.randn(len(tokenizer.tokens), 64, generator=torch.Generator().manual_seed(0))
+    words_before = table[tokenizer.id("red")].clone()
+    structure_layout_embeddings(table, tokenizer)
+
+    def grid(row, col):
+        return table[tokenizer.id(f"<grid:{row * 16 + col}>")]
+
+    def similarity(a, b):
+        return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+    assert similarity(grid(3, 3), grid(3, 4)) > similarity(grid(3, 3), grid(3, 9)) > similarity(grid(3, 3), grid(12, 12))
+    assert similarity(grid(3, 3), grid(4, 3)) > similarity(grid(3, 3), grid(9, 3))
+    assert 0.7 < table[tokenizer.id("<grid:0>")].std().item() / table.std().item() < 1.3  # the table's own spread
+    torch.testing.assert_close(table[tokenizer.id("red")], words_before)  # words are left as they were
+    expected = (table[tokenizer.id("red")] + table[tokenizer.id("circle")]) / 2**0.5
+    torch.testing.assert_close(table[tokenizer.id("<class:red circle>")], expected)
+
+
+def test_training_inputs_mask_as_often_as_the_mix_says(tmp_path):
+    preset = tiny_default.hybrid_preset()
+    model = load_model(tiny_default.write(preset, tmp_path), preset=preset).model
+    images, scenes = scene_batch(0, 64, 32)
+    for unmasked, low, high in ((1.0, 64, 64), (0.0, 0, 0)):
+        mix = ConditioningMix(unmasked=unmasked)
+        _, conditioning = training_inputs(model, "txt2img", images, scenes, np.random.default_rng(0), mix, torch.Generator())
+        full = (conditioning["concat"][:, :1] == 1).flatten(1).all(1).sum().item()  # mask channel first
+        assert low <= full <= high

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ldm.data.world import Scene, render_batch
+from ldm.data.world import MAX_OBJECTS, Scene, render_batch
 
 HELD_OUT_SEED = 2**40
 
@@ -16,8 +16,8 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def scene_batch(first_seed: int, count: int, size: int) -> tuple[torch.Tensor, list[Scene]]:
-    images, scenes = render_batch(range(first_seed, first_seed + count), size)
+def scene_batch(first_seed: int, count: int, size: int, max_objects: int = MAX_OBJECTS) -> tuple[torch.Tensor, list[Scene]]:
+    images, scenes = render_batch(range(first_seed, first_seed + count), size, max_objects)
     return images_to_tensor(images), scenes
 
 

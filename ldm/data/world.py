@@ -45,6 +45,7 @@ MUTED = [(150, 150, 150), (176, 164, 142), (122, 140, 152), (156, 172, 150), (18
 SKIES = [(150, 176, 198), (176, 186, 204), (190, 172, 160)]
 GROUNDS = [(120, 132, 100), (140, 120, 96), (110, 116, 124)]
 SUPERSAMPLE = 4
+MAX_OBJECTS = 4
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,12 @@ def write_caption(objects: tuple[SceneObject, ...], rng: np.random.Generator) ->
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def sample_scene(rng: np.random.Generator, max_objects: int = 4) -> Scene:
+def sample_scene(rng: np.random.Generator, max_objects: int = MAX_OBJECTS) -> Scene:
     objects = sample_objects(rng, int(rng.integers(1, max_objects + 1)))
     return Scene(sample_background(rng), objects, write_caption(objects, rng))
 
 
-def scene_from_seed(seed: int, max_objects: int = 4) -> Scene:
+def scene_from_seed(seed: int, max_objects: int = MAX_OBJECTS) -> Scene:
     return sample_scene(np.random.default_rng(seed), max_objects)
 
 
@@ -196,7 +197,7 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     return canvas.resize((size, size), Image.Resampling.BOX)
 
 
-def render_batch(seeds, size: int = 64) -> tuple[np.ndarray, list[Scene]]:
+def render_batch(seeds, size: int = 64, max_objects: int = MAX_OBJECTS) -> tuple[np.ndarray, list[Scene]]:
     """(N, size, size, 3) uint8 images and their scenes for the given seeds."""
-    scenes = [scene_from_seed(int(s)) for s in seeds]
+    scenes = [scene_from_seed(int(s), max_objects) for s in seeds]
     return np.stack([np.asarray(render(s, size)) for s in scenes]), scenes

@@ -41,3 +41,11 @@ def resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     optimizer.load_state_dict(state["optimizer"])
     log.info("resumed %s at step %d", path, state["step"])
     return int(state["step"])
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def same_shapes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)

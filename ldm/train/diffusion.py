@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +25,27 @@ from ldm.checkpoints.loader import build_model, load_tokenizer
 from ldm.checkpoints.presets import ModelPreset, find_preset
 from ldm.data.batches import random_crop, scene_batch
 from ldm.data.masks import training_mask
+from ldm.data.world import MAX_OBJECTS
 from ldm.devices import training_autocast
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.word_tokenizer import WordLayoutTokenizer
 from ldm.sampling.denoiser import training_target
 from ldm.train.curves import LossLog
-from ldm.train.common import learning_rate, read_recipe, resume, save_training_state
+from ldm.train.common import learning_rate, read_recipe, resume, same_shapes, save_training_state
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ConditioningMix:
-    """How often a training sample sees each kind of conditioning (the rest: caption and layout)."""
+    """How often a training sample sees each kind of conditioning: its tokens carry the caption only,
+    the layout only, nothing (``dropped``) or both (the rest); its concat channels carry "no mask"
+    (``unmasked``) or a brush or box mask over the masked image (the rest)."""
 
     caption_only: float = 0.4
     layout_only: float = 0.25
     dropped: float = 0.1
+    unmasked: float = 0.5
 
 
 def token_batch(tokenizer: WordLayoutTokenizer, scenes, rng: np.random.Generator, mix: ConditioningMix) -> torch.Tensor:
@@ -63,17 +68,44 @@ def low_resolution(images: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool2d(images, factor)
 
 
-def diffusion_loss(model: LatentDiffusion, latents: torch.Tensor, conditioning: dict, generator: torch.Generator) -> torch.Tensor:
+def diffusion_loss(
+    model: LatentDiffusion, latents: torch.Tensor, conditioning: dict, generator: torch.Generator, min_snr_gamma: float | None = None
+) -> torch.Tensor:
     """|| target - f_theta(sqrt(abar) z + sqrt(1 - abar) eps, t) ||^2 with t uniform over the schedule,
-    the target being eps, v or z by the model's parameterisation (eps is the paper's objective)."""
+    the target being eps, v or z by the model's parameterisation (eps is the paper's objective).
+
+    With ``min_snr_gamma`` each sample is weighted so that its loss counts as min(SNR, gamma) times
+    the error of its implied z (Min-SNR weighting, Hang et al. 2023): the nearly clean steps, which
+    the plain objective lets dominate, stop crowding out the noisy ones where a scene's composition
+    is decided."""
     b = latents.shape[0]
     t = torch.randint(0, len(model.alphas_cumprod), (b,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     abar = model.alphas_cumprod[t].float().view(b, 1, 1, 1).to(latents)
     t = t.to(latents.device)
     noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-    target = training_target(latents, noise, abar.flatten(), model.config.parameterization)
-    return F.mse_loss(model.denoiser().network_output(noisy, t, **conditioning), target)
+    kind = model.config.parameterization
+    target = training_target(latents, noise, abar.flatten(), kind)
+    errors = (model.denoiser().network_output(noisy, t, **conditioning).float() - target).pow(2).mean(dim=(1, 2, 3))
+    if min_snr_gamma is None:
+        return errors.mean()
+    return (errors * min_snr_weight(abar.flatten(), kind, min_snr_gamma)).mean()
+
+
+def min_snr_weight(alpha_bar: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
+    """The per-sample factor that turns a ``kind`` loss into min(SNR, gamma) * ||z - z_hat||^2.
+
+    The eps error is SNR times the z error and the v error (SNR + 1) times it, so the factor is
+    min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v and min(SNR, gamma) for z."""
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    if kind == "eps":
+        return clipped / snr
+    if kind == "v":
+        return clipped / (snr + 1)
+    if kind == "x0":
+        return clipped
+    raise ValueError(f"unknown parameterization {kind!r}")
 
 
 class EMA:
@@ -92,6 +124,24 @@ class EMA:
             s.lerp_(p.detach(), 1 - decay)
 
 
+class Curriculum:
+    """Scenes with few objects first: ``[[step, max_objects], ...]`` (steps ascending, the first 0)
+    raises the most objects a scene may hold from each step on. A caption's words bind to colours
+    and places far sooner on one-object scenes, and the later phases keep drawing those too."""
+
+    def __init__(self, phases: list[list[int]]):
+        starts = [int(step) for step, _ in phases]
+        counts = [int(n) for _, n in phases]
+        if not phases or starts[0] != 0 or starts != sorted(starts) or not all(1 <= n <= MAX_OBJECTS for n in counts):
+            raise ValueError(
+                f"curriculum {phases!r}: expected [[0, n], [step, n], ...] with ascending steps and n from 1 to {MAX_OBJECTS}"
+            )
+        self.phases = list(zip(starts, counts))
+
+    def max_objects(self, step: int) -> int:
+        return [n for start, n in self.phases if start <= step][-1]
+
+
 def build_training_model(preset: ModelPreset, autoencoder_state: dict, scale_factor: float) -> LatentDiffusion:
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(preset.model, scale_factor=scale_factor), device="cpu")
@@ -99,7 +149,33 @@ def build_training_model(preset: ModelPreset, autoencoder_state: dict, scale_fac
     model.first_stage_model.requires_grad_(False).eval()
     if model.cond_stage_model is not None:
         model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, preset, preset.source, None)
+        if isinstance(model.cond_stage_model.tokenizer, WordLayoutTokenizer):
+            structure_layout_embeddings(model.cond_stage_model.transformer.token_emb.weight, model.cond_stage_model.tokenizer)
     return model
+
+
+@torch.no_grad()
+def structure_layout_embeddings(table: torch.Tensor, tokenizer: WordLayoutTokenizer) -> None:
+    """Start the layout tokens' embeddings from what they mean rather than from noise.
+
+    Grid tokens get a 2-D sinusoidal code of their cell (half the width for the row, half for the
+    column, frequencies from half a period over the image to one period every two cells), so nearby
+    corners start near each other and what the UNet learns for one corner carries to its neighbours
+    instead of being learned 256 times over. A class token ("<class:red circle>") starts as the sum
+    of its words' embeddings. Both are only a start: training moves them freely. The codes are scaled
+    to the table's own spread."""
+    scale = table.std()
+    quarter = table.shape[1] // 4
+    frequencies = math.pi * torch.logspace(-1, math.log2(tokenizer.grid), quarter, base=2.0)
+    cells = torch.arange(tokenizer.grid * tokenizer.grid)
+    for coordinate, offset in ((cells // tokenizer.grid, 0), (cells % tokenizer.grid, 2 * quarter)):
+        angles = coordinate[:, None].float() / (tokenizer.grid - 1) * frequencies[None]
+        ids = torch.tensor([tokenizer.id(f"<grid:{i}>") for i in cells.tolist()])
+        table[ids, offset : offset + quarter] = angles.sin() * math.sqrt(2) * scale
+        table[ids, offset + quarter : offset + 2 * quarter] = angles.cos() * math.sqrt(2) * scale
+    for label in tokenizer.classes:
+        words = [tokenizer.id(w) for w in label.split()]
+        table[tokenizer.id(f"<class:{label}>")] = table[words].sum(0) / math.sqrt(len(words))
 
 
 @torch.no_grad()
@@ -139,8 +215,12 @@ def train_diffusion(
     optimizer = torch.optim.AdamW(parts.parameters(), lr=recipe["learning_rate"], weight_decay=0.0)
     start = resume(state_path, parts, optimizer)
     if start == 0 and init is not None:
-        parts.load_state_dict({k: v for k, v in init.items() if not k.startswith("first_stage_model.")})
-        log.info("starting from the shipped %s weights", preset.name)
+        init = {k: v for k, v in init.items() if not k.startswith("first_stage_model.")}
+        if same_shapes(init, parts.state_dict()):
+            parts.load_state_dict(init)
+            log.info("starting from the shipped %s weights", preset.name)
+        else:
+            log.info("the shipped %s weights have another architecture than the preset: training from scratch", preset.name)
     ema = EMA(parts, recipe["ema_decay"])
     ema_path = work_dir / f"{preset.name}-ema.pt"
     if ema_path.exists():
@@ -155,16 +235,19 @@ def train_diffusion(
     # objects larger than the crop's own scenes would.
     render_sizes = recipe.get("render_size", size)
     render_sizes = render_sizes if isinstance(render_sizes, list) else [render_sizes]
+    curriculum = Curriculum(recipe.get("curriculum", [[0, MAX_OBJECTS]]))
     losses = LossLog(work_dir, preset.name, start)
     began = time.time()
     for step in range(start, total):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe["learning_rate"], recipe["warmup_steps"], total)
-        images, scenes = scene_batch(recipe.get("seed_offset", 0) + step * batch, batch, render_sizes[step % len(render_sizes)])
+        images, scenes = scene_batch(
+            recipe.get("seed_offset", 0) + step * batch, batch, render_sizes[step % len(render_sizes)], curriculum.max_objects(step)
+        )
         images = random_crop(images, size, generator).to(device)
         with training_autocast(torch.device(device), recipe.get("autocast")):
             latents, conditioning = training_inputs(model, recipe["task"], images, scenes, rng, mix, generator)
-            loss = diffusion_loss(model, latents, conditioning, generator)
+            loss = diffusion_loss(model, latents, conditioning, generator, recipe.get("min_snr_gamma"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parts.parameters(), 1.0)
@@ -198,7 +281,7 @@ def training_inputs(model, task: str, images, scenes, rng, mix, generator) -> tu
     if task == "upscale":
         return latents, {"concat": low_resolution(images, model.config.downsampling_factor)}
     size = images.shape[-1]
-    masks = torch.from_numpy(np.stack([training_mask(rng, size) for _ in scenes]))[:, None].float().to(images.device)
+    masks = torch.from_numpy(np.stack([training_mask(rng, size, mix.unmasked) for _ in scenes]))[:, None].float().to(images.device)
     context = model.cond_stage_model(token_batch(model.cond_stage_model.tokenizer, scenes, rng, mix))
     return latents, {"context": context, "concat": masked_concat(model, images, masks)}
 

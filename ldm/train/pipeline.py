@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, default_model_path
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.train.common import read_recipe
+from ldm.train.common import read_recipe, same_shapes, same_tensors
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,6 @@ def set_preset_scale(preset: Path, value: float) -> None:
     if count != 1:
         raise ValueError(f"{preset} has no scale_factor line to update")
     preset.write_text(updated)
-
-
-def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k].float(), b[k].float()) for k in a)
-
-
-def same_shapes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
 
 
 def model_name(recipe: Path) -> str:
