@@ -183,6 +183,9 @@ def test_region_table_follows_the_boxes_and_gives_each_its_negative_and_strength
     assert region_details(boxes, edited) == [("green", 0.6), ("", 1.0)]
     with pytest.raises(ValueError, match=r"region 1 \(red circle\): strength must be a number from 0 to 1, got 'lots'"):
         region_details(boxes, [["red circle", "", "lots"]])
+    for malformed in (True, "red circle", [["red circle", "", 1.0], 7]):
+        with pytest.raises(ValueError, match=r"the region table must be rows of \[Box, Negative prompt, Strength\]"):
+            region_details(boxes, malformed)
     request = GenerationRequest("", regions=regions_from_boxes(boxes, [("", 1.5)]))
     with pytest.raises(ValueError, match="region 1 strength must be between 0 and 1, got 1.5"):
         resolve_request(request, 64)

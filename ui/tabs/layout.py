@@ -175,8 +175,11 @@ REGION_HEADERS = ["Box", "Negative prompt", "Strength"]
 def region_rows(boxes: tuple, rows) -> list[list]:
     """The region table for ``boxes``: a box keeps the negative prompt and strength it had (matched
     by label, in order), a new box starts with none and 1."""
+    rows = [] if rows is None else rows
+    if not isinstance(rows, (list, tuple)) or not all(isinstance(row, (list, tuple)) for row in rows):
+        raise ValueError(f"the region table must be rows of [{', '.join(REGION_HEADERS)}], got {rows!r:.80}")
     kept: dict[str, list] = {}
-    for row in rows or []:
+    for row in rows:
         if row and str(row[0]).strip():
             kept.setdefault(str(row[0]).strip(), []).append(list(row[1:3]) + ["", 1.0][len(row[1:3]):])
     table = []
