@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--work-dir", default="runs/default", help="where training state is kept (resumes from it)")
     train.add_argument("--steps", type=int, help="total steps (default: the recipe's)")
     train.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda")
+    train.add_argument("--from-scratch", action="store_true",
+                       help="start from random weights as the recipe says, not from the shipped files (a state in --work-dir still resumes)")
 
     commands.add_parser("bench", add_help=False, help="time the engine against diffusers on the same weights "
                         "(bench/speed.py; --help lists its options)")
@@ -274,7 +276,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     if (args.stage is None) == (args.preset is None):
         raise ValueError("name a stage (autoencoder, txt2img, upscale) or a recipe with --preset, not both")
-    train_stage(args.stage, Path(args.work_dir), args.steps, choose_device(args.device), recipe=args.preset)
+    train_stage(args.stage, Path(args.work_dir), args.steps, choose_device(args.device), recipe=args.preset,
+                from_scratch=args.from_scratch)
     return 0
 
 

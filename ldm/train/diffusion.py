@@ -105,7 +105,7 @@ def min_snr_weight(alpha_bar: torch.Tensor, kind: str, gamma: float) -> torch.Te
         return clipped / (snr + 1)
     if kind == "x0":
         return clipped
-    raise ValueError(f"unknown parameterization {kind!r}")
+    raise ValueError(f"unknown parameterization {kind!r}; known: eps, v, x0")
 
 
 class EMA:

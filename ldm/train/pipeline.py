@@ -80,8 +80,10 @@ def stage_of(recipe: Path) -> str:
 
 
 def train_stage(stage: str | None, work_dir: Path, steps: int | None = None, device: str = "cpu",
-                recipe: str | Path | None = None) -> None:
-    """Train one stage from its recipe (by default ``presets/train/default-<stage>.yaml``)."""
+                recipe: str | Path | None = None, from_scratch: bool = False) -> None:
+    """Train one stage from its recipe (by default ``presets/train/default-<stage>.yaml``).
+    ``from_scratch`` ignores the shipped weights, so the recipe is reproduced as written (a training
+    state in ``work_dir`` is still resumed)."""
     if recipe is not None:
         stage = stage_of(Path(recipe))
     recipe = Path(recipe) if recipe is not None else RECIPES / f"default-{stage}.yaml"
@@ -89,7 +91,7 @@ def train_stage(stage: str | None, work_dir: Path, steps: int | None = None, dev
         from ldm.models.autoencoder import Autoencoder
         from ldm.train.autoencoder import recipe_config, train_autoencoder
 
-        shipped = shipped_weights("default-txt2img", "first_stage_model.")
+        shipped = None if from_scratch else shipped_weights("default-txt2img", "first_stage_model.")
         fits = shipped is not None and same_shapes(shipped, Autoencoder(recipe_config(recipe)).state_dict())
         if shipped is not None and not fits:
             log.info("the shipped autoencoder has another architecture than the recipe: training from scratch")
@@ -98,7 +100,7 @@ def train_stage(stage: str | None, work_dir: Path, steps: int | None = None, dev
     from ldm.train.diffusion import train_diffusion
 
     autoencoder = autoencoder_weights(work_dir)
-    init = shipped_weights(f"default-{stage}", "")
+    init = None if from_scratch else shipped_weights(f"default-{stage}", "")
     if init is not None and not same_tensors({k[len("first_stage_model.") :]: v for k, v in init.items()
                                               if k.startswith("first_stage_model.")}, autoencoder):
         log.info("the shipped %s model was trained over another autoencoder: training from scratch", stage)
