@@ -192,3 +192,19 @@ def test_training_inputs_mask_as_often_as_the_mix_says(tmp_path):
         _, conditioning = training_inputs(model, "txt2img", images, scenes, np.random.default_rng(0), mix, torch.Generator())
         full = (conditioning["concat"][:, :1] == 1).flatten(1).all(1).sum().item()  # mask channel first
         assert low <= full <= high
+
+
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_a_stage_starts_from_the_shipped_weights_unless_asked_to_start_from_scratch(tmp_path, monkeypatch, from_scratch):
+    import ldm.train.diffusion
+
+    started = {}
+    monkeypatch.setattr(ldm.train.diffusion, "train_diffusion", lambda recipe, work, ae, steps, device, init: started.setdefault("init", init))
+    monkeypatch.setattr(pipeline, "export", lambda model, name: None)
+    pipeline.train_stage("txt2img", tmp_path, from_scratch=from_scratch)
+    if from_scratch:
+        assert started["init"] is None
+    else:
+        shipped = pipeline.shipped_weights("default-txt2img", "")
+        assert started["init"].keys() == shipped.keys() and torch.equal(started["init"]["model.diffusion_model.out.2.weight"],
+                                                                       shipped["model.diffusion_model.out.2.weight"])
