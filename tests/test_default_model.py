@@ -74,15 +74,23 @@ def test_inpainting_keeps_every_unmasked_pixel(small_eval):
     assert kept
 
 
+def test_captions_and_layouts_place_some_objects(small_eval):
+    txt, settings = small_eval
+    assert evaluate.caption_measures(txt, settings)["caption_colour_in_place"] >= FLOORS["caption_colour_in_place"]
+    assert evaluate.layout_mean_iou(txt, settings) >= FLOORS["layout_mean_iou"]
+
+
 def test_super_resolution_beats_bicubic():
     settings = evaluate.EvalSettings(count=12, steps=20)
     ours, bicubic = evaluate.super_resolution_psnr(load_model(evaluate.DEFAULT_UPSCALE), settings)
     assert ours >= bicubic + FLOORS["sr_gain_over_bicubic_db"]
 
 
-# Floors a margin below what the shipped weights measured (README, "The default model"). Caption,
-# layout and inpainting fidelity get floors once the shipped weights score above zero on them.
+# Floors a margin below what the shipped weights measured (README, "The default model"). Whole-caption
+# adherence and inpainting get floors once the shipped weights score clearly above zero on them.
 FLOORS = {
     "autoencoder_psnr_db": 36.0,  # measured 39.0 dB on 50 held-out scenes (target 32 dB)
+    "caption_colour_in_place": 0.04,  # measured 0.107 (3 of 28 objects) on these 12 captions, 0.122 on 50
+    "layout_mean_iou": 0.015,  # measured 0.037 on these 12 layouts, 0.052 on 50 (target 0.75)
     "sr_gain_over_bicubic_db": SR_FLOOR,
 }
