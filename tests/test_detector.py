@@ -16,6 +16,7 @@ from ldm.data.scoring import (
     box_iou,
     caption_adherence,
     caption_score,
+    coloured_in_place,
     layout_iou,
     match_objects,
     psnr,
@@ -262,3 +263,13 @@ def test_psnr_follows_its_formula():
         psnr(a, a[:2])
     with pytest.raises(ValueError, match="uint8 or float"):
         psnr(a.astype(np.int32), a)
+
+
+@pytest.mark.parametrize(
+    "wrong, expected",
+    [({}, 2), ({"shape": "ring"}, 2), ({"colour": "orange"}, 1), ({"position": "right", "box": place("blue", "square", "right").box}, 1)],
+    ids=["right", "shape", "colour", "position"],
+)
+def test_coloured_in_place_counts_objects_whose_colour_is_in_their_cell_whatever_the_shape(wrong, expected):
+    red, blue = CAPTIONED.objects
+    assert coloured_in_place(CAPTIONED, [seen(red), dataclasses.replace(seen(blue), **wrong)]) == expected

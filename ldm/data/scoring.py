@@ -77,6 +77,12 @@ def caption_score(scene: Scene, detections: Sequence[Detection]) -> CaptionScore
     return CaptionScore(all_correct=found == len(scene.objects), objects_found=found, objects=len(scene.objects))
 
 
+def coloured_in_place(scene: Scene, detections: Sequence[Detection]) -> int:
+    """How many of the scene's objects have a detection of their colour (any shape) in their grid
+    cell: a partial measure that moves long before whole captions hold."""
+    return sum(any(d.colour == o.colour and d.position == o.position for d in detections) for o in scene.objects)
+
+
 def caption_adherence(scene: Scene, detections: Sequence[Detection]) -> bool:
     """Whether every object the scene names is shown, with the right colour, shape and place."""
     return caption_score(scene, detections).all_correct

@@ -25,7 +25,7 @@ from ldm.checkpoints.loader import LoadedModel, load_model
 from ldm.checkpoints.presets import default_model_path
 from ldm.data.batches import HELD_OUT_SEED
 from ldm.data.detector import detect
-from ldm.data.scoring import caption_score, layout_iou, psnr
+from ldm.data.scoring import caption_score, coloured_in_place, layout_iou, psnr
 from ldm.data.world import render, scene_from_seed
 from ldm.tasks.common import from_pil, to_pil
 from ldm.tasks.inpaint import inpaint
@@ -75,8 +75,8 @@ def caption_measures(loaded: LoadedModel, settings: EvalSettings) -> dict[str, f
         score = caption_score(scene, detections)
         adherent.append(score.all_correct)
         found += score.objects_found
-        coloured += sum(any(d.colour == o.colour and d.position == o.position for d in detections) for o in scene.objects)
-        named += len(scene.objects)
+        coloured += coloured_in_place(scene, detections)
+        named += score.objects
     return {
         "caption_adherence": float(np.mean(adherent)),
         "caption_objects_found": found / named,
