@@ -137,7 +137,8 @@ def test_python_dash_m_ldm_runs():
     (["train"], "name a stage"),
     (["train", "txt2img", "--preset", "presets/train/default-txt2img.yaml"], "not both"),
     (["train", "--preset", "no-such-recipe.yaml"], "no such training recipe"),
+    (["train", "txt2img", "--workers", "-1"], "--workers -1: expected 0"),
 ])
-def test_train_needs_exactly_one_stage_or_recipe(argv, message, capsys):
+def test_train_needs_one_stage_or_recipe_and_sensible_workers(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.checkpoints.loader import load_model
-from ldm.data.batches import random_crop, scene_batch
+from ldm.data.batches import default_workers, random_crop, scene_batch, scene_batches
 from ldm.data.masks import box_mask, brush_mask, training_mask
 from ldm.models.autoencoder import Autoencoder
 from ldm.train import pipeline
@@ -56,6 +56,23 @@ def test_random_crop_takes_windows_of_the_images():
     assert crops.shape == (2, 3, 4, 4)
     top, left = divmod(int(crops[0, 0, 0, 0].item()), 8)
     assert torch.equal(crops[0], images[0, :, top : top + 4, left : left + 4])
+
+
+def test_scenes_drawn_ahead_by_worker_processes_are_the_scenes_drawn_inline():
+    jobs = [(seed, 3, 32, objects) for seed, objects in ((0, 1), (3, 4), (50, 2))]
+    inline = list(scene_batches(jobs, workers=0))
+    ahead = list(scene_batches(jobs, workers=2))
+    assert [scenes for _, scenes in ahead] == [scenes for _, scenes in inline]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(ahead, inline))
+    assert torch.equal(inline[1][0], scene_batch(3, 3, 32, 4)[0])
+    endless = scene_batches(((seed, 3, 32, 4) for seed in range(10**6)), workers=1)
+    next(endless)
+    endless.close()  # stops the pool and drops what was drawn ahead instead of drawing forever
+
+
+def test_scenes_are_drawn_ahead_only_for_a_gpu():
+    assert default_workers(torch.device("cpu")) == 0
+    assert 1 <= default_workers(torch.device("cuda")) <= 12
 
 
 def test_gradient_l1_sees_edges_but_not_flat_shifts():
@@ -199,7 +216,7 @@ def test_a_stage_starts_from_the_shipped_weights_unless_asked_to_start_from_scra
     import ldm.train.diffusion
 
     started = {}
-    monkeypatch.setattr(ldm.train.diffusion, "train_diffusion", lambda recipe, work, ae, steps, device, init: started.setdefault("init", init))
+    monkeypatch.setattr(ldm.train.diffusion, "train_diffusion", lambda recipe, work, ae, steps, device, init, workers: started.setdefault("init", init))
     monkeypatch.setattr(pipeline, "export", lambda model, name: None)
     pipeline.train_stage("txt2img", tmp_path, from_scratch=from_scratch)
     if from_scratch:

@@ -3,6 +3,13 @@ use seeds from ``HELD_OUT_SEED`` on, which training never reaches."""
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+
 import numpy as np
 import torch
 
@@ -19,6 +26,31 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 def scene_batch(first_seed: int, count: int, size: int, max_objects: int = MAX_OBJECTS) -> tuple[torch.Tensor, list[Scene]]:
     images, scenes = render_batch(range(first_seed, first_seed + count), size, max_objects)
     return images_to_tensor(images), scenes
+
+
+def scene_batches(jobs: Iterable[tuple[int, int, int, int]], workers: int) -> Iterator[tuple[torch.Tensor, list[Scene]]]:
+    """``scene_batch(*job)`` for each job, in order. With ``workers`` > 0 the batches are rendered that
+    many processes ahead of the consumer (a GPU outruns one process drawing scenes); each batch is the
+    same as inline, since a scene depends only on its seed. At most two batches a worker wait ready."""
+    jobs = iter(jobs)
+    if workers <= 0:
+        yield from itertools.starmap(scene_batch, jobs)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        pending = deque(pool.submit(scene_batch, *job) for job in itertools.islice(jobs, 2 * workers))
+        while pending:
+            batch = pending.popleft().result()
+            pending.extend(pool.submit(scene_batch, *job) for job in itertools.islice(jobs, 1))
+            yield batch
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def default_workers(device: torch.device) -> int:
+    """Scene-drawing processes for training on ``device``: none on a CPU, whose cores the training
+    step already uses; on a GPU all cores but two (the training loop's and the driver's), up to 12."""
+    return 0 if device.type == "cpu" else max(1, min(12, (os.cpu_count() or 3) - 2))
 
 
 def held_out_batch(index: int, count: int, size: int) -> tuple[torch.Tensor, list[Scene]]:

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ldm.data.batches import held_out_batch, random_crop, scene_batch
+from ldm.data.batches import held_out_batch, random_crop, scene_batches
+from ldm.data.world import MAX_OBJECTS
 from ldm.models.autoencoder import Autoencoder, AutoencoderConfig
 from ldm.train.curves import LossLog
 from ldm.train.common import learning_rate, read_recipe, resume, save_training_state
@@ -55,9 +56,10 @@ def train_autoencoder(
     steps: int | None = None,
     device: str | torch.device = "cpu",
     init: dict[str, torch.Tensor] | None = None,
+    workers: int = 0,
 ) -> Autoencoder:
     """Train (or go on training) the autoencoder; ``init`` gives starting weights when no training
-    state exists yet."""
+    state exists yet; ``workers`` processes draw the scenes ahead."""
     recipe = read_recipe(recipe_path)
     config = recipe_config(recipe_path)
     torch.manual_seed(0)
@@ -72,11 +74,11 @@ def train_autoencoder(
     generator = torch.Generator().manual_seed(start)
     batch = recipe["batch_size"]
     losses = LossLog(work_dir, "autoencoder", start)
+    jobs = ((step * batch, batch, recipe["image_size"], MAX_OBJECTS) for step in range(start, total))
     began = time.time()
-    for step in range(start, total):
+    for step, (images, _) in zip(range(start, total), scene_batches(jobs, workers)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe["learning_rate"], recipe["warmup_steps"], total)
-        images, _ = scene_batch(step * batch, batch, recipe["image_size"])
         images = random_crop(images, recipe.get("crop_size", recipe["image_size"]), generator).to(device)
         loss, parts = autoencoder_loss(model, images, generator, recipe)
         optimizer.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ldm.checkpoints.loader import build_model, load_tokenizer
 from ldm.checkpoints.presets import ModelPreset, find_preset
-from ldm.data.batches import random_crop, scene_batch
+from ldm.data.batches import random_crop, scene_batch, scene_batches
 from ldm.data.masks import training_mask
 from ldm.data.world import MAX_OBJECTS
 from ldm.devices import training_autocast
@@ -199,12 +199,13 @@ def train_diffusion(
     steps: int | None = None,
     device: str | torch.device = "cpu",
     init: dict[str, torch.Tensor] | None = None,
+    workers: int = 0,
 ) -> LatentDiffusion:
     """Train the preset named by the recipe (``recipe["task"]`` is "txt2img" or "upscale").
 
     Resumes from the training state in ``work_dir``, else starts from ``init`` (a shipped file's
     tensors) when given. Random draws come from CPU generators, so a run is the same on any device
-    up to floating-point order."""
+    up to floating-point order; ``workers`` processes draw the scenes ahead (the same scenes)."""
     recipe = read_recipe(recipe_path)
     preset = find_preset(recipe["preset"])
     work_dir = Path(work_dir)
@@ -237,13 +238,16 @@ def train_diffusion(
     render_sizes = render_sizes if isinstance(render_sizes, list) else [render_sizes]
     curriculum = Curriculum(recipe.get("curriculum", [[0, MAX_OBJECTS]]))
     losses = LossLog(work_dir, preset.name, start)
-    began = time.time()
+    jobs = ((recipe.get("seed_offset", 0) + step * batch, batch, render_sizes[step % len(render_sizes)], curriculum.max_objects(step))
+            for step in range(start, total))
+    stream = scene_batches(jobs, workers)
+    began, waited = time.time(), 0.0
     for step in range(start, total):
+        before = time.perf_counter()
+        images, scenes = next(stream)
+        waited += time.perf_counter() - before
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe["learning_rate"], recipe["warmup_steps"], total)
-        images, scenes = scene_batch(
-            recipe.get("seed_offset", 0) + step * batch, batch, render_sizes[step % len(render_sizes)], curriculum.max_objects(step)
-        )
         images = random_crop(images, size, generator).to(device)
         with training_autocast(torch.device(device), recipe.get("autocast")):
             latents, conditioning = training_inputs(model, recipe["task"], images, scenes, rng, mix, generator)
@@ -255,8 +259,9 @@ def train_diffusion(
         ema.update(parts)
         losses.add(step + 1, loss=loss.item())
         if (step + 1) % recipe["log_every"] == 0:
-            log.info("%s step %d/%d loss %.4f (%.2f s/step)", preset.name, step + 1, total, loss.item(),
-                     (time.time() - began) / (step + 1 - start))
+            elapsed = time.time() - began
+            log.info("%s step %d/%d loss %.4f (%.2f s/step, %.0f%% of it waiting for scenes)", preset.name, step + 1, total,
+                     loss.item(), elapsed / (step + 1 - start), 100 * waited / elapsed)
         if (step + 1) % recipe["save_every"] == 0 or step + 1 == total:
             save_training_state(state_path, step + 1, parts, optimizer, {"scale_factor": scale})
             torch.save(ema.shadow.state_dict(), ema_path)

@@ -80,10 +80,10 @@ def stage_of(recipe: Path) -> str:
 
 
 def train_stage(stage: str | None, work_dir: Path, steps: int | None = None, device: str = "cpu",
-                recipe: str | Path | None = None, from_scratch: bool = False) -> None:
+                recipe: str | Path | None = None, from_scratch: bool = False, workers: int = 0) -> None:
     """Train one stage from its recipe (by default ``presets/train/default-<stage>.yaml``).
     ``from_scratch`` ignores the shipped weights, so the recipe is reproduced as written (a training
-    state in ``work_dir`` is still resumed)."""
+    state in ``work_dir`` is still resumed); ``workers`` processes draw the training scenes ahead."""
     if recipe is not None:
         stage = stage_of(Path(recipe))
     recipe = Path(recipe) if recipe is not None else RECIPES / f"default-{stage}.yaml"
@@ -95,7 +95,7 @@ def train_stage(stage: str | None, work_dir: Path, steps: int | None = None, dev
         fits = shipped is not None and same_shapes(shipped, Autoencoder(recipe_config(recipe)).state_dict())
         if shipped is not None and not fits:
             log.info("the shipped autoencoder has another architecture than the recipe: training from scratch")
-        train_autoencoder(recipe, work_dir, steps, device, init=shipped if fits else None)
+        train_autoencoder(recipe, work_dir, steps, device, init=shipped if fits else None, workers=workers)
         return
     from ldm.train.diffusion import train_diffusion
 
@@ -105,5 +105,5 @@ def train_stage(stage: str | None, work_dir: Path, steps: int | None = None, dev
                                               if k.startswith("first_stage_model.")}, autoencoder):
         log.info("the shipped %s model was trained over another autoencoder: training from scratch", stage)
         init = None
-    model = train_diffusion(recipe, work_dir, autoencoder, steps, device, init)
+    model = train_diffusion(recipe, work_dir, autoencoder, steps, device, init, workers)
     export(model, model_name(recipe))
