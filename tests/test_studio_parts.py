@@ -191,6 +191,23 @@ def test_region_table_follows_the_boxes_and_gives_each_its_negative_and_strength
         resolve_request(request, 64)
 
 
+def test_a_canvas_change_updates_the_region_table_only_when_the_boxes_change():
+    import gradio as gr
+
+    from ui.tabs.layout import canvas_regions, canvas_value
+
+    value = canvas_value(64, 64, (("red circle", 0.0, 0.0, 0.5, 0.5), ("blue square", 0.5, 0.5, 1.0, 1.0)))
+    edited = [["red circle", "green", 0.6], ["blue square", "", 1.0]]
+    skip = type(gr.skip())
+    assert isinstance(canvas_regions(value, edited), skip)  # moved or resized only: the user's edits stay
+    value["boxes"].append({"label": "yellow star", "xmin": 8, "ymin": 8, "xmax": 20, "ymax": 20})
+    assert canvas_regions(value, edited) == edited + [["yellow star", "", 1.0]]
+    value["boxes"].append({"label": "", "xmin": 30, "ymin": 30, "xmax": 40, "ymax": 40})
+    assert isinstance(canvas_regions(value, edited), skip)  # its row comes once it has a name
+    for malformed in (True, "red circle", [["red circle", "", 1.0], 7]):  # rebuilt from the boxes
+        assert canvas_regions(canvas_value(64, 64, (("red circle", 0.0, 0.0, 0.5, 0.5),)), malformed) == [["red circle", "", 1.0]]
+
+
 def test_model_menu_notes_say_which_files_cannot_be_used_and_what_detection_assumed(tmp_path):
     from tests.test_detect import sd_v2_file_shapes, write_header_only_file
     from ui.widgets import unusable_files

@@ -172,11 +172,29 @@ def canvas_boxes(value: dict | None) -> tuple:
 REGION_HEADERS = ["Box", "Negative prompt", "Strength"]
 
 
+def is_region_table(rows) -> bool:
+    return isinstance(rows, (list, tuple)) and all(isinstance(row, (list, tuple)) for row in rows)
+
+
+def canvas_regions(value, rows):
+    """The region table after a change on the canvas: new rows when boxes were added, removed or
+    renamed; ``gr.skip()`` (the table stays as the user edited it) when the same boxes only moved,
+    or while a box just drawn has no name yet. A table that is not rows is rebuilt from the boxes."""
+    try:
+        boxes = canvas_boxes(value)
+    except ValueError:  # a box just drawn, not named yet: its row comes with its name
+        return gr.skip()
+    rows = rows if is_region_table(rows) else None
+    if [str(r[0]).strip() for r in rows or [] if r and str(r[0]).strip()] == [b[0] for b in boxes]:
+        return gr.skip()
+    return region_rows(boxes, rows)
+
+
 def region_rows(boxes: tuple, rows) -> list[list]:
     """The region table for ``boxes``: a box keeps the negative prompt and strength it had (matched
     by label, in order), a new box starts with none and 1."""
     rows = [] if rows is None else rows
-    if not isinstance(rows, (list, tuple)) or not all(isinstance(row, (list, tuple)) for row in rows):
+    if not is_region_table(rows):
         raise ValueError(f"the region table must be rows of [{', '.join(REGION_HEADERS)}], got {rows!r:.80}")
     kept: dict[str, list] = {}
     for row in rows:
@@ -256,16 +274,7 @@ def wire(studio: Studio, tab: LayoutTab) -> None:
     tab.size.width.release(reshape, [tab.size.width, tab.size.height, tab.canvas], tab.canvas, queue=False)
     tab.size.height.release(reshape, [tab.size.width, tab.size.height, tab.canvas], tab.canvas, queue=False)
 
-    def boxes_changed(value, rows):
-        try:
-            boxes = canvas_boxes(value)
-        except ValueError:  # a box just drawn, not named yet: its row comes with its name
-            return gr.skip()
-        if [str(r[0]).strip() for r in rows or [] if r and str(r[0]).strip()] == [b[0] for b in boxes]:
-            return gr.skip()  # the same boxes, moved or resized: the table stays as the user edited it
-        return region_rows(boxes, rows)
-
-    tab.canvas.change(boxes_changed, [tab.canvas, tab.regions], tab.regions, queue=False)
+    tab.canvas.change(canvas_regions, [tab.canvas, tab.regions], tab.regions, queue=False)
 
     @friendly
     def restore(path, width, height):
