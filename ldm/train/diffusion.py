@@ -241,7 +241,7 @@ def train_diffusion(
     jobs = ((recipe.get("seed_offset", 0) + step * batch, batch, render_sizes[step % len(render_sizes)], curriculum.max_objects(step))
             for step in range(start, total))
     stream = scene_batches(jobs, workers)
-    began, waited = time.time(), 0.0
+    began, waited = time.perf_counter(), 0.0
     for step in range(start, total):
         before = time.perf_counter()
         images, scenes = next(stream)
@@ -259,7 +259,7 @@ def train_diffusion(
         ema.update(parts)
         losses.add(step + 1, loss=loss.item())
         if (step + 1) % recipe["log_every"] == 0:
-            elapsed = time.time() - began
+            elapsed = time.perf_counter() - began
             log.info("%s step %d/%d loss %.4f (%.2f s/step, %.0f%% of it waiting for scenes)", preset.name, step + 1, total,
                      loss.item(), elapsed / (step + 1 - start), 100 * waited / elapsed)
         if (step + 1) % recipe["save_every"] == 0 or step + 1 == total:
