@@ -319,13 +319,20 @@ def run_bench(argv: list[str]) -> int:
     return 0
 
 
+def configure_logging(args: argparse.Namespace) -> None:
+    """Warnings only unless --verbose; training reports its progress (steps, loss, speed) regardless,
+    since a run lasts hours."""
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ldm.train").setLevel(logging.INFO if args.command == "train" or args.verbose else logging.NOTSET)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args)
     if args.command is None:
         parser.print_help()
         return 0

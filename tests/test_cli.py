@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.cli import main
+from ldm.cli import build_parser, configure_logging, main
 from ldm.tasks.parameters import read_png_parameters
 from tests.test_detect import sd_v2_file_shapes, write_header_only_file
 from tests.test_key_contract import clip_vit_l14_text_keys
@@ -142,3 +143,19 @@ def test_python_dash_m_ldm_runs():
 def test_train_needs_one_stage_or_recipe_and_sensible_workers(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["train", "txt2img"], True),      # a run of hours says how far it is without -v
+    (["eval"], False),
+    (["-v", "eval"], True),
+])
+def test_training_progress_is_logged_without_verbose(argv, shown, caplog):
+    trainer = logging.getLogger("ldm.train")
+    level = trainer.level
+    try:
+        configure_logging(build_parser().parse_args(argv))
+        logging.getLogger("ldm.train.diffusion").info("default-txt2img step 50/1800")
+    finally:
+        trainer.setLevel(level)
+    assert ("step 50/1800" in caplog.text) is shown
