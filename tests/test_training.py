@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from ldm.checkpoints.loader import load_model
+from ldm.checkpoints.presets import find_preset
 from ldm.data.batches import default_workers, random_crop, scene_batch, scene_batches
 from ldm.data.masks import box_mask, brush_mask, training_mask
 from ldm.models.autoencoder import Autoencoder
 from ldm.train import pipeline
 from ldm.train.autoencoder import autoencoder_loss, gradient_l1
+from ldm.train.common import read_recipe
 from ldm.train.diffusion import (
     ConditioningMix,
     Curriculum,
@@ -225,3 +229,34 @@ def test_a_stage_starts_from_the_shipped_weights_unless_asked_to_start_from_scra
         shipped = pipeline.shipped_weights("default-txt2img", "")
         assert started["init"].keys() == shipped.keys() and torch.equal(started["init"]["model.diffusion_model.out.2.weight"],
                                                                        shipped["model.diffusion_model.out.2.weight"])
+
+
+RECIPES = sorted(Path("presets/train").glob("*.yaml"))
+# The runs that made the shipped text-to-image weights, in order (README, "The embedded default model").
+SHIPPED_CHAIN = ["default-txt2img-gpu", "default-txt2img-gpu-continue", "default-txt2img-cpu-continue",
+                 "default-txt2img-gpu-continue2", "default-txt2img-gpu-continue3"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_has_what_its_trainer_reads(path):
+    stage, recipe = pipeline.stage_of(path), read_recipe(path)
+    for key in ("image_size", "batch_size", "steps", "learning_rate", "warmup_steps", "log_every", "save_every"):
+        assert isinstance(recipe[key], (int, float)) and recipe[key] > 0, key
+    if stage == "autoencoder":
+        return
+    assert find_preset(recipe["preset"]).name == recipe["preset"]
+    assert recipe["ema_decay"] < 1
+    Curriculum(recipe.get("curriculum", [[0, 4]]))
+    ConditioningMix(**recipe.get("conditioning", {}))
+
+
+def test_each_run_behind_the_shipped_weights_drew_scenes_of_its_own():
+    assert {p.stem for p in RECIPES} >= set(SHIPPED_CHAIN)
+    spans = []
+    for name in SHIPPED_CHAIN + ["default-autoencoder"]:
+        recipe = read_recipe(f"presets/train/{name}.yaml")
+        first = recipe.get("seed_offset", 0)
+        spans.append((first, first + recipe["steps"] * recipe["batch_size"], name))
+    spans.sort()
+    for (_, end, before), (start, _, after) in zip(spans, spans[1:]):
+        assert end <= start, f"{before} and {after} draw the same scenes"
