@@ -192,6 +192,11 @@ def test_text_to_image_shows_and_saves_the_prompted_image(page, studio, shots):
     record = studio_record(saved[-1])
     assert record["task"] == "txt2img" and "Seed: 5" in record["parameters"] and "CFG scale: 4.0" in record["parameters"]
     assert "a large red circle in the center" in page.locator("#txt2img-parameters textarea").input_value()
+    # the first result is shown whole, inside the gallery's height, not as one width-filling tile cut off
+    top, bottom = page.evaluate("""() => { const g = document.querySelector('#txt2img-gallery').getBoundingClientRect();
+        const i = document.querySelector('#txt2img-gallery img').getBoundingClientRect();
+        return [i.top - g.top, g.bottom - i.bottom]; }""")
+    assert top >= 0 and bottom >= 0, (top, bottom)
     page.screenshot(path=str(shots / "txt2img.png"), full_page=True)
 
 

@@ -28,6 +28,9 @@ SHORTCUTS_JS = """
 CSS = """
 .status p { margin: 0; min-height: 1.5em; }
 .live-preview img { image-rendering: pixelated; }
+/* Four columns whatever the count: Gradio sizes a gallery of fewer images to that many columns,
+   so a first result filled the whole width and showed cropped in the gallery's height. */
+.results-gallery .grid-container { grid-template-columns: repeat(4, minmax(0, 1fr)) !important; }
 """
 
 

@@ -241,7 +241,7 @@ def output_area(prefix: str, send_to: tuple[str, ...]) -> OutputArea:
                        elem_id=f"{prefix}-preview", buttons=[])
     status = gr.Markdown("", elem_classes="status", elem_id=f"{prefix}-status")
     gallery = gr.Gallery(label="Results", columns=4, height=320, object_fit="contain", elem_id=f"{prefix}-gallery",
-                         interactive=False)
+                         elem_classes="results-gallery", interactive=False)
     parameters = gr.Textbox(label="Parameters of the selected image", lines=3, interactive=False, buttons=["copy"],
                             elem_id=f"{prefix}-parameters")
     with gr.Row():
