@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from ldm.devices import add_device_arguments, choose_device, choose_dtype
+from ldm.devices import add_device_arguments, choose_device, choose_dtype, keep_freed_memory
 from ldm.tasks.request import DEFAULT_BUDGET_MB
 
 ROOT = Path(__file__).resolve().parent
@@ -73,6 +73,7 @@ def make_studio(args: argparse.Namespace):
 
     folders = [*args.models_dir, *filter(None, os.environ.get("LDM_STUDIO_MODELS", "").split(":"))]
     device = choose_device(args.device)
+    keep_freed_memory(device)
     return Studio([Path(f).expanduser() for f in folders], OutputWriter(Path(args.outputs)),
                   ModelCache(device, choose_dtype(args.dtype, device), args.memory_format, args.compile),
                   memory_budget_mb=args.memory_budget)

@@ -9,6 +9,7 @@ alternating, and checked for agreement. Also the embedded default model's whole 
     .venv/bin/python -m ldm bench --parts unet vae --channels-last   # our models in channels-last
     .venv/bin/python -m ldm bench --parts fidelity --dtypes bf16     # PSNR of bf16 images against fp32
     .venv/bin/python -m ldm bench --parts unet --dtypes bf16 --channels-last --compile
+    .venv/bin/python -m ldm bench --parts unet --malloc system      # the C library's allocator defaults
 
 Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
 diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work (torch's flop counter)
@@ -38,7 +39,7 @@ from ldm.checkpoints.loader import build_model  # noqa: E402
 from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
 from ldm.data.scoring import psnr  # noqa: E402
-from ldm.devices import choose_device, compile_unet, cpu_has_bf16  # noqa: E402
+from ldm.devices import choose_device, compile_unet, cpu_has_bf16, keep_freed_memory  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARTS = ("unet", "vae", "text", "default", "fidelity")
@@ -306,13 +307,17 @@ def main(argv: list[str] | None = None) -> None:
                         "ldm.devices.choose_memory_format)")
     parser.add_argument("--compile", action="store_true", help="compile our UNet with torch.compile (in the warm-up call)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
+    parser.add_argument("--malloc", choices=["kept", "system"], default="kept",
+                        help="CPU: kept (freed memory stays in the process, as in the CLI and the studio: "
+                        "ldm.devices.keep_freed_memory) or system (the C library's defaults); both models run under it")
     args = parser.parse_args(argv)
     device = choose_device(args.device)
+    kept = args.malloc == "kept" and keep_freed_memory(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = args.dtypes or (["fp16", "bf16"] if device.type == "cuda" else ["fp32"] + (["bf16"] if cpu_has_bf16() else []))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__} on {name}")
+    print(f"torch {torch.__version__} on {name}" + ("" if device.type == "cuda" else f", memory {'kept' if kept else 'system'}"))
     peaks = {d: matmul_peak(device, DTYPES[d]) for d in dtypes}
     print("matrix product peak: " + ", ".join(f"{d} {p:.3f} TFLOP/s" for d, p in peaks.items()))
     print(f"{'part':55s} {'dtype':5s} {'ours':>10s} {'diffusers':>10s} {'ratio':>5s} {'TFLOP/s':>6s} {'peak':>5s}  max diff")

@@ -119,12 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace, task: str):
     from ldm.checkpoints.loader import load_model
-    from ldm.devices import choose_device, choose_dtype
+    from ldm.devices import choose_device, choose_dtype, keep_freed_memory
 
     path = args.model or DEFAULT_MODELS[task]
     if args.model is None and not Path(path).is_file():
         raise ValueError(f"no --model given and the embedded default model {path} is missing; pass --model FILE_OR_FOLDER")
     device = choose_device(args.device)
+    keep_freed_memory(device)
     return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), preset=args.preset,
                       ema=args.ema, tokenizer_dir=args.tokenizer,
                       memory_format=args.memory_format, compile=args.compile)
@@ -274,12 +275,13 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     from ldm.data.batches import default_workers
-    from ldm.devices import choose_device
+    from ldm.devices import choose_device, keep_freed_memory
     from ldm.train.pipeline import train_stage
 
     if (args.stage is None) == (args.preset is None):
         raise ValueError("name a stage (autoencoder, txt2img, upscale) or a recipe with --preset, not both")
     device = choose_device(args.device)
+    keep_freed_memory(device)
     workers = default_workers(device) if args.workers is None else args.workers
     if workers < 0:
         raise ValueError(f"--workers {workers}: expected 0 (draw scenes in the training process) or more")

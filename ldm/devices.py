@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import os
 import shutil
@@ -29,6 +30,24 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def keep_freed_memory(device: torch.device) -> bool:
+    """On a CPU with glibc, keep freed memory in the process for the next tensors (no mmap for large
+    blocks, no trimming) instead of handing every large activation back to the system and faulting
+    it in again on the next layer. SD v1 guided UNet step on 2 cores, fp32: 10.3 and 10.1 s -> 9.6 and
+    9.9 s (alternating processes); bf16: no change beyond the noise. The process keeps its peak memory
+    for reuse until it exits (free_memory_mb counts it as free). A process-wide setting, made
+    by the CLI, the studio and the bench when they run on the CPU; ``LDM_STUDIO_MALLOC=system``
+    leaves the C library's defaults. Returns whether the setting was made."""
+    if device.type != "cpu" or os.environ.get("LDM_STUDIO_MALLOC") == "system":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def training_autocast(device: torch.device, name: str | None) -> torch.autocast:
@@ -109,11 +128,32 @@ def free_memory_mb(device: torch.device) -> float | None:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith("MemAvailable:"):  # plus what the process keeps freed (keep_freed_memory)
+                    return int(line.split()[1]) / 1024 + heap_free_bytes() / 2**20
     except OSError:
         pass
     return None
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_info() -> _MallInfo2 | None:
+    """glibc's ``mallinfo2`` (2.33 and later): ``fordblks`` bytes freed but held by the process,
+    ``hblkhd`` bytes in blocks mapped on their own. None elsewhere."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    return mallinfo2()
+
+
+def heap_free_bytes() -> int:
+    info = heap_info()
+    return 0 if info is None else info.fordblks
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
