@@ -90,7 +90,7 @@ class GEGLU(nn.Module):
             return x * F.gelu(gate)
         # sampling: in place over the projection's output, no new (batch x tokens x 4 dim) tensors
         # (SD v1 fp32 step on a CPU 4% faster; the next Linear reads the strided half as it is)
-        return x.mul_(torch._C._nn.gelu_(gate))
+        return x.mul_(torch.ops.aten.gelu_(gate))
 
 
 class FeedForward(nn.Module):
