@@ -40,14 +40,21 @@ def keep_freed_memory(device: torch.device) -> bool:
     for reuse until it exits (free_memory_mb counts it as free). A process-wide setting, made
     by the CLI, the studio and the bench when they run on the CPU; ``LDM_STUDIO_MALLOC=system``
     leaves the C library's defaults. Returns whether the setting was made."""
-    if device.type != "cpu" or os.environ.get("LDM_STUDIO_MALLOC") == "system":
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+    libc = glibc()
+    if device.type != "cpu" or os.environ.get("LDM_STUDIO_MALLOC") == "system" or libc is None:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    """The GNU C library, or None (macOS, Windows, musl)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") else None
 
 
 def training_autocast(device: torch.device, name: str | None) -> torch.autocast:
@@ -143,9 +150,8 @@ class _MallInfo2(ctypes.Structure):
 def heap_info() -> _MallInfo2 | None:
     """glibc's ``mallinfo2`` (2.33 and later): ``fordblks`` bytes freed but held by the process,
     ``hblkhd`` bytes in blocks mapped on their own. None elsewhere."""
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    mallinfo2 = getattr(glibc(), "mallinfo2", None)
+    if mallinfo2 is None:
         return None
     mallinfo2.restype = _MallInfo2
     return mallinfo2()
