@@ -54,7 +54,11 @@ def glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-    return libc if hasattr(libc, "mallopt") else None
+    if not hasattr(libc, "mallopt"):
+        return None
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
 
 
 def training_autocast(device: torch.device, name: str | None) -> torch.autocast:
@@ -151,10 +155,7 @@ def heap_info() -> _MallInfo2 | None:
     """glibc's ``mallinfo2`` (2.33 and later): ``fordblks`` bytes freed but held by the process,
     ``hblkhd`` bytes in blocks mapped on their own. None elsewhere."""
     mallinfo2 = getattr(glibc(), "mallinfo2", None)
-    if mallinfo2 is None:
-        return None
-    mallinfo2.restype = _MallInfo2
-    return mallinfo2()
+    return None if mallinfo2 is None else mallinfo2()
 
 
 def heap_free_bytes() -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ from ldm.checkpoints.loader import load_model
 from ldm.checkpoints.presets import find_preset
 from ldm.data.batches import default_workers, random_crop, scene_batch, scene_batches
 from ldm.data.masks import box_mask, brush_mask, training_mask
+from ldm.data.world import MAX_OBJECTS
 from ldm.models.autoencoder import Autoencoder
 from ldm.train import pipeline
 from ldm.train.autoencoder import autoencoder_loss, gradient_l1
@@ -231,7 +230,7 @@ def test_a_stage_starts_from_the_shipped_weights_unless_asked_to_start_from_scra
                                                                        shipped["model.diffusion_model.out.2.weight"])
 
 
-RECIPES = sorted(Path("presets/train").glob("*.yaml"))
+RECIPES = sorted(pipeline.RECIPES.glob("*.yaml"))
 # The runs that made the shipped text-to-image weights, in order (README, "The embedded default model").
 SHIPPED_CHAIN = ["default-txt2img-gpu", "default-txt2img-gpu-continue", "default-txt2img-cpu-continue",
                  "default-txt2img-gpu-continue2", "default-txt2img-gpu-continue3"]
@@ -246,7 +245,7 @@ def test_every_recipe_has_what_its_trainer_reads(path):
         return
     assert find_preset(recipe["preset"]).name == recipe["preset"]
     assert recipe["ema_decay"] < 1
-    Curriculum(recipe.get("curriculum", [[0, 4]]))
+    Curriculum(recipe.get("curriculum", [[0, MAX_OBJECTS]]))
     ConditioningMix(**recipe.get("conditioning", {}))
 
 
@@ -254,7 +253,7 @@ def test_each_run_behind_the_shipped_weights_drew_scenes_of_its_own():
     assert {p.stem for p in RECIPES} >= set(SHIPPED_CHAIN)
     spans = []
     for name in SHIPPED_CHAIN + ["default-autoencoder"]:
-        recipe = read_recipe(f"presets/train/{name}.yaml")
+        recipe = read_recipe(pipeline.RECIPES / f"{name}.yaml")
         first = recipe.get("seed_offset", 0)
         spans.append((first, first + recipe["steps"] * recipe["batch_size"], name))
     spans.sort()
