@@ -1,7 +1,7 @@
 """LDM Studio: the composition root. ``./launch.sh`` runs this; it serves http://127.0.0.1:7860.
 
     python app.py [--listen] [--auth USER:PASSWORD | --auth-file FILE] [--port 7860] [--models-dir DIR ...]
-                  [--outputs outputs] [--device auto] [--dtype auto] [--memory-format auto] [--compile]
+                  [--outputs outputs] [--device auto] [--dtype auto] [--memory-format auto] [--compile] [--no-winograd]
                   [--concurrency 1]
 
 It serves this machine only (127.0.0.1) unless ``--listen`` is given; ``--auth`` (repeatable) or
@@ -75,7 +75,7 @@ def make_studio(args: argparse.Namespace):
     device = choose_device(args.device)
     keep_freed_memory(device)
     return Studio([Path(f).expanduser() for f in folders], OutputWriter(Path(args.outputs)),
-                  ModelCache(device, choose_dtype(args.dtype, device), args.memory_format, args.compile),
+                  ModelCache(device, choose_dtype(args.dtype, device), args.memory_format, args.compile, args.winograd),
                   memory_budget_mb=args.memory_budget)
 
 

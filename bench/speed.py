@@ -10,10 +10,11 @@ alternating, and checked for agreement. Also the embedded default model's whole 
     .venv/bin/python -m ldm bench --parts fidelity --dtypes bf16     # PSNR of bf16 images against fp32
     .venv/bin/python -m ldm bench --parts unet --dtypes bf16 --channels-last --compile
     .venv/bin/python -m ldm bench --parts unet --malloc system      # the C library's allocator defaults
+    .venv/bin/python -m ldm bench --parts unet --no-winograd        # our 3x3 convolutions direct (as diffusers')
 
 Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
-diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work (torch's flop counter)
-over our time; "% peak" relates it to a large matrix product's speed measured at the start, the
+diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work as diffusers does it
+(torch's flop counter; our Winograd convolutions do less of it) over our time; "% peak" relates it to a large matrix product's speed measured at the start, the
 practical limit of this machine for this dtype. "max diff" is the largest difference between the two
 outputs (fp32: the same numbers up to summation order).
 """
@@ -40,6 +41,7 @@ from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
 from ldm.data.scoring import psnr  # noqa: E402
 from ldm.devices import choose_device, compile_unet, cpu_has_bf16, keep_freed_memory  # noqa: E402
+from ldm.models.winograd import set_winograd  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARTS = ("unet", "vae", "text", "default", "fidelity")
@@ -152,11 +154,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, rounds: int,
-                   channels_last: bool = False, compile: bool = False) -> list[Figure]:
+                   channels_last: bool = False, compile: bool = False, winograd: bool = True) -> list[Figure]:
     dtype = DTYPES[dtype_name]
     ours, unet, vae, text = build_pair()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     ours = ours.to(device, dtype, memory_format=layout)
+    set_winograd(ours, winograd and not compile)  # as load_model does
     if compile:
         compile_unet(ours.model.diffusion_model, device)  # compiled during the warm-up call
     their_dtype = torch.float32 if device.type == "cpu" else dtype  # CPU: autocast over fp32 weights
@@ -205,7 +208,7 @@ def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, roun
 def measure(part: str, dtype_name: str, ours, theirs, rounds: int, device: torch.device) -> Figure:
     ours_s, theirs_s, a, b = alternate(ours, theirs, rounds, device)
     diff = None if b is None else (a.float() - b.float().reshape(a.shape)).abs().max().item()
-    figure = Figure(part, dtype_name, ours_s, theirs_s, flops(ours), diff)
+    figure = Figure(part, dtype_name, ours_s, theirs_s, flops(theirs or ours), diff)
     print(format_figure(figure, None), flush=True)
     return figure
 
@@ -249,7 +252,8 @@ def default_model_fidelity(dtype_name: str, device: torch.device, count: int) ->
 
 def sd_v1_fidelity(dtype_name: str, device: torch.device, count: int, side: int = 256, steps: int = 10) -> list[float]:
     """PSNR of SD v1 (random weights) images in ``dtype_name`` against fp32: guided DDIM from the same
-    noise and a random stand-in for the text embedding, then the VAE decode."""
+    noise and a random stand-in for the text embedding, then the VAE decode. The fp32 reference runs its
+    convolutions directly; the low-precision model runs as the CLI does (Winograd where it pays)."""
     from ldm.sampling.ddim import ddim_sample
     from ldm.sampling.guidance import ClassifierFreeGuidance
     from ldm.sampling.schedules import ddim_schedule
@@ -257,6 +261,8 @@ def sd_v1_fidelity(dtype_name: str, device: torch.device, count: int, side: int 
 
     full = random_sd_v1().to(device)
     low = copy.deepcopy(full).to(dtype=DTYPES[dtype_name])  # fp32 stays fp32: no weights rounded and back
+    set_winograd(full, False)  # the reference: direct convolutions in fp32
+    set_winograd(low, True)  # as the CLI and the studio run
     values = []
     for i in range(count):
         g = torch.Generator().manual_seed(i)
@@ -306,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels-last", action="store_true", help="run our models in channels-last memory format (the default on a CPU: "
                         "ldm.devices.choose_memory_format)")
     parser.add_argument("--compile", action="store_true", help="compile our UNet with torch.compile (in the warm-up call)")
+    parser.add_argument("--no-winograd", dest="winograd", action="store_false",
+                        help="run our 3x3 convolutions directly (default: Winograd where it is faster, as the CLI and the studio do)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
     parser.add_argument("--malloc", choices=["kept", "system"], default="kept",
                         help="CPU: kept (freed memory stays in the process, as in the CLI and the studio: "
@@ -325,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     for dtype_name in dtypes:
         pair_parts = [p for p in args.parts if p not in ("default", "fidelity")]
         if pair_parts:
-            figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last, args.compile)
+            figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last, args.compile,
+                                       args.winograd)
         if "default" in args.parts:
             figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last))
         if "fidelity" in args.parts and DTYPES[dtype_name] != torch.float32:

@@ -28,8 +28,9 @@ class ModelCache:
     generation at a time however many sessions ask for it."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype,
-                 memory_format: str = "contiguous", compile: bool = False):
+                 memory_format: str = "contiguous", compile: bool = False, winograd: bool = True):
         self.device, self.dtype, self.memory_format, self.compile = device, dtype, memory_format, compile
+        self.winograd = winograd
         self._models: dict[Path, LoadedModel] = {}
         self._locks: dict[Path, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -46,7 +47,8 @@ class ModelCache:
             if path not in self._models:
                 log.info("loading %s", path)
                 self._models[path] = load_model(path, device=self.device, dtype=self.dtype,
-                                                 memory_format=self.memory_format, compile=self.compile)
+                                                 memory_format=self.memory_format, compile=self.compile,
+                                                 winograd=self.winograd)
             return self._models[path]
 
 

@@ -24,6 +24,7 @@ from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
 from ldm.devices import choose_memory_format, compile_unet
+from ldm.models.winograd import set_winograd
 from ldm.models.bert_tokenizer import BERT_HUB_REPO, find_bert_tokenizer
 from ldm.models.conditioners import CLIPTextEncoder, OpenCLIPTextEncoder
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
@@ -199,10 +200,13 @@ def load_model(
     tokenizer_dir: str | Path | None = None,
     memory_format: str = "contiguous",
     compile: bool = False,
+    winograd: bool = True,
 ) -> LoadedModel:
     """Detect, build, strictly load and report. ``memory_format``: "contiguous", "channels_last" or
     "auto" (the faster one for this model on ``device``: ``ldm.devices.choose_memory_format``).
-    ``compile``: compile the UNet, the part every sampling step runs (``ldm.devices.compile_unet``)."""
+    ``compile``: compile the UNet, the part every sampling step runs (``ldm.devices.compile_unet``).
+    ``winograd``: the UNet's 3x3 convolutions run as Winograd when sampling on a CPU where that is
+    faster (``ldm.models.winograd``); off when compiling, where the compiler chooses the kernels."""
     path = Path(path)
     chosen = resolve_preset(path, preset)
     model = build_model(chosen.model)
@@ -226,6 +230,7 @@ def load_model(
         model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, chosen, path, tokenizer_dir)
     layout = choose_memory_format(memory_format, torch.device(device), chosen.model.unet.model_channels)
     model = model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
+    set_winograd(model, winograd and not compile)
     if compile:
         compile_unet(model.model.diffusion_model, torch.device(device))
     report = LoadReport(chosen.name, used_ema, ignored, count, filled)

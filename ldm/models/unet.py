@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.attention import AttentionBlock, SpatialTransformer, heads_and_dim, normalization, zero_module
+from ldm.models.winograd import Conv3x3
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -43,7 +44,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int, use_conv: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
+        self.conv = Conv3x3(channels, channels) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -65,7 +66,7 @@ class ResBlock(nn.Module):
     ):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), Conv3x3(channels, out_channels))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, use_conv=False), Upsample(channels, use_conv=False)
@@ -77,7 +78,7 @@ class ResBlock(nn.Module):
             normalization(out_channels),
             nn.SiLU(),
             nn.Dropout(dropout),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            zero_module(Conv3x3(out_channels, out_channels)),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -174,7 +175,7 @@ class UNetModel(nn.Module):
                 nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv3x3(c.in_channels, mc))])
         skip_channels = [mc]
         ch, ds = mc, 1
         for level, mult in enumerate(c.channel_mult):
@@ -206,7 +207,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(mc, c.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(Conv3x3(mc, c.out_channels)))
 
     def _resblock(self, channels: int, out_channels: int, *, up: bool = False, down: bool = False) -> ResBlock:
         c = self.config
