@@ -8,11 +8,12 @@ than the direct convolution, and one large matrix product per transform-domain p
 convolution over a small image, whose weights a direct kernel reads once for few pixels.
 
 Measured on a 2-core AMD EPYC (AVX512-BF16), one convolution of batch 2, median of 3
-(``bench/convolutions.py``): 1280 -> 1280 channels at 16x16, fp32 83 -> 41 ms, bf16 34 -> 20 ms;
-at 8x8, fp32 38 -> 15 ms; 320 -> 320 at 64x64, bf16 33 -> 23 ms, fp32 66 -> 70 ms (slower: the
-transforms' memory traffic outweighs the saving at large images in fp32, so fp32 keeps the direct
-kernel there). The error against a float64 reference is no larger than the direct kernel's in fp32
-(4e-7 against 2e-6 of the output's largest value) and about twice it in bf16 (6e-3 against 3e-3).
+(``bench/convolutions.py``): 1280 -> 1280 channels at 16x16, fp32 92 -> 43 ms, bf16 34 -> 20 ms;
+at 8x8, fp32 45 -> 15 ms; 640 -> 640 at 32x32, fp32 69 -> 43 ms; 320 -> 320 at 64x64, bf16 33 -> 30 ms
+but fp32 67 -> 83 ms (the transforms' memory traffic outweighs the saving on large images in fp32,
+so fp32 keeps the direct kernel there). The error against a float64 reference is smaller than the
+direct kernel's in fp32 (3e-7 against 1.5e-6 of the output's largest value) and 1.5 times it in
+bf16 (6e-3 against 4e-3).
 
 The transformed kernels (16/9 the size of the kernel: 1.9 GB for SD v1's UNet in bf16) are kept on
 the module, made at load by ``set_winograd`` (or at the first Winograd call), and made again when
@@ -28,12 +29,12 @@ from torch import nn
 
 from ldm.models.attention import memory_format_of
 
-# F(2x2, 3x3) (Lavin and Gray, 2016): output = A^T [(G g G^T) * (B^T d B)] A, in float64 to build.
+# F(2x2, 3x3) (Lavin and Gray, 2016): output = A^T [(G g G^T) * (B^T d B)] A
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
 _BT = torch.tensor([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]],
                    dtype=torch.float64)
 _AT = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]], dtype=torch.float64)
-# Both 2-d transforms as one matrix over the 16 (or 9) values of a block, row-major: kron(M, M)
+# Both 2-d transforms of a block as one matrix over its values, row-major: kron(M, M)
 INPUT_TRANSFORM = torch.kron(_BT, _BT)  # (16, 16)
 OUTPUT_TRANSFORM = torch.kron(_AT, _AT)  # (4, 16)
 KERNEL_TRANSFORM = torch.kron(_G, _G)  # (16, 9)
@@ -46,24 +47,25 @@ MIN_CHANNELS = 256
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(O, I, 3, 3) kernel -> (16, I, O) transformed kernel ``G g G^T``, computed in float64 and
-    rounded once to the kernel's dtype."""
+    """(O, I, 3, 3) kernel -> (16, O, I) transformed kernel ``G g G^T``: one matrix product in the
+    kernel's dtype (its entries 1, 1/2 and 1/4 are exact; the CPU kernels accumulate in float32 and
+    round once)."""
     out_channels, in_channels = weight.shape[:2]
-    transform = KERNEL_TRANSFORM.to(weight.device)
-    u = transform @ weight.detach().to(torch.float64).reshape(out_channels * in_channels, 9).T  # (16, O*I)
-    return u.view(16, out_channels, in_channels).transpose(1, 2).contiguous().to(weight.dtype)
+    transform = KERNEL_TRANSFORM.to(weight.device, weight.dtype)
+    u = transform @ weight.detach().reshape(out_channels * in_channels, 9).T  # (16, O*I)
+    return u.view(16, out_channels, in_channels)
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A 3x3 convolution, stride 1, zero padding 1, of ``x`` (B, C, H, W) with the transformed kernel
-    ``weight`` (16, C, O) from ``winograd_weight``. Returns (B, O, H, W) channels-last in memory."""
+    ``weight`` (16, O, C) from ``winograd_weight``. Returns (B, O, H, W) channels-last in memory."""
     b, c, h, w = x.shape
     th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 output tiles; an odd side is padded and cropped
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + w % 2, 1, 1 + h % 2))  # (B, H+2, W+2, C) + odd sides
     blocks = padded.unfold(1, 4, 2).unfold(2, 4, 2)  # (B, th, tw, C, 4, 4), overlapping views
     d = blocks.permute(4, 5, 0, 1, 2, 3).reshape(16, b * th * tw * c)  # one row per block position
     v = (INPUT_TRANSFORM.to(x.device, x.dtype) @ d).view(16, b * th * tw, c)
-    m = torch.bmm(v, weight)  # (16, tiles, O)
+    m = torch.bmm(v, weight.transpose(1, 2))  # (16, tiles, O); BLAS reads the transpose in place
     y = OUTPUT_TRANSFORM.to(x.device, x.dtype) @ m.view(16, -1)  # (4, tiles * O)
     y = y.view(2, 2, b, th, tw, -1).permute(2, 3, 0, 4, 1, 5)  # (B, th, 2, tw, 2, O)
     out = torch.empty(b, 2 * th, 2 * tw, y.shape[-1], device=x.device, dtype=x.dtype)
