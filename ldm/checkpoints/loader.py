@@ -24,12 +24,12 @@ from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
 from ldm.devices import choose_memory_format, compile_unet
-from ldm.models.winograd import set_winograd
 from ldm.models.bert_tokenizer import BERT_HUB_REPO, find_bert_tokenizer
 from ldm.models.conditioners import CLIPTextEncoder, OpenCLIPTextEncoder
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.models.layout_tokens import LDMLayoutTokenizer
 from ldm.models.tokenizers import find_clip_tokenizer
+from ldm.models.winograd import set_winograd
 from ldm.models.word_tokenizer import WordLayoutTokenizer
 
 log = logging.getLogger(__name__)
