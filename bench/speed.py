@@ -14,9 +14,10 @@ alternating, and checked for agreement. Also the embedded default model's whole 
 
 Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
 diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work as diffusers does it
-(torch's flop counter; our Winograd convolutions do less of it) over our time; "% peak" relates it to a large matrix product's speed measured at the start, the
-practical limit of this machine for this dtype. "max diff" is the largest difference between the two
-outputs (fp32: the same numbers up to summation order).
+(torch's flop counter; our Winograd convolutions do less of it) over our time; "% peak" relates it
+to a large matrix product's speed measured at the start, the practical limit of this machine for
+this dtype. "max diff" is the largest difference between the two outputs (fp32: the same numbers up
+to summation order).
 """
 
 from __future__ import annotations
