@@ -11,6 +11,7 @@ alternating, and checked for agreement. Also the embedded default model's whole 
     .venv/bin/python -m ldm bench --parts unet --dtypes bf16 --channels-last --compile
     .venv/bin/python -m ldm bench --parts unet --malloc system      # the C library's allocator defaults
     .venv/bin/python -m ldm bench --parts unet --no-winograd        # our 3x3 convolutions direct (as diffusers')
+    .venv/bin/python -m ldm bench --device cuda --no-cuda-graphs    # our UNet's kernels launched one by one
 
 Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
 diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work as diffusers does it
@@ -42,6 +43,7 @@ from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
 from ldm.data.scoring import psnr  # noqa: E402
 from ldm.devices import choose_device, compile_unet, cpu_has_bf16, keep_freed_memory  # noqa: E402
+from ldm.models.cuda_graphs import set_cuda_graphs  # noqa: E402
 from ldm.models.winograd import set_winograd  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,6 +99,8 @@ def alternate(ours: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tenso
         return time.perf_counter() - start, out
 
     out_ours, out_theirs = ours(), theirs() if theirs else None  # warm-up
+    if device.type == "cuda":  # a second call records our UNet's CUDA graph (ldm.models.cuda_graphs)
+        ours()
     times_ours, times_theirs = [], []
     for _ in range(rounds):
         t, out_ours = timed(ours)
@@ -155,12 +159,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, rounds: int,
-                   channels_last: bool = False, compile: bool = False, winograd: bool = True) -> list[Figure]:
+                   channels_last: bool = False, compile: bool = False, winograd: bool = True,
+                   cuda_graphs: bool = True) -> list[Figure]:
     dtype = DTYPES[dtype_name]
     ours, unet, vae, text = build_pair()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     ours = ours.to(device, dtype, memory_format=layout)
     set_winograd(ours, winograd and not compile)  # as load_model does
+    set_cuda_graphs(ours.unet, cuda_graphs and not compile)
     if compile:
         compile_unet(ours.model.diffusion_model, device)  # compiled during the warm-up call
     their_dtype = torch.float32 if device.type == "cpu" else dtype  # CPU: autocast over fp32 weights
@@ -206,29 +212,35 @@ def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, roun
     return figures
 
 
-def measure(part: str, dtype_name: str, ours, theirs, rounds: int, device: torch.device) -> Figure:
+def measure(part: str, dtype_name: str, ours, theirs, rounds: int, device: torch.device, count=None) -> Figure:
+    """``count``: the call whose floating-point work is counted (default: theirs, or else ours)."""
     ours_s, theirs_s, a, b = alternate(ours, theirs, rounds, device)
     diff = None if b is None else (a.float() - b.float().reshape(a.shape)).abs().max().item()
-    figure = Figure(part, dtype_name, ours_s, theirs_s, flops(theirs or ours), diff)
+    figure = Figure(part, dtype_name, ours_s, theirs_s, flops(count or theirs or ours), diff)
     print(format_figure(figure, None), flush=True)
     return figure
 
 
-def default_model_figure(dtype_name: str, device: torch.device, rounds: int, channels_last: bool = False) -> Figure:
+def default_model_figure(dtype_name: str, device: torch.device, rounds: int, channels_last: bool = False,
+                         cuda_graphs: bool = True) -> Figure:
     from ldm.checkpoints.loader import load_model
     from ldm.checkpoints.presets import DEFAULT_MODELS
     from ldm.tasks.request import GenerationRequest
     from ldm.tasks.txt2img import txt2img
 
     loaded = load_model(DEFAULT_MODELS["txt2img"], device=device, dtype=DTYPES[dtype_name],
-                        memory_format="channels_last" if channels_last else "contiguous")
+                        memory_format="channels_last" if channels_last else "contiguous", cuda_graphs=cuda_graphs)
     request = GenerationRequest("a red circle in the top left and a small blue square at the bottom", steps=20, scale=4.0,
                                 seed=1, width=64, height=64)
 
     def call():
         return torch.tensor(np.array(txt2img(loaded, request).images[0]))
 
-    return measure("default model text to image (64 px, 20 steps, guided)", dtype_name, call, None, rounds, device)
+    def count():  # after the timing: a replayed CUDA graph's work does not pass torch's flop counter
+        set_cuda_graphs(loaded.model.unet, False)
+        return call()
+
+    return measure("default model text to image (64 px, 20 steps, guided)", dtype_name, call, None, rounds, device, count)
 
 
 def default_model_fidelity(dtype_name: str, device: torch.device, count: int) -> list[float]:
@@ -315,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="compile our UNet with torch.compile (in the warm-up call)")
     parser.add_argument("--no-winograd", dest="winograd", action="store_false",
                         help="run our 3x3 convolutions directly (default: Winograd where it is faster, as the CLI and the studio do)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="GPU: launch our UNet's kernels one by one (default: replayed as CUDA graphs, as the CLI and the studio do)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
     parser.add_argument("--malloc", choices=["kept", "system"], default="kept",
                         help="CPU: kept (freed memory stays in the process, as in the CLI and the studio: "
@@ -335,9 +349,9 @@ def main(argv: list[str] | None = None) -> None:
         pair_parts = [p for p in args.parts if p not in ("default", "fidelity")]
         if pair_parts:
             figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last, args.compile,
-                                       args.winograd)
+                                       args.winograd, args.cuda_graphs)
         if "default" in args.parts:
-            figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last))
+            figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last, args.cuda_graphs))
         if "fidelity" in args.parts and DTYPES[dtype_name] != torch.float32:
             fidelity += fidelity_lines(dtype_name, device, args.fidelity_images)
     print("\nsummary")

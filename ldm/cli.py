@@ -128,7 +128,8 @@ def load(args: argparse.Namespace, task: str):
     keep_freed_memory(device)
     return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), preset=args.preset,
                       ema=args.ema, tokenizer_dir=args.tokenizer,
-                      memory_format=args.memory_format, compile=args.compile, winograd=args.winograd)
+                      memory_format=args.memory_format, compile=args.compile, winograd=args.winograd,
+                      cuda_graphs=args.cuda_graphs)
 
 
 def read_boxes(path: str) -> tuple:

@@ -174,5 +174,8 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-winograd", dest="winograd", action="store_false",
                         help="run 3x3 convolutions directly on the CPU too (by default sampling runs them as Winograd "
                         "where that is faster: SD v1 steps 11%% faster there, for 16/9 of their kernels' memory)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="on a CUDA GPU, launch the UNet's kernels one by one at every step (by default each "
+                        "image size's step is recorded once as a CUDA graph and replayed)")
     parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
                         help="auto (channels_last on the CPU for models of SD's width, where it is faster), channels_last, contiguous")

@@ -28,9 +28,10 @@ class ModelCache:
     generation at a time however many sessions ask for it."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype,
-                 memory_format: str = "contiguous", compile: bool = False, winograd: bool = True):
+                 memory_format: str = "contiguous", compile: bool = False, winograd: bool = True,
+                 cuda_graphs: bool = True):
         self.device, self.dtype, self.memory_format, self.compile = device, dtype, memory_format, compile
-        self.winograd = winograd
+        self.winograd, self.cuda_graphs = winograd, cuda_graphs
         self._models: dict[Path, LoadedModel] = {}
         self._locks: dict[Path, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -48,7 +49,7 @@ class ModelCache:
                 log.info("loading %s", path)
                 self._models[path] = load_model(path, device=self.device, dtype=self.dtype,
                                                  memory_format=self.memory_format, compile=self.compile,
-                                                 winograd=self.winograd)
+                                                 winograd=self.winograd, cuda_graphs=self.cuda_graphs)
             return self._models[path]
 
 

@@ -29,6 +29,7 @@ from ldm.models.conditioners import CLIPTextEncoder, OpenCLIPTextEncoder
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.models.layout_tokens import LDMLayoutTokenizer
 from ldm.models.tokenizers import find_clip_tokenizer
+from ldm.models.cuda_graphs import set_cuda_graphs
 from ldm.models.winograd import set_winograd
 from ldm.models.word_tokenizer import WordLayoutTokenizer
 
@@ -201,12 +202,15 @@ def load_model(
     memory_format: str = "contiguous",
     compile: bool = False,
     winograd: bool = True,
+    cuda_graphs: bool = True,
 ) -> LoadedModel:
     """Detect, build, strictly load and report. ``memory_format``: "contiguous", "channels_last" or
     "auto" (the faster one for this model on ``device``: ``ldm.devices.choose_memory_format``).
     ``compile``: compile the UNet, the part every sampling step runs (``ldm.devices.compile_unet``).
     ``winograd``: the UNet's 3x3 convolutions run as Winograd when sampling on a CPU where that is
-    faster (``ldm.models.winograd``); off when compiling, where the compiler chooses the kernels."""
+    faster (``ldm.models.winograd``); off when compiling, where the compiler chooses the kernels.
+    ``cuda_graphs``: on a CUDA device the UNet's sampling calls replay as CUDA graphs
+    (``ldm.models.cuda_graphs``); off when compiling."""
     path = Path(path)
     chosen = resolve_preset(path, preset)
     model = build_model(chosen.model)
@@ -231,6 +235,7 @@ def load_model(
     layout = choose_memory_format(memory_format, torch.device(device), chosen.model.unet.model_channels)
     model = model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
     set_winograd(model, winograd and not compile)
+    set_cuda_graphs(model.unet, cuda_graphs and not compile)
     if compile:
         compile_unet(model.model.diffusion_model, torch.device(device))
     report = LoadReport(chosen.name, used_ema, ignored, count, filled)
