@@ -165,7 +165,9 @@ def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, roun
     ours, unet, vae, text = build_pair()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     ours = ours.to(device, dtype, memory_format=layout)
-    set_winograd(ours, winograd and not compile)  # as load_model does
+    set_winograd(ours, winograd)  # as load_model does: not in a compiled UNet
+    if compile:
+        set_winograd(ours.unet, False)
     set_cuda_graphs(ours.unet, cuda_graphs and not compile)
     if compile:
         compile_unet(ours.model.diffusion_model, device)  # compiled during the warm-up call
@@ -266,7 +268,8 @@ def default_model_fidelity(dtype_name: str, device: torch.device, count: int) ->
 def sd_v1_fidelity(dtype_name: str, device: torch.device, count: int, side: int = 256, steps: int = 10) -> list[float]:
     """PSNR of SD v1 (random weights) images in ``dtype_name`` against fp32: guided DDIM from the same
     noise and a random stand-in for the text embedding, then the VAE decode. The fp32 reference runs its
-    convolutions directly; the low-precision model runs as the CLI does (Winograd where it pays)."""
+    convolutions directly; the low-precision model runs as the CLI does (Winograd where it pays, CUDA
+    graphs on a GPU)."""
     from ldm.sampling.ddim import ddim_sample
     from ldm.sampling.guidance import ClassifierFreeGuidance
     from ldm.sampling.schedules import ddim_schedule
@@ -276,6 +279,7 @@ def sd_v1_fidelity(dtype_name: str, device: torch.device, count: int, side: int 
     low = copy.deepcopy(full).to(dtype=DTYPES[dtype_name])  # fp32 stays fp32: no weights rounded and back
     set_winograd(full, False)  # the reference: direct convolutions in fp32
     set_winograd(low, True)  # as the CLI and the studio run
+    set_cuda_graphs(low.unet, True)
     values = []
     for i in range(count):
         g = torch.Generator().manual_seed(i)

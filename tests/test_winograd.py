@@ -139,3 +139,51 @@ def test_the_unet_builds_its_3x3_layers_as_winograd_capable_with_the_checkpoint_
     assert {"input_blocks.0.0", "input_blocks.1.0.in_layers.2", "input_blocks.1.0.out_layers.3",
             "output_blocks.2.1.conv", "out.2"} <= names
     assert "input_blocks.3.0.op" not in names  # stride 2 stays a plain convolution
+
+
+def test_the_autoencoder_builds_its_3x3_layers_as_winograd_capable_with_the_checkpoint_names():
+    from ldm.checkpoints.presets import find_preset
+
+    vae = build_model(find_preset("v1-inference").model, device="meta").first_stage_model
+    names = {name for name, m in vae.named_modules() if isinstance(m, Conv3x3)}
+    assert {"encoder.conv_in", "encoder.down.0.block.0.conv1", "encoder.mid.block_2.conv2", "decoder.conv_in",
+            "decoder.up.3.block.2.conv2", "decoder.up.1.upsample.conv", "decoder.conv_out"} <= names
+    assert "encoder.down.0.downsample.conv" not in names  # stride 2, unpadded: a plain convolution
+
+
+@pytest.mark.parametrize("h, w", [(6, 5), (9, 8)])
+def test_the_unpadded_convolution_of_a_tile_with_its_halo(monkeypatch, h, w):
+    calls = count_winograd_calls(monkeypatch)
+    conv = Conv3x3(MIN_CHANNELS, MIN_CHANNELS)
+    x, _, _, _ = conv_case(MIN_CHANNELS, 1, h, w)
+    with torch.no_grad():
+        reference = F.conv2d(x.double(), conv.weight.double(), conv.bias.double())
+        fast = conv.unpadded(x)
+        conv.winograd = False
+        direct = conv.unpadded(x)
+    assert calls == [x.shape]
+    assert fast.shape == direct.shape == (2, MIN_CHANNELS, h - 2, w - 2)
+    assert relative_error(fast, reference) < max(3 * relative_error(direct, reference), 1e-6)
+
+
+def test_the_autoencoder_decodes_whole_and_tiled_through_winograd_with_the_direct_numbers(monkeypatch):
+    from ldm.models.autoencoder_tiling import tiled_decode
+    from tests.test_autoencoder_tiling import CONFIGS, random_autoencoder
+
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 16)  # the tiny autoencoder's layers count as wide
+    calls = count_winograd_calls(monkeypatch)
+    model = random_autoencoder(CONFIGS["kl"])
+    z = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        set_winograd(model, False)
+        direct = model.decode(z)
+        assert not calls
+        set_winograd(model, True)
+        whole = model.decode(z)
+        assert calls
+        calls.clear()
+        tiled = tiled_decode(model, z, 4)
+        assert calls  # the tiles' convolutions too
+    scale = direct.abs().max()
+    assert (whole - direct).abs().max() < 1e-4 * scale
+    assert (tiled - direct).abs().max() < 1e-4 * scale

@@ -207,8 +207,9 @@ def load_model(
     """Detect, build, strictly load and report. ``memory_format``: "contiguous", "channels_last" or
     "auto" (the faster one for this model on ``device``: ``ldm.devices.choose_memory_format``).
     ``compile``: compile the UNet, the part every sampling step runs (``ldm.devices.compile_unet``).
-    ``winograd``: the UNet's 3x3 convolutions run as Winograd when sampling on a CPU where that is
-    faster (``ldm.models.winograd``); off when compiling, where the compiler chooses the kernels.
+    ``winograd``: the UNet's and the autoencoder's 3x3 convolutions run as Winograd when sampling on
+    a CPU where that is faster (``ldm.models.winograd``); off in a compiled UNet, where the compiler
+    chooses the kernels.
     ``cuda_graphs``: on a CUDA device the UNet's sampling calls replay as CUDA graphs
     (``ldm.models.cuda_graphs``); off when compiling."""
     path = Path(path)
@@ -234,7 +235,9 @@ def load_model(
         model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, chosen, path, tokenizer_dir)
     layout = choose_memory_format(memory_format, torch.device(device), chosen.model.unet.model_channels)
     model = model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
-    set_winograd(model, winograd and not compile)
+    set_winograd(model, winograd)
+    if compile:
+        set_winograd(model.unet, False)
     set_cuda_graphs(model.unet, cuda_graphs and not compile)
     if compile:
         compile_unet(model.model.diffusion_model, torch.device(device))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.models.winograd import Conv3x3
+
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
@@ -25,10 +27,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
         self.norm1 = group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv3x3(in_channels, out_channels)
         self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv3x3(out_channels, out_channels)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
@@ -80,7 +82,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -147,7 +149,7 @@ class Stage(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, c: AutoencoderConfig, double_z: bool):
         super().__init__()
-        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.conv_in = Conv3x3(c.in_channels, c.ch)
         self.down = nn.ModuleList()
         channels_in = c.ch
         res = c.resolution
@@ -163,7 +165,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = make_attn(channels_in, c.mid_attention, c.norm_groups)
         self.mid.block_2 = ResnetBlock(channels_in, channels_in, c.dropout, c.norm_groups)
         self.norm_out = group_norm(channels_in, c.norm_groups)
-        self.conv_out = nn.Conv2d(channels_in, 2 * c.z_channels if double_z else c.z_channels, 3, padding=1)
+        self.conv_out = Conv3x3(channels_in, 2 * c.z_channels if double_z else c.z_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -178,7 +180,7 @@ class Decoder(nn.Module):
         super().__init__()
         channels_in = c.ch * c.ch_mult[-1]
         res = c.resolution // c.downsampling_factor
-        self.conv_in = nn.Conv2d(c.z_channels, channels_in, 3, padding=1)
+        self.conv_in = Conv3x3(c.z_channels, channels_in)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(channels_in, channels_in, c.dropout, c.norm_groups)
         self.mid.attn_1 = make_attn(channels_in, c.mid_attention, c.norm_groups)
@@ -194,7 +196,7 @@ class Decoder(nn.Module):
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)
         self.norm_out = group_norm(channels_in, c.norm_groups)
-        self.conv_out = nn.Conv2d(channels_in, c.out_ch, 3, padding=1)
+        self.conv_out = Conv3x3(channels_in, c.out_ch)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)

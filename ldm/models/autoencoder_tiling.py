@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.autoencoder import AttnBlock, Autoencoder, DiagonalGaussian, Downsample, ResnetBlock, Stage, Upsample
+from ldm.models.winograd import Conv3x3
 
 
 def _zero_outside(t: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
@@ -103,7 +104,8 @@ class Conv(Node):
     def region(self, top, bottom, left, right):
         h = self.halo
         x = self.source.region(top - h, bottom + h, left - h, right + h)
-        out = F.conv2d(x.to(self.conv.weight.dtype), self.conv.weight, self.conv.bias)
+        x = x.to(self.conv.weight.dtype)
+        out = self.conv.unpadded(x) if isinstance(self.conv, Conv3x3) else F.conv2d(x, self.conv.weight, self.conv.bias)
         return _zero_outside(out, top, left, self.height, self.width)
 
 
