@@ -1,8 +1,11 @@
 """3x3 convolutions direct against Winograd F(2x2, 3x3) (``ldm.models.winograd``), at the shapes of
-Stable Diffusion v1's UNet for a 512 px image (batch 2, channels-last), in fp32 and bf16: the median
-time of each, and each one's largest error against a float64 reference, over the output's largest value.
+Stable Diffusion v1's UNet (batch 2) and VAE decoder (batch 1) for a 512 px image, channels-last, in
+fp32 and bf16: the median time of each, and each one's largest error against a float64 reference, over
+the output's largest value. Freed memory is kept in the process as the CLI and the studio keep it
+(``ldm.devices.keep_freed_memory``; ``--malloc system`` for the C library's defaults, under which the
+transforms' large buffers are faulted in again at every call).
 
-    .venv/bin/python bench/convolutions.py [--rounds 5] [--dtypes fp32 bf16]
+    .venv/bin/python bench/convolutions.py [--rounds 5] [--dtypes fp32 bf16] [--parts unet vae]
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm.devices import keep_freed_memory  # noqa: E402
 from ldm.models.winograd import winograd_conv3x3, winograd_weight  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (in channels, out channels, side): every 3x3 stride-1 shape of the SD v1 UNet at a 64x64 latent but the first and last
-SHAPES = [(320, 320, 64), (640, 320, 64), (960, 320, 64), (640, 640, 32), (1280, 640, 32), (1920, 640, 32),
-          (1280, 1280, 32), (1280, 1280, 16), (2560, 1280, 16), (1280, 1280, 8), (2560, 1280, 8)]
+SHAPES = {
+    "unet": (2, [(320, 320, 64), (640, 320, 64), (960, 320, 64), (640, 640, 32), (1280, 640, 32), (1920, 640, 32),
+                 (1280, 1280, 32), (1280, 1280, 16), (2560, 1280, 16), (1280, 1280, 8), (2560, 1280, 8)]),
+    # and of its VAE decoder at 512 px, from 256 channels up (narrower layers never use Winograd)
+    "vae": (1, [(512, 512, 64), (512, 512, 128), (512, 512, 256), (512, 256, 256), (256, 256, 256), (256, 256, 512)]),
+}
 
 
 def median_seconds(call, rounds: int) -> float:
@@ -40,14 +48,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--parts", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES, reverse=True))
+    parser.add_argument("--malloc", choices=["kept", "system"], default="kept")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'dtype':5s} {'in':>5s} {'out':>5s} {'side':>4s} {'direct':>9s} {'winograd':>9s} {'ratio':>5s}  error direct / winograd")
+    kept = args.malloc == "kept" and keep_freed_memory(torch.device("cpu"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memory {'kept' if kept else 'system'}")
+    print(f"{'part':4s} {'dtype':5s} {'in':>5s} {'out':>5s} {'side':>4s} {'direct':>9s} {'winograd':>9s} {'ratio':>5s}  "
+          "error direct / winograd")
     g = torch.Generator().manual_seed(0)
-    for name in args.dtypes:
+    for name, part in ((n, p) for n in args.dtypes for p in args.parts):
         dtype = DTYPES[name]
-        for cin, cout, side in SHAPES:
-            x = torch.randn(2, cin, side, side, generator=g)
+        batch, shapes = SHAPES[part]
+        for cin, cout, side in shapes:
+            x = torch.randn(batch, cin, side, side, generator=g)
             weight, bias = torch.randn(cout, cin, 3, 3, generator=g) * cin**-0.5 / 3, torch.randn(cout, generator=g)
             reference = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
             x = x.to(dtype).contiguous(memory_format=torch.channels_last)
@@ -58,7 +71,7 @@ def main() -> None:
                 winograd_s = median_seconds(lambda: winograd_conv3x3(x, transformed, b), args.rounds)
                 errors = [(out.double() - reference).abs().max().item() / reference.abs().max().item()
                           for out in (F.conv2d(x, w, b, padding=1), winograd_conv3x3(x, transformed, b))]
-            print(f"{name:5s} {cin:5d} {cout:5d} {side:4d} {1e3 * direct_s:6.1f} ms {1e3 * winograd_s:6.1f} ms "
+            print(f"{part:4s} {name:5s} {cin:5d} {cout:5d} {side:4d} {1e3 * direct_s:6.1f} ms {1e3 * winograd_s:6.1f} ms "
                   f"{winograd_s / direct_s:5.2f}  {errors[0]:.1e} / {errors[1]:.1e}", flush=True)
 
 

@@ -7,13 +7,14 @@ taken back (``A^T m A``). That is 16 multiplications for 4 outputs instead of 36
 than the direct convolution, and one large matrix product per transform-domain point instead of a
 convolution over a small image, whose weights a direct kernel reads once for few pixels.
 
-Measured on a 2-core AMD EPYC (AVX512-BF16), one convolution of batch 2, median of 3
-(``bench/convolutions.py``): 1280 -> 1280 channels at 16x16, fp32 92 -> 43 ms, bf16 34 -> 20 ms;
-at 8x8, fp32 45 -> 15 ms; 640 -> 640 at 32x32, fp32 69 -> 43 ms; 320 -> 320 at 64x64, bf16 33 -> 30 ms
-but fp32 67 -> 83 ms (the transforms' memory traffic outweighs the saving on large images in fp32,
-so fp32 keeps the direct kernel there). The error against a float64 reference is smaller than the
-direct kernel's in fp32 (3e-7 against 1.5e-6 of the output's largest value) and 1.5 times it in
-bf16 (6e-3 against 4e-3).
+Measured on a 2-core AMD EPYC (AVX512-BF16), one convolution, median of 3, freed memory kept in the
+process as the CLI keeps it (``bench/convolutions.py``, 2026-11-27): UNet layers (batch 2) 1280 -> 1280
+channels at 16x16, fp32 71 -> 44 ms, bf16 36 -> 20 ms; at 8x8, fp32 29 -> 15 ms; 320 -> 320 at 64x64,
+fp32 69 -> 54 ms, bf16 33 -> 24 ms; VAE layers (batch 1) 512 -> 512 at 128x128, fp32 362 -> 241 ms,
+bf16 179 -> 108 ms; at 256x256, bf16 687 -> 420 ms but fp32 1402 -> 1724 ms (the transforms' memory
+traffic outweighs the saving on large images in fp32, so fp32 keeps the direct kernel there). The
+error against a float64 reference is smaller than the direct kernel's in fp32 (3.5e-7 against 1.5e-6
+to 2e-6 of the output's largest value) and about 1.5 times it in bf16 (5e-3 to 7e-3 against 4e-3).
 
 Used for the 3x3 convolutions of the UNet and of the autoencoder (a tiled decode's tiles too, through
 ``Conv3x3.unpadded``). SD v1's VAE decode at 512 px in bf16 took 5.0 s with it against 6.3 s without
@@ -43,8 +44,11 @@ INPUT_TRANSFORM = torch.kron(_BT, _BT)  # (16, 16)
 OUTPUT_TRANSFORM = torch.kron(_AT, _AT)  # (4, 16)
 KERNEL_TRANSFORM = torch.kron(_G, _G)  # (16, 9)
 
-# fp32 images up to this many pixels (32x32) go through Winograd; larger ones run faster direct
-FP32_MAX_PIXELS = 32 * 32
+# fp32 images up to this many pixels (128x128) go through Winograd; larger ones run faster direct. SD v1
+# at 512 px, limits alternating in one process with kept memory (trial scripts): UNet step 8.4 s with a
+# 32x32 limit, 7.9 s with 64x64 (its largest image); VAE decode 11.8 s with 64x64, 10.9 s with 128x128,
+# and in another run 12.4 s with 64x64 against 15.6 s with no limit
+FP32_MAX_PIXELS = 128 * 128
 # narrower layers spend their time in the transforms: the embedded default model (64 to 256 channels)
 # made its 64 px image in 0.46 s with every layer Winograd against 0.41 s direct (a trial script)
 MIN_CHANNELS = 256
