@@ -42,6 +42,28 @@ def test_graphs_stay_off_on_the_cpu():
         unet(**inputs(unet))  # its own forward runs
 
 
+def test_calls_that_cannot_replay_run_the_module_s_own_forward_and_the_module_is_held_weakly():
+    import gc
+    import weakref
+
+    unet = tiny_unet("cpu")
+    args = inputs(unet)
+    with torch.inference_mode():
+        expected = unet(**args)
+    forward = GraphedForward(unet)
+    unet.forward = forward  # as set_cuda_graphs does on a GPU
+    with torch.inference_mode():  # CPU tensors: the module's own forward, arguments as given
+        out = unet(args["x"], args["t"], context=args["context"])
+    assert torch.equal(out, expected) and not forward.graphs and not forward.seen
+    gc.disable()  # no collector: only reference counts can free the module
+    try:
+        alive = weakref.ref(unet)
+        del unet
+        assert alive() is None and forward.module is None  # no module -> forward -> module cycle
+    finally:
+        gc.enable()
+
+
 def test_the_device_options_turn_graphs_off_by_name():
     import argparse
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +48,15 @@ class _Graph:
 
 class GraphedForward:
     """A module's ``forward`` that replays CUDA graphs for calls without gradients (see the module
-    docstring). Keeps the module's eager forward as ``eager``."""
+    docstring); ``eager`` runs the module's own. It holds the module weakly, so that a model dropped
+    by its last user frees its memory (graphs included) at once, not at the next garbage collection."""
 
     def __init__(self, module: nn.Module, max_graphs: int = MAX_GRAPHS):
-        self.module = module
-        self.eager = type(module).forward.__get__(module)  # the class's forward, bound
-        self.signature = inspect.signature(self.eager)
+        self._module = weakref.ref(module)
+        self._forward = type(module).forward  # the class's, which this instance attribute hides
+        self.signature = inspect.signature(self._forward.__get__(module))
         self.max_graphs = max_graphs
+        self.side: torch.cuda.Stream | None = None  # where calls are run before they are recorded
         self.graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()  # least recently used first
         self.seen: collections.OrderedDict[tuple, None] = collections.OrderedDict()
         self.pool = None
@@ -61,6 +64,13 @@ class GraphedForward:
         self.slots = [(m._parameters, n) for m in module.modules() for n, p in m._parameters.items() if p is not None]
         self.slots += [(m._buffers, n) for m in module.modules() for n, b in m._buffers.items() if b is not None]
         self.weights: tuple = ()
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module()
+
+    def eager(self, *args, **kwargs) -> torch.Tensor:
+        return self._forward(self.module, *args, **kwargs)
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         arguments = self.signature.bind(*args, **kwargs).arguments
@@ -110,7 +120,9 @@ class GraphedForward:
         device = next(v for v in arguments.values() if isinstance(v, torch.Tensor)).device
         with torch.inference_mode(False):  # buffers that a later call under no_grad may copy into too
             static = {name: v.clone() if isinstance(v, torch.Tensor) else v for name, v in arguments.items()}
-        side = torch.cuda.Stream(device)
+        if self.side is None or self.side.device != device:
+            self.side = torch.cuda.Stream(device)
+        side = self.side
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             output = self.eager(**static)
