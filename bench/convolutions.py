@@ -48,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
-    parser.add_argument("--parts", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES, reverse=True))
+    parser.add_argument("--parts", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--malloc", choices=["kept", "system"], default="kept")
     args = parser.parse_args()
     kept = args.malloc == "kept" and keep_freed_memory(torch.device("cpu"))

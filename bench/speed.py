@@ -38,11 +38,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.checkpoints.loader import build_model  # noqa: E402
+from ldm.checkpoints.loader import build_model, set_speed_paths  # noqa: E402
 from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
 from ldm.data.scoring import psnr  # noqa: E402
-from ldm.devices import choose_device, compile_unet, cpu_has_bf16, keep_freed_memory  # noqa: E402
+from ldm.devices import choose_device, cpu_has_bf16, keep_freed_memory  # noqa: E402
 from ldm.models.cuda_graphs import set_cuda_graphs  # noqa: E402
 from ldm.models.winograd import set_winograd  # noqa: E402
 
@@ -165,12 +165,7 @@ def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, roun
     ours, unet, vae, text = build_pair()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     ours = ours.to(device, dtype, memory_format=layout)
-    set_winograd(ours, winograd)  # as load_model does: not in a compiled UNet
-    if compile:
-        set_winograd(ours.unet, False)
-    set_cuda_graphs(ours.unet, cuda_graphs and not compile)
-    if compile:
-        compile_unet(ours.model.diffusion_model, device)  # compiled during the warm-up call
+    set_speed_paths(ours, device, compile=compile, winograd=winograd, cuda_graphs=cuda_graphs)  # as load_model does
     their_dtype = torch.float32 if device.type == "cpu" else dtype  # CPU: autocast over fp32 weights
     unet, vae, text = (m.to(device) if their_dtype == torch.float32 else m.to(device, their_dtype) for m in (unet, vae, text))
     g = torch.Generator().manual_seed(1)
@@ -278,8 +273,7 @@ def sd_v1_fidelity(dtype_name: str, device: torch.device, count: int, side: int 
     full = random_sd_v1().to(device)
     low = copy.deepcopy(full).to(dtype=DTYPES[dtype_name])  # fp32 stays fp32: no weights rounded and back
     set_winograd(full, False)  # the reference: direct convolutions in fp32
-    set_winograd(low, True)  # as the CLI and the studio run
-    set_cuda_graphs(low.unet, True)
+    set_speed_paths(low, device)  # as the CLI and the studio run
     values = []
     for i in range(count):
         g = torch.Generator().manual_seed(i)

@@ -17,12 +17,13 @@ error against a float64 reference is smaller than the direct kernel's in fp32 (3
 to 2e-6 of the output's largest value) and about 1.5 times it in bf16 (5e-3 to 7e-3 against 4e-3).
 
 Used for the 3x3 convolutions of the UNet and of the autoencoder (a tiled decode's tiles too, through
-``Conv3x3.unpadded``). SD v1's VAE decode at 512 px in bf16 took 5.0 s with it against 6.3 s without
-(``python -m ldm bench --parts vae --dtypes bf16 --channels-last``, 2026-11-27).
+``Conv3x3.unpadded``). SD v1's VAE decode at 512 px in bf16 took 5.00 s with it against 6.11 s without
+(``python -m ldm bench --parts vae --dtypes bf16 --channels-last --rounds 5``, with and without
+``--no-winograd``, 2026-11-27).
 
 The transformed kernels (16/9 the size of the kernel: 1.7 GiB for SD v1's UNet in bf16, 0.25 GiB for
-its autoencoder) are kept on the module, made at load by ``set_winograd`` (or at the first Winograd call), and made again when
-the module is moved or cast or its weights change. Training, every device but the CPU, and layers
+its autoencoder) are kept on the module, made at load by ``set_winograd`` (or at the first Winograd
+call), and made again when the module is moved or cast or its weights change. Training, every device but the CPU, and layers
 narrower than ``MIN_CHANNELS`` run the direct convolution (``torch.nn.functional.conv2d``).
 """
 
