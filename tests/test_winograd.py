@@ -187,3 +187,19 @@ def test_the_autoencoder_decodes_whole_and_tiled_through_winograd_with_the_direc
     scale = direct.abs().max()
     assert (whole - direct).abs().max() < 1e-4 * scale
     assert (tiled - direct).abs().max() < 1e-4 * scale
+
+
+def test_a_compiled_unet_never_makes_winograd_kernels_and_the_autoencoder_keeps_them(monkeypatch):
+    import ldm.checkpoints.loader as loader
+    from tests.tiny_sd import tiny_preset
+
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)  # the tiny model's layers count as wide
+    compiled, made = [], []
+    monkeypatch.setattr(loader, "compile_unet", lambda unet, device: compiled.append(unet))
+    transformed_weight = Conv3x3.transformed_weight
+    monkeypatch.setattr(Conv3x3, "transformed_weight", lambda conv: made.append(conv) or transformed_weight(conv))
+    model = build_model(tiny_preset(50).model, device="cpu")
+    loader.set_speed_paths(model, torch.device("cpu"), compile=True)
+    unet_convs = {m for m in model.unet.modules() if isinstance(m, Conv3x3)}
+    assert compiled == [model.unet]
+    assert made and not unet_convs & set(made)  # the autoencoder's only: none made and then thrown away
