@@ -2,7 +2,7 @@
 
     python app.py [--listen] [--auth USER:PASSWORD | --auth-file FILE] [--port 7860] [--models-dir DIR ...]
                   [--outputs outputs] [--device auto] [--dtype auto] [--memory-format auto] [--compile] [--no-winograd]
-                  [--no-cuda-graphs] [--concurrency 1]
+                  [--no-cuda-graphs] [--no-attention-kernel] [--concurrency 1]
 
 It serves this machine only (127.0.0.1) unless ``--listen`` is given; ``--auth`` (repeatable) or
 ``--auth-file`` (one USER:PASSWORD a line) asks for a login.
@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from ldm.devices import add_device_arguments, choose_device, choose_dtype, keep_freed_memory
+from ldm.devices import SpeedPaths, add_device_arguments, choose_device, choose_dtype, keep_freed_memory
 from ldm.tasks.request import DEFAULT_BUDGET_MB
 
 ROOT = Path(__file__).resolve().parent
@@ -75,8 +75,7 @@ def make_studio(args: argparse.Namespace):
     device = choose_device(args.device)
     keep_freed_memory(device)
     return Studio([Path(f).expanduser() for f in folders], OutputWriter(Path(args.outputs)),
-                  ModelCache(device, choose_dtype(args.dtype, device), args.memory_format, args.compile, args.winograd,
-                             args.cuda_graphs),
+                  ModelCache(device, choose_dtype(args.dtype, device), args.memory_format, SpeedPaths.from_arguments(args)),
                   memory_budget_mb=args.memory_budget)
 
 

@@ -53,6 +53,19 @@ install_runtime() {
   ensure_venv
   pip_install runtime requirements.txt
   pip_install nodeps requirements-nodeps.txt
+  ensure_build_tools
+}
+
+# On a CPU with AVX512-BF16, bf16 attention runs through our kernel (ldm/models/cpu_attention.py),
+# built on first use with a C++ compiler; without one torch's slower kernel runs instead.
+ensure_build_tools() {
+  grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null || return 0
+  command -v "${CXX:-c++}" >/dev/null && return 0
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt_install g++
+  else
+    say "optional: install g++ for the faster bf16 attention kernel (torch's kernel runs without it)"
+  fi
 }
 
 # The browser tests drive Debian's Chromium through Playwright (which cannot download its own here).

@@ -12,6 +12,7 @@ alternating, and checked for agreement. Also the embedded default model's whole 
     .venv/bin/python -m ldm bench --parts unet --malloc system      # the C library's allocator defaults
     .venv/bin/python -m ldm bench --parts unet --no-winograd        # our 3x3 convolutions direct (as diffusers')
     .venv/bin/python -m ldm bench --device cuda --no-cuda-graphs    # our UNet's kernels launched one by one
+    .venv/bin/python -m ldm bench --parts unet --dtypes bf16 --no-attention-kernel   # bf16 attention through torch's kernel
 
 Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
 diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work as diffusers does it
@@ -42,7 +43,7 @@ from ldm.checkpoints.loader import build_model, set_speed_paths  # noqa: E402
 from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
 from ldm.data.scoring import psnr  # noqa: E402
-from ldm.devices import choose_device, cpu_has_bf16, keep_freed_memory  # noqa: E402
+from ldm.devices import SpeedPaths, choose_device, cpu_has_bf16, keep_freed_memory  # noqa: E402
 from ldm.models.cuda_graphs import set_cuda_graphs  # noqa: E402
 from ldm.models.winograd import set_winograd  # noqa: E402
 
@@ -159,13 +160,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def run_pair_parts(parts: list[str], dtype_name: str, device: torch.device, rounds: int,
-                   channels_last: bool = False, compile: bool = False, winograd: bool = True,
-                   cuda_graphs: bool = True) -> list[Figure]:
+                   channels_last: bool = False, speed: SpeedPaths = SpeedPaths()) -> list[Figure]:
     dtype = DTYPES[dtype_name]
     ours, unet, vae, text = build_pair()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     ours = ours.to(device, dtype, memory_format=layout)
-    set_speed_paths(ours, device, compile=compile, winograd=winograd, cuda_graphs=cuda_graphs)  # as load_model does
+    set_speed_paths(ours, device, speed)  # as load_model does
     their_dtype = torch.float32 if device.type == "cpu" else dtype  # CPU: autocast over fp32 weights
     unet, vae, text = (m.to(device) if their_dtype == torch.float32 else m.to(device, their_dtype) for m in (unet, vae, text))
     g = torch.Generator().manual_seed(1)
@@ -219,14 +219,14 @@ def measure(part: str, dtype_name: str, ours, theirs, rounds: int, device: torch
 
 
 def default_model_figure(dtype_name: str, device: torch.device, rounds: int, channels_last: bool = False,
-                         cuda_graphs: bool = True) -> Figure:
+                         speed: SpeedPaths = SpeedPaths()) -> Figure:
     from ldm.checkpoints.loader import load_model
     from ldm.checkpoints.presets import DEFAULT_MODELS
     from ldm.tasks.request import GenerationRequest
     from ldm.tasks.txt2img import txt2img
 
     loaded = load_model(DEFAULT_MODELS["txt2img"], device=device, dtype=DTYPES[dtype_name],
-                        memory_format="channels_last" if channels_last else "contiguous", cuda_graphs=cuda_graphs)
+                        memory_format="channels_last" if channels_last else "contiguous", speed=speed)
     request = GenerationRequest("a red circle in the top left and a small blue square at the bottom", steps=20, scale=4.0,
                                 seed=1, width=64, height=64)
 
@@ -327,12 +327,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="run our 3x3 convolutions directly (default: Winograd where it is faster, as the CLI and the studio do)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="GPU: launch our UNet's kernels one by one (default: replayed as CUDA graphs, as the CLI and the studio do)")
+    parser.add_argument("--no-attention-kernel", dest="attention_kernel", action="store_false",
+                        help="CPU, bf16: our attention through torch's kernel (default: ours on a CPU with AVX512-BF16, "
+                        "as the CLI and the studio do)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
     parser.add_argument("--malloc", choices=["kept", "system"], default="kept",
                         help="CPU: kept (freed memory stays in the process, as in the CLI and the studio: "
                         "ldm.devices.keep_freed_memory) or system (the C library's defaults); both models run under it")
     args = parser.parse_args(argv)
     device = choose_device(args.device)
+    speed = SpeedPaths.from_arguments(args)
     kept = args.malloc == "kept" and keep_freed_memory(device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -346,10 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     for dtype_name in dtypes:
         pair_parts = [p for p in args.parts if p not in ("default", "fidelity")]
         if pair_parts:
-            figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last, args.compile,
-                                       args.winograd, args.cuda_graphs)
+            figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last, speed)
         if "default" in args.parts:
-            figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last, args.cuda_graphs))
+            figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last, speed))
         if "fidelity" in args.parts and DTYPES[dtype_name] != torch.float32:
             fidelity += fidelity_lines(dtype_name, device, args.fidelity_images)
     print("\nsummary")

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace, task: str):
     from ldm.checkpoints.loader import load_model
-    from ldm.devices import choose_device, choose_dtype, keep_freed_memory
+    from ldm.devices import SpeedPaths, choose_device, choose_dtype, keep_freed_memory
 
     path = args.model or DEFAULT_MODELS[task]
     if args.model is None and not Path(path).is_file():
@@ -128,8 +128,7 @@ def load(args: argparse.Namespace, task: str):
     keep_freed_memory(device)
     return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), preset=args.preset,
                       ema=args.ema, tokenizer_dir=args.tokenizer,
-                      memory_format=args.memory_format, compile=args.compile, winograd=args.winograd,
-                      cuda_graphs=args.cuda_graphs)
+                      memory_format=args.memory_format, speed=SpeedPaths.from_arguments(args))
 
 
 def read_boxes(path: str) -> tuple:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ldm.checkpoints.loader import build_model, load_model
-from ldm.devices import add_device_arguments
+from ldm.devices import SpeedPaths, add_device_arguments
 from ldm.models.cuda_graphs import GraphedForward, graphed, set_cuda_graphs
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
@@ -149,7 +149,8 @@ def test_calls_with_gradients_or_under_no_grad_after_inference_mode():
 @cuda
 def test_txt2img_gives_the_same_image_with_graphs_on_or_off(tmp_path):
     path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
-    on, off = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, device="cuda", cuda_graphs=g) for g in (True, False))
+    on, off = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, device="cuda", speed=SpeedPaths(cuda_graphs=g))
+               for g in (True, False))
     assert isinstance(vars(on.model.unet).get("forward"), GraphedForward) and graphed(off.model.unet) is None
     request = GenerationRequest(prompt="a red circle", steps=6, scale=3.0, seed=3, width=32, height=32)
     with_graphs = np.asarray(txt2img(on, request).images[0]).astype(int)

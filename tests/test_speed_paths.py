@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.checkpoints.loader import build_model
-from ldm.devices import (choose_memory_format, cpu_has_bf16, free_memory_mb, heap_info, keep_freed_memory,
+from ldm.devices import (SpeedPaths, choose_memory_format, cpu_has_bf16, free_memory_mb, heap_info, keep_freed_memory,
                          training_autocast)
 from ldm.models.attention import GEGLU, GroupNorm32, SpatialTransformer, memory_format_of
 from ldm.models.winograd import Conv3x3
@@ -110,7 +110,8 @@ def test_a_compiled_unet_keeps_its_names_and_gives_the_eager_numbers(tmp_path, m
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
-    eager, compiled = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, compile=c) for c in (False, True))
+    eager, compiled = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, speed=SpeedPaths(compile=c))
+                       for c in (False, True))
     assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # the checkpoint contract
     flags = {part: {m.winograd for m in getattr(compiled.model, part).modules() if isinstance(m, Conv3x3)}
              for part in ("model", "first_stage_model")}

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import ldm.models.winograd as winograd
 from ldm.checkpoints.loader import build_model, load_model
+from ldm.devices import SpeedPaths
 from ldm.models.winograd import MIN_CHANNELS, Conv3x3, set_winograd, winograd_conv3x3, winograd_weight
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
@@ -118,7 +119,7 @@ def test_a_model_generates_the_same_image_with_winograd_on_or_off(tmp_path, monk
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)  # the tiny model's layers count as wide
     calls = count_winograd_calls(monkeypatch)
     path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
-    on, off = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, winograd=w) for w in (True, False))
+    on, off = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, speed=SpeedPaths(winograd=w)) for w in (True, False))
     convs = {w: [m for m in loaded.model.modules() if isinstance(m, Conv3x3)] for w, loaded in ((True, on), (False, off))}
     assert any(m._transformed is not None for m in convs[True])  # made at load
     assert not any(m.winograd or m._transformed is not None for m in convs[False])
@@ -199,7 +200,7 @@ def test_a_compiled_unet_never_makes_winograd_kernels_and_the_autoencoder_keeps_
     transformed_weight = Conv3x3.transformed_weight
     monkeypatch.setattr(Conv3x3, "transformed_weight", lambda conv: made.append(conv) or transformed_weight(conv))
     model = build_model(tiny_preset(50).model, device="cpu")
-    loader.set_speed_paths(model, torch.device("cpu"), compile=True)
+    loader.set_speed_paths(model, torch.device("cpu"), SpeedPaths(compile=True))
     unet_convs = {m for m in model.unet.modules() if isinstance(m, Conv3x3)}
     assert compiled == [model.unet]
     assert made and not unet_convs & set(made)  # the autoencoder's only: none made and then thrown away

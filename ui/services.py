@@ -14,6 +14,7 @@ import torch
 from ldm.checkpoints.catalog import CatalogEntry, scan
 from ldm.checkpoints.loader import LoadedModel, load_model
 from ldm.checkpoints.presets import DEFAULT_MODELS, DEFAULT_WEIGHTS_DIR
+from ldm.devices import SpeedPaths
 from ldm.sampling.presets import SamplerPreset, read_sampler_presets
 from ldm.tasks.request import DEFAULT_BUDGET_MB
 from ui.outputs import OutputWriter
@@ -28,10 +29,8 @@ class ModelCache:
     generation at a time however many sessions ask for it."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype,
-                 memory_format: str = "contiguous", compile: bool = False, winograd: bool = True,
-                 cuda_graphs: bool = True):
-        self.device, self.dtype, self.memory_format, self.compile = device, dtype, memory_format, compile
-        self.winograd, self.cuda_graphs = winograd, cuda_graphs
+                 memory_format: str = "contiguous", speed: SpeedPaths = SpeedPaths()):
+        self.device, self.dtype, self.memory_format, self.speed = device, dtype, memory_format, speed
         self._models: dict[Path, LoadedModel] = {}
         self._locks: dict[Path, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -48,8 +47,7 @@ class ModelCache:
             if path not in self._models:
                 log.info("loading %s", path)
                 self._models[path] = load_model(path, device=self.device, dtype=self.dtype,
-                                                 memory_format=self.memory_format, compile=self.compile,
-                                                 winograd=self.winograd, cuda_graphs=self.cuda_graphs)
+                                                 memory_format=self.memory_format, speed=self.speed)
             return self._models[path]
 
 

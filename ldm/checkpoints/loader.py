@@ -23,9 +23,10 @@ from ldm.checkpoints.diffusers_folder import (
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
-from ldm.devices import choose_memory_format, compile_unet
+from ldm.devices import SpeedPaths, choose_memory_format, compile_unet
 from ldm.models.bert_tokenizer import BERT_HUB_REPO, find_bert_tokenizer
 from ldm.models.conditioners import CLIPTextEncoder, OpenCLIPTextEncoder
+from ldm.models.cpu_attention import set_attention_kernel
 from ldm.models.cuda_graphs import set_cuda_graphs
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.models.layout_tokens import LDMLayoutTokenizer
@@ -191,15 +192,18 @@ def resolve_preset(path: Path, preset: str | Path | ModelPreset | None) -> Model
     return detection.preset
 
 
-def set_speed_paths(model: LatentDiffusion, device: torch.device, *, compile: bool = False, winograd: bool = True,
-                    cuda_graphs: bool = True) -> None:
-    """How a loaded model samples fastest on ``device``: Winograd 3x3 convolutions where they pay on a
-    CPU, the UNet's steps replayed as CUDA graphs on a GPU, or, with ``compile``, a compiled UNet
-    (which chooses its own kernels; the autoencoder keeps Winograd)."""
+def set_speed_paths(model: LatentDiffusion, device: torch.device, paths: SpeedPaths = SpeedPaths()) -> None:
+    """How a loaded model samples fastest on ``device`` (see ``SpeedPaths``): Winograd 3x3 convolutions
+    where they pay on a CPU, our bf16 attention kernel for a bf16 model on a CPU with AVX512-BF16, the
+    UNet's steps replayed as CUDA graphs on a GPU, or a compiled UNet (which chooses its own kernels;
+    the autoencoder keeps Winograd and the attention kernel)."""
+    bf16_cpu = device.type == "cpu" and next(model.parameters()).dtype == torch.bfloat16
     for part in model.children():  # a compiled UNet's kernels are never made (SD v1 fp32: 3.5 GiB, 6 s)
-        set_winograd(part, winograd and not (compile and part is model.model))
-    set_cuda_graphs(model.unet, cuda_graphs and not compile)
-    if compile:
+        compiled = paths.compile and part is model.model
+        set_winograd(part, paths.winograd and not compiled)
+        set_attention_kernel(part, paths.attention_kernel and bf16_cpu and not compiled)
+    set_cuda_graphs(model.unet, paths.cuda_graphs and not paths.compile)
+    if paths.compile:
         compile_unet(model.unet, device)
 
 
@@ -212,18 +216,12 @@ def load_model(
     ema: bool | None = None,
     tokenizer_dir: str | Path | None = None,
     memory_format: str = "contiguous",
-    compile: bool = False,
-    winograd: bool = True,
-    cuda_graphs: bool = True,
+    speed: SpeedPaths = SpeedPaths(),
 ) -> LoadedModel:
     """Detect, build, strictly load and report. ``memory_format``: "contiguous", "channels_last" or
     "auto" (the faster one for this model on ``device``: ``ldm.devices.choose_memory_format``).
-    ``compile``: compile the UNet, the part every sampling step runs (``ldm.devices.compile_unet``).
-    ``winograd``: the UNet's and the autoencoder's 3x3 convolutions run as Winograd when sampling on
-    a CPU where that is faster (``ldm.models.winograd``); off in a compiled UNet, where the compiler
-    chooses the kernels.
-    ``cuda_graphs``: on a CUDA device the UNet's sampling calls replay as CUDA graphs
-    (``ldm.models.cuda_graphs``); off when compiling."""
+    ``speed``: the faster sampling paths to use where they apply (``ldm.devices.SpeedPaths``; all but
+    compiling by default)."""
     path = Path(path)
     chosen = resolve_preset(path, preset)
     model = build_model(chosen.model)
@@ -247,7 +245,7 @@ def load_model(
         model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, chosen, path, tokenizer_dir)
     layout = choose_memory_format(memory_format, torch.device(device), chosen.model.unet.model_channels)
     model = model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
-    set_speed_paths(model, torch.device(device), compile=compile, winograd=winograd, cuda_graphs=cuda_graphs)
+    set_speed_paths(model, torch.device(device), speed)
     report = LoadReport(chosen.name, used_ema, ignored, count, filled)
     log.info("%s: %s", path, report.summary())
     return LoadedModel(model, chosen, path, report, torch.device(device), dtype)

@@ -10,7 +10,8 @@ Module names follow the original checkpoints (CompVis ``ldm/modules/attention.py
   (1x1 convolutions, or linear layers for the SD 2.x layout).
 - ``AttentionBlock``: the legacy single-tensor ``qkv`` attention, ``norm``, ``qkv``, ``proj_out``.
 
-All attention runs through ``torch.nn.functional.scaled_dot_product_attention``.
+All attention runs through ``torch.nn.functional.scaled_dot_product_attention``, or when sampling in bf16
+on a CPU with AVX512-BF16 through our kernel (``ldm.models.cpu_attention``; each layer's ``bf16_kernel``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm.models.cpu_attention import attention
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -66,6 +69,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.bf16_kernel = False  # set by ldm.models.cpu_attention.set_attention_kernel
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -74,7 +78,7 @@ class CrossAttention(nn.Module):
         h = self.heads
         # (B, N, heads*d) -> (B, heads, N, d)
         q, k, v = (t.view(b, -1, h, inner // h).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        out = attention(q, k, v, bf16_kernel=self.bf16_kernel)  # (B, heads, N, d)
         out = out.transpose(1, 2).reshape(b, n, inner)
         return self.to_out(out)
 
@@ -210,6 +214,7 @@ class AttentionBlock(nn.Module):
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        self.bf16_kernel = False  # set by ldm.models.cpu_attention.set_attention_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
@@ -222,6 +227,6 @@ class AttentionBlock(nn.Module):
             q, k, v = (t.reshape(b, self.heads, d, -1) for t in qkv.chunk(3, dim=1))
         # (B, heads, T, d), contiguous so that the fused kernel applies (see autoencoder.AttnBlock)
         q, k, v = (t.transpose(2, 3).contiguous() for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, bf16_kernel=self.bf16_kernel)
         out = out.transpose(2, 3).reshape(b, c, -1)
         return (x + self.proj_out(out)).reshape(b, c, *spatial)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.models.cpu_attention import attention
 from ldm.models.winograd import Conv3x3
 
 
@@ -52,6 +53,7 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.bf16_kernel = False  # set by ldm.models.cpu_attention.set_attention_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -59,7 +61,7 @@ class AttnBlock(nn.Module):
         # (B, C, H, W) -> (B, 1, HW, C), made contiguous: with a strided last dimension the CPU
         # kernel falls back to materialising the HW x HW matrix (2.3 GB at a 128x128 latent)
         q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for t in (self.q(n), self.k(n), self.v(n)))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, bf16_kernel=self.bf16_kernel)
         out = out.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(out)
 

@@ -1,0 +1,305 @@
+// Attention for bf16 tensors on CPUs with AVX512-BF16: softmax(q k^T * scale) v, one pass over the
+// keys per block of queries (the online softmax of FlashAttention), fp32 accumulation.
+//
+// Why: in the SD v1 UNet's 4096-token self-attention (head width 40), torch's CPU kernel spends as
+// much time on its exponentials as on its matrix products. Here both products are AVX512-BF16 dot
+// products over register tiles, and the exponential is a short polynomial (2^x = 2^n * p(f)).
+//
+// Layout per (batch, head):
+//   kp  (keys_pad/64, d/2, 64, 2)  tiles of 64 keys, each in pairs of feature values: one 64-byte load
+//                               is 16 keys x 2 features, and a tile is contiguous (a stride of keys_pad
+//                               between feature pairs made every load of a tile fall in the same cache set)
+//   vp  (keys_pad/2, d_pad, 2)  values in pairs of keys: one load is 16 features x 2 keys
+// A block of queries computes s = q k^T for a block of keys into fp32 (rows x keys), turns it into
+// bf16 probabilities p with the running row maximum, rescales its fp32 output rows and adds p v.
+// Registered as torch.ops.ldm.attention_bf16(q, k, v, scale) for (B, H, N, d) tensors whose last
+// dimension is contiguous; the output is (B, H, N, d) over (B, N, H, d) memory, so the usual
+// transpose back to (B, N, H*d) is a view.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using bf16 = uint16_t;
+
+constexpr int64_t kQueryBlock = 48;  // divisible by every row count a register tile uses (1, 2, 3, 4, 6, 8)
+constexpr int64_t kKeyBlock = 256;   // s (48 x 256 fp32) and p stay in the first two cache levels
+
+inline bf16 to_bf16(float x) {  // round to nearest even, as the hardware conversion does
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<bf16>((bits >> 16) | 0x40);  // quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<bf16>(bits >> 16);
+}
+
+inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh>(x); }
+
+inline __m512i broadcast_pair(const bf16* p) {  // two adjacent bf16 values into every 32-bit lane
+  int32_t pair;
+  std::memcpy(&pair, p, 4);
+  return _mm512_set1_epi32(pair);
+}
+
+// 2^x for x <= 0 (the softmax's shifted scores): n = round(x), f = x - n in [-0.5, 0.5], a degree-5
+// polynomial for 2^f (relative error below 2e-7), and scalef multiplies by 2^n. x is first clamped
+// at -150, where 2^x is 0 in fp32, so -inf (padding) gives 0 rather than NaN.
+inline __m512 exp2_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.3333558146e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// s[r][j] = sum_k q[r][k] kp[k][j] for ROWS query rows and one tile of 64 keys (4 vectors of 16).
+template <int ROWS>
+inline void scores_tile(const bf16* q, int64_t q_stride, const bf16* kp, int64_t pairs, float* s, int64_t s_stride) {
+  __m512 acc[ROWS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < pairs; ++k) {
+    const bf16* row = kp + k * 128;
+    __m512i kv[4];
+    for (int c = 0; c < 4; ++c) kv[c] = _mm512_loadu_si512(row + c * 32);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh qb = as_bh(broadcast_pair(q + r * q_stride + 2 * k));
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, as_bh(kv[c]));
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + r * s_stride + c * 16, acc[r][c]);
+}
+
+// o[r][:] += sum_j p[r][j] vp[j][:] for ROWS rows and VECS vectors of 16 output features, over `pairs` key pairs.
+template <int ROWS, int VECS>
+inline void values_tile(const bf16* p, int64_t p_stride, const bf16* vp, int64_t d_pad, int64_t pairs,
+                        float* o, int64_t o_stride) {
+  __m512 acc[ROWS][VECS];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_loadu_ps(o + r * o_stride + c * 16);
+  for (int64_t j = 0; j < pairs; ++j) {
+    const bf16* row = vp + j * d_pad * 2;
+    __m512i vv[VECS];
+    for (int c = 0; c < VECS; ++c) vv[c] = _mm512_loadu_si512(row + c * 32);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh pb = as_bh(broadcast_pair(p + r * p_stride + 2 * j));
+      for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pb, as_bh(vv[c]));
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(o + r * o_stride + c * 16, acc[r][c]);
+}
+
+using ValuesTile = void (*)(const bf16*, int64_t, const bf16*, int64_t, int64_t, float*, int64_t);
+
+struct ValuesKernel {
+  ValuesTile tile;  // the widest tile: `rows` rows at once
+  ValuesTile one;   // a single row, for the rows left over
+  int rows;
+};
+
+template <int VECS>
+ValuesKernel values_kernel() {
+  constexpr int rows = std::max(1, std::min(8, 24 / VECS));  // about 24 accumulators of 32 registers
+  return {values_tile<rows, VECS>, values_tile<1, VECS>, rows};
+}
+
+ValuesKernel values_kernel_for(int64_t vecs) {  // 1 to 8 vectors
+  switch (vecs) {
+    case 1: return values_kernel<1>();
+    case 2: return values_kernel<2>();
+    case 3: return values_kernel<3>();
+    case 4: return values_kernel<4>();
+    case 5: return values_kernel<5>();
+    case 6: return values_kernel<6>();
+    case 7: return values_kernel<7>();
+    default: return values_kernel<8>();
+  }
+}
+
+// The output features in column groups of at most 8 vectors (128 features), as even as possible:
+// 40 features are one group of 3 vectors, 160 two of 5, 512 four of 8.
+struct ValuesPlan {
+  ValuesKernel wide, narrow;  // the first `wide_groups` groups are one vector wider than the rest
+  int64_t groups, wide_groups, narrow_vecs;
+};
+
+ValuesPlan values_plan(int64_t vecs) {
+  const int64_t groups = (vecs + 7) / 8, narrow = vecs / groups;
+  return {values_kernel_for(narrow + 1), values_kernel_for(narrow), groups, vecs % groups, narrow};
+}
+
+struct Shapes {
+  int64_t batch, heads, queries, keys, dim;
+  int64_t pairs, keys_pad, d_pad, vecs;
+};
+
+// Keys and values of one (batch, head) into the paired layouts above, zero-padded.
+void pack_head(const bf16* k, int64_t k_stride, const bf16* v, int64_t v_stride, const Shapes& s,
+               bf16* kp, bf16* vp) {
+  std::memset(kp, 0, s.pairs * s.keys_pad * 2 * sizeof(bf16));
+  std::memset(vp, 0, s.keys_pad * s.d_pad * sizeof(bf16));
+  for (int64_t j = 0; j < s.keys; ++j) {
+    const bf16* krow = k + j * k_stride;
+    const bf16* vrow = v + j * v_stride;
+    for (int64_t k2 = 0; k2 < s.pairs; ++k2) {
+      bf16* kdst = kp + ((j / 64) * s.pairs + k2) * 128 + (j % 64) * 2;
+      kdst[0] = krow[2 * k2];
+      kdst[1] = krow[2 * k2 + 1];
+    }
+    bf16* vdst = vp + (j / 2) * s.d_pad * 2 + (j % 2);
+    for (int64_t d = 0; d < s.dim; ++d) vdst[2 * d] = vrow[d];
+  }
+}
+
+struct Scratch {
+  std::vector<float> s, o, m, l;
+  std::vector<bf16> p;
+  explicit Scratch(const Shapes& sh)
+      : s(kQueryBlock * kKeyBlock), o(kQueryBlock * sh.d_pad), m(kQueryBlock), l(kQueryBlock),
+        p(kQueryBlock * kKeyBlock) {}
+};
+
+// Softmax step for `rows` rows over `cols` scores (cols a multiple of 16; columns >= valid are padding):
+// updates the running maxima m (in log2 units) and sums l, rescales o, writes bf16 probabilities p.
+void softmax_block(Scratch& w, int64_t rows, int64_t cols, int64_t valid, float log2_scale, int64_t d_pad) {
+  const __m512 c = _mm512_set1_ps(log2_scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* srow = w.s.data() + r * kKeyBlock;
+    for (int64_t j = valid; j < cols; ++j) srow[j] = -std::numeric_limits<float>::infinity();
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < cols; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(srow + j));
+    const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(vmax) * log2_scale);
+    const __m512 shift = _mm512_set1_ps(m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    bf16* prow = w.p.data() + r * kKeyBlock;
+    for (int64_t j = 0; j < cols; j += 32) {
+      const __m512 e0 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j), c, shift));
+      const __m512 e1 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j + 16), c, shift));
+      vsum = _mm512_add_ps(vsum, _mm512_add_ps(e0, e1));
+      _mm512_storeu_si512(prow + j, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e1, e0)));
+    }
+    const float alpha = std::exp2(w.m[r] - m_new);  // 0 on the first block (m = -inf)
+    w.l[r] = w.l[r] * alpha + _mm512_reduce_add_ps(vsum);
+    w.m[r] = m_new;
+    if (alpha != 1.0f) {
+      float* orow = w.o.data() + r * d_pad;
+      const __m512 a = _mm512_set1_ps(alpha);
+      for (int64_t d = 0; d < d_pad; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(a, _mm512_loadu_ps(orow + d)));
+    }
+  }
+}
+
+// One block of `rows` queries of one head against all keys.
+void attend_block(const bf16* q, int64_t q_stride, const bf16* kp, const bf16* vp, const Shapes& sh,
+                  const ValuesPlan& plan, int64_t rows, float log2_scale, Scratch& w, bf16* out, int64_t out_stride) {
+  std::fill(w.o.begin(), w.o.end(), 0.0f);
+  std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  for (int64_t j0 = 0; j0 < sh.keys; j0 += kKeyBlock) {
+    const int64_t valid = std::min(kKeyBlock, sh.keys - j0);
+    const int64_t cols = (valid + 63) / 64 * 64;  // score tiles are 64 keys wide (keys_pad covers it)
+    for (int64_t jt = 0; jt < cols; jt += 64) {
+      const bf16* tile = kp + (j0 + jt) * sh.pairs * 2;  // tile (j0 + jt) / 64 of pairs x 64 x 2
+      int64_t r = 0;
+      for (; r + 6 <= rows; r += 6)
+        scores_tile<6>(q + r * q_stride, q_stride, tile, sh.pairs, w.s.data() + r * kKeyBlock + jt, kKeyBlock);
+      for (; r < rows; ++r)
+        scores_tile<1>(q + r * q_stride, q_stride, tile, sh.pairs, w.s.data() + r * kKeyBlock + jt, kKeyBlock);
+    }
+    softmax_block(w, rows, cols, valid, log2_scale, sh.d_pad);
+    const bf16* vblock = vp + j0 * sh.d_pad;  // (j0 / 2) pairs of d_pad x 2
+    const int64_t pairs = cols / 2;
+    int64_t v0 = 0;  // first vector of the group
+    for (int64_t g = 0; g < plan.groups; ++g) {
+      const ValuesKernel& vk = g < plan.wide_groups ? plan.wide : plan.narrow;
+      int64_t r = 0;
+      for (; r + vk.rows <= rows; r += vk.rows)
+        vk.tile(w.p.data() + r * kKeyBlock, kKeyBlock, vblock + v0 * 32, sh.d_pad, pairs, w.o.data() + r * sh.d_pad + v0 * 16, sh.d_pad);
+      for (; r < rows; ++r)
+        vk.one(w.p.data() + r * kKeyBlock, kKeyBlock, vblock + v0 * 32, sh.d_pad, pairs, w.o.data() + r * sh.d_pad + v0 * 16, sh.d_pad);
+      v0 += plan.narrow_vecs + (g < plan.wide_groups ? 1 : 0);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.0f / w.l[r];
+    const float* orow = w.o.data() + r * sh.d_pad;
+    bf16* dst = out + r * out_stride;
+    for (int64_t d = 0; d < sh.dim; ++d) dst[d] = to_bf16(orow[d] * inv);
+  }
+}
+
+at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_bf16: q, k, v must be (batch, heads, tokens, dim)");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "attention_bf16: q, k, v must be bfloat16");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attention_bf16: CPU tensors only");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention_bf16: the last dimension must be contiguous");
+  Shapes sh{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), 0, 0, 0, 0};
+  TORCH_CHECK(k.size(0) == sh.batch && v.size(0) == sh.batch && k.size(1) == sh.heads && v.size(1) == sh.heads,
+              "attention_bf16: q, k, v must share batch and heads");
+  TORCH_CHECK(k.size(3) == sh.dim && v.size(3) == sh.dim && v.size(2) == sh.keys, "attention_bf16: k and v must match q's dim and each other's tokens");
+  TORCH_CHECK(sh.dim % 2 == 0 && sh.keys > 0, "attention_bf16: dim must be even, with at least one key");
+  sh.pairs = sh.dim / 2;
+  sh.keys_pad = (sh.keys + 63) / 64 * 64;
+  sh.d_pad = (sh.dim + 15) / 16 * 16;
+  sh.vecs = sh.d_pad / 16;
+  const int64_t heads = sh.batch * sh.heads;
+
+  std::vector<bf16> kp(heads * sh.pairs * sh.keys_pad * 2), vp(heads * sh.keys_pad * sh.d_pad);
+  const auto* kdata = reinterpret_cast<const bf16*>(k.data_ptr<at::BFloat16>());
+  const auto* vdata = reinterpret_cast<const bf16*>(v.data_ptr<at::BFloat16>());
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / sh.heads, h = bh % sh.heads;
+      pack_head(kdata + b * k.stride(0) + h * k.stride(1), k.stride(2), vdata + b * v.stride(0) + h * v.stride(1), v.stride(2),
+                sh, kp.data() + bh * sh.pairs * sh.keys_pad * 2, vp.data() + bh * sh.keys_pad * sh.d_pad);
+    }
+  });
+
+  // (B, N, H, d) memory seen as (B, H, N, d)
+  at::Tensor out = at::empty({sh.batch, sh.queries, sh.heads, sh.dim}, q.options()).transpose(1, 2);
+  const auto* qdata = reinterpret_cast<const bf16*>(q.data_ptr<at::BFloat16>());
+  auto* odata = reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>());
+  const ValuesPlan plan = values_plan(sh.vecs);
+  const float log2_scale = static_cast<float>(scale * M_LOG2E);
+  const int64_t blocks = (sh.queries + kQueryBlock - 1) / kQueryBlock;
+  at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(sh);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, i0 = (task % blocks) * kQueryBlock;
+      const int64_t b = bh / sh.heads, h = bh % sh.heads;
+      const int64_t rows = std::min(kQueryBlock, sh.queries - i0);
+      attend_block(qdata + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2),
+                   kp.data() + bh * sh.pairs * sh.keys_pad * 2, vp.data() + bh * sh.keys_pad * sh.d_pad, sh, plan, rows,
+                   log2_scale, w, odata + b * out.stride(0) + h * out.stride(1) + i0 * out.stride(2), out.stride(2));
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ldm, m) {
+  m.def("attention_bf16(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ldm, CPU, m) {
+  m.impl("attention_bf16", &attention_bf16);
+}

@@ -1,0 +1,151 @@
+"""Our bf16 attention kernel for CPUs with AVX512-BF16 (ldm/models/cpu_attention.py): its numbers
+against a float64 reference written out here, where it is used, and what happens where it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ldm.models.cpu_attention as cpu_attention
+from ldm.checkpoints.loader import load_model
+from ldm.devices import SpeedPaths, cpu_has_avx512_bf16
+from ldm.models.attention import AttentionBlock, CrossAttention
+from ldm.models.autoencoder import AttnBlock
+from ldm.tasks.request import GenerationRequest
+from ldm.tasks.txt2img import txt2img
+from tests.tiny_sd import write_tiny_checkpoint
+
+needs_avx512_bf16 = pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the kernel needs a CPU with AVX512-BF16")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The built kernel: on a CPU with AVX512-BF16, with g++ and ninja installed (./launch.sh installs
+    them), not having it is a failure, not a skip."""
+    op = cpu_attention.load_attention_kernel()
+    assert op is not None, "the bf16 attention kernel did not build (see the warning above)"
+    return op
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v in float64, written out."""
+    q, k, v = (t.double() for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def heads_view(batch: int, tokens: int, heads: int, dim: int, generator: torch.Generator, spread: float = 1.0):
+    """(B, heads, N, d) bf16 views of (B, N, heads*d) memory, as a Linear's output is split into heads."""
+    flat = torch.randn(batch, tokens, heads * dim, generator=generator) * spread
+    return flat.bfloat16().view(batch, tokens, heads, dim).transpose(1, 2)
+
+
+# (batch, heads, queries, keys, dim): SD v1's self-attention at each UNet level and its cross-attention,
+# SD 2's head width, the autoencoder's single wide head, and edge cases (tails of the 48-query and
+# 64-key blocks, one key, the narrowest head)
+SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 1024, 1024, 80), (2, 8, 256, 256, 160), (2, 8, 4096, 77, 40),
+          (2, 5, 1024, 1024, 64), (1, 1, 1024, 1024, 512), (1, 3, 100, 37, 64), (1, 2, 49, 65, 2),
+          (3, 1, 47, 1, 18), (1, 2, 70, 130, 272)]
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_the_kernel_is_as_close_to_float64_as_torchs_bf16_attention(kernel, shape):
+    b, h, n, m, d = shape
+    g = torch.Generator().manual_seed(n * m + d)
+    q, k, v = heads_view(b, n, h, d, g), heads_view(b, m, h, d, g), heads_view(b, m, h, d, g)
+    expected = reference(q, k, v)
+    got = kernel(q, k, v, d**-0.5)
+    torchs = F.scaled_dot_product_attention(q, k, v)
+    assert got.shape == (b, h, n, d) and got.dtype == torch.bfloat16
+    assert got.transpose(1, 2).is_contiguous()  # (B, N, heads, d) memory: merging the heads back is a view
+    err, torch_err = ((t.double() - expected).abs() for t in (got, torchs))
+    assert err.max() <= 1.25 * torch_err.max() + 1e-3
+    assert err.mean() <= 1.25 * torch_err.mean() + 1e-5
+
+
+@needs_avx512_bf16
+def test_large_scores_neither_overflow_nor_lose_the_largest_key(kernel):
+    """Scores in the hundreds (the online softmax subtracts each row's running maximum), and rows whose
+    largest score comes in a later block of keys than their first."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = heads_view(1, 96, 2, 64, g, spread=6.0), heads_view(1, 700, 2, 64, g, spread=6.0), heads_view(1, 700, 2, 64, g)
+    k[:, :, 650] = q[:, :, 5] * 3  # row 5's winner is in the third block of 256 keys
+    got = kernel(q, k, v, 64**-0.5)
+    expected = reference(q, k, v)
+    assert torch.isfinite(got).all()
+    assert (expected[:, :, 5] - v[:, :, 650].double()).abs().max() < 1e-6
+    assert (got.double() - expected).abs().max() < 2e-2
+
+
+@needs_avx512_bf16
+def test_attention_uses_the_kernel_only_for_bf16_sampling_on_the_cpu(kernel, monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a[0].dtype) or sdpa(*a, **kw))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (heads_view(1, 64, 2, 16, g) for _ in range(3))
+    expected = kernel(q, k, v, 16**-0.5)
+    assert torch.equal(cpu_attention.attention(q, k, v, bf16_kernel=True), expected) and calls == []
+    cpu_attention.attention(q, k, v, bf16_kernel=False)
+    cpu_attention.attention(q.float(), k.float(), v.float(), bf16_kernel=True)
+    cpu_attention.attention(q[..., :15], k[..., :15], v[..., :15], bf16_kernel=True)  # odd width
+    cpu_attention.attention(q.requires_grad_(), k, v, bf16_kernel=True)  # training: torch's, which has a backward
+    assert calls == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
+
+
+@needs_avx512_bf16
+def test_a_bf16_model_attends_through_the_kernel_and_generates_the_same_kind_of_image(kernel, tmp_path, monkeypatch):
+    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
+    loaded = {name: load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, dtype=dtype, speed=SpeedPaths(attention_kernel=on))
+              for name, dtype, on in (("on", torch.bfloat16, True), ("off", torch.bfloat16, False), ("fp32", torch.float32, True))}
+    layers = {name: [m.bf16_kernel for m in lm.model.modules() if isinstance(m, (CrossAttention, AttentionBlock, AttnBlock))]
+              for name, lm in loaded.items()}
+    assert layers["on"] and all(layers["on"]) and not any(layers["off"]) and not any(layers["fp32"])
+    calls = []
+    op = torch.ops.ldm.attention_bf16
+    monkeypatch.setattr(cpu_attention.torch.ops, "ldm", type("Ops", (), {"attention_bf16": staticmethod(
+        lambda *a: calls.append(a[0].shape) or op(*a))}))
+    request = GenerationRequest("a red house", steps=4, scale=5.0, seed=3, width=32, height=32)
+    images = {name: np.asarray(txt2img(lm, request).images[0]).astype(float) for name, lm in loaded.items()}
+    unet_layers = sum(isinstance(m, (CrossAttention, AttentionBlock)) for m in loaded["on"].model.model.modules())
+    decoder_layers = sum(isinstance(m, AttnBlock) for m in loaded["on"].model.first_stage_model.decoder.modules())
+    assert len(calls) == 4 * unet_layers + decoder_layers  # one batched (guided) call per layer and step
+    assert np.abs(images["on"] - images["off"]).mean() < 2.0  # bf16 against bf16 through torch's kernel
+    assert np.abs(images["on"] - images["fp32"]).mean() < 4.0
+
+
+def test_without_a_compiler_attention_falls_back_to_torch_with_a_warning(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(cpu_attention, "cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(cpu_attention, "KERNEL_CACHE", tmp_path / "kernels")  # nothing built there yet
+    monkeypatch.setattr(cpu_attention.shutil, "which", lambda tool: None)
+    cpu_attention.load_attention_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_attention.__name__):
+            layer = CrossAttention(32, None, heads=2, dim_head=16)
+            assert cpu_attention.set_attention_kernel(layer, True) == 0 and layer.bf16_kernel is False
+        assert "needs a C++ compiler" in caplog.text and "apt-get install g++" in caplog.text
+    finally:
+        cpu_attention.load_attention_kernel.cache_clear()
+
+
+def test_a_failed_build_falls_back_to_torch_and_names_the_folder(monkeypatch, caplog, tmp_path):
+    if cpu_attention.shutil.which("c++") is None:
+        pytest.skip("needs a compiler to fail a build")
+    broken = tmp_path / "attention_bf16.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_attention, "cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(cpu_attention, "SOURCE", broken)
+    monkeypatch.setattr(cpu_attention, "KERNEL_CACHE", tmp_path / "kernels")
+    cpu_attention.load_attention_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_attention.__name__):
+            assert cpu_attention.load_attention_kernel() is None
+        assert "failed" in caplog.text and str(tmp_path / "kernels") in caplog.text and "error" in caplog.text
+        assert not list((tmp_path / "kernels").iterdir())  # no half-written library left to load
+    finally:
+        cpu_attention.load_attention_kernel.cache_clear()
