@@ -1,9 +1,8 @@
 """Our bf16 attention kernel for CPUs with AVX512-BF16 (ldm/models/cpu_attention.py): its numbers
-against a float64 reference written out here, where it is used, and what happens where it cannot be built."""
+against a float64 reference written out here, and where it is used. Building and the fallback where
+it cannot be built: tests/test_cpu_kernels.py."""
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from ldm.checkpoints.loader import load_model
 from ldm.devices import SpeedPaths, cpu_has_avx512_bf16
 from ldm.models.attention import AttentionBlock, CrossAttention
 from ldm.models.autoencoder import AttnBlock
+from ldm.models.cpu_kernels import load_cpu_kernels
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
 from tests.tiny_sd import write_tiny_checkpoint
@@ -24,11 +24,10 @@ needs_avx512_bf16 = pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the ke
 
 @pytest.fixture(scope="module")
 def kernel():
-    """The built kernel: on a CPU with AVX512-BF16, with g++ and ninja installed (./launch.sh installs
-    them), not having it is a failure, not a skip."""
-    op = cpu_attention.load_attention_kernel()
-    assert op is not None, "the bf16 attention kernel did not build (see the warning above)"
-    return op
+    """The built kernel: on a CPU with AVX512-BF16, with a C++ compiler installed (./launch.sh installs
+    g++), not having it is a failure, not a skip."""
+    assert load_cpu_kernels(), "our CPU kernels did not build (see the warning above)"
+    return torch.ops.ldm.attention_bf16
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -108,8 +107,7 @@ def test_a_bf16_model_attends_through_the_kernel_and_generates_the_same_kind_of_
     assert layers["on"] and all(layers["on"]) and not any(layers["off"]) and not any(layers["fp32"])
     calls = []
     op = torch.ops.ldm.attention_bf16
-    monkeypatch.setattr(cpu_attention.torch.ops, "ldm", type("Ops", (), {"attention_bf16": staticmethod(
-        lambda *a: calls.append(a[0].shape) or op(*a))}))
+    monkeypatch.setattr(torch.ops.ldm, "attention_bf16", lambda *a: calls.append(a[0].shape) or op(*a))
     request = GenerationRequest("a red house", steps=4, scale=5.0, seed=3, width=32, height=32)
     images = {name: np.asarray(txt2img(lm, request).images[0]).astype(float) for name, lm in loaded.items()}
     unet_layers = sum(isinstance(m, (CrossAttention, AttentionBlock)) for m in loaded["on"].model.model.modules())
@@ -117,35 +115,3 @@ def test_a_bf16_model_attends_through_the_kernel_and_generates_the_same_kind_of_
     assert len(calls) == 4 * unet_layers + decoder_layers  # one batched (guided) call per layer and step
     assert np.abs(images["on"] - images["off"]).mean() < 2.0  # bf16 against bf16 through torch's kernel
     assert np.abs(images["on"] - images["fp32"]).mean() < 4.0
-
-
-def test_without_a_compiler_attention_falls_back_to_torch_with_a_warning(monkeypatch, caplog, tmp_path):
-    monkeypatch.setattr(cpu_attention, "cpu_has_avx512_bf16", lambda: True)
-    monkeypatch.setattr(cpu_attention, "KERNEL_CACHE", tmp_path / "kernels")  # nothing built there yet
-    monkeypatch.setattr(cpu_attention.shutil, "which", lambda tool: None)
-    cpu_attention.load_attention_kernel.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger=cpu_attention.__name__):
-            layer = CrossAttention(32, None, heads=2, dim_head=16)
-            assert cpu_attention.set_attention_kernel(layer, True) == 0 and layer.bf16_kernel is False
-        assert "needs a C++ compiler" in caplog.text and "apt-get install g++" in caplog.text
-    finally:
-        cpu_attention.load_attention_kernel.cache_clear()
-
-
-def test_a_failed_build_falls_back_to_torch_and_names_the_folder(monkeypatch, caplog, tmp_path):
-    if cpu_attention.shutil.which("c++") is None:
-        pytest.skip("needs a compiler to fail a build")
-    broken = tmp_path / "attention_bf16.cpp"
-    broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_attention, "cpu_has_avx512_bf16", lambda: True)
-    monkeypatch.setattr(cpu_attention, "SOURCE", broken)
-    monkeypatch.setattr(cpu_attention, "KERNEL_CACHE", tmp_path / "kernels")
-    cpu_attention.load_attention_kernel.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger=cpu_attention.__name__):
-            assert cpu_attention.load_attention_kernel() is None
-        assert "failed" in caplog.text and str(tmp_path / "kernels") in caplog.text and "error" in caplog.text
-        assert not list((tmp_path / "kernels").iterdir())  # no half-written library left to load
-    finally:
-        cpu_attention.load_attention_kernel.cache_clear()

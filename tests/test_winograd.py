@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import ldm.models.winograd as winograd
 from ldm.checkpoints.loader import build_model, load_model
-from ldm.devices import SpeedPaths
+from ldm.devices import SpeedPaths, cpu_has_avx512_bf16
+from ldm.models.cpu_kernels import load_cpu_kernels
 from ldm.models.winograd import MIN_CHANNELS, Conv3x3, set_winograd, winograd_conv3x3, winograd_weight
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
@@ -29,21 +30,33 @@ def conv_case(cin, cout, h, w, bias=True, seed=0):
     return x, weight, b, reference
 
 
+# the data transforms through torch's operations, and through our C++ kernels where the CPU has them
+TRANSFORMS = [False, pytest.param(True, marks=pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs AVX512-BF16"))]
+
+
+@pytest.fixture(params=TRANSFORMS, ids=["torch-transforms", "our-transforms"])
+def transform_kernels(request):
+    if request.param:
+        assert load_cpu_kernels(), "our CPU kernels did not build (see the warning above)"
+    return request.param
+
+
 @pytest.mark.parametrize("h, w", [(8, 8), (7, 9), (5, 4), (1, 1)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_winograd_gives_the_convolution_of_every_image_size_in_fp32(h, w, bias):
-    x, weight, b, reference = conv_case(32, 24, h, w, bias)
-    out = winograd_conv3x3(x, winograd_weight(weight), b)
+@pytest.mark.parametrize("cin, cout", [(32, 24), (20, 48)])  # whole vectors of 16 channels, and not
+def test_winograd_gives_the_convolution_of_every_image_size_in_fp32(h, w, bias, cin, cout, transform_kernels):
+    x, weight, b, reference = conv_case(cin, cout, h, w, bias)
+    out = winograd_conv3x3(x, winograd_weight(weight), b, transform_kernels)
     direct = F.conv2d(x, weight, b, padding=1)
     assert out.shape == reference.shape
     # as close to the float64 result as the direct kernel (both about 1e-6 of the largest value)
     assert relative_error(out, reference) < max(3 * relative_error(direct, reference), 1e-6)
 
 
-def test_winograd_in_bf16_stays_within_a_few_roundings_of_the_direct_kernel():
+def test_winograd_in_bf16_stays_within_a_few_roundings_of_the_direct_kernel(transform_kernels):
     x, weight, b, reference = conv_case(64, 48, 12, 10)
     x, weight, b = x.bfloat16(), weight.bfloat16(), b.bfloat16()
-    out = winograd_conv3x3(x, winograd_weight(weight), b)
+    out = winograd_conv3x3(x, winograd_weight(weight), b, transform_kernels)
     assert out.dtype == torch.bfloat16
     direct = relative_error(F.conv2d(x, weight, b, padding=1), reference)
     assert relative_error(out, reference) < 4 * direct  # measured: 2 to 3 times
@@ -111,8 +124,33 @@ def test_set_winograd_makes_the_kernels_at_load_and_frees_them_when_off():
     model = torch.nn.Sequential(Conv3x3(MIN_CHANNELS, MIN_CHANNELS), Conv3x3(8, MIN_CHANNELS))
     assert set_winograd(model, True) == 1  # the narrow layer never uses one
     assert model[0]._transformed is not None and model[1]._transformed is None
+    assert model[0].transform_kernels == cpu_has_avx512_bf16()  # our C++ transforms where the CPU has them
     assert set_winograd(model, False) == 0
-    assert model[0]._transformed is None and not model[0].winograd
+    assert model[0]._transformed is None and not model[0].winograd and not model[0].transform_kernels
+    set_winograd(model, True, transform_kernels=False)
+    assert model[0].winograd and not model[0].transform_kernels
+
+
+def test_a_layer_on_our_transforms_gives_torchs_numbers_whole_and_unpadded(transform_kernels, monkeypatch):
+    """The same layer through either transform path: fp32 results agree to rounding, bf16 within a
+    rounding of the output (the transforms round once in fp32 either way; the bias is added before
+    rounding in ours, after in torch's)."""
+    calls = []
+    if transform_kernels:
+        op = torch.ops.ldm.winograd_input
+        monkeypatch.setattr(torch.ops.ldm, "winograd_input", lambda *a: calls.append(1) or op(*a))
+    conv = Conv3x3(MIN_CHANNELS, MIN_CHANNELS)
+    set_winograd(conv, True, transform_kernels)
+    x = torch.randn(1, MIN_CHANNELS, 9, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            conv.to(dtype)
+            conv.transform_kernels = transform_kernels  # a cast keeps the flag
+            reference = F.conv2d(x.to(dtype).double(), conv.weight.double(), conv.bias.double(), padding=1)
+            for out, expected in ((conv(x.to(dtype)), reference), (conv.unpadded(x.to(dtype)), reference[..., 1:-1, 1:-1])):
+                assert out.dtype == dtype and out.shape == expected.shape
+                assert relative_error(out, expected) < tolerance
+    assert len(calls) == (4 if transform_kernels else 0)
 
 
 def test_a_model_generates_the_same_image_with_winograd_on_or_off(tmp_path, monkeypatch):

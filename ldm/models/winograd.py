@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.attention import memory_format_of
+from ldm.models.cpu_kernels import load_cpu_kernels
 
 # F(2x2, 3x3) (Lavin and Gray, 2016): output = A^T [(G g G^T) * (B^T d B)] A
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
@@ -65,11 +66,18 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return u.view(16, out_channels, in_channels)
 
 
-def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     transform_kernels: bool = False) -> torch.Tensor:
     """A 3x3 convolution, stride 1, zero padding 1, of ``x`` (B, C, H, W) with the transformed kernel
-    ``weight`` (16, O, C) from ``winograd_weight``. Returns (B, O, H, W) channels-last in memory."""
+    ``weight`` (16, O, C) from ``winograd_weight``. Returns (B, O, H, W) channels-last in memory.
+    ``transform_kernels``: the data transforms through our C++ kernels (``ldm.models.cpu_kernels``,
+    which must be loaded), one pass over memory each; otherwise through torch's operations."""
     b, c, h, w = x.shape
     th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 output tiles; an odd side is padded and cropped
+    if transform_kernels:
+        v = torch.ops.ldm.winograd_input(x.permute(0, 2, 3, 1).contiguous(), th, tw)  # (16, tiles, C)
+        m = torch.bmm(v, weight.transpose(1, 2))  # (16, tiles, O)
+        return torch.ops.ldm.winograd_output(m, bias, b, h, w).permute(0, 3, 1, 2)
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + w % 2, 1, 1 + h % 2))  # (B, H+2, W+2, C) + odd sides
     blocks = padded.unfold(1, 4, 2).unfold(2, 4, 2)  # (B, th, tw, C, 4, 4), overlapping views
     d = blocks.permute(4, 5, 0, 1, 2, 3).reshape(16, b * th * tw * c)  # one row per block position
@@ -108,11 +116,12 @@ class Conv3x3(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
         self.winograd = True
+        self.transform_kernels = False  # set by set_winograd where our C++ transforms are loaded
         self._transformed: tuple[tuple, torch.Tensor] | None = None  # (weight identity, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.winograd and winograd_pays(self, x):
-            out = winograd_conv3x3(x, self.transformed_weight(), self.bias)
+            out = winograd_conv3x3(x, self.transformed_weight(), self.bias, self.transform_kernels)
             return out.contiguous(memory_format=memory_format_of(x))
         return super().forward(x)
 
@@ -121,7 +130,7 @@ class Conv3x3(nn.Conv2d):
         one-pixel halo needs (``ldm.models.autoencoder_tiling``). Winograd where it pays, computed
         padded and cropped."""
         if self.winograd and winograd_pays(self, x):
-            out = winograd_conv3x3(x, self.transformed_weight(), self.bias)[..., 1:-1, 1:-1]
+            out = winograd_conv3x3(x, self.transformed_weight(), self.bias, self.transform_kernels)[..., 1:-1, 1:-1]
             return out.contiguous(memory_format=memory_format_of(x))
         return F.conv2d(x, self.weight, self.bias)
 
@@ -137,15 +146,19 @@ class Conv3x3(nn.Conv2d):
         return super()._apply(fn, recurse)
 
 
-def set_winograd(model: nn.Module, enabled: bool) -> int:
+def set_winograd(model: nn.Module, enabled: bool, transform_kernels: bool = True) -> int:
     """Turn Winograd on or off in every ``Conv3x3`` of ``model``. On, the transformed kernels of the
     layers where it can pay are made now (at load, where their memory is counted with the weights,
-    and not in the first step); off, they are freed. Returns the number of layers that have them."""
-    prepared = 0
-    for conv in (m for m in model.modules() if isinstance(m, Conv3x3)):
+    and not in the first step); off, they are freed. ``transform_kernels``: those layers transform
+    their data through our C++ kernels where they can be loaded (``ldm.models.cpu_kernels``; built on
+    first use). Returns the number of layers that have Winograd kernels."""
+    convs = [m for m in model.modules() if isinstance(m, Conv3x3)]
+    paying = [conv for conv in convs if enabled and winograd_can_pay(conv)]
+    kernels = bool(paying) and transform_kernels and load_cpu_kernels()
+    for conv in convs:
         conv.winograd = enabled
         conv._transformed = None
-        if enabled and winograd_can_pay(conv):
-            conv.transformed_weight()
-            prepared += 1
-    return prepared
+        conv.transform_kernels = kernels
+    for conv in paying:
+        conv.transformed_weight()
+    return len(paying)
