@@ -2,7 +2,7 @@
 
     python app.py [--listen] [--auth USER:PASSWORD | --auth-file FILE] [--port 7860] [--models-dir DIR ...]
                   [--outputs outputs] [--device auto] [--dtype auto] [--memory-format auto] [--compile] [--no-winograd]
-                  [--no-cuda-graphs] [--no-attention-kernel] [--concurrency 1]
+                  [--no-cuda-graphs] [--no-cpu-kernels] [--concurrency 1]
 
 It serves this machine only (127.0.0.1) unless ``--listen`` is given; ``--auth`` (repeatable) or
 ``--auth-file`` (one USER:PASSWORD a line) asks for a login.

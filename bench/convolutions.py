@@ -1,11 +1,16 @@
 """3x3 convolutions direct against Winograd F(2x2, 3x3) (``ldm.models.winograd``), at the shapes of
 Stable Diffusion v1's UNet (batch 2) and VAE decoder (batch 1) for a 512 px image, channels-last, in
 fp32 and bf16: the median time of each, and each one's largest error against a float64 reference, over
-the output's largest value. Freed memory is kept in the process as the CLI and the studio keep it
-(``ldm.devices.keep_freed_memory``; ``--malloc system`` for the C library's defaults, under which the
-transforms' large buffers are faulted in again at every call).
+the output's largest value. Winograd runs with its data transforms through torch's operations and,
+where our C++ kernels load (``ldm.models.cpu_kernels``), through those ("ours", as sampling runs it).
 
-    .venv/bin/python bench/convolutions.py [--rounds 5] [--dtypes fp32 bf16] [--parts unet vae]
+Before each timed call a 64 MB buffer is written, so that the call finds its data in memory rather than
+in the caches, as it does inside a UNet step (``--hot`` times repeated calls instead). Freed memory is
+kept in the process as the CLI and the studio keep it (``ldm.devices.keep_freed_memory``; ``--malloc
+system`` for the C library's defaults, under which the transforms' large buffers are faulted in again
+at every call).
+
+    .venv/bin/python bench/convolutions.py [--rounds 5] [--dtypes fp32 bf16] [--parts unet vae] [--hot]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.devices import keep_freed_memory  # noqa: E402
+from ldm.models.cpu_kernels import load_cpu_kernels  # noqa: E402
 from ldm.models.winograd import winograd_conv3x3, winograd_weight  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -34,10 +40,12 @@ SHAPES = {
 }
 
 
-def median_seconds(call, rounds: int) -> float:
+def median_seconds(call, rounds: int, flush: torch.Tensor | None) -> float:
     call()
     times = []
-    for _ in range(rounds):
+    for i in range(rounds):
+        if flush is not None:
+            flush.fill_(i)
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
@@ -50,11 +58,15 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--parts", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--malloc", choices=["kept", "system"], default="kept")
+    parser.add_argument("--hot", action="store_true", help="time repeated calls, the data left in the caches")
     args = parser.parse_args()
     kept = args.malloc == "kept" and keep_freed_memory(torch.device("cpu"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memory {'kept' if kept else 'system'}")
-    print(f"{'part':4s} {'dtype':5s} {'in':>5s} {'out':>5s} {'side':>4s} {'direct':>9s} {'winograd':>9s} {'ratio':>5s}  "
-          "error direct / winograd")
+    ours = load_cpu_kernels()
+    flush = None if args.hot else torch.empty(16 * 2**20)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memory {'kept' if kept else 'system'}, "
+          f"{'hot' if args.hot else 'flushed'} caches, our transforms {'loaded' if ours else 'not available'}")
+    print(f"{'part':4s} {'dtype':5s} {'in':>5s} {'out':>5s} {'side':>4s} {'direct':>9s} {'winograd':>9s} {'ours':>9s} "
+          f"{'ratio':>5s}  error direct / winograd / ours (ratio: the faster Winograd over direct)")
     g = torch.Generator().manual_seed(0)
     for name, part in ((n, p) for n in args.dtypes for p in args.parts):
         dtype = DTYPES[name]
@@ -66,13 +78,15 @@ def main() -> None:
             x = x.to(dtype).contiguous(memory_format=torch.channels_last)
             w, b = weight.to(dtype).contiguous(memory_format=torch.channels_last), bias.to(dtype)
             transformed = winograd_weight(w)
+            calls = [lambda: F.conv2d(x, w, b, padding=1), lambda: winograd_conv3x3(x, transformed, b)]
+            if ours:
+                calls.append(lambda: winograd_conv3x3(x, transformed, b, transform_kernels=True))
             with torch.inference_mode():
-                direct_s = median_seconds(lambda: F.conv2d(x, w, b, padding=1), args.rounds)
-                winograd_s = median_seconds(lambda: winograd_conv3x3(x, transformed, b), args.rounds)
-                errors = [(out.double() - reference).abs().max().item() / reference.abs().max().item()
-                          for out in (F.conv2d(x, w, b, padding=1), winograd_conv3x3(x, transformed, b))]
-            print(f"{part:4s} {name:5s} {cin:5d} {cout:5d} {side:4d} {1e3 * direct_s:6.1f} ms {1e3 * winograd_s:6.1f} ms "
-                  f"{winograd_s / direct_s:5.2f}  {errors[0]:.1e} / {errors[1]:.1e}", flush=True)
+                seconds = [median_seconds(call, args.rounds, flush) for call in calls]
+                errors = [(call().double() - reference).abs().max().item() / reference.abs().max().item() for call in calls]
+            times = " ".join(f"{1e3 * s:6.1f} ms" for s in seconds) + ("" if ours else f" {'-':>9s}")
+            print(f"{part:4s} {name:5s} {cin:5d} {cout:5d} {side:4d} {times} {min(seconds[1:]) / seconds[0]:5.2f}  "
+                  + " / ".join(f"{e:.1e}" for e in errors), flush=True)
 
 
 if __name__ == "__main__":

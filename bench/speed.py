@@ -12,7 +12,7 @@ alternating, and checked for agreement. Also the embedded default model's whole 
     .venv/bin/python -m ldm bench --parts unet --malloc system      # the C library's allocator defaults
     .venv/bin/python -m ldm bench --parts unet --no-winograd        # our 3x3 convolutions direct (as diffusers')
     .venv/bin/python -m ldm bench --device cuda --no-cuda-graphs    # our UNet's kernels launched one by one
-    .venv/bin/python -m ldm bench --parts unet --dtypes bf16 --no-attention-kernel   # bf16 attention through torch's kernel
+    .venv/bin/python -m ldm bench --parts unet --no-cpu-kernels     # torch's kernels only (ldm.models.cpu_kernels)
 
 Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
 diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work as diffusers does it
@@ -327,9 +327,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="run our 3x3 convolutions directly (default: Winograd where it is faster, as the CLI and the studio do)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="GPU: launch our UNet's kernels one by one (default: replayed as CUDA graphs, as the CLI and the studio do)")
-    parser.add_argument("--no-attention-kernel", dest="attention_kernel", action="store_false",
-                        help="CPU, bf16: our attention through torch's kernel (default: ours on a CPU with AVX512-BF16, "
-                        "as the CLI and the studio do)")
+    parser.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                        help="CPU: torch's kernels only (default: on a CPU with AVX512-BF16 our C++ kernels for bf16 "
+                        "attention and Winograd's transforms, as the CLI and the studio run)")
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
     parser.add_argument("--malloc", choices=["kept", "system"], default="kept",
                         help="CPU: kept (freed memory stays in the process, as in the CLI and the studio: "

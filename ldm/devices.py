@@ -179,20 +179,21 @@ class SpeedPaths:
     ``ldm.checkpoints.loader``): all on by default except ``compile``.
 
     ``compile``: the UNet through torch.compile (``compile_unet``); the compiler then chooses its
-    kernels, so the UNet gets neither Winograd, our attention kernel nor CUDA graphs.
+    kernels, so the UNet gets neither Winograd, our CPU kernels nor CUDA graphs.
     ``winograd``: 3x3 convolutions as Winograd on a CPU where that is faster (``ldm.models.winograd``).
     ``cuda_graphs``: the UNet's steps recorded once per size and replayed on a CUDA GPU (``ldm.models.cuda_graphs``).
-    ``attention_kernel``: bf16 attention through our kernel on a CPU with AVX512-BF16 (``ldm.models.cpu_attention``)."""
+    ``cpu_kernels``: on a CPU with AVX512-BF16, our C++ kernels (``ldm.models.cpu_kernels``, built on
+    first use) for bf16 attention and for Winograd's data transforms."""
 
     compile: bool = False
     winograd: bool = True
     cuda_graphs: bool = True
-    attention_kernel: bool = True
+    cpu_kernels: bool = True
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> SpeedPaths:
         """From the options of ``add_device_arguments``."""
-        return cls(args.compile, args.winograd, args.cuda_graphs, args.attention_kernel)
+        return cls(args.compile, args.winograd, args.cuda_graphs, args.cpu_kernels)
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,8 +210,8 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="on a CUDA GPU, launch the UNet's kernels one by one at every step (by default each "
                         "image size's step is recorded once as a CUDA graph and replayed)")
-    parser.add_argument("--no-attention-kernel", dest="attention_kernel", action="store_false",
-                        help="run bf16 attention on the CPU through torch's kernel (by default a CPU with AVX512-BF16 "
-                        "uses ours, built once with g++ in about 10 s: SD v1 steps 20%% faster there)")
+    parser.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                        help="use torch's kernels only (by default a CPU with AVX512-BF16 runs bf16 attention and "
+                        "Winograd's data transforms through ours, built once with g++ in about 15 s)")
     parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
                         help="auto (channels_last on the CPU for models of SD's width, where it is faster), channels_last, contiguous")

@@ -100,7 +100,7 @@ def test_attention_uses_the_kernel_only_for_bf16_sampling_on_the_cpu(kernel, mon
 @needs_avx512_bf16
 def test_a_bf16_model_attends_through_the_kernel_and_generates_the_same_kind_of_image(kernel, tmp_path, monkeypatch):
     path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
-    loaded = {name: load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, dtype=dtype, speed=SpeedPaths(attention_kernel=on))
+    loaded = {name: load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, dtype=dtype, speed=SpeedPaths(cpu_kernels=on))
               for name, dtype, on in (("on", torch.bfloat16, True), ("off", torch.bfloat16, False), ("fp32", torch.float32, True))}
     layers = {name: [m.bf16_kernel for m in lm.model.modules() if isinstance(m, (CrossAttention, AttentionBlock, AttnBlock))]
               for name, lm in loaded.items()}

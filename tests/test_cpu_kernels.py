@@ -4,6 +4,7 @@ tests/test_cpu_attention.py, whole Winograd convolutions in tests/test_winograd.
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import ldm.models.cpu_kernels as cpu_kernels
-from ldm.devices import cpu_has_avx512_bf16
+from ldm.devices import SpeedPaths, add_device_arguments, cpu_has_avx512_bf16
 from ldm.models.attention import CrossAttention
 from ldm.models.cpu_attention import set_attention_kernel
 from ldm.models.winograd import INPUT_TRANSFORM, MIN_CHANNELS, OUTPUT_TRANSFORM, Conv3x3, set_winograd
@@ -130,3 +131,18 @@ def test_a_built_library_is_loaded_without_building_again_and_a_changed_source_i
     extra.write_text("// a change\n")
     monkeypatch.setattr(cpu_kernels, "SOURCES", [*cpu_kernels.SOURCES, extra])
     assert cpu_kernels.library_path() != first  # the name's digest covers every source
+
+
+def test_no_cpu_kernels_is_an_option_of_the_studio_and_the_cli_and_builds_nothing(monkeypatch, fresh_cache):
+    parser = argparse.ArgumentParser()
+    add_device_arguments(parser)
+    assert SpeedPaths.from_arguments(parser.parse_args([])).cpu_kernels
+    assert not SpeedPaths.from_arguments(parser.parse_args(["--no-cpu-kernels"])).cpu_kernels
+
+    def build(*args):
+        raise AssertionError("built")
+
+    monkeypatch.setattr(cpu_kernels, "build", build)
+    layer, conv = CrossAttention(32, None, heads=2, dim_head=16), Conv3x3(MIN_CHANNELS, MIN_CHANNELS)
+    assert set_attention_kernel(layer, False) == 0 and set_winograd(conv, True, transform_kernels=False) == 1
+    assert not layer.bf16_kernel and conv.winograd and not conv.transform_kernels

@@ -194,14 +194,14 @@ def resolve_preset(path: Path, preset: str | Path | ModelPreset | None) -> Model
 
 def set_speed_paths(model: LatentDiffusion, device: torch.device, paths: SpeedPaths = SpeedPaths()) -> None:
     """How a loaded model samples fastest on ``device`` (see ``SpeedPaths``): Winograd 3x3 convolutions
-    where they pay on a CPU, our bf16 attention kernel for a bf16 model on a CPU with AVX512-BF16, the
-    UNet's steps replayed as CUDA graphs on a GPU, or a compiled UNet (which chooses its own kernels;
-    the autoencoder keeps Winograd and the attention kernel)."""
+    where they pay on a CPU, our C++ kernels on a CPU with AVX512-BF16 (bf16 attention, Winograd's
+    data transforms), the UNet's steps replayed as CUDA graphs on a GPU, or a compiled UNet (which
+    chooses its own kernels; the autoencoder keeps Winograd and our kernels)."""
     bf16_cpu = device.type == "cpu" and next(model.parameters()).dtype == torch.bfloat16
     for part in model.children():  # a compiled UNet's kernels are never made (SD v1 fp32: 3.5 GiB, 6 s)
         compiled = paths.compile and part is model.model
-        set_winograd(part, paths.winograd and not compiled)
-        set_attention_kernel(part, paths.attention_kernel and bf16_cpu and not compiled)
+        set_winograd(part, paths.winograd and not compiled, transform_kernels=paths.cpu_kernels)
+        set_attention_kernel(part, paths.cpu_kernels and bf16_cpu and not compiled)
     set_cuda_graphs(model.unet, paths.cuda_graphs and not paths.compile)
     if paths.compile:
         compile_unet(model.unet, device)

@@ -5,11 +5,12 @@ SD v1's 4096-token self-attention (head width 40). The kernel computes the produ
 dot products over register tiles and the exponential as a short polynomial, one pass over the keys
 per block of 48 queries (the online softmax of FlashAttention), accumulating in fp32.
 
-Measured on a 2-core AMD EPYC (AVX512-BF16), one call, best of 3 (2026-11-27; the test shapes in
-``bench/attention.py``): (2, 8, 4096, 40) self-attention 160 ms against torch's 360 ms; (2, 8, 1024,
-80) 17 against 35 ms; cross-attention to 77 tokens 7.8 against 11.4 ms; the autoencoder's single
-512-wide head over 4096 tokens 105 against 193 ms. Its error against a float64 reference is the
-same as torch's bf16 kernel's (both are the final rounding to bf16).
+Measured on a 2-core AMD EPYC (AVX512-BF16), one call, best of 3 (2026-11-27, ``.venv/bin/python
+bench/attention.py --rounds 3``; (batch, heads, queries, keys, head width)): SD v1's (2, 8, 4096, 4096,
+40) self-attention 170 ms against torch's 445 ms (0.253 TFLOP/s); (2, 8, 1024, 1024, 80) 25 against
+38 ms; cross-attention to 77 tokens 7.2 against 11.7 ms; SD 2's (2, 5, 9216, 9216, 64) 653 against
+1686 ms; the autoencoder's single 512-wide head over 4096 tokens 101 against 188 ms. Its largest
+error against a float64 reference is torch's bf16 kernel's (both are the final rounding to bf16).
 
 The kernel is built with our other CPU kernels (``ldm.models.cpu_kernels``) and called as
 ``torch.ops.ldm.attention_bf16``. Where the CPU lacks AVX512-BF16, or no compiler is installed, or

@@ -51,25 +51,31 @@ inline __m512i broadcast_pair(const bf16* p) {  // two adjacent bf16 values into
   return _mm512_set1_epi32(pair);
 }
 
-// 2^x for x <= 0 (the softmax's shifted scores): n = round(x), f = x - n in [-0.5, 0.5], a degree-5
-// polynomial for 2^f (relative error below 2e-7), and scalef multiplies by 2^n. x is first clamped
-// at -150, where 2^x is 0 in fp32, so -inf (padding) gives 0 rather than NaN.
+// 2^x for x <= 0 (the softmax's shifted scores): n = round(x), f = x - n in [-0.5, 0.5], a degree-3
+// polynomial for 2^f fitted for relative error (at most 7.6e-5, against the 2e-3 of the bf16 the
+// probabilities are rounded to; the same values make the fp32 row sums, so the normalisation sees the
+// same error), and scalef multiplies by 2^n. x is first clamped at -150, where 2^x is 0 in fp32, so
+// -inf (padding) gives 0 rather than NaN.
 inline __m512 exp2_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.3333558146e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(5.5182290722e-2f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4261209909e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9325903928e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9992795417e-1f));
   return _mm512_scalef_ps(p, n);
 }
 
-// s[r][j] = sum_k q[r][k] kp[k][j] for ROWS query rows and one tile of 64 keys (4 vectors of 16).
+inline __mmask16 lanes(int64_t count) {  // the first `count` of 16 lanes (none for count <= 0)
+  return count >= 16 ? __mmask16(0xffff) : count <= 0 ? __mmask16(0) : __mmask16((1u << count) - 1);
+}
+
+// s[r][j] = sum_k q[r][k] kp[k][j] for ROWS query rows and one tile of 64 keys (4 vectors of 16), and
+// each row's running maximum over the tile's first `valid` keys, kept lane-wise in rowmax[r][16].
 template <int ROWS>
-inline void scores_tile(const bf16* q, int64_t q_stride, const bf16* kp, int64_t pairs, float* s, int64_t s_stride) {
+inline void scores_tile(const bf16* q, int64_t q_stride, const bf16* kp, int64_t pairs, float* s, int64_t s_stride,
+                        float* rowmax, int64_t valid) {
   __m512 acc[ROWS][4];
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -82,8 +88,16 @@ inline void scores_tile(const bf16* q, int64_t q_stride, const bf16* kp, int64_t
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, as_bh(kv[c]));
     }
   }
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + r * s_stride + c * 16, acc[r][c]);
+  __mmask16 keys[4];
+  for (int c = 0; c < 4; ++c) keys[c] = lanes(valid - 16 * c);
+  for (int r = 0; r < ROWS; ++r) {
+    __m512 top = _mm512_loadu_ps(rowmax + 16 * r);
+    for (int c = 0; c < 4; ++c) {
+      _mm512_storeu_ps(s + r * s_stride + c * 16, acc[r][c]);
+      top = _mm512_mask_max_ps(top, keys[c], top, acc[r][c]);
+    }
+    _mm512_storeu_ps(rowmax + 16 * r, top);
+  }
 }
 
 // o[r][:] += sum_j p[r][j] vp[j][:] for ROWS rows and VECS vectors of 16 output features, over `pairs` key pairs.
@@ -169,23 +183,22 @@ void pack_head(const bf16* k, int64_t k_stride, const bf16* v, int64_t v_stride,
 }
 
 struct Scratch {
-  std::vector<float> s, o, m, l;
+  std::vector<float> s, o, m, l, rowmax;
   std::vector<bf16> p;
   explicit Scratch(const Shapes& sh)
       : s(kQueryBlock * kKeyBlock), o(kQueryBlock * sh.d_pad), m(kQueryBlock), l(kQueryBlock),
-        p(kQueryBlock * kKeyBlock) {}
+        rowmax(kQueryBlock * 16), p(kQueryBlock * kKeyBlock) {}
 };
 
-// Softmax step for `rows` rows over `cols` scores (cols a multiple of 16; columns >= valid are padding):
-// updates the running maxima m (in log2 units) and sums l, rescales o, writes bf16 probabilities p.
+// Softmax step for `rows` rows over `cols` scores (cols a multiple of 32; columns >= valid are padding)
+// whose lane-wise maxima are in w.rowmax: updates the running maxima m (in log2 units) and sums l,
+// rescales o, writes bf16 probabilities p.
 void softmax_block(Scratch& w, int64_t rows, int64_t cols, int64_t valid, float log2_scale, int64_t d_pad) {
   const __m512 c = _mm512_set1_ps(log2_scale);
   for (int64_t r = 0; r < rows; ++r) {
     float* srow = w.s.data() + r * kKeyBlock;
     for (int64_t j = valid; j < cols; ++j) srow[j] = -std::numeric_limits<float>::infinity();
-    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < cols; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(srow + j));
-    const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(vmax) * log2_scale);
+    const float m_new = std::max(w.m[r], _mm512_reduce_max_ps(_mm512_loadu_ps(w.rowmax.data() + 16 * r)) * log2_scale);
     const __m512 shift = _mm512_set1_ps(m_new);
     __m512 vsum = _mm512_setzero_ps();
     bf16* prow = w.p.data() + r * kKeyBlock;
@@ -215,13 +228,17 @@ void attend_block(const bf16* q, int64_t q_stride, const bf16* kp, const bf16* v
   for (int64_t j0 = 0; j0 < sh.keys; j0 += kKeyBlock) {
     const int64_t valid = std::min(kKeyBlock, sh.keys - j0);
     const int64_t cols = (valid + 63) / 64 * 64;  // score tiles are 64 keys wide (keys_pad covers it)
+    std::fill(w.rowmax.begin(), w.rowmax.end(), -std::numeric_limits<float>::infinity());
     for (int64_t jt = 0; jt < cols; jt += 64) {
       const bf16* tile = kp + (j0 + jt) * sh.pairs * 2;  // tile (j0 + jt) / 64 of pairs x 64 x 2
+      float* s = w.s.data() + jt;
       int64_t r = 0;
       for (; r + 6 <= rows; r += 6)
-        scores_tile<6>(q + r * q_stride, q_stride, tile, sh.pairs, w.s.data() + r * kKeyBlock + jt, kKeyBlock);
+        scores_tile<6>(q + r * q_stride, q_stride, tile, sh.pairs, s + r * kKeyBlock, kKeyBlock, w.rowmax.data() + 16 * r,
+                       valid - jt);
       for (; r < rows; ++r)
-        scores_tile<1>(q + r * q_stride, q_stride, tile, sh.pairs, w.s.data() + r * kKeyBlock + jt, kKeyBlock);
+        scores_tile<1>(q + r * q_stride, q_stride, tile, sh.pairs, s + r * kKeyBlock, kKeyBlock, w.rowmax.data() + 16 * r,
+                       valid - jt);
     }
     softmax_block(w, rows, cols, valid, log2_scale, sh.d_pad);
     const bf16* vblock = vp + j0 * sh.d_pad;  // (j0 / 2) pairs of d_pad x 2
