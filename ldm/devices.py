@@ -38,7 +38,7 @@ def cpu_has_bf16() -> bool:
 
 
 def cpu_has_avx512_bf16() -> bool:
-    """The instructions our bf16 attention kernel is built with (``ldm.models.cpu_attention``)."""
+    """The instructions our C++ kernels are built with (``ldm.models.cpu_kernels``)."""
     return "avx512_bf16" in cpu_flags()
 
 

@@ -5,8 +5,8 @@ use and loaded as ``torch.ops.ldm.*``:
 - ``winograd_input``, ``winograd_output``: the data transforms of Winograd convolutions, fp32 and
   bf16 (``ldm.models.winograd``).
 
-The sources are compiled together with the C++ compiler (``$CXX`` or ``c++``; about 15 s, once per
-source text and torch version) into ``~/.cache/ldm-studio/kernels``; a library is written whole or
+The sources are compiled side by side with the C++ compiler (``$CXX`` or ``c++``; 12 s on a 2-core
+AMD EPYC, once per source text and torch version) into ``~/.cache/ldm-studio/kernels``; a library is written whole or
 not at all, so processes that build at once never load half a file. Where the CPU lacks AVX512-BF16,
 no compiler is installed or the build fails, ``load_cpu_kernels`` says why in a warning and returns
 False, and every caller keeps torch's own kernels.
