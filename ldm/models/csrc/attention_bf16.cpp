@@ -7,9 +7,8 @@
 //
 // Layout per (batch, head):
 //   kp  (keys_pad/64, d/2, 64, 2)  tiles of 64 keys, each in pairs of feature values: one 64-byte load
-//                               is 16 keys x 2 features, and a tile is contiguous (a stride of keys_pad
-//                               between feature pairs made every load of a tile fall in the same cache set)
-//   vp  (keys_pad/2, d_pad, 2)  values in pairs of keys: one load is 16 features x 2 keys
+//                                  is 16 keys x 2 features, and a tile's loads are consecutive
+//   vp  (keys_pad/2, d_pad, 2)     values in pairs of keys: one load is 16 features x 2 keys
 // A block of queries computes s = q k^T for a block of keys into fp32 (rows x keys), turns it into
 // bf16 probabilities p with the running row maximum, rescales its fp32 output rows and adds p v.
 // Registered as torch.ops.ldm.attention_bf16(q, k, v, scale) for (B, H, N, d) tensors whose last
