@@ -82,6 +82,16 @@ def test_large_scores_neither_overflow_nor_lose_the_largest_key(kernel):
 
 
 @needs_avx512_bf16
+def test_the_kernel_refuses_what_it_cannot_compute_with_a_message(kernel):
+    q = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
+    for args, message in (((q.float(), q, q, 0.25), "bfloat16"), ((q[..., :15], q[..., :15], q[..., :15], 0.25), "even"),
+                          ((q, q[:, :1], q, 0.25), "share batch and heads"), ((q, q, q[..., :8], 0.25), "match q's dim"),
+                          ((q, q, q, -1.0), "scale must be positive"), ((q.transpose(2, 3), q, q, 0.25), "contiguous")):
+        with pytest.raises(RuntimeError, match=message):
+            kernel(*args)
+
+
+@needs_avx512_bf16
 def test_attention_uses_the_kernel_only_for_bf16_sampling_on_the_cpu(kernel, monkeypatch):
     calls = []
     sdpa = F.scaled_dot_product_attention

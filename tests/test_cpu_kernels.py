@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 
 import pytest
 import torch
@@ -106,9 +107,18 @@ def test_a_failed_build_keeps_torchs_kernels_and_names_the_library(monkeypatch, 
         pytest.skip("needs a compiler to fail a build")
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_kernels, "SOURCES", [*cpu_kernels.SOURCES, broken])
+    monkeypatch.setattr(cpu_kernels, "SOURCES", [broken, *cpu_kernels.SOURCES])  # the others still compiling
+    compilers = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            compilers.append(self)
+
+    monkeypatch.setattr(cpu_kernels.subprocess, "Popen", Recorded)
     with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
         assert cpu_kernels.load_cpu_kernels() is False
+    assert len(compilers) == 3 and all(c.poll() is not None for c in compilers)  # none writes into the cache later
     assert "failed" in caplog.text and str(fresh_cache) in caplog.text and "broken.cpp" in caplog.text
     assert not list(fresh_cache.iterdir())  # no half-written library or object left to load
 

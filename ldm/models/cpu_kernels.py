@@ -53,10 +53,10 @@ def build(library: Path, compiler: str) -> None:
         compiles = [subprocess.Popen([compiler, *FLAGS, abi, *includes, "-c", str(source), "-o", str(obj)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                     for source, obj in zip(SOURCES, objects)]
-        for command in compiles:
-            _, errors = command.communicate()
+        errors = [command.communicate()[1] for command in compiles]  # all finish before any object is removed
+        for command, error in zip(compiles, errors):
             if command.returncode:
-                raise subprocess.CalledProcessError(command.returncode, command.args, stderr=errors)
+                raise subprocess.CalledProcessError(command.returncode, command.args, stderr=error)
         folders = cpp_extension.library_paths()
         subprocess.run([compiler, "-shared", "-fopenmp", *map(str, objects), "-o", str(partial),
                         *(f"-L{f}" for f in folders), "-lc10", "-ltorch_cpu", *(f"-Wl,-rpath,{f}" for f in folders)],

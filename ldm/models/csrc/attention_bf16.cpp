@@ -272,6 +272,7 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
               "attention_bf16: q, k, v must share batch and heads");
   TORCH_CHECK(k.size(3) == sh.dim && v.size(3) == sh.dim && v.size(2) == sh.keys, "attention_bf16: k and v must match q's dim and each other's tokens");
   TORCH_CHECK(sh.dim % 2 == 0 && sh.keys > 0, "attention_bf16: dim must be even, with at least one key");
+  TORCH_CHECK(scale > 0, "attention_bf16: scale must be positive (the running maxima are taken before scaling)");
   sh.pairs = sh.dim / 2;
   sh.keys_pad = (sh.keys + 63) / 64 * 64;
   sh.d_pad = (sh.dim + 15) / 16 * 16;
