@@ -8,7 +8,9 @@
 // Layout per (batch, head):
 //   kp  (keys_pad/64, d/2, 64, 2)  tiles of 64 keys, each in pairs of feature values: one 64-byte load
 //                                  is 16 keys x 2 features, and a tile's loads are consecutive
-//   vp  (keys_pad/2, d_pad, 2)     values in pairs of keys: one load is 16 features x 2 keys
+//   vp  (keys_pad/2, d_pad, 2)     values in pairs of keys: one load is 16 features x 2 keys (d_pad: d
+//                                  rounded up to 8; a last 8 features go through 256-bit instructions,
+//                                  so head width 40 is 2.5 vectors, not 3)
 // A block of queries computes s = q k^T for a block of keys into fp32 (rows x keys), turns it into
 // bf16 probabilities p with the running row maximum, rescales its fp32 output rows and adds p v.
 // Registered as torch.ops.ldm.attention_bf16(q, k, v, scale) for (B, H, N, d) tensors whose last
@@ -99,24 +101,34 @@ inline void scores_tile(const bf16* q, int64_t q_stride, const bf16* kp, int64_t
   }
 }
 
-// o[r][:] += sum_j p[r][j] vp[j][:] for ROWS rows and VECS vectors of 16 output features, over `pairs` key pairs.
-template <int ROWS, int VECS>
+// o[r][:] += sum_j p[r][j] vp[j][:] for ROWS rows, VECS vectors of 16 output features and, with HALF,
+// 8 more, over `pairs` key pairs.
+template <int ROWS, int VECS, bool HALF>
 inline void values_tile(const bf16* p, int64_t p_stride, const bf16* vp, int64_t d_pad, int64_t pairs,
                         float* o, int64_t o_stride) {
-  __m512 acc[ROWS][VECS];
-  for (int r = 0; r < ROWS; ++r)
+  __m512 acc[ROWS][VECS > 0 ? VECS : 1];
+  __m256 tail[ROWS];
+  for (int r = 0; r < ROWS; ++r) {
     for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_loadu_ps(o + r * o_stride + c * 16);
+    if (HALF) tail[r] = _mm256_loadu_ps(o + r * o_stride + VECS * 16);
+  }
   for (int64_t j = 0; j < pairs; ++j) {
     const bf16* row = vp + j * d_pad * 2;
-    __m512i vv[VECS];
+    __m512i vv[VECS > 0 ? VECS : 1];
     for (int c = 0; c < VECS; ++c) vv[c] = _mm512_loadu_si512(row + c * 32);
+    const __m256i vt = HALF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + VECS * 32)) : _mm256_setzero_si256();
     for (int r = 0; r < ROWS; ++r) {
-      const __m512bh pb = as_bh(broadcast_pair(p + r * p_stride + 2 * j));
-      for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pb, as_bh(vv[c]));
+      const __m512i pair = broadcast_pair(p + r * p_stride + 2 * j);
+      for (int c = 0; c < VECS; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], as_bh(pair), as_bh(vv[c]));
+      if (HALF)
+        tail[r] = _mm256_dpbf16_ps(tail[r], reinterpret_cast<__m256bh>(_mm512_castsi512_si256(pair)),
+                                   reinterpret_cast<__m256bh>(vt));
     }
   }
-  for (int r = 0; r < ROWS; ++r)
+  for (int r = 0; r < ROWS; ++r) {
     for (int c = 0; c < VECS; ++c) _mm512_storeu_ps(o + r * o_stride + c * 16, acc[r][c]);
+    if (HALF) _mm256_storeu_ps(o + r * o_stride + VECS * 16, tail[r]);
+  }
 }
 
 using ValuesTile = void (*)(const bf16*, int64_t, const bf16*, int64_t, int64_t, float*, int64_t);
@@ -127,35 +139,40 @@ struct ValuesKernel {
   int rows;
 };
 
-template <int VECS>
+template <int VECS, bool HALF>
 ValuesKernel values_kernel() {
-  constexpr int rows = std::max(1, std::min(8, 24 / VECS));  // about 24 accumulators of 32 registers
-  return {values_tile<rows, VECS>, values_tile<1, VECS>, rows};
+  constexpr int rows = std::max(1, std::min(8, 24 / (VECS + HALF)));  // about 24 accumulators of 32 registers
+  return {values_tile<rows, VECS, HALF>, values_tile<1, VECS, HALF>, rows};
 }
 
-ValuesKernel values_kernel_for(int64_t vecs) {  // 1 to 8 vectors
+template <bool HALF>
+ValuesKernel values_kernel_for(int64_t vecs) {  // 0 (with HALF) to 8 vectors
   switch (vecs) {
-    case 1: return values_kernel<1>();
-    case 2: return values_kernel<2>();
-    case 3: return values_kernel<3>();
-    case 4: return values_kernel<4>();
-    case 5: return values_kernel<5>();
-    case 6: return values_kernel<6>();
-    case 7: return values_kernel<7>();
-    default: return values_kernel<8>();
+    case 0: return values_kernel<0, true>();
+    case 1: return values_kernel<1, HALF>();
+    case 2: return values_kernel<2, HALF>();
+    case 3: return values_kernel<3, HALF>();
+    case 4: return values_kernel<4, HALF>();
+    case 5: return values_kernel<5, HALF>();
+    case 6: return values_kernel<6, HALF>();
+    case 7: return values_kernel<7, HALF>();
+    default: return values_kernel<8, HALF>();
   }
 }
 
-// The output features in column groups of at most 8 vectors (128 features), as even as possible:
-// 40 features are one group of 3 vectors, 160 two of 5, 512 four of 8.
+// The output features in column groups of at most 8 vectors (128 features), as even as possible, the
+// last group taking a final half vector: 40 features are one group of 2.5 vectors, 160 two of 5, 512
+// four of 8, 8 one half vector.
 struct ValuesPlan {
-  ValuesKernel wide, narrow;  // the first `wide_groups` groups are one vector wider than the rest
+  ValuesKernel wide, narrow, last;  // the first `wide_groups` groups are one vector wider than the rest
   int64_t groups, wide_groups, narrow_vecs;
 };
 
-ValuesPlan values_plan(int64_t vecs) {
-  const int64_t groups = (vecs + 7) / 8, narrow = vecs / groups;
-  return {values_kernel_for(narrow + 1), values_kernel_for(narrow), groups, vecs % groups, narrow};
+ValuesPlan values_plan(int64_t vecs, bool half) {
+  const int64_t groups = std::max<int64_t>(1, (vecs + 7) / 8), narrow = vecs / groups, wide_groups = vecs % groups;
+  const int64_t last_vecs = narrow + (groups - 1 < wide_groups ? 1 : 0);
+  return {values_kernel_for<false>(narrow + 1), values_kernel_for<false>(narrow),
+          half ? values_kernel_for<true>(last_vecs) : values_kernel_for<false>(last_vecs), groups, wide_groups, narrow};
 }
 
 struct Shapes {
@@ -213,7 +230,10 @@ void softmax_block(Scratch& w, int64_t rows, int64_t cols, int64_t valid, float 
     if (alpha != 1.0f) {
       float* orow = w.o.data() + r * d_pad;
       const __m512 a = _mm512_set1_ps(alpha);
-      for (int64_t d = 0; d < d_pad; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(a, _mm512_loadu_ps(orow + d)));
+      for (int64_t d = 0; d < d_pad; d += 16) {
+        const __mmask16 m = lanes(d_pad - d);
+        _mm512_mask_storeu_ps(orow + d, m, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, orow + d)));
+      }
     }
   }
 }
@@ -244,7 +264,7 @@ void attend_block(const bf16* q, int64_t q_stride, const bf16* kp, const bf16* v
     const int64_t pairs = cols / 2;
     int64_t v0 = 0;  // first vector of the group
     for (int64_t g = 0; g < plan.groups; ++g) {
-      const ValuesKernel& vk = g < plan.wide_groups ? plan.wide : plan.narrow;
+      const ValuesKernel& vk = g == plan.groups - 1 ? plan.last : g < plan.wide_groups ? plan.wide : plan.narrow;
       int64_t r = 0;
       for (; r + vk.rows <= rows; r += vk.rows)
         vk.tile(w.p.data() + r * kKeyBlock, kKeyBlock, vblock + v0 * 32, sh.d_pad, pairs, w.o.data() + r * sh.d_pad + v0 * 16, sh.d_pad);
@@ -275,8 +295,8 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK(scale > 0, "attention_bf16: scale must be positive (the running maxima are taken before scaling)");
   sh.pairs = sh.dim / 2;
   sh.keys_pad = (sh.keys + 63) / 64 * 64;
-  sh.d_pad = (sh.dim + 15) / 16 * 16;
-  sh.vecs = sh.d_pad / 16;
+  sh.d_pad = (sh.dim + 7) / 8 * 8;
+  sh.vecs = sh.d_pad / 16;  // whole vectors; d_pad % 16 == 8 adds a half one
   const int64_t heads = sh.batch * sh.heads;
 
   std::vector<bf16> kp(heads * sh.pairs * sh.keys_pad * 2), vp(heads * sh.keys_pad * sh.d_pad);
@@ -294,7 +314,7 @@ at::Tensor attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::Tensor out = at::empty({sh.batch, sh.queries, sh.heads, sh.dim}, q.options()).transpose(1, 2);
   const auto* qdata = reinterpret_cast<const bf16*>(q.data_ptr<at::BFloat16>());
   auto* odata = reinterpret_cast<bf16*>(out.data_ptr<at::BFloat16>());
-  const ValuesPlan plan = values_plan(sh.vecs);
+  const ValuesPlan plan = values_plan(sh.vecs, sh.d_pad % 16 == 8);
   const float log2_scale = static_cast<float>(scale * M_LOG2E);
   const int64_t blocks = (sh.queries + kQueryBlock - 1) / kQueryBlock;
   at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
