@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
         if pair_parts:
             figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last, speed)
         if "default" in args.parts:
-            figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last, speed))
+            # never compiled, as before SpeedPaths: --compile is for the SD v1 UNet's figures
+            figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last,
+                                                replace(speed, compile=False)))
         if "fidelity" in args.parts and DTYPES[dtype_name] != torch.float32:
             fidelity += fidelity_lines(dtype_name, device, args.fidelity_images)
     print("\nsummary")
