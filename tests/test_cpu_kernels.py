@@ -78,15 +78,12 @@ def test_the_transforms_refuse_what_they_cannot_read(kernels):
         kernels.winograd_output(torch.zeros(16, 3, 8), None, 1, 4, 4)
 
 
-def without_built_kernels(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "cpu_has_avx512_bf16", lambda: True)
-    monkeypatch.setattr(cpu_kernels, "KERNEL_CACHE", tmp_path / "kernels")  # nothing built there yet
-    cpu_kernels.load_cpu_kernels.cache_clear()
-
-
 @pytest.fixture
 def fresh_cache(monkeypatch, tmp_path):
-    without_built_kernels(monkeypatch, tmp_path)
+    """A CPU that can use the kernels, and an empty cache for them."""
+    monkeypatch.setattr(cpu_kernels, "cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "KERNEL_CACHE", tmp_path / "kernels")
+    cpu_kernels.load_cpu_kernels.cache_clear()
     yield tmp_path / "kernels"
     cpu_kernels.load_cpu_kernels.cache_clear()
 
