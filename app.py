@@ -18,7 +18,9 @@ import logging
 import os
 from pathlib import Path
 
-from ldm.devices import SpeedPaths, add_device_arguments, choose_device, choose_dtype, keep_freed_memory
+from ldm.devices import choose_device, choose_dtype, keep_freed_memory
+from ldm.kernels.paths import SpeedPaths
+from ldm.options import add_device_arguments
 from ldm.tasks.request import DEFAULT_BUDGET_MB
 
 ROOT = Path(__file__).resolve().parent

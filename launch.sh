@@ -57,7 +57,7 @@ install_runtime() {
 }
 
 # On a CPU with AVX512-BF16, bf16 attention and Winograd's data transforms run through our C++ kernels
-# (ldm/models/cpu_kernels.py), built on first use with a C++ compiler; without one torch's run instead.
+# (ldm/kernels/cpu_kernels.py), built on first use with a C++ compiler; without one torch's run instead.
 ensure_build_tools() {
   grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null || return 0
   command -v "${CXX:-c++}" >/dev/null && return 0

@@ -1,4 +1,4 @@
-"""bf16 attention: our kernel for CPUs with AVX512-BF16 (``ldm.models.cpu_attention``) against torch's
+"""bf16 attention: our kernel for CPUs with AVX512-BF16 (``ldm.kernels.cpu_attention``) against torch's
 ``scaled_dot_product_attention``, at the shapes of Stable Diffusion v1 at 512 px (guided batch of 2,
 8 heads), SD 2's head width and the autoencoder's single wide head: the best time of each over
 ``--rounds`` calls, the largest error of each against float64, and the achieved TFLOP/s of ours (the
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.devices import keep_freed_memory  # noqa: E402
-from ldm.models.cpu_kernels import load_cpu_kernels  # noqa: E402
+from ldm.kernels.cpu_kernels import load_cpu_kernels  # noqa: E402
 
 # (what, batch, heads, queries, keys, head width)
 SHAPES = [

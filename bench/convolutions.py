@@ -1,8 +1,8 @@
-"""3x3 convolutions direct against Winograd F(2x2, 3x3) (``ldm.models.winograd``), at the shapes of
+"""3x3 convolutions direct against Winograd F(2x2, 3x3) (``ldm.kernels.winograd``), at the shapes of
 Stable Diffusion v1's UNet (batch 2) and VAE decoder (batch 1) for a 512 px image, channels-last, in
 fp32 and bf16: the median time of each, and each one's largest error against a float64 reference, over
 the output's largest value. Winograd runs with its data transforms through torch's operations and,
-where our C++ kernels load (``ldm.models.cpu_kernels``), through those ("ours", as sampling runs it).
+where our C++ kernels load (``ldm.kernels.cpu_kernels``), through those ("ours", as sampling runs it).
 
 Before each timed call a 64 MB buffer is written, so that the call finds its data in memory rather than
 in the caches, as it does inside a UNet step (``--hot`` times repeated calls instead). Freed memory is
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.devices import keep_freed_memory  # noqa: E402
-from ldm.models.cpu_kernels import load_cpu_kernels  # noqa: E402
-from ldm.models.winograd import winograd_conv3x3, winograd_weight  # noqa: E402
+from ldm.kernels.cpu_kernels import load_cpu_kernels  # noqa: E402
+from ldm.kernels.winograd import winograd_conv3x3, winograd_weight  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (in channels, out channels, side): every 3x3 stride-1 shape of the SD v1 UNet at a 64x64 latent but the first and last

@@ -12,7 +12,7 @@ alternating, and checked for agreement. Also the embedded default model's whole 
     .venv/bin/python -m ldm bench --parts unet --malloc system      # the C library's allocator defaults
     .venv/bin/python -m ldm bench --parts unet --no-winograd        # our 3x3 convolutions direct (as diffusers')
     .venv/bin/python -m ldm bench --device cuda --no-cuda-graphs    # our UNet's kernels launched one by one
-    .venv/bin/python -m ldm bench --parts unet --no-cpu-kernels     # torch's kernels only (ldm.models.cpu_kernels)
+    .venv/bin/python -m ldm bench --parts unet --no-cpu-kernels     # torch's kernels only (ldm.kernels.cpu_kernels)
 
 Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
 diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work as diffusers does it
@@ -39,13 +39,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.checkpoints.loader import build_model, set_speed_paths  # noqa: E402
+from ldm.checkpoints.loader import build_model  # noqa: E402
 from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
 from ldm.data.scoring import psnr  # noqa: E402
-from ldm.devices import SpeedPaths, choose_device, cpu_has_bf16, keep_freed_memory  # noqa: E402
-from ldm.models.cuda_graphs import set_cuda_graphs  # noqa: E402
-from ldm.models.winograd import set_winograd  # noqa: E402
+from ldm.devices import choose_device, cpu_has_bf16, keep_freed_memory  # noqa: E402
+from ldm.kernels.paths import SpeedPaths, set_speed_paths  # noqa: E402
+from ldm.kernels.cuda_graphs import set_cuda_graphs  # noqa: E402
+from ldm.kernels.winograd import set_winograd  # noqa: E402
+from ldm.options import add_speed_arguments  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARTS = ("unet", "vae", "text", "default", "fidelity")
@@ -100,7 +102,7 @@ def alternate(ours: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tenso
         return time.perf_counter() - start, out
 
     out_ours, out_theirs = ours(), theirs() if theirs else None  # warm-up
-    if device.type == "cuda":  # a second call records our UNet's CUDA graph (ldm.models.cuda_graphs)
+    if device.type == "cuda":  # a second call records our UNet's CUDA graph (ldm.kernels.cuda_graphs)
         ours()
     times_ours, times_theirs = [], []
     for _ in range(rounds):
@@ -321,15 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fidelity-images", type=int, default=8, help="images per model for the low-precision PSNR check")
     parser.add_argument("--channels-last", action="store_true", help="run our models in channels-last memory format (the default on a CPU: "
-                        "ldm.devices.choose_memory_format)")
-    parser.add_argument("--compile", action="store_true", help="compile our UNet with torch.compile (in the warm-up call)")
-    parser.add_argument("--no-winograd", dest="winograd", action="store_false",
-                        help="run our 3x3 convolutions directly (default: Winograd where it is faster, as the CLI and the studio do)")
-    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                        help="GPU: launch our UNet's kernels one by one (default: replayed as CUDA graphs, as the CLI and the studio do)")
-    parser.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
-                        help="CPU: torch's kernels only (default: on a CPU with AVX512-BF16 our C++ kernels for bf16 "
-                        "attention and Winograd's transforms, as the CLI and the studio run)")
+                        "ldm.kernels.memory_format)")
+    add_speed_arguments(parser)  # as the CLI and the studio take them; --compile compiles in the warm-up call
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
     parser.add_argument("--malloc", choices=["kept", "system"], default="kept",
                         help="CPU: kept (freed memory stays in the process, as in the CLI and the studio: "

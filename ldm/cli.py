@@ -13,12 +13,10 @@ import sys
 from pathlib import Path
 
 from ldm.checkpoints.errors import CheckpointError
-from ldm.checkpoints.presets import DEFAULT_MODELS
-from ldm.devices import add_device_arguments
-from ldm.models.tokenizers import TokenizerNotFoundError
+from ldm.options import add_device_arguments
+from ldm.text.lookup import TokenizerNotFoundError
 
 log = logging.getLogger("ldm")
-
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
@@ -119,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace, task: str):
     from ldm.checkpoints.loader import load_model
-    from ldm.devices import SpeedPaths, choose_device, choose_dtype, keep_freed_memory
+    from ldm.checkpoints.presets import DEFAULT_MODELS
+    from ldm.devices import choose_device, choose_dtype, keep_freed_memory
+    from ldm.kernels.paths import SpeedPaths
 
     path = args.model or DEFAULT_MODELS[task]
     if args.model is None and not Path(path).is_file():

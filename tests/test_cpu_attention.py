@@ -1,4 +1,4 @@
-"""Our bf16 attention kernel for CPUs with AVX512-BF16 (ldm/models/cpu_attention.py): its numbers
+"""Our bf16 attention kernel for CPUs with AVX512-BF16 (ldm/kernels/cpu_attention.py): its numbers
 against a float64 reference written out here, and where it is used. Building and the fallback where
 it cannot be built: tests/test_cpu_kernels.py."""
 
@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ldm.models.cpu_attention as cpu_attention
+import ldm.kernels.cpu_attention as cpu_attention
 from ldm.checkpoints.loader import load_model
-from ldm.devices import SpeedPaths, cpu_has_avx512_bf16
+from ldm.devices import cpu_has_avx512_bf16
+from ldm.kernels.paths import SpeedPaths
 from ldm.models.attention import AttentionBlock, CrossAttention
 from ldm.models.autoencoder import AttnBlock
-from ldm.models.cpu_kernels import load_cpu_kernels
+from ldm.kernels.cpu_kernels import load_cpu_kernels
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
 from tests.tiny_sd import write_tiny_checkpoint

@@ -1,4 +1,4 @@
-"""Our C++ kernels (ldm/models/cpu_kernels.py): the Winograd data transforms against float64 written
+"""Our C++ kernels (ldm/kernels/cpu_kernels.py): the Winograd data transforms against float64 written
 out here, and what happens where the kernels cannot be built. The attention kernel's numbers are in
 tests/test_cpu_attention.py, whole Winograd convolutions in tests/test_winograd.py."""
 
@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ldm.models.cpu_kernels as cpu_kernels
-from ldm.devices import SpeedPaths, add_device_arguments, cpu_has_avx512_bf16
+import ldm.kernels.cpu_kernels as cpu_kernels
+from ldm.devices import cpu_has_avx512_bf16
+from ldm.kernels.paths import SpeedPaths
+from ldm.options import add_device_arguments
 from ldm.models.attention import CrossAttention
-from ldm.models.cpu_attention import set_attention_kernel
-from ldm.models.winograd import INPUT_TRANSFORM, MIN_CHANNELS, OUTPUT_TRANSFORM, Conv3x3, set_winograd
+from ldm.kernels.cpu_attention import set_attention_kernel
+from ldm.kernels.winograd import INPUT_TRANSFORM, MIN_CHANNELS, OUTPUT_TRANSFORM, Conv3x3, set_winograd
 
 needs_avx512_bf16 = pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the kernels need a CPU with AVX512-BF16")
 

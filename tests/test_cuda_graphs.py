@@ -1,4 +1,4 @@
-"""UNet calls replayed as CUDA graphs (ldm.models.cuda_graphs): the eager numbers for new inputs of a
+"""UNet calls replayed as CUDA graphs (ldm.kernels.cuda_graphs): the eager numbers for new inputs of a
 recorded shape, a graph per shape (none for a shape seen once), new graphs for new weights, eager
 calls where graphs cannot be used, and the same image with graphs on or off.
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ldm.checkpoints.loader import build_model, load_model
-from ldm.devices import SpeedPaths, add_device_arguments
-from ldm.models.cuda_graphs import GraphedForward, graphed, set_cuda_graphs
+from ldm.kernels.paths import SpeedPaths
+from ldm.options import add_device_arguments
+from ldm.kernels.cuda_graphs import GraphedForward, graphed, set_cuda_graphs
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
 from tests.tiny_sd import randomise, tiny_preset, write_tiny_checkpoint

@@ -12,7 +12,8 @@ from PIL import Image
 
 from ldm.checkpoints.inspect import inspect_target
 from ldm.checkpoints.loader import load_model
-from ldm.cli import DEFAULT_MODELS, main
+from ldm.checkpoints.presets import DEFAULT_MODELS
+from ldm.cli import main
 from ldm.data.detector import detect
 from ldm.data.world import POSITION_PHRASES
 from ldm.tasks.parameters import read_png_parameters

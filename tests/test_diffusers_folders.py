@@ -35,7 +35,7 @@ from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.loader import build_model, load_model
 from ldm.checkpoints.original_config import original_config as written_original_config
 from ldm.checkpoints.presets import find_preset, list_presets
-from ldm.models.conditioners import OpenCLIPTextEncoderConfig
+from ldm.models.clip import OpenCLIPTextEncoderConfig
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import sample_latents
 from tests.test_diffusers_parity_sd2 import converted_text_model

@@ -17,9 +17,9 @@ from ldm.checkpoints.detect import detect_file, detect_preset
 from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, ema_key, load_model
 from ldm.checkpoints.presets import find_preset, list_presets
 from ldm.cli import main, read_boxes
-from ldm.models.bert_tokenizer import BertPromptTokenizer, find_bert_tokenizer
-from ldm.models.layout_tokens import LDMLayoutTokenizer
-from ldm.models.tokenizers import TokenizerNotFoundError
+from ldm.text.bert_tokenizer import BertPromptTokenizer, find_bert_tokenizer
+from ldm.text.layout_tokens import LDMLayoutTokenizer
+from ldm.text.lookup import TokenizerNotFoundError
 from ldm.tasks.parameters import read_png_parameters
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import sample_latents, txt2img

@@ -11,8 +11,9 @@ from transformers import CLIPTokenizer
 
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.loader import ema_key, load_model
-from ldm.models import tokenizers
-from ldm.models.tokenizers import TokenizerNotFoundError
+from ldm.text import clip_tokenizer as tokenizers
+from ldm.text import lookup
+from ldm.text.lookup import TokenizerNotFoundError
 from tests.tiny_sd import write_tiny_checkpoint
 from tests.tiny_sd2 import write_tiny_v2_checkpoint
 
@@ -109,7 +110,7 @@ def test_an_sd2_layout_file_loads_strictly_and_finds_its_tokenizer_as_v1_does(tm
     assert torch.equal(loaded.model.state_dict()[key], raw[key])
     assert loaded.model.cond_stage_model.tokenizer.get_vocab() == CLIPTokenizer.from_pretrained(str(tokenizer)).get_vocab()
 
-    monkeypatch.setattr(tokenizers, "_hf_cached_folder", lambda hub_repo: None)
+    monkeypatch.setattr(lookup, "hub_cached_folder", lambda hub_repo, files: None)
     monkeypatch.setattr(tokenizers, "_open_clip_bpe_file", lambda: None)
     shutil.rmtree(tokenizer)
     with pytest.raises(TokenizerNotFoundError, match="SD v1 and v2 checkpoints do not contain one"):

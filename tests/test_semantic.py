@@ -27,7 +27,7 @@ from ldm.checkpoints.loader import build_model, load_model
 from ldm.checkpoints.original_config import original_config
 from ldm.checkpoints.presets import find_preset, list_presets, preset_from_dict
 from ldm.cli import main
-from ldm.models.conditioners import SpatialRescaler, SpatialRescalerConfig
+from ldm.models.spatial_rescaler import SpatialRescaler, SpatialRescalerConfig
 from ldm.tasks.parameters import read_png_parameters
 from ldm.tasks.request import GenerationRequest, TilingOptions
 from ldm.tasks.semantic import semantic

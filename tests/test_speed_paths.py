@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from ldm.checkpoints.loader import build_model
-from ldm.devices import (SpeedPaths, choose_memory_format, cpu_has_bf16, free_memory_mb, heap_info, keep_freed_memory,
-                         training_autocast)
-from ldm.models.attention import GEGLU, GroupNorm32, SpatialTransformer, memory_format_of
-from ldm.models.winograd import Conv3x3
+from ldm.devices import cpu_has_bf16, free_memory_mb, heap_info, keep_freed_memory, training_autocast
+from ldm.kernels.memory_format import choose_memory_format, memory_format_of
+from ldm.kernels.paths import SpeedPaths
+from ldm.kernels.winograd import Conv3x3
+from ldm.models.attention import GEGLU, GroupNorm32, SpatialTransformer
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -127,11 +128,11 @@ def test_a_compiled_unet_keeps_its_names_and_gives_the_eager_numbers(tmp_path, m
 
 
 def test_compiling_on_a_cpu_without_a_cpp_compiler_says_what_to_install(monkeypatch):
-    from ldm import devices
+    from ldm.kernels import paths
 
-    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    monkeypatch.setattr(paths.shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match=r"needs a C\+\+ compiler.*apt-get install g\+\+.*without --compile"):
-        devices.compile_unet(torch.nn.Linear(2, 2), torch.device("cpu"))
+        paths.compile_unet(torch.nn.Linear(2, 2), torch.device("cpu"))
 
 
 def test_the_in_place_geglu_of_sampling_gives_the_training_numbers_and_training_still_backpropagates():

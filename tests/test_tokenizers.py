@@ -1,4 +1,4 @@
-"""ldm/models/tokenizers.py: the lookup order, its errors, the CLIP BPE conversion, and open_clip's real vocabulary."""
+"""ldm/text/clip_tokenizer.py: the lookup order, its errors, the CLIP BPE conversion, and open_clip's real vocabulary."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
-from ldm.models import tokenizers
-from ldm.models.tokenizers import TokenizerNotFoundError, clip_vocab_from_bpe, find_clip_tokenizer
+from ldm.text import clip_tokenizer as tokenizers
+from ldm.text import lookup
+from ldm.text.clip_tokenizer import clip_vocab_from_bpe, find_clip_tokenizer
+from ldm.text.lookup import TokenizerNotFoundError
 from tests.tokenizer_fixtures import tiny_vocab_size, write_tiny_clip_tokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -27,7 +29,7 @@ FUNCTISTANER_IDS = [49406, 320, 1125, 539, 320, 1414, 267, 8679, 555, 2203, 528,
 @pytest.fixture
 def no_shared_sources(monkeypatch, tmp_path):
     """Hide the Hugging Face cache and open_clip, so only the folders a test writes can be found."""
-    monkeypatch.setattr(tokenizers, "_hf_cached_folder", lambda hub_repo: None)
+    monkeypatch.setattr(lookup, "hub_cached_folder", lambda hub_repo, files: None)
     monkeypatch.setattr(tokenizers, "_open_clip_bpe_file", lambda: None)
     monkeypatch.setenv("LDM_STUDIO_CACHE", str(tmp_path / "ldm-cache"))
 
@@ -245,7 +247,7 @@ def test_clip_vocab_from_bpe_keeps_a_complete_folder_and_refuses_a_foreign_one(t
 
 def test_open_clip_step_converts_once_into_the_cache_and_reuses_it(tmp_path, monkeypatch):
     gz = write_bpe_gz(tmp_path / "bpe.txt.gz", ["t h", "th e</w>", "a n", "an d</w>"])
-    monkeypatch.setattr(tokenizers, "_hf_cached_folder", lambda hub_repo: None)
+    monkeypatch.setattr(lookup, "hub_cached_folder", lambda hub_repo, files: None)
     monkeypatch.setattr(tokenizers, "_open_clip_bpe_file", lambda: gz)
     monkeypatch.setenv("LDM_STUDIO_CACHE", str(tmp_path / "ldm-cache"))
 
@@ -278,7 +280,7 @@ def open_clip_gz() -> Path:
 
 
 def test_open_clip_vocab_encodes_like_sd_v1(tmp_path, monkeypatch, open_clip_gz):
-    monkeypatch.setattr(tokenizers, "_hf_cached_folder", lambda hub_repo: None)
+    monkeypatch.setattr(lookup, "hub_cached_folder", lambda hub_repo, files: None)
     monkeypatch.setenv("LDM_STUDIO_CACHE", str(tmp_path / "ldm-cache"))
     open_clip_was_imported = "open_clip" in sys.modules
 

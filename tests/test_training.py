@@ -38,7 +38,7 @@ def test_masks_are_boolean_and_varied():
 
 
 def test_the_conditioning_mix_drops_captions_and_layouts_as_asked():
-    from ldm.models.word_tokenizer import WordLayoutTokenizer
+    from ldm.text.word_tokenizer import WordLayoutTokenizer
     from tests.test_word_tokenizer import VOCAB
 
     tokenizer = WordLayoutTokenizer.from_file(VOCAB, 40, 4, 16)
@@ -181,7 +181,7 @@ def test_min_snr_weighting_leaves_the_noisy_steps_alone_for_eps():
 
 
 def test_layout_token_embeddings_start_from_what_they_mean():
-    from ldm.models.word_tokenizer import WordLayoutTokenizer
+    from ldm.text.word_tokenizer import WordLayoutTokenizer
     from tests.test_word_tokenizer import VOCAB
 
     tokenizer = WordLayoutTokenizer.from_file(VOCAB, 40, 4, 16)

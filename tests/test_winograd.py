@@ -1,4 +1,4 @@
-"""Winograd 3x3 convolutions (ldm.models.winograd): the direct convolution's numbers, taken only where
+"""Winograd 3x3 convolutions (ldm.kernels.winograd): the direct convolution's numbers, taken only where
 it pays (sampling on a CPU, wide layers, fp32 on small images), kernels that follow the weights, and
 a UNet that samples the same with it on or off."""
 
@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ldm.models.winograd as winograd
+import ldm.kernels.winograd as winograd
 from ldm.checkpoints.loader import build_model, load_model
-from ldm.devices import SpeedPaths, cpu_has_avx512_bf16
-from ldm.models.cpu_kernels import load_cpu_kernels
-from ldm.models.winograd import MIN_CHANNELS, Conv3x3, set_winograd, winograd_conv3x3, winograd_weight
+from ldm.devices import cpu_has_avx512_bf16
+from ldm.kernels.paths import SpeedPaths
+from ldm.kernels.cpu_kernels import load_cpu_kernels
+from ldm.kernels.winograd import MIN_CHANNELS, Conv3x3, set_winograd, winograd_conv3x3, winograd_weight
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
 from tests.tiny_sd import write_tiny_checkpoint
@@ -229,16 +230,16 @@ def test_the_autoencoder_decodes_whole_and_tiled_through_winograd_with_the_direc
 
 
 def test_a_compiled_unet_never_makes_winograd_kernels_and_the_autoencoder_keeps_them(monkeypatch):
-    import ldm.checkpoints.loader as loader
+    import ldm.kernels.paths as paths
     from tests.tiny_sd import tiny_preset
 
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)  # the tiny model's layers count as wide
     compiled, made = [], []
-    monkeypatch.setattr(loader, "compile_unet", lambda unet, device: compiled.append(unet))
+    monkeypatch.setattr(paths, "compile_unet", lambda unet, device: compiled.append(unet))
     transformed_weight = Conv3x3.transformed_weight
     monkeypatch.setattr(Conv3x3, "transformed_weight", lambda conv: made.append(conv) or transformed_weight(conv))
     model = build_model(tiny_preset(50).model, device="cpu")
-    loader.set_speed_paths(model, torch.device("cpu"), SpeedPaths(compile=True))
+    paths.set_speed_paths(model, torch.device("cpu"), SpeedPaths(compile=True))
     unet_convs = {m for m in model.unet.modules() if isinstance(m, Conv3x3)}
     assert compiled == [model.unet]
     assert made and not unet_convs & set(made)  # the autoencoder's only: none made and then thrown away

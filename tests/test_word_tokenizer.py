@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ldm.models.word_tokenizer import WordLayoutTokenizer, world_vocabulary
+from ldm.data.world import vocabulary
+from ldm.text.word_tokenizer import WordLayoutTokenizer
 
 VOCAB = Path(__file__).resolve().parents[1] / "presets" / "tokenizers" / "default-words.txt"
 
@@ -17,7 +18,7 @@ def tokenizer():
 
 
 def test_the_shipped_vocabulary_is_the_worlds():
-    assert VOCAB.read_text().split("\n")[:-1] == world_vocabulary(16)
+    assert VOCAB.read_text().split("\n")[:-1] == vocabulary(16)
 
 
 def test_a_caption_and_layout_make_one_fixed_length_sequence(tokenizer):

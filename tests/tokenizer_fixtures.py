@@ -4,7 +4,7 @@ The files have the real layout: `vocab.json` lists the 256 byte-level
 characters in GPT-2/CLIP order, then each with "</w>", then one token per merge,
 then `<|startoftext|>` and `<|endoftext|>`; `merges.txt` is "#version: 0.2"
 followed by one "left right" pair a line. So `transformers.CLIPTokenizer` (and
-`ldm.models.tokenizers.find_clip_tokenizer(tokenizer_dir=...)`) loads it as is.
+`ldm.text.clip_tokenizer.find_clip_tokenizer(tokenizer_dir=...)`) loads it as is.
 
 The byte alphabet is built here with the GPT-2 byte-to-unicode construction, on
 purpose not imported from ldm/, so that tests of ldm's converter compare against

@@ -14,7 +14,7 @@ import torch
 from ldm.checkpoints.catalog import CatalogEntry, scan
 from ldm.checkpoints.loader import LoadedModel, load_model
 from ldm.checkpoints.presets import DEFAULT_MODELS, DEFAULT_WEIGHTS_DIR
-from ldm.devices import SpeedPaths
+from ldm.kernels.paths import SpeedPaths
 from ldm.sampling.presets import SamplerPreset, read_sampler_presets
 from ldm.tasks.request import DEFAULT_BUDGET_MB
 from ui.outputs import OutputWriter

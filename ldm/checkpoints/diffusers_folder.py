@@ -35,7 +35,7 @@ import torch
 
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_key_shapes, read_state_dict
-from ldm.models.conditioners import OpenCLIPTextEncoderConfig
+from ldm.models.clip import OpenCLIPTextEncoderConfig
 from ldm.models.latent_diffusion import LatentDiffusionConfig
 from ldm.sampling.schedules import ScheduleConfig
 

@@ -23,16 +23,10 @@ from ldm.checkpoints.diffusers_folder import (
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
-from ldm.devices import SpeedPaths, choose_memory_format, compile_unet
-from ldm.models.bert_tokenizer import BERT_HUB_REPO, find_bert_tokenizer
-from ldm.models.conditioners import CLIPTextEncoder, OpenCLIPTextEncoder
-from ldm.models.cpu_attention import set_attention_kernel
-from ldm.models.cuda_graphs import set_cuda_graphs
+from ldm.kernels.memory_format import choose_memory_format
+from ldm.kernels.paths import SpeedPaths, set_speed_paths
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
-from ldm.models.layout_tokens import LDMLayoutTokenizer
-from ldm.models.tokenizers import find_clip_tokenizer
-from ldm.models.winograd import set_winograd
-from ldm.models.word_tokenizer import WordLayoutTokenizer
+from ldm.text.lookup import tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -160,27 +154,6 @@ def _check_complete(weights: dict, model: LatentDiffusion, preset: ModelPreset, 
         raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {k} is {list(got)}, expected {list(want)}")
 
 
-def load_tokenizer(encoder, preset: ModelPreset, path: Path, tokenizer_dir: str | Path | None):
-    """The tokenizer a conditioning stage needs: CLIP's BPE (looked up; OpenCLIP uses the same one),
-    bert-base-uncased's WordPiece for LDM BERT (looked up), LDM's layout tokens for a layout-only
-    encoder, or a word-and-layout vocabulary file named by the preset (relative to the presets folder)."""
-    if isinstance(encoder, (CLIPTextEncoder, OpenCLIPTextEncoder)):
-        return find_clip_tokenizer(tokenizer_dir=tokenizer_dir, checkpoint_path=path)
-    config = encoder.config
-    if config.vocab == BERT_HUB_REPO:
-        tokenizer = find_bert_tokenizer(tokenizer_dir=tokenizer_dir, checkpoint_path=path)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise CheckpointError(f"{path}: the tokenizer from {tokenizer.source} has {tokenizer.vocab_size} tokens, more "
-                                  f"than the {config.vocab_size} of the {preset.name} model; it is not {BERT_HUB_REPO}'s")
-        return tokenizer
-    if config.vocab == "layout":
-        return LDMLayoutTokenizer(config.vocab_size, config.max_objects, config.grid) if config.max_objects else None
-    vocab = PRESET_DIR.parent / config.vocab
-    if not vocab.is_file():
-        raise CheckpointError(f"{path}: the tokenizer vocabulary {vocab} that preset {preset.name} names is missing")
-    return WordLayoutTokenizer.from_file(vocab, config.caption_tokens, config.max_objects, config.grid)
-
-
 def resolve_preset(path: Path, preset: str | Path | ModelPreset | None) -> ModelPreset:
     if isinstance(preset, ModelPreset):
         return preset
@@ -190,21 +163,6 @@ def resolve_preset(path: Path, preset: str | Path | ModelPreset | None) -> Model
     if detection.notice:
         log.warning("%s", detection.notice)
     return detection.preset
-
-
-def set_speed_paths(model: LatentDiffusion, device: torch.device, paths: SpeedPaths = SpeedPaths()) -> None:
-    """How a loaded model samples fastest on ``device`` (see ``SpeedPaths``): Winograd 3x3 convolutions
-    where they pay on a CPU, our C++ kernels on a CPU with AVX512-BF16 (bf16 attention, Winograd's
-    data transforms), the UNet's steps replayed as CUDA graphs on a GPU, or a compiled UNet (which
-    chooses its own kernels; the autoencoder keeps Winograd and our kernels)."""
-    bf16_cpu = device.type == "cpu" and next(model.parameters()).dtype == torch.bfloat16
-    for part in model.children():  # a compiled UNet's kernels are never made (SD v1 fp32: 3.5 GiB, 6 s)
-        compiled = paths.compile and part is model.model
-        set_winograd(part, paths.winograd and not compiled, transform_kernels=paths.cpu_kernels)
-        set_attention_kernel(part, paths.cpu_kernels and bf16_cpu and not compiled)
-    set_cuda_graphs(model.unet, paths.cuda_graphs and not paths.compile)
-    if paths.compile:
-        compile_unet(model.unet, device)
 
 
 def load_model(
@@ -219,8 +177,8 @@ def load_model(
     speed: SpeedPaths = SpeedPaths(),
 ) -> LoadedModel:
     """Detect, build, strictly load and report. ``memory_format``: "contiguous", "channels_last" or
-    "auto" (the faster one for this model on ``device``: ``ldm.devices.choose_memory_format``).
-    ``speed``: the faster sampling paths to use where they apply (``ldm.devices.SpeedPaths``; all but
+    "auto" (the faster one for this model on ``device``: ``ldm.kernels.memory_format``).
+    ``speed``: the faster sampling paths to use where they apply (``ldm.kernels.paths.SpeedPaths``; all but
     compiling by default)."""
     path = Path(path)
     chosen = resolve_preset(path, preset)
@@ -242,7 +200,8 @@ def load_model(
     del weights
     if model.encodes_tokens:  # text and layout encoders; not a spatial conditioner
         model.cond_stage_model.init_non_persistent_buffers()
-        model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, chosen, path, tokenizer_dir)
+        model.cond_stage_model.tokenizer = tokenizer_for(model.cond_stage_model, path, tokenizer_dir, preset_name=chosen.name,
+                                                         vocabulary_root=PRESET_DIR.parent)
     layout = choose_memory_format(memory_format, torch.device(device), chosen.model.unet.model_channels)
     model = model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
     set_speed_paths(model, torch.device(device), speed)

@@ -16,13 +16,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.models.autoencoder import AutoencoderConfig
-from ldm.models.conditioners import (
-    CLIPTextEncoderConfig,
-    OpenCLIPTextEncoderConfig,
-    SpatialRescalerConfig,
-    TransformerEmbedderConfig,
-)
+from ldm.models.clip import CLIPTextEncoderConfig, OpenCLIPTextEncoderConfig
 from ldm.models.latent_diffusion import FirstStageConditionerConfig, LatentDiffusionConfig, NoiseAugmentationConfig
+from ldm.models.ldm_bert import TransformerEmbedderConfig
+from ldm.models.spatial_rescaler import SpatialRescalerConfig
 from ldm.models.unet import UNetConfig
 from ldm.sampling.denoiser import PARAMETERIZATIONS
 from ldm.sampling.schedules import ScheduleConfig

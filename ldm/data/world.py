@@ -146,6 +146,17 @@ def scene_from_seed(seed: int, max_objects: int = MAX_OBJECTS) -> Scene:
     return sample_scene(np.random.default_rng(seed), max_objects)
 
 
+
+def vocabulary(grid: int) -> list[str]:
+    """The tokens of the world's word-and-layout vocabulary (``presets/tokenizers/default-words.txt``
+    holds them, one a line): specials, caption words, object classes, grid cells."""
+    words = {"a", "an", "and", ",", "there", "is", "with"}
+    words |= set(COLOURS) | set(SHAPES) | set(SIZES)
+    for phrase in POSITION_PHRASES.values():
+        words |= set(phrase.split())
+    classes = [f"<class:{c} {s}>" for c in COLOURS for s in SHAPES]
+    return ["<pad>", "<unk>", *sorted(words), *classes, *(f"<grid:{i}>" for i in range(grid * grid))]
+
 def _background_array(background: Background, size: int) -> np.ndarray:
     a, b = (np.array(c, dtype=np.float32) for c in background.colours)
     if background.kind == "plain":

@@ -11,7 +11,7 @@ Module names follow the original checkpoints (CompVis ``ldm/modules/attention.py
 - ``AttentionBlock``: the legacy single-tensor ``qkv`` attention, ``norm``, ``qkv``, ``proj_out``.
 
 All attention runs through ``torch.nn.functional.scaled_dot_product_attention``, or when sampling in bf16
-on a CPU with AVX512-BF16 through our kernel (``ldm.models.cpu_attention``; each layer's ``bf16_kernel``).
+on a CPU with AVX512-BF16 through our kernel (``ldm.kernels.cpu_attention``; each layer's ``bf16_kernel``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.cpu_attention import attention
+from ldm.kernels.cpu_attention import attention
+from ldm.kernels.memory_format import memory_format_of
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -69,7 +70,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
-        self.bf16_kernel = False  # set by ldm.models.cpu_attention.set_attention_kernel
+        self.bf16_kernel = False  # set by ldm.kernels.cpu_attention.set_attention_kernel
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -142,13 +143,6 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-d tensor laid out so (and not also contiguous), else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, conditioned on a token sequence (tau_theta(y))."""
 
@@ -214,7 +208,7 @@ class AttentionBlock(nn.Module):
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
-        self.bf16_kernel = False  # set by ldm.models.cpu_attention.set_attention_kernel
+        self.bf16_kernel = False  # set by ldm.kernels.cpu_attention.set_attention_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.cpu_attention import attention
-from ldm.models.winograd import Conv3x3
+from ldm.kernels.cpu_attention import attention
+from ldm.kernels.winograd import Conv3x3
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -53,7 +53,7 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.bf16_kernel = False  # set by ldm.models.cpu_attention.set_attention_kernel
+        self.bf16_kernel = False  # set by ldm.kernels.cpu_attention.set_attention_kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

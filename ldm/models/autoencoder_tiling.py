@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.autoencoder import AttnBlock, Autoencoder, DiagonalGaussian, Downsample, ResnetBlock, Stage, Upsample
-from ldm.models.winograd import Conv3x3
+from ldm.kernels.winograd import Conv3x3
 
 
 def _zero_outside(t: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:

@@ -15,16 +15,9 @@ from torch import nn
 
 from ldm.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
 from ldm.models.autoencoder_tiling import tiled_decode, tiled_encode
-from ldm.models.conditioners import (
-    CLIPTextEncoder,
-    CLIPTextEncoderConfig,
-    OpenCLIPTextEncoder,
-    OpenCLIPTextEncoderConfig,
-    SpatialRescaler,
-    SpatialRescalerConfig,
-    TransformerEmbedder,
-    TransformerEmbedderConfig,
-)
+from ldm.models.clip import CLIPTextEncoder, CLIPTextEncoderConfig, OpenCLIPTextEncoder, OpenCLIPTextEncoderConfig
+from ldm.models.ldm_bert import TransformerEmbedder, TransformerEmbedderConfig
+from ldm.models.spatial_rescaler import SpatialRescaler, SpatialRescalerConfig
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.sampling.denoiser import EpsDenoiser, check_parameterization
 from ldm.sampling.schedules import ScheduleConfig, make_alphas_cumprod

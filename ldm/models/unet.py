@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.attention import AttentionBlock, SpatialTransformer, heads_and_dim, normalization, zero_module
-from ldm.models.winograd import Conv3x3
+from ldm.kernels.winograd import Conv3x3
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

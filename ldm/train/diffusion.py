@@ -21,15 +21,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.checkpoints.loader import build_model, load_tokenizer
-from ldm.checkpoints.presets import ModelPreset, find_preset
+from ldm.checkpoints.loader import build_model
+from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset
 from ldm.data.batches import random_crop, scene_batch, scene_batches
 from ldm.data.masks import training_mask
 from ldm.data.world import MAX_OBJECTS
 from ldm.devices import training_autocast
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.models.word_tokenizer import WordLayoutTokenizer
 from ldm.sampling.denoiser import training_target
+from ldm.text.lookup import tokenizer_for
+from ldm.text.word_tokenizer import WordLayoutTokenizer
 from ldm.train.curves import LossLog
 from ldm.train.common import learning_rate, read_recipe, resume, same_shapes, save_training_state
 
@@ -148,7 +149,8 @@ def build_training_model(preset: ModelPreset, autoencoder_state: dict, scale_fac
     model.first_stage_model.load_state_dict(autoencoder_state)
     model.first_stage_model.requires_grad_(False).eval()
     if model.cond_stage_model is not None:
-        model.cond_stage_model.tokenizer = load_tokenizer(model.cond_stage_model, preset, preset.source, None)
+        model.cond_stage_model.tokenizer = tokenizer_for(model.cond_stage_model, preset.source, None, preset_name=preset.name,
+                                                         vocabulary_root=PRESET_DIR.parent)
         if isinstance(model.cond_stage_model.tokenizer, WordLayoutTokenizer):
             structure_layout_embeddings(model.cond_stage_model.transformer.token_emb.weight, model.cond_stage_model.tokenizer)
     return model

@@ -4,13 +4,9 @@ LDM's ``BERTEmbedder`` turns a caption into ids with transformers' ``BertTokeniz
 "bert-base-uncased": ``[CLS] ... [SEP]``, truncated and padded with ``[PAD]`` (id 0) to 77 tokens
 (CompVis/latent-diffusion ``ldm/modules/encoders/modules.py``). The checkpoints hold no vocabulary
 and no pip package ships bert-base-uncased's ``vocab.txt``, so ``find_bert_tokenizer`` looks for it
-in the same order as ``ldm.models.tokenizers.find_clip_tokenizer`` and never downloads:
-
-1. ``tokenizer_dir``, when given. A folder without ``vocab.txt`` is an error, never skipped.
-2. Next to the checkpoint: its own folder, its ``tokenizer/`` subfolder, or a
-   ``<checkpoint stem>.tokenizer/`` folder beside it.
-3. The Hugging Face cache for ``bert-base-uncased`` (files already downloaded; offline).
-4. Otherwise ``TokenizerNotFoundError``, naming the places searched and where to put ``vocab.txt``.
+in the order of ``ldm.text.lookup`` (a given folder, beside the checkpoint, the Hugging Face cache)
+and never downloads; otherwise ``TokenizerNotFoundError`` names the places searched and where to put
+``vocab.txt``.
 
 A prompt longer than 77 tokens is cut, as the original does; ``notices`` says so for the user.
 """
@@ -23,11 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import huggingface_hub
 import torch
-from transformers import BertTokenizerFast
 
-from ldm.models.tokenizers import TokenizerNotFoundError, _folders_next_to
+from ldm.text.lookup import TokenizerNotFoundError, search
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +38,7 @@ class BertPromptTokenizer:
     the project's word-and-layout tokenizer (``encode_batch(prompts, layouts)``), so that the
     conditioning stage encodes with it unchanged; LDM BERT models take no layout."""
 
-    tokenizer: BertTokenizerFast
+    tokenizer: object  # transformers' BertTokenizerFast
     max_length: int = BERT_MAX_LENGTH
     source: str = ""
 
@@ -88,27 +82,11 @@ def find_bert_tokenizer(
     hub_repo: str = BERT_HUB_REPO,
 ) -> BertPromptTokenizer:
     """LDM BERT's tokenizer from the first source in the module's lookup order."""
-    if tokenizer_dir is not None:
-        folder = Path(tokenizer_dir)
-        if not (folder / BERT_VOCAB_FILE).is_file():
-            what = "does not exist" if not folder.is_dir() else f"has no {BERT_VOCAB_FILE}"
-            raise TokenizerNotFoundError(
-                f"Tokenizer folder {folder} {what}; for an LDM BERT model it must hold {hub_repo}'s {BERT_VOCAB_FILE}")
-        return load_bert_tokenizer(folder, source=f"tokenizer folder {folder}")
-
-    searched: list[str] = []
-    if checkpoint_path is not None:
-        for folder in _folders_next_to(Path(checkpoint_path)):
-            if (folder / BERT_VOCAB_FILE).is_file():
-                return load_bert_tokenizer(folder, source=f"folder next to the checkpoint {folder}")
-            searched.append(f"{folder}/")
-
-    cached = huggingface_hub.try_to_load_from_cache(hub_repo, BERT_VOCAB_FILE)
-    if isinstance(cached, str):
-        folder = Path(cached).parent
-        return load_bert_tokenizer(folder, source=f"Hugging Face cache for {hub_repo} ({folder})")
-    searched.append(f"the Hugging Face cache for {hub_repo}")
-    raise TokenizerNotFoundError(_not_found_message(searched, checkpoint_path, hub_repo))
+    found, searched = search((BERT_VOCAB_FILE,), tokenizer_dir=tokenizer_dir, checkpoint_path=checkpoint_path,
+                             hub_repo=hub_repo, requirement=f"for an LDM BERT model it must hold {hub_repo}'s {BERT_VOCAB_FILE}")
+    if found is None:
+        raise TokenizerNotFoundError(_not_found_message(searched, checkpoint_path, hub_repo))
+    return load_bert_tokenizer(found.folder, source=found.source)
 
 
 def _not_found_message(searched: list[str], checkpoint_path: str | os.PathLike | None, hub_repo: str) -> str:
@@ -127,6 +105,8 @@ def _not_found_message(searched: list[str], checkpoint_path: str | os.PathLike |
 
 def load_bert_tokenizer(folder: str | os.PathLike, *, source: str = "") -> BertPromptTokenizer:
     """The uncased WordPiece tokenizer of ``folder/vocab.txt``, checked for BERT's special tokens."""
+    from transformers import BertTokenizerFast  # imported when a tokenizer is loaded: it takes a second to import
+
     folder = Path(folder)
     tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True, do_lower_case=True,
                                                   model_max_length=BERT_MAX_LENGTH)

@@ -83,14 +83,3 @@ class WordLayoutTokenizer:
         layouts = layouts if layouts is not None else [None] * len(captions)
         return torch.tensor([self.encode(c, b) for c, b in zip(captions, layouts, strict=True)], dtype=torch.long)
 
-
-def world_vocabulary(grid: int) -> list[str]:
-    """The vocabulary of the procedural world: specials, caption words, object classes, grid cells."""
-    from ldm.data.world import COLOURS, POSITION_PHRASES, SHAPES, SIZES
-
-    words = {"a", "an", "and", ",", "there", "is", "with"}
-    words |= set(COLOURS) | set(SHAPES) | set(SIZES)
-    for phrase in POSITION_PHRASES.values():
-        words |= set(phrase.split())
-    classes = [f"<class:{c} {s}>" for c in COLOURS for s in SHAPES]
-    return [PAD, UNK, *sorted(words), *classes, *(f"<grid:{i}>" for i in range(grid * grid))]

@@ -1,24 +1,18 @@
-"""Find the CLIP BPE tokenizer that a Stable Diffusion v1 or v2 checkpoint needs.
+"""The CLIP BPE tokenizer that Stable Diffusion v1 and v2 checkpoints need.
 
-SD v1 and v2 single-file checkpoints hold the text encoder's weights (CLIP
-ViT-L/14, OpenCLIP ViT-H/14) but not its tokenizer; both use the same BPE
-vocabulary, and nothing here downloads one. `find_clip_tokenizer` looks, in this
-order, and uses the first source that holds a complete `vocab.json` +
-`merges.txt`:
+SD v1 and v2 single-file checkpoints hold the text encoder's weights (CLIP ViT-L/14, OpenCLIP
+ViT-H/14) but not its tokenizer; both use the same BPE vocabulary. `find_clip_tokenizer` looks for a
+complete `vocab.json` + `merges.txt` in the order of ``ldm.text.lookup`` (a given folder, beside the
+checkpoint, the Hugging Face cache), then:
 
-1. `tokenizer_dir`, when given. An incomplete folder is an error, never skipped.
-2. Next to the checkpoint: its own folder, its `tokenizer/` subfolder, or a
-   `<checkpoint stem>.tokenizer/` folder beside it.
-3. The Hugging Face cache, for `hub_repo` (files already downloaded; offline).
-4. The CLIP BPE file `bpe_simple_vocab_16e6.txt.gz` that the `open_clip_torch`
-   package ships (byte-identical to openai/CLIP's). It is converted once into
-   `vocab.json` + `merges.txt` under `$LDM_STUDIO_CACHE/tokenizers/` (default
-   `~/.cache/ldm-studio/tokenizers/`) and reused afterwards.
+4. The CLIP BPE file `bpe_simple_vocab_16e6.txt.gz` that the `open_clip_torch` package ships
+   (byte-identical to openai/CLIP's). It is converted once into `vocab.json` + `merges.txt` under
+   `$LDM_STUDIO_CACHE/tokenizers/` (default `~/.cache/ldm-studio/tokenizers/`) and reused afterwards.
 5. Otherwise `TokenizerNotFoundError`, naming the places searched and the fix.
 
-Whatever the source, the tokenizer returned behaves like SD v1's: at most 77
-tokens, `<|startoftext|>` as bos and `<|endoftext|>` as eos and pad (the SD 2.x
-encoder pads with token 0 itself, as open_clip does).
+Whatever the source, the tokenizer returned behaves like SD v1's: at most 77 tokens,
+`<|startoftext|>` as bos and `<|endoftext|>` as eos and pad (the SD 2.x encoder pads with token 0
+itself, as open_clip does).
 """
 
 from __future__ import annotations
@@ -33,8 +27,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import huggingface_hub
-from transformers import CLIPTokenizer
+from ldm.text.lookup import TokenizerNotFoundError, has_files, search
 
 logger = logging.getLogger(__name__)
 
@@ -55,40 +48,23 @@ MERGES_HEADER = "#version: 0.2"
 _PRINTABLE_BYTES = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
 
 
-class TokenizerNotFoundError(FileNotFoundError):
-    """No CLIP tokenizer in any of the places `find_clip_tokenizer` searches."""
-
-
 def find_clip_tokenizer(
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     checkpoint_path: str | os.PathLike | None = None,
     hub_repo: str = DEFAULT_HUB_REPO,
-) -> CLIPTokenizer:
-    """Return SD v1's CLIP tokenizer from the first source in the module's lookup order."""
-    if tokenizer_dir is not None:
-        folder = Path(tokenizer_dir)
-        _require_vocab_files(folder)
-        return _load_clip_tokenizer(folder, source=f"tokenizer folder {folder}")
-
-    searched: list[str] = []
-    if checkpoint_path is not None:
-        for folder in _folders_next_to(Path(checkpoint_path)):
-            if _has_vocab_files(folder):
-                return _load_clip_tokenizer(folder, source=f"folder next to the checkpoint {folder}")
-            searched.append(f"{folder}/")
-
-    folder = _hf_cached_folder(hub_repo)
-    if folder is not None:
-        return _load_clip_tokenizer(folder, source=f"Hugging Face cache for {hub_repo} ({folder})")
-    searched.append(f"the Hugging Face cache for {hub_repo}")
-
+):
+    """Return SD v1's CLIP tokenizer (transformers' ``CLIPTokenizer``) from the first source in the
+    module's lookup order."""
+    found, searched = search(VOCAB_FILES, tokenizer_dir=tokenizer_dir, checkpoint_path=checkpoint_path,
+                             hub_repo=hub_repo, requirement="it must hold vocab.json and merges.txt")
+    if found is not None:
+        return _load_clip_tokenizer(found.folder, source=found.source)
     gz_path = _open_clip_bpe_file()
     if gz_path is not None:
         folder = _cached_clip_vocab(gz_path)
         return _load_clip_tokenizer(folder, source=f"open_clip's {OPEN_CLIP_BPE_NAME}, converted in {folder}")
     searched.append(f"an installed open_clip_torch package ({OPEN_CLIP_BPE_NAME})")
-
     raise TokenizerNotFoundError(_not_found_message(searched, checkpoint_path, hub_repo))
 
 
@@ -116,24 +92,6 @@ def clip_vocab_from_bpe(gz_path: str | os.PathLike, out_dir: str | os.PathLike) 
 
 
 # --- lookup steps -------------------------------------------------------------
-
-
-def _folders_next_to(checkpoint: Path) -> list[Path]:
-    """The folders beside a checkpoint that may hold its tokenizer, in lookup order."""
-    return [checkpoint.parent, checkpoint.parent / "tokenizer", checkpoint.parent / f"{checkpoint.stem}.tokenizer"]
-
-
-def _hf_cached_folder(hub_repo: str) -> Path | None:
-    """The cached snapshot folder of `hub_repo` if it holds both vocab files, else None.
-
-    transformers 5's `CLIPTokenizer.from_pretrained(repo, local_files_only=True)`
-    does not raise when nothing is cached: it returns a tokenizer whose whole
-    vocabulary is the three special tokens. So check the cache files first.
-    """
-    paths = [huggingface_hub.try_to_load_from_cache(hub_repo, name) for name in VOCAB_FILES]
-    if not all(isinstance(path, str) for path in paths):
-        return None
-    return Path(paths[0]).parent
 
 
 def _open_clip_bpe_file() -> Path | None:
@@ -185,21 +143,13 @@ def _not_found_message(searched: list[str], checkpoint_path: str | os.PathLike |
 
 
 def _has_vocab_files(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in VOCAB_FILES)
+    return has_files(folder, VOCAB_FILES)
 
 
-def _require_vocab_files(folder: Path) -> None:
-    if not folder.is_dir():
-        raise TokenizerNotFoundError(f"Tokenizer folder {folder} does not exist; it must hold vocab.json and merges.txt")
-    missing = [name for name in VOCAB_FILES if not (folder / name).is_file()]
-    if missing:
-        raise TokenizerNotFoundError(
-            f"Tokenizer folder {folder} has no {' and no '.join(missing)}; it must hold vocab.json and merges.txt"
-        )
-
-
-def _load_clip_tokenizer(folder: Path, *, source: str) -> CLIPTokenizer:
+def _load_clip_tokenizer(folder: Path, *, source: str):
     """Load the tokenizer in `folder` with SD v1's length and special tokens."""
+    from transformers import CLIPTokenizer  # imported when a tokenizer is loaded: it takes a second to import
+
     tokenizer = CLIPTokenizer.from_pretrained(
         str(folder),
         local_files_only=True,
@@ -213,7 +163,7 @@ def _load_clip_tokenizer(folder: Path, *, source: str) -> CLIPTokenizer:
     return tokenizer
 
 
-def _check_byte_level_vocab(tokenizer: CLIPTokenizer, source: str) -> None:
+def _check_byte_level_vocab(tokenizer, source: str) -> None:
     """Reject vocabularies that are not CLIP's byte-level BPE (they would give wrong token ids)."""
     vocab = tokenizer.get_vocab()
     base = _byte_level_alphabet()

@@ -1,9 +1,9 @@
 """Our C++ kernels for CPUs with AVX512-BF16 (``csrc/``), built against the installed torch on first
 use and loaded as ``torch.ops.ldm.*``:
 
-- ``attention_bf16``: bf16 attention (``ldm.models.cpu_attention``).
+- ``attention_bf16``: bf16 attention (``ldm.kernels.cpu_attention``).
 - ``winograd_input``, ``winograd_output``: the data transforms of Winograd convolutions, fp32 and
-  bf16 (``ldm.models.winograd``).
+  bf16 (``ldm.kernels.winograd``).
 
 The sources are compiled side by side with the C++ compiler (``$CXX`` or ``c++``; 12 s on a 2-core
 AMD EPYC, once per source text and torch version) into ``~/.cache/ldm-studio/kernels``; a library is written whole or

@@ -1,4 +1,4 @@
-"""Conditioning encoders tau_theta(y).
+"""The CLIP text encoders of Stable Diffusion, tau_theta(y) for text.
 
 ``CLIPTextEncoder`` is Stable Diffusion v1's frozen CLIP ViT-L/14 text tower, run through
 transformers' ``CLIPTextModel``. Its keys in a checkpoint are
@@ -9,22 +9,19 @@ transformers' ``CLIPTextModel``. Its keys in a checkpoint are
 with the module names of open_clip so that the original ``cond_stage_model.model.*`` keys load
 unchanged. It returns the penultimate layer's output after the final layer norm, as SD 2.x does.
 
-Both use the CLIP BPE tokenizer. Prompts longer than 75 tokens are split into chunks of 75, each
-wrapped in start/end tokens and padded to 77, encoded separately and concatenated along the
-sequence (as AUTOMATIC1111 does). CLIP pads with its end token, OpenCLIP with token 0.
+Both use the CLIP BPE tokenizer (``ldm.text.clip_tokenizer``). Prompts longer than 75 tokens are
+split into chunks of 75, each wrapped in start/end tokens and padded to 77, encoded separately and
+concatenated along the sequence (as AUTOMATIC1111 does). CLIP pads with its end token, OpenCLIP with
+token 0.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,7 +63,9 @@ def bpe_token_chunks(tokenizer, prompts: list[str], size: int, pad_id: int, min_
 class _TextTransformer(nn.Module):
     """Holds ``text_model`` so the checkpoint keys keep transformers 4's ``text_model.`` level."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config):
+        from transformers import CLIPTextModel  # imported where a model is built: it takes a second to import
+
         super().__init__()
         self.text_model = CLIPTextModel(config)
 
@@ -74,7 +73,7 @@ class _TextTransformer(nn.Module):
 class CLIPTextEncoder(nn.Module):
     """Encodes prompts to (B, 77 * chunks, hidden) token embeddings (the last layer, after its final norm).
 
-    The tokenizer is a loaded resource (found by ``ldm.models.tokenizers``), not model weights; it is
+    The tokenizer is a loaded resource (found by ``ldm.text``), not model weights; it is
     attached after construction.
     """
 
@@ -82,6 +81,8 @@ class CLIPTextEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
+        from transformers import CLIPTextConfig
+
         hf_config = CLIPTextConfig(
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
@@ -257,196 +258,3 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def encode(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
         return self(self.token_chunks(prompts, min_chunks))
-
-
-@dataclass(frozen=True)
-class TransformerEmbedderConfig:
-    """A token transformer trained with the diffusion model (LDM's ``BERTEmbedder``): token and absolute
-    position embeddings, pre-norm blocks of attention (``heads`` x ``head_dim``) and a GELU MLP, and a
-    final norm. ``vocab`` names the tokenizer: "bert-base-uncased", "layout" (ids given directly) or
-    a vocabulary file of the project's word-and-layout tokenizer."""
-
-    vocab_size: int
-    max_seq_len: int
-    dim: int
-    depth: int
-    heads: int = 8
-    head_dim: int = 64
-    vocab: str = "layout"
-    # For a word-and-layout vocabulary file (see ldm.models.word_tokenizer):
-    caption_tokens: int = 0
-    max_objects: int = 0
-    grid: int = 0
-
-    @property
-    def context_dim(self) -> int:
-        return self.dim
-
-    @property
-    def takes_text(self) -> bool:
-        """False for an encoder of layout ids alone (``vocab: layout``)."""
-        return self.vocab != "layout"
-
-
-class _TokenAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, head_dim: int):
-        super().__init__()
-        self.heads = heads
-        inner = heads * head_dim
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(dim, inner, bias=False)
-        self.to_v = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (self.to_q(x), self.to_k(x), self.to_v(x)))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
-
-
-class _TokenFeedForward(nn.Module):
-    """``net.0.0`` Linear dim -> 4 dim (then GELU), ``net.1`` dropout, ``net.2`` Linear 4 dim -> dim."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU()), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class _PositionEmbedding(nn.Module):
-    def __init__(self, dim: int, max_seq_len: int):
-        super().__init__()
-        self.emb = nn.Embedding(max_seq_len, dim)
-
-    def forward(self, n: int) -> torch.Tensor:
-        return self.emb(torch.arange(n, device=self.emb.weight.device))[None]
-
-
-class _AttentionLayers(nn.Module):
-    """``layers.{2i}`` = (LayerNorm, attention), ``layers.{2i+1}`` = (LayerNorm, feed-forward); pre-norm residuals."""
-
-    def __init__(self, c: TransformerEmbedderConfig):
-        super().__init__()
-        self.layers = nn.ModuleList()
-        for _ in range(c.depth):
-            self.layers.append(nn.ModuleList([nn.LayerNorm(c.dim), _TokenAttention(c.dim, c.heads, c.head_dim)]))
-            self.layers.append(nn.ModuleList([nn.LayerNorm(c.dim), _TokenFeedForward(c.dim)]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for norm, block in self.layers:
-            x = x + block(norm(x))
-        return x
-
-
-class _TokenTransformer(nn.Module):
-    def __init__(self, c: TransformerEmbedderConfig):
-        super().__init__()
-        self.token_emb = nn.Embedding(c.vocab_size, c.dim)
-        self.pos_emb = _PositionEmbedding(c.dim, c.max_seq_len)
-        self.attn_layers = _AttentionLayers(c)
-        self.norm = nn.LayerNorm(c.dim)
-        self.to_logits = nn.Linear(c.dim, c.vocab_size)  # kept for the checkpoint layout; unused for embeddings
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.token_emb(ids) + self.pos_emb(ids.shape[1])
-        return self.norm(self.attn_layers(x))
-
-
-class TransformerEmbedder(nn.Module):
-    """Encodes token ids (B, N) to (B, N, dim). Text and layouts become ids through ``tokenizer``, a
-    loaded resource attached after construction (``encode``)."""
-
-    def __init__(self, config: TransformerEmbedderConfig, tokenizer=None):
-        super().__init__()
-        self.config = config
-        self.tokenizer = tokenizer
-        self.transformer = _TokenTransformer(config)
-
-    def init_non_persistent_buffers(self) -> None:
-        """Nothing to recreate: every tensor of this encoder is stored."""
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"{ids.shape[1]} tokens exceed this encoder's {self.config.max_seq_len}")
-        return self.transformer(ids.to(self.transformer.token_emb.weight.device))
-
-    def encode(self, prompts: list[str], min_chunks: int = 1, layouts: list | None = None) -> torch.Tensor:
-        if self.tokenizer is None:
-            raise RuntimeError("TransformerEmbedder has no tokenizer attached; load the model through ldm.checkpoints")
-        return self(self.tokenizer.encode_batch(prompts, layouts))
-
-
-# --- Semantic synthesis: a segmentation map rescaled to the latent size --------------------------
-
-SPATIAL_RESCALER_METHODS = ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area")
-
-
-@dataclass(frozen=True)
-class SpatialRescalerConfig:
-    """LDM's ``SpatialRescaler`` (``ldm.modules.encoders.modules``): the input is resized ``n_stages``
-    times by ``multiplier`` with ``method``, then mapped from ``in_channels`` to ``out_channels`` by a
-    1x1 convolution named ``channel_mapper`` (bias only when ``bias``). The semantic synthesis
-    models use n_stages 2, in_channels 182 (COCO-Stuff labels, one-hot), out_channels 3."""
-
-    n_stages: int = 1
-    in_channels: int = 3
-    out_channels: int = 3
-    method: str = "bilinear"
-    multiplier: float = 0.5
-    bias: bool = False
-
-    def __post_init__(self):
-        if self.method not in SPATIAL_RESCALER_METHODS:
-            raise ValueError(f"spatial rescaler method {self.method!r} is not known; use one of {', '.join(SPATIAL_RESCALER_METHODS)}")
-        if self.n_stages < 0:
-            raise ValueError(f"spatial rescaler n_stages must be 0 or more, got {self.n_stages}")
-
-    @property
-    def takes_text(self) -> bool:
-        return False
-
-    @property
-    def downsampling_factor(self) -> int:
-        """Input pixels per output pixel (2 for each stage at the original's multiplier 0.5)."""
-        return round((1 / self.multiplier) ** self.n_stages)
-
-
-class SpatialRescaler(nn.Module):
-    """Maps (B, in_channels, H, W) to (B, out_channels, H / f, W / f), f = downsampling_factor.
-
-    Each stage is ``F.interpolate(x, scale_factor=multiplier, mode=method)`` with the remaining
-    arguments at their defaults (align_corners None, i.e. False for bilinear; no antialiasing;
-    recompute_scale_factor None), as the original calls it through ``functools.partial``."""
-
-    def __init__(self, config: SpatialRescalerConfig):
-        super().__init__()
-        self.config = config
-        self.channel_mapper = nn.Conv2d(config.in_channels, config.out_channels, 1, bias=config.bias)
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        x = maps.to(self.channel_mapper.weight)
-        for _ in range(self.config.n_stages):
-            x = nn.functional.interpolate(x, scale_factor=self.config.multiplier, mode=self.config.method)
-        return self.channel_mapper(x)  # (B, out_channels, H / f, W / f)
-
-    def encode(self, maps: torch.Tensor) -> torch.Tensor:
-        return self(maps)
-
-    def encode_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """``forward`` of the one-hot encoding of class indices (B, H, W), without building it: resizing
-        acts on each channel alike and the 1x1 map on each pixel alike, both linear, so mapping first
-        (the one-hot of class k maps to column k of the weight) and resizing after gives the same
-        result up to float rounding, with 3 channels in memory instead of ``in_channels``
-        (182 x 4 bytes a pixel would be 3 GB for a 2048 x 2048 map)."""
-        if labels.dtype.is_floating_point or labels.dim() != 3:
-            raise ValueError(f"labels must be integer class indices (B, H, W), got {labels.dtype} {tuple(labels.shape)}")
-        weight = self.channel_mapper.weight[:, :, 0, 0]  # (out, in)
-        x = weight.T[labels.to(weight.device)].permute(0, 3, 1, 2)  # (B, out, H, W)
-        if self.channel_mapper.bias is not None:
-            x = x + self.channel_mapper.bias[:, None, None]
-        for _ in range(self.config.n_stages):
-            x = nn.functional.interpolate(x, scale_factor=self.config.multiplier, mode=self.config.method)
-        return x

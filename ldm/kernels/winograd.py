@@ -22,7 +22,7 @@ Used for the 3x3 convolutions of the UNet and of the autoencoder (a tiled decode
 ``--no-winograd``, 2026-11-27).
 
 On a CPU with AVX512-BF16 the data transforms (``B^T d B`` of every block, ``A^T m A`` and the bias)
-run through our C++ kernels (``csrc/winograd_transforms.cpp``, ``ldm.models.cpu_kernels``): one
+run through our C++ kernels (``csrc/winograd_transforms.cpp``, ``ldm.kernels.cpu_kernels``): one
 pass over memory each instead of a pad, a gathering copy and a 16 x 16 matrix product (which ran at
 8-24 GFLOP/s inside a step). Over the 3x3 layers of one SD v1 UNet step (the caches
 flushed before each call, a trial script): bf16 1.39 -> 1.24 s, fp32 3.08 -> 2.67 s.
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.attention import memory_format_of
-from ldm.models.cpu_kernels import load_cpu_kernels
+from ldm.kernels.memory_format import memory_format_of
+from ldm.kernels.cpu_kernels import load_cpu_kernels
 
 # F(2x2, 3x3) (Lavin and Gray, 2016): output = A^T [(G g G^T) * (B^T d B)] A
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
@@ -76,7 +76,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      transform_kernels: bool = False) -> torch.Tensor:
     """A 3x3 convolution, stride 1, zero padding 1, of ``x`` (B, C, H, W) with the transformed kernel
     ``weight`` (16, O, C) from ``winograd_weight``. Returns (B, O, H, W) channels-last in memory.
-    ``transform_kernels``: the data transforms through our C++ kernels (``ldm.models.cpu_kernels``,
+    ``transform_kernels``: the data transforms through our C++ kernels (``ldm.kernels.cpu_kernels``,
     which must be loaded), one pass over memory each; otherwise through torch's operations."""
     b, c, h, w = x.shape
     th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 output tiles; an odd side is padded and cropped
@@ -156,7 +156,7 @@ def set_winograd(model: nn.Module, enabled: bool, transform_kernels: bool = True
     """Turn Winograd on or off in every ``Conv3x3`` of ``model``. On, the transformed kernels of the
     layers where it can pay are made now (at load, where their memory is counted with the weights,
     and not in the first step); off, they are freed. ``transform_kernels``: those layers transform
-    their data through our C++ kernels where they can be loaded (``ldm.models.cpu_kernels``; built on
+    their data through our C++ kernels where they can be loaded (``ldm.kernels.cpu_kernels``; built on
     first use). Returns the number of layers that have Winograd kernels."""
     convs = [m for m in model.modules() if isinstance(m, Conv3x3)]
     paying = [conv for conv in convs if enabled and winograd_can_pay(conv)]

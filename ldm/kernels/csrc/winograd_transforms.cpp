@@ -1,4 +1,4 @@
-// The data transforms of Winograd F(2x2, 3x3) (ldm/models/winograd.py) for channels-last tensors,
+// The data transforms of Winograd F(2x2, 3x3) (ldm/kernels/winograd.py) for channels-last tensors,
 // fp32 or bf16, on CPUs with AVX512: one pass over memory each, instead of torch's pad, gather copy
 // and a 16 x 16 matrix product over the gathered blocks (8-24 GFLOP/s inside an SD v1 UNet step,
 // torch's profiler). Both compute in fp32 and round once.

@@ -12,7 +12,7 @@ bench/attention.py --rounds 3``; (batch, heads, queries, keys, head width)): SD 
 1590 ms; the autoencoder's single 512-wide head over 4096 tokens 94 against 176 ms. Its largest
 error against a float64 reference is torch's bf16 kernel's (both are the final rounding to bf16).
 
-The kernel is built with our other CPU kernels (``ldm.models.cpu_kernels``) and called as
+The kernel is built with our other CPU kernels (``ldm.kernels.cpu_kernels``) and called as
 ``torch.ops.ldm.attention_bf16``. Where the CPU lacks AVX512-BF16, or no compiler is installed, or
 the build fails, attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (a
 warning says why). Only sampling uses it: calls that need gradients, other dtypes and other devices
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.cpu_kernels import load_cpu_kernels
+from ldm.kernels.cpu_kernels import load_cpu_kernels
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bf16_kernel: bool) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""The faster ways a loaded model can sample, and the one place that applies them to it.
+
+Each speed path lives in this folder (``winograd``, ``cpu_attention`` with ``cpu_kernels``,
+``cuda_graphs``, compiling) and is one field of ``SpeedPaths`` with one option in
+``ldm.options``; ``set_speed_paths`` turns them on where they apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm.kernels.cpu_attention import set_attention_kernel
+from ldm.kernels.cuda_graphs import set_cuda_graphs
+from ldm.kernels.winograd import set_winograd
+
+INDUCTOR_CACHE = Path.home() / ".cache" / "ldm-studio" / "inductor"
+
+
+@dataclass(frozen=True)
+class SpeedPaths:
+    """The speed paths to use where they apply: all on by default except ``compile``.
+
+    ``compile``: the UNet through torch.compile (``compile_unet``); the compiler then chooses its
+    kernels, so the UNet gets neither Winograd, our CPU kernels nor CUDA graphs.
+    ``winograd``: 3x3 convolutions as Winograd on a CPU where that is faster (``ldm.kernels.winograd``).
+    ``cuda_graphs``: the UNet's steps recorded once per size and replayed on a CUDA GPU (``ldm.kernels.cuda_graphs``).
+    ``cpu_kernels``: on a CPU with AVX512-BF16, our C++ kernels (``ldm.kernels.cpu_kernels``, built on
+    first use) for bf16 attention and for Winograd's data transforms."""
+
+    compile: bool = False
+    winograd: bool = True
+    cuda_graphs: bool = True
+    cpu_kernels: bool = True
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> SpeedPaths:
+        """From the options of ``ldm.options.add_speed_arguments``."""
+        return cls(args.compile, args.winograd, args.cuda_graphs, args.cpu_kernels)
+
+
+def set_speed_paths(model, device: torch.device, paths: SpeedPaths = SpeedPaths()) -> None:
+    """Apply ``paths`` to a loaded ``LatentDiffusion`` on ``device``: Winograd 3x3 convolutions where
+    they pay on a CPU, our C++ kernels on a CPU with AVX512-BF16 (bf16 attention, Winograd's data
+    transforms), the UNet's steps replayed as CUDA graphs on a GPU, or a compiled UNet (which chooses
+    its own kernels; the autoencoder keeps Winograd and our kernels)."""
+    bf16_cpu = device.type == "cpu" and next(model.parameters()).dtype == torch.bfloat16
+    for part in model.children():  # a compiled UNet's Winograd kernels are never made (they take GiBs)
+        compiled = paths.compile and part is model.model
+        set_winograd(part, paths.winograd and not compiled, transform_kernels=paths.cpu_kernels)
+        set_attention_kernel(part, paths.cpu_kernels and bf16_cpu and not compiled)
+    set_cuda_graphs(model.unet, paths.cuda_graphs and not paths.compile)
+    if paths.compile:
+        compile_unet(model.unet, device)
+
+
+def compile_unet(unet: torch.nn.Module, device: torch.device) -> None:
+    """Compile ``unet`` in place with ``torch.compile`` (its parameter names, the checkpoint
+    contract, stay as they are). The first call at each new size compiles, later ones run faster;
+    compiled kernels are kept in ``~/.cache/ldm-studio/inductor`` (or ``$TORCHINDUCTOR_CACHE_DIR``)
+    for the next start. On the CPU the compiled kernels are C++, so a C++ compiler must be installed."""
+    if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+        raise ValueError("compiling the model on the CPU needs a C++ compiler and none was found; install one "
+                         "(Debian: apt-get install g++) or run without --compile")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE))
+    unet.compile()
