@@ -38,8 +38,8 @@ from ldm.sampling.ddim import ddim_sample  # noqa: E402
 from ldm.sampling.noise import randn, seeded_generators  # noqa: E402
 from ldm.sampling.schedules import ddim_schedule  # noqa: E402
 from ldm.sampling.tiling import plan_windows  # noqa: E402
-from ldm.tasks.canvas import decode, first_stage_tile, guided_denoiser, plan_canvas  # noqa: E402
-from ldm.tasks.common import canvas_plan  # noqa: E402
+from ldm.tasks.generate import decode, guided_denoiser  # noqa: E402
+from ldm.tasks.planning import canvas_plan, first_stage_tile, plan_canvas  # noqa: E402
 from ldm.tasks.request import GenerationRequest, TilingOptions  # noqa: E402
 from ldm.tasks.txt2img import txt2img  # noqa: E402
 

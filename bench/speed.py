@@ -270,7 +270,7 @@ def sd_v1_fidelity(dtype_name: str, device: torch.device, count: int, side: int 
     from ldm.sampling.ddim import ddim_sample
     from ldm.sampling.guidance import ClassifierFreeGuidance
     from ldm.sampling.schedules import ddim_schedule
-    from ldm.tasks.common import to_pil
+    from ldm.tasks.images import to_pil
 
     full = random_sd_v1().to(device)
     low = copy.deepcopy(full).to(dtype=DTYPES[dtype_name])  # fp32 stays fp32: no weights rounded and back

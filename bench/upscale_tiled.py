@@ -22,12 +22,12 @@ def one(side: int, steps: int, tile: int, overlap: int) -> None:
     from ldm.checkpoints.presets import default_model_path
     from ldm.data.world import render, scene_from_seed
     from ldm.tasks.request import GenerationRequest
-    from ldm.tasks.upscale import TileOptions, upscale
+    from ldm.tasks.upscale import InputTiles, upscale
 
     loaded = load_model(default_model_path("default-upscale"))
     image = render(scene_from_seed(1), side)
     start = time.perf_counter()
-    result = upscale(loaded, image, GenerationRequest("", steps=steps, seed=1), tiles=TileOptions(tile, overlap))
+    result = upscale(loaded, image, GenerationRequest("", steps=steps, seed=1), tiles=InputTiles(tile, overlap))
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = result.images[0]

@@ -187,10 +187,11 @@ def run_generation(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ldm.tasks.parameters import save_png
-    from ldm.tasks.request import resolve_request
+    from ldm.tasks.registry import task
+    from ldm.tasks.request import check_model, resolve_request
 
-    task = "upscale" if args.command == "upscale" else "txt2img"
-    loaded = load(args, task)
+    loaded = load(args, "upscale" if args.command == "upscale" else "txt2img")
+    check_model(task(args.command).serves, loaded)  # a model the command cannot use is refused by name here
     if args.command == "layout":
         request = make_request(args, loaded, boxes=read_boxes(args.boxes))
     else:
@@ -232,6 +233,10 @@ def run_task(args, loaded, request, images, progress):
         from ldm.tasks.upscale import upscale
 
         return upscale(loaded, images["image"], request, noise_level=args.noise_level, callback=progress)
+    if args.command == "layout":
+        from ldm.tasks.layout import layout
+
+        return layout(loaded, request, callback=progress)
     from ldm.tasks.txt2img import txt2img
 
     return txt2img(loaded, request, callback=progress)
@@ -241,13 +246,14 @@ def run_semantic(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ldm.tasks.parameters import save_png
-    from ldm.tasks.semantic import check_semantic, semantic
+    from ldm.tasks.request import check_model
+    from ldm.tasks.semantic import semantic, serves
 
     if args.model is None:
         raise ValueError("semantic synthesis has no embedded model: pass --model FILE, a checkpoint of LDM's "
                          "semantic_synthesis256 or semantic_synthesis512")
     loaded = load(args, "semantic")
-    check_semantic(loaded)
+    check_model(serves, loaded)
     segmentation = open_image(args.segmentation)
     with tqdm(desc="sampling", unit="step") as bar:
         def progress(info):

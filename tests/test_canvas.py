@@ -11,8 +11,8 @@ import torch
 from ldm.checkpoints.loader import load_model
 from ldm.sampling.regions import Region, RegionFusion, box_weight, context_window
 from ldm.sampling.tiling import TiledDenoiser, Window, plan_windows, window_weight
-from ldm.tasks.canvas import estimate_unet_bytes, plan_canvas
-from ldm.tasks.common import sample
+from ldm.tasks.planning import estimate_unet_bytes, plan_canvas
+from ldm.tasks.generate import sample
 from ldm.tasks.request import GenerationRequest, RegionPrompt, TilingOptions, resolve_request
 from ldm.tasks.txt2img import txt2img
 
@@ -185,15 +185,15 @@ def test_an_overlap_as_large_as_the_tile_is_refused(tiny):
 
 
 def test_a_request_that_does_not_fit_the_free_memory_is_refused_with_the_numbers(tiny, monkeypatch):
-    from ldm.tasks import common
-    from ldm.tasks.canvas import NotEnoughMemory, check_memory
+    from ldm.tasks import generate
+    from ldm.tasks.planning import NotEnoughMemory, check_memory
 
     request = GenerationRequest("a red cat", steps=2, scale=5.0, seed=1, width=256, height=256)
-    monkeypatch.setattr(common, "free_memory_mb", lambda device: 0.5)
+    monkeypatch.setattr(generate, "free_memory_mb", lambda device: 0.5)
     with pytest.raises(NotEnoughMemory, match=r"needs about [\d,]+ MB beyond the model's weights, but only 0 MB of memory "
                                               r"is free; make the image or the batch smaller, or set tiling to 'always'"):
         txt2img(tiny, request)
-    monkeypatch.setattr(common, "free_memory_mb", lambda device: None)  # unknown: not checked
+    monkeypatch.setattr(generate, "free_memory_mb", lambda device: None)  # unknown: not checked
     assert txt2img(tiny, request).images[0].size == (256, 256)
     # tiled, the UNet's share stops growing with the canvas; what grows is the autoencoder's, with the pixels
     options = TilingOptions(mode="always")

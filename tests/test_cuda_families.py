@@ -18,6 +18,7 @@ from PIL import Image
 
 from ldm.checkpoints.loader import load_model
 from ldm.tasks.inpaint import inpaint
+from ldm.tasks.layout import layout
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.semantic import semantic
 from ldm.tasks.txt2img import txt2img
@@ -82,7 +83,7 @@ def run(entry, device: str, dtype: torch.dtype) -> np.ndarray:
     if task == "txt2img":
         result = txt2img(loaded, request)
     elif task == "layout":
-        result = txt2img(loaded, GenerationRequest(**{**request.__dict__, "prompt": "", "scale": 1.0,
+        result = layout(loaded, GenerationRequest(**{**request.__dict__, "prompt": "", "scale": 1.0,
                                                      "boxes": (("7", 0.1, 0.1, 0.6, 0.7),)}))
     elif task == "inpaint":
         result = inpaint(loaded, request, picture(side), mask(side))

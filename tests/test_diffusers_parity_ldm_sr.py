@@ -42,9 +42,10 @@ from PIL import Image
 
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.loader import load_model
-from ldm.tasks.common import from_pil, sample
+from ldm.tasks.generate import sample
+from ldm.tasks.images import from_pil
 from ldm.tasks.request import GenerationRequest, resolve_request
-from ldm.tasks.upscale import TileOptions, upscale
+from ldm.tasks.upscale import InputTiles, upscale
 from tests import tiny_ldm
 
 TOL = 1e-4
@@ -196,7 +197,7 @@ def test_the_upscale_task_gives_the_pipelines_image(tiny):
     level of 8-bit rounding."""
     loaded, pipeline = tiny
     request = GenerationRequest("", steps=4, scale=1.0, eta=1.0, seed=4)
-    result = upscale(loaded, picture(2), request, tiles=TileOptions(0, 0))
+    result = upscale(loaded, picture(2), request, tiles=InputTiles(0, 0))
     expected = pipeline_images(pipeline, from_pil(picture(2)), 4, 1.0, 4)[0].permute(1, 2, 0).numpy() * 255
     got = np.asarray(result.images[0], dtype=np.float32)
     assert got.shape == (2 * SIZE, 2 * SIZE, 3)

@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL
 from diffusers.loaders import single_file_utils as sfu
 from PIL import Image
 
-from ldm.checkpoints.catalog import capabilities
+from ldm.tasks.registry import tasks_for
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.loader import load_model
 from ldm.checkpoints.presets import find_preset
@@ -157,8 +157,7 @@ def test_on_a_mask_off_the_latent_grid_the_engines_latent_mask_covers_at_least_t
     assert torch.all(ours >= original) and ours.sum() > original.sum()
 
 
-def test_the_catalog_marks_sd2_inpainting_as_native_inpainting():
-    caps = capabilities(find_preset("v2-inpainting-inference").model)
-    assert caps.inpaint_natively and caps.txt2img and not caps.upscale and not caps.layout
-    assert caps.tasks == ("txt2img", "inpaint", "layout")
-    assert not capabilities(find_preset("v2-inference").model).inpaint_natively
+def test_sd2_inpainting_inpaints_natively_and_serves_the_text_tasks():
+    config = find_preset("v2-inpainting-inference").model
+    assert config.concat_input == "mask_and_masked_latent" and tasks_for(config) == ("txt2img", "inpaint", "layout")
+    assert find_preset("v2-inference").model.concat_input == "none"

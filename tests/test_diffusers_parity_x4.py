@@ -26,9 +26,10 @@ from PIL import Image
 
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.loader import load_model
-from ldm.tasks.common import from_pil, sample
+from ldm.tasks.generate import sample
+from ldm.tasks.images import from_pil
 from ldm.tasks.request import GenerationRequest, resolve_request
-from ldm.tasks.upscale import TileOptions, noised_low_res, upscale
+from ldm.tasks.upscale import InputTiles, noised_low_res, upscale
 from tests.test_diffusers_parity_sd2 import converted_text_model, max_error, reference_embeddings
 from tests.tiny_x4 import MAX_NOISE_LEVEL, SCALE_FACTOR, SCHEDULE, original_x4_config, write_tiny_x4_checkpoint
 
@@ -149,7 +150,7 @@ def test_the_upscale_task_decodes_the_same_image_as_diffusers_vae(tiny, referenc
     _, vae, _ = reference
     request = request_for(0.0)
     low = from_pil(picture())
-    result = upscale(ours, picture(), request, tiles=TileOptions(0, 0), noise_level=20)
+    result = upscale(ours, picture(), request, tiles=InputTiles(0, 0), noise_level=20)
     resolved, _ = resolve_request(request, ours.model.config.size_multiple)
     latents = reference_latents(ours, reference, resolved, low, 20)
     image = vae.decode(latents / SCALE_FACTOR).sample

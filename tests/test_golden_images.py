@@ -26,10 +26,11 @@ from PIL import Image
 from ldm.checkpoints.loader import load_model
 from ldm.checkpoints.presets import DEFAULT_MODELS
 from ldm.tasks.inpaint import inpaint
+from ldm.tasks.layout import layout
 from ldm.tasks.request import GenerationRequest, RegionPrompt, TilingOptions
 from ldm.tasks.semantic import semantic
 from ldm.tasks.txt2img import txt2img
-from ldm.tasks.upscale import TileOptions, upscale
+from ldm.tasks.upscale import InputTiles, upscale
 from tests import tiny_default, tiny_ldm, tiny_ldm_text, tiny_sd, tiny_sd2, tiny_semantic, tiny_x4
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -104,13 +105,13 @@ CASES = {
     "sd-v2-inpainting": ("sd-v2-inpainting", lambda m: inpaint(m, request(), picture(32, 1), square_mask(32))),
     "sd-v2-inpainting-txt2img": ("sd-v2-inpainting", lambda m: txt2img(m, request())),
     "sd-x4": ("sd-x4", lambda m: upscale(m, picture(8, 2), request(scale=2.0), noise_level=30)),
-    "default-hybrid-layout": ("default-hybrid", lambda m: txt2img(m, request(boxes=(("red circle", 0.1, 0.1, 0.6, 0.7),)))),
+    "default-hybrid-layout": ("default-hybrid", lambda m: layout(m, request(boxes=(("red circle", 0.1, 0.1, 0.6, 0.7),)))),
     "default-hybrid-inpaint": ("default-hybrid", lambda m: inpaint(m, request(eta=0.4), picture(32, 3), square_mask(32))),
     "default-upscale-tiled": ("default-upscale", lambda m: upscale(m, picture(24, 4), request(scale=1.0),
-                                                                   tiles=TileOptions(16, 4))),
+                                                                   tiles=InputTiles(16, 4))),
     "ldm-kl-text": ("ldm-kl-text", lambda m: txt2img(m, request(prompt="a photo of a cat"))),
     "ldm-vq-text": ("ldm-vq-text", lambda m: txt2img(m, request(prompt="a red house", eta=1.0))),
-    "ldm-layout": ("ldm-layout", lambda m: txt2img(m, request(prompt="", scale=1.0, boxes=(("7", 0.1, 0.1, 0.6, 0.7),)))),
+    "ldm-layout": ("ldm-layout", lambda m: layout(m, request(prompt="", scale=1.0, boxes=(("7", 0.1, 0.1, 0.6, 0.7),)))),
     "ldm-inpainting": ("ldm-inpainting", lambda m: inpaint(m, request(prompt="", scale=1.0), picture(32, 5), square_mask(32))),
     "ldm-sr": ("ldm-sr", lambda m: upscale(m, picture(8, 6), request(scale=1.0))),
     "ldm-semantic": ("ldm-semantic", lambda m: semantic(m, tiny_semantic.label_map((32, 32)), request(scale=1.0, eta=1.0))),

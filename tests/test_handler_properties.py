@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import app
-import ldm.tasks.common as common
+from ldm.sampling.samplers import SAMPLERS, Sampler
 from ui.errors import message_for
 from ui.studio import build_app
 
@@ -130,12 +130,12 @@ def handlers(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def one_step_sampler(monkeypatch):
-    def one_denoiser_call(denoiser, x_T, timesteps, **kwargs):
-        t = torch.full((x_T.shape[0],), int(timesteps.timesteps[-1]), device=x_T.device)
+    def one_denoiser_call(denoiser, x_T, alphas_cumprod, steps, **kwargs):
+        t = torch.full((x_T.shape[0],), len(alphas_cumprod) - 1, device=x_T.device)
         denoiser(x_T, t, **(kwargs.get("extra_args") or {}))
         return x_T
 
-    monkeypatch.setattr(common, "ddim_sample", one_denoiser_call)
+    monkeypatch.setitem(SAMPLERS, "DDIM", Sampler("DDIM", one_denoiser_call, "Eta DDIM"))
 
 
 def run(handler, data: dict) -> str:
@@ -234,7 +234,7 @@ def page_defaults(handlers, tab: str, states, **by_label) -> dict:
 
 
 def test_the_gallery_keeps_the_newest_images_up_to_its_limit(handlers, tmp_path):
-    from ui.widgets import MAX_GALLERY
+    from ui.generation import MAX_GALLERY
 
     earlier = [str(tmp_path / f"old-{i}.png") for i in range(MAX_GALLERY)]
     gallery = None

@@ -10,10 +10,10 @@ import pytest
 from ldm.checkpoints.catalog import CatalogEntry
 from ldm.checkpoints.loader import load_model
 from ldm.checkpoints.presets import find_preset
-from ldm.tasks.txt2img import txt2img
+from ldm.tasks.layout import layout
 from tests import tiny_ldm_text as tiny
+from ui.generation import batch_request
 from ui.tabs.layout import NATIVE, REGIONS, box_fields, canvas_boxes, canvas_value, model_hint
-from ui.widgets import batch_request
 
 
 class Catalog:
@@ -29,10 +29,10 @@ class Catalog:
 
 
 def test_the_hint_says_boxes_are_class_ids_and_the_prompt_is_not_used_only_for_layout2img():
-    layout = CatalogEntry(Path("/m/layout2img.ckpt"), find_preset("layout2img-openimages256"))
+    layout_entry = CatalogEntry(Path("/m/layout2img.ckpt"), find_preset("layout2img-openimages256"))
     text = CatalogEntry(Path("/m/txt2img-large.ckpt"), find_preset("txt2img-1p4B-eval"))
-    studio = Catalog(layout, text)
-    hint = model_hint(studio, str(layout.path))
+    studio = Catalog(layout_entry, text)
+    hint = model_hint(studio, str(layout_entry.path))
     assert "class ids" in hint and "0 to 8190" in hint and "at most 30 boxes" in hint and "prompts are not used" in hint
     assert model_hint(studio, str(text.path)) == ""
     assert model_hint(studio, "/m/gone.ckpt") == "" and model_hint(studio, None) == ""
@@ -50,6 +50,6 @@ def test_class_id_boxes_from_the_canvas_generate_with_the_prompt_as_a_notice(lay
     assert box_fields(layout_model, boxes, NATIVE, []) == {"boxes": boxes}
     request = batch_request("a cat on a sofa", "", {"steps": 2, "scale": 1.0, "eta": 0.0, "seed": 4}, 16, 16, 1,
                             **box_fields(layout_model, boxes, NATIVE, []))
-    result = txt2img(layout_model, request)
+    result = layout(layout_model, request)
     assert result.images[0].size == (16, 16)
     assert result.notices == ["this model generates from the layout alone: the prompt and negative prompt are not used"]

@@ -25,18 +25,18 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.checkpoints.catalog import capabilities
+from ldm.tasks.registry import tasks_for
 from ldm.checkpoints.detect import detect_file, detect_preset
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_state_dict
 from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, load_model
 from ldm.checkpoints.presets import find_preset, list_presets
 from ldm.cli import main
-from ldm.tasks.common import sample
+from ldm.tasks.generate import sample
 from ldm.tasks.inpaint import InpaintOptions, inpaint
 from ldm.tasks.parameters import read_png_parameters
 from ldm.tasks.request import GenerationRequest, resolve_request
-from ldm.tasks.upscale import TileOptions, upscale
+from ldm.tasks.upscale import InputTiles, upscale
 from tests import tiny_ldm
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -110,8 +110,8 @@ def test_inpainting_big_is_conditioned_by_its_first_stage_and_bsr_sr_by_the_imag
     assert build_model(inpainting.model).cond_stage_model is None and build_model(sr.model).cond_stage_model is None
     assert (inpainting.sampler.steps, inpainting.sampler.scale, inpainting.sampler.eta) == (50, 1.0, 0.0)
     assert (sr.sampler.steps, sr.sampler.scale, sr.sampler.eta) == (100, 1.0, 1.0)
-    assert capabilities(inpainting.model).tasks == ("inpaint",)
-    assert capabilities(sr.model).tasks == ("upscale",)
+    assert tasks_for(inpainting.model) == ("inpaint",)
+    assert tasks_for(sr.model) == ("upscale",)
 
 
 def full_size_file_shapes(name: str, first_stage_copy: bool = False) -> dict[str, tuple[int, ...]]:
@@ -273,8 +273,8 @@ def test_an_upscaler_is_refused_for_inpainting(upscaler):
 
 def test_the_upscaler_multiplies_the_size_and_follows_its_input(upscaler):
     request = GenerationRequest("", steps=3, eta=1.0, seed=2)
-    a = upscale(upscaler, picture(0, 12), request, tiles=TileOptions(0, 0))
-    b = upscale(upscaler, picture(1, 12), request, tiles=TileOptions(0, 0))
+    a = upscale(upscaler, picture(0, 12), request, tiles=InputTiles(0, 0))
+    b = upscale(upscaler, picture(1, 12), request, tiles=InputTiles(0, 0))
     assert a.images[0].size == (24, 24)  # the tiny first stage is f2; bsr_sr's VQ-f4 gives 4x
     assert not np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     assert "Eta DDIM: 1.0" in a.parameters[0] and "CFG scale" not in a.parameters[0]
@@ -282,8 +282,8 @@ def test_the_upscaler_multiplies_the_size_and_follows_its_input(upscaler):
 
 def test_the_upscaler_ignores_a_prompt_with_a_notice(upscaler):
     request = GenerationRequest("", steps=2, seed=2)
-    plain = upscale(upscaler, picture(0, 8), request, tiles=TileOptions(0, 0))
-    prompted = upscale(upscaler, picture(0, 8), GenerationRequest("sharp", steps=2, seed=2), tiles=TileOptions(0, 0))
+    plain = upscale(upscaler, picture(0, 8), request, tiles=InputTiles(0, 0))
+    prompted = upscale(upscaler, picture(0, 8), GenerationRequest("sharp", steps=2, seed=2), tiles=InputTiles(0, 0))
     assert np.array_equal(np.asarray(plain.images[0]), np.asarray(prompted.images[0]))
     assert any("no text stage: the prompt is not used" in n for n in prompted.notices)
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.checkpoints.catalog import capabilities
 from ldm.checkpoints.detect import detect_file, detect_preset
 from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, ema_key, load_model
 from ldm.checkpoints.presets import find_preset, list_presets
 from ldm.cli import main, read_boxes
+from ldm.tasks.layout import layout, reads_class_ids, takes_layout_tokens
+from ldm.tasks.registry import tasks_for
 from ldm.text.bert_tokenizer import BertPromptTokenizer, find_bert_tokenizer
 from ldm.text.layout_tokens import LDMLayoutTokenizer
 from ldm.text.lookup import TokenizerNotFoundError
@@ -72,9 +73,9 @@ def test_the_presets_carry_the_original_configs_facts():
 
 def test_the_text_models_serve_text_tasks_and_the_layout_model_only_the_layout_tab():
     for name in NAMES[:2]:
-        assert capabilities(find_preset(name).model).txt2img
-    layout = capabilities(find_preset("layout2img-openimages256").model)
-    assert (layout.txt2img, layout.layout, layout.tasks) == (False, True, ("layout",))
+        assert tasks_for(find_preset(name).model) == ("txt2img", "inpaint", "layout")
+    config = find_preset("layout2img-openimages256").model
+    assert tasks_for(config) == ("layout",) and takes_layout_tokens(config) and reads_class_ids(config)
 
 
 def test_each_tiny_file_is_detected_as_its_tiny_preset(files):
@@ -240,16 +241,16 @@ def test_a_tiny_layout_model_generates_from_class_id_boxes(files):
     preset = tiny.layout_preset()
     loaded = load_model(files[preset.name], preset=preset)
     boxes = (("7", 0.1, 0.1, 0.6, 0.5), ("2", 0.5, 0.5, 0.9, 0.9))
-    result = txt2img(loaded, request(prompt="", scale=1.0, boxes=boxes))
+    result = layout(loaded, request(prompt="", scale=1.0, boxes=boxes))
     assert result.images[0].size == (16, 16) and result.notices == []
     # The layout conditions the latents (the VQ decoder's small codebook may map both to the same picture).
     latents = [sample_latents(loaded, request(prompt="", scale=1.0, boxes=b)) for b in (boxes, boxes[:1])]
     assert (latents[0] - latents[1]).abs().max() > 1e-3
-    noted = txt2img(loaded, request(prompt="a cat", scale=1.0, boxes=boxes))
+    noted = layout(loaded, request(prompt="a cat", scale=1.0, boxes=boxes))
     assert "the prompt and negative prompt are not used" in noted.notices[0]
     assert list(noted.images[0].getdata()) == list(result.images[0].getdata())
     with pytest.raises(ValueError, match="class ids as labels"):
-        txt2img(loaded, request(prompt="", scale=1.0, boxes=(("red circle", 0.1, 0.1, 0.5, 0.5),)))
+        layout(loaded, request(prompt="", scale=1.0, boxes=(("red circle", 0.1, 0.1, 0.5, 0.5),)))
 
 
 def preset_yaml(folder: Path, make_dict) -> Path:

@@ -11,7 +11,9 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from ldm.sampling.ddim import SamplingCancelled, StepInfo, ddim_sample
+from ldm.sampling.blending import LatentBlend
+from ldm.sampling.ddim import ddim_sample
+from ldm.sampling.steps import SamplingCancelled, StepInfo
 from ldm.sampling.denoiser import EpsDenoiser, check_parameterization, output_to_eps
 from ldm.sampling.guidance import ClassifierFreeGuidance
 from ldm.sampling.noise import randn, seeded_generators
@@ -343,13 +345,32 @@ def test_eta_above_one_is_refused():
 # ---------------------------------------------------------------- mask blending
 
 
-def test_mask_without_x0_or_x0_without_mask_is_refused():
+def test_the_before_step_hook_sees_each_steps_noise_level_before_the_denoiser():
     x = torch.zeros(1, 1, 2, 2)
     schedule = ddim_schedule(AC, 5)
-    with pytest.raises(ValueError, match="mask"):
-        ddim_sample(delta_denoiser(x), x, schedule, generator=torch.Generator(), mask=torch.ones_like(x))
-    with pytest.raises(ValueError, match="x0"):
-        ddim_sample(delta_denoiser(x), x, schedule, generator=torch.Generator(), x0=x)
+    events = []
+
+    def hook(state, signal, noise):
+        events.append(("hook", signal, noise))
+        return state + 1.0
+
+    def denoiser(state, t):
+        events.append(("denoiser", int(t[0]), float(state.mean())))
+        return torch.zeros_like(state)
+
+    ddim_sample(denoiser, x, schedule, generator=torch.Generator(), before_step=hook)
+    a = schedule.alphas.flip(0)
+    assert [e[0] for e in events] == ["hook", "denoiser"] * 5
+    for i, (signal, noise) in enumerate((e[1], e[2]) for e in events[::2]):
+        assert signal == float(a[i]) ** 0.5 and noise == (1 - float(a[i])) ** 0.5
+    assert [e[1] for e in events[1::2]] == schedule.timesteps.flip(0).tolist()
+    assert events[1][2] == 1.0  # the denoiser got the hooked state
+
+
+def blended_ddim(denoiser, x_T, schedule, keep, x0, seed: int = 4):
+    """DDIM with inpainting by blending, its blend and eta noise from one generator, as the tasks run it."""
+    generator = torch.Generator().manual_seed(seed)
+    return ddim_sample(denoiser, x_T, schedule, generator=generator, before_step=LatentBlend(keep, x0, generator))
 
 
 def _masked_setup():
@@ -365,8 +386,8 @@ def test_mask_one_keeps_x0_and_forgets_x_T():
     schedule = ddim_schedule(AC, 10)
     mask = torch.ones_like(x0)
     denoiser = delta_denoiser(x0)
-    a = ddim_sample(denoiser, x_T_a, schedule, generator=torch.Generator().manual_seed(4), mask=mask, x0=x0)
-    b = ddim_sample(denoiser, x_T_b, schedule, generator=torch.Generator().manual_seed(4), mask=mask, x0=x0)
+    a = blended_ddim(denoiser, x_T_a, schedule, mask, x0)
+    b = blended_ddim(denoiser, x_T_b, schedule, mask, x0)
     assert torch.equal(a, b)
 
     # before each step x is x0 noised with a fresh draw n; the exact eps is then n, so the result is
@@ -382,8 +403,7 @@ def test_mask_zero_equals_the_unmasked_run():
     schedule = ddim_schedule(AC, 10)
     denoiser = gaussian_denoiser([0.5, 2.0])
     plain = ddim_sample(denoiser, x_T, schedule, generator=torch.Generator().manual_seed(4))
-    masked = ddim_sample(denoiser, x_T, schedule, generator=torch.Generator().manual_seed(4),
-                         mask=torch.zeros_like(x0), x0=x0)
+    masked = blended_ddim(denoiser, x_T, schedule, torch.zeros_like(x0), x0)
     assert torch.equal(plain, masked)
 
 
@@ -395,7 +415,7 @@ def test_partial_mask_keeps_where_one_and_samples_where_zero():
     mask[..., :2] = 1.0
     schedule = ddim_schedule(AC, 10)
     denoiser = delta_denoiser(mu)  # elementwise, so the halves do not interact
-    masked = ddim_sample(denoiser, x_T, schedule, generator=torch.Generator().manual_seed(4), mask=mask, x0=x0)
+    masked = blended_ddim(denoiser, x_T, schedule, mask, x0)
     plain = ddim_sample(denoiser, x_T, schedule, generator=torch.Generator().manual_seed(4))
     assert torch.equal(masked[..., 2:], plain[..., 2:])
     replay = torch.Generator().manual_seed(4)

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.checkpoints.catalog import capabilities
+from ldm.tasks.registry import tasks_for
 from ldm.checkpoints.detect import detect
 from ldm.checkpoints.loader import build_model, load_model
 from ldm.checkpoints.original_config import original_config
@@ -66,7 +66,7 @@ def test_both_models_are_semantic_only_and_their_files_hold_the_same_tensors():
     assert high.variant_of == low.name and not high.detect and low.detect
     assert (low.model.latent_size, high.model.latent_size) == (64, 128)
     assert dataclasses.replace(high.model, latent_size=64) == low.model  # nothing else differs
-    assert capabilities(low.model).tasks == ("semantic",) == capabilities(high.model).tasks
+    assert tasks_for(low.model) == ("semantic",) == tasks_for(high.model)
 
 
 def test_every_variant_names_a_detected_preset_with_the_same_tensors():
@@ -252,13 +252,16 @@ def studio_with(folders, monkeypatch, extra_presets=()):
     return Studio(folders, OutputWriter(folders[0] / "outputs"), ModelCache(torch.device("cpu"), torch.float32))
 
 
+TITLES = {"inpaint": "Inpainting", "upscale": "Upscaling"}
+
+
 def build_tab(studio):
     import gradio as gr
 
     from ui.tabs import semantic as tab_module
 
     with gr.Blocks():
-        return tab_module, tab_module.build(studio)
+        return tab_module, tab_module.build(studio, TITLES)
 
 
 def test_the_tab_says_how_to_add_a_model_when_there_is_none(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from ui.tabs import inpaint as inpaint_tab
 from ui.tabs import upscale as upscale_tab
 
 SIZE = 32
+TITLES = {"inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +70,13 @@ def test_each_model_is_offered_by_its_own_tab(studio):
 
 def test_the_inpainting_tab_takes_no_prompt_for_inpainting_big_and_fills(studio, folder):
     with gr.Blocks():
-        tab = inpaint_tab.build(studio)
+        tab = inpaint_tab.build(studio, TITLES)
     path = str(folder / "tiny-ldm-inpainting-copy.safetensors")
     assert tab.model.dropdown.value == str(Path(path).resolve())
     assert not tab.prompt.interactive and tab.prompt.placeholder == inpaint_tab.NO_PROMPT and not tab.negative.interactive
-    prompt_update, negative_update = inpaint_tab.prompt_boxes(studio)(path)
-    assert prompt_update["interactive"] is False and negative_update["interactive"] is False
-    assert inpaint_tab.prompt_boxes(studio)(None)[0]["interactive"] is True
+    updates = inpaint_tab.prompt_boxes(studio, tab)(path)
+    assert updates[tab.prompt]["interactive"] is False and updates[tab.negative]["interactive"] is False
+    assert inpaint_tab.prompt_boxes(studio, tab)(None)[tab.prompt]["interactive"] is True
     data = {tab.model.dropdown: path, tab.editor: {"background": picture(), "layers": [painted_layer()]},
             tab.prompt: "a door", tab.negative: "", tab.feather: 0, tab.only_masked: False, tab.padding: 32,
             tab.sampling.steps: 2, tab.sampling.scale: 7.5, tab.sampling.eta: 0.0, tab.sampling.seed: 5, tab.batch_size: 1,
@@ -93,7 +94,7 @@ def test_the_inpainting_tab_takes_no_prompt_for_inpainting_big_and_fills(studio,
 
 def test_the_upscale_tab_runs_bsr_sr(studio, folder):
     with gr.Blocks():
-        tab = upscale_tab.build(studio)
+        tab = upscale_tab.build(studio, TITLES)
     path = str((folder / "tiny-ldm-sr.safetensors").resolve())
     assert tab.model.dropdown.value == path
     data = {tab.model.dropdown: path, tab.image: picture(1, 12), tab.sampling.steps: 2, tab.sampling.eta: 1.0,

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.checkpoints.catalog import capabilities, scan
+from ldm.checkpoints.catalog import scan
 from ldm.checkpoints.io import read_key_shapes
 from ldm.checkpoints.presets import find_preset
-from ldm.sampling.ddim import SamplingCancelled, StepInfo
-from ldm.sampling.presets import read_sampler_presets
+from ldm.sampling.steps import SamplingCancelled, StepInfo
+from ldm.tasks.sampler_presets import read_sampler_presets
 from tests import tiny_default
 from ui.errors import friendly, message_for
 from ui.jobs import Done, Step, stream
@@ -37,20 +37,8 @@ def test_catalog_names_each_file_and_its_family(tmp_path):
     junk = entries.pop("junk.safetensors")
     assert junk.preset is None and "not usable" in junk.label()
     (model,) = entries.values()
-    assert model.preset.name == preset.name and model.capabilities.inpaint_natively
+    assert model.preset.name == preset.name and model.preset.model.concat_input == "mask_and_masked_latent"
     assert model.label().endswith(f"[{model.preset.family}]")
-
-
-def test_capabilities_follow_the_architecture():
-    default = capabilities(find_preset("default-txt2img").model)
-    assert default.txt2img and default.layout and default.inpaint_natively and not default.upscale
-    assert default.tasks == ("txt2img", "inpaint", "layout")
-    upscaler = capabilities(find_preset("default-upscale").model)
-    assert upscaler.tasks == ("upscale",)
-    sd = capabilities(find_preset("v1-inference").model)
-    assert sd.tasks == ("txt2img", "inpaint", "layout") and not sd.inpaint_natively and not sd.layout
-    x4 = capabilities(find_preset("x4-upscaling").model)  # hybrid and text-guided, yet only an upscaler
-    assert x4.tasks == ("upscale",) and not x4.txt2img and not x4.inpaint_natively
 
 
 def test_sampler_presets_are_read_and_checked(tmp_path):
@@ -210,7 +198,7 @@ def test_a_canvas_change_updates_the_region_table_only_when_the_boxes_change():
 
 def test_model_menu_notes_say_which_files_cannot_be_used_and_what_detection_assumed(tmp_path):
     from tests.test_detect import sd_v2_file_shapes, write_header_only_file
-    from ui.widgets import unusable_files
+    from ui.controls import unusable_files
 
     write_header_only_file(tmp_path / "sd21.safetensors", sd_v2_file_shapes(), {})
     write_header_only_file(tmp_path / "sd2-base.safetensors", sd_v2_file_shapes(), {"modelspec.prediction_type": "epsilon"})

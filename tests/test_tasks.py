@@ -11,7 +11,7 @@ from ldm.tasks.inpaint import InpaintOptions, feather_alpha, inpaint, mask_regio
 from ldm.tasks.parameters import parse_parameters
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
-from ldm.tasks.upscale import TileOptions, upscale
+from ldm.tasks.upscale import InputTiles, upscale
 from tests import tiny_default
 from tests.tiny_sd import write_tiny_checkpoint
 from tests.tiny_sd2 import write_tiny_v2_checkpoint
@@ -195,8 +195,8 @@ def test_inpainting_parameters_name_the_mask_settings(hybrid):
 
 def test_one_tile_covering_the_image_equals_no_tiling(upscaler):
     image, request = picture(6, 16), GenerationRequest("", steps=3, seed=2)
-    whole = np.asarray(upscale(upscaler, image, request, tiles=TileOptions(0, 0)).images[0])
-    one_tile = np.asarray(upscale(upscaler, image, request, tiles=TileOptions(32, 4)).images[0])
+    whole = np.asarray(upscale(upscaler, image, request, tiles=InputTiles(0, 0)).images[0])
+    one_tile = np.asarray(upscale(upscaler, image, request, tiles=InputTiles(32, 4)).images[0])
     assert np.array_equal(whole, one_tile)
 
 
@@ -208,7 +208,7 @@ def test_tiled_upscaling_fuses_windows_at_every_step_and_follows_its_input(upsca
     monkeypatch.setattr(tiling.TiledDenoiser, "__call__", lambda self, x, t, **extra: calls.append(len(self.windows(*x.shape[-2:]))) or original(self, x, t, **extra))
     steps = []
     image = picture(7, 40)
-    result = upscale(upscaler, image, GenerationRequest("", steps=2, seed=3), tiles=TileOptions(16, 4),
+    result = upscale(upscaler, image, GenerationRequest("", steps=2, seed=3), tiles=InputTiles(16, 4),
                      callback=lambda info: steps.append((info.step, info.total)))
     f = upscaler.model.config.downsampling_factor
     assert result.images[0].size == (40 * f, 40 * f)
@@ -220,9 +220,9 @@ def test_tiled_upscaling_fuses_windows_at_every_step_and_follows_its_input(upsca
 
 def test_tile_options_are_checked(upscaler):
     with pytest.raises(ValueError, match="tile size"):
-        upscale(upscaler, picture(), GenerationRequest("", steps=2), tiles=TileOptions(3, 0))
+        upscale(upscaler, picture(), GenerationRequest("", steps=2), tiles=InputTiles(3, 0))
     with pytest.raises(ValueError, match="overlap"):
-        upscale(upscaler, picture(), GenerationRequest("", steps=2), tiles=TileOptions(32, 20))
+        upscale(upscaler, picture(), GenerationRequest("", steps=2), tiles=InputTiles(32, 20))
 
 
 X4_REQUEST = GenerationRequest("a sharp photo", steps=2, scale=9.0, seed=4)
@@ -236,15 +236,15 @@ def test_the_noise_level_is_checked_against_the_models_range(sd_x4, noise_level)
 
 def test_a_text_guided_upscaler_follows_its_prompt_and_noise_level_and_records_them(sd_x4):
     image = picture(size=16)
-    base = upscale(sd_x4, image, X4_REQUEST, tiles=TileOptions(0, 0))
+    base = upscale(sd_x4, image, X4_REQUEST, tiles=InputTiles(0, 0))
     assert base.images[0].size == (32, 32)  # the tiny autoencoder's f is 2
     fields = parse_parameters(base.parameters[0])
     assert (fields["Prompt"], fields["Noise level"], fields["CFG scale"]) == ("a sharp photo", "20", "9.0")
     pixels = np.asarray(base.images[0])
-    assert np.array_equal(pixels, np.asarray(upscale(sd_x4, image, X4_REQUEST, tiles=TileOptions(0, 0)).images[0]))
+    assert np.array_equal(pixels, np.asarray(upscale(sd_x4, image, X4_REQUEST, tiles=InputTiles(0, 0)).images[0]))
     for changed in (dict(request=GenerationRequest(**{**X4_REQUEST.__dict__, "prompt": "a blurry drawing"})),
                     dict(noise_level=300), dict(image=picture(1, size=16))):
-        other = upscale(sd_x4, changed.get("image", image), changed.get("request", X4_REQUEST), tiles=TileOptions(0, 0),
+        other = upscale(sd_x4, changed.get("image", image), changed.get("request", X4_REQUEST), tiles=InputTiles(0, 0),
                         noise_level=changed.get("noise_level", 20))
         assert not np.array_equal(pixels, np.asarray(other.images[0])), changed
 
@@ -252,10 +252,10 @@ def test_a_text_guided_upscaler_follows_its_prompt_and_noise_level_and_records_t
 def test_a_text_guided_upscaler_tiles_with_its_noise_level_in_every_window(sd_x4):
     """The class label is repeated for each window of a batch; one tile covering the image equals none."""
     image = picture(2, size=24)
-    tiled = upscale(sd_x4, image, X4_REQUEST, tiles=TileOptions(8, 2))
+    tiled = upscale(sd_x4, image, X4_REQUEST, tiles=InputTiles(8, 2))
     assert tiled.images[0].size == (48, 48)
-    whole = np.asarray(upscale(sd_x4, image, X4_REQUEST, tiles=TileOptions(0, 0)).images[0])
-    one_tile = np.asarray(upscale(sd_x4, image, X4_REQUEST, tiles=TileOptions(24, 4)).images[0])
+    whole = np.asarray(upscale(sd_x4, image, X4_REQUEST, tiles=InputTiles(0, 0)).images[0])
+    one_tile = np.asarray(upscale(sd_x4, image, X4_REQUEST, tiles=InputTiles(24, 4)).images[0])
     assert np.abs(whole.astype(int) - one_tile.astype(int)).max() <= 1
 
 

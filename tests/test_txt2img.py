@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.checkpoints.loader import load_model
-from ldm.sampling.ddim import SamplingCancelled
+from ldm.sampling.steps import SamplingCancelled
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
 

@@ -1,6 +1,6 @@
 """Run one generation in a worker thread and stream its progress to a Gradio generator handler.
 
-The engine reports each finished DDIM step through its callback; the worker turns that into a
+The engine reports each finished sampler step through its callback; the worker turns that into a
 preview picture and puts it on a queue; the handler yields the newest one. Stopping is a flag
 that the engine checks between steps (``should_stop``); a browser that goes away stops the job.
 """
@@ -13,17 +13,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from PIL import Image
 
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.sampling.ddim import StepInfo
-from ldm.tasks.common import to_pil
-
-# A cheap linear map from SD's 4-channel latents (scaled) to RGB, good enough for a preview of
-# models whose first stage is too costly to run at every step.
-LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]])
-DECODE_EVERY_STEP_MAX = 32 * 32  # latent pixels up to which the preview is a real decode
+from ldm.sampling.steps import StepInfo
+from ldm.tasks.preview import preview_image
 
 
 @dataclass(frozen=True)
@@ -42,17 +36,10 @@ Work = Callable[[Callable[[StepInfo], None], Callable[[], bool]], Any]
 
 
 def previewer(model: LatentDiffusion) -> Callable[[StepInfo], Image.Image | None]:
-    """Preview of the first image's predicted x0: decoded when the latent is small, otherwise the
-    linear approximation (4-channel latents) or none."""
+    """Preview of the first image's predicted x0 (``ldm.tasks.preview``)."""
 
     def preview(info: StepInfo) -> Image.Image | None:
-        x0 = info.denoised[:1]
-        if x0.shape[-2] * x0.shape[-1] <= DECODE_EVERY_STEP_MAX:
-            return to_pil(model.decode_first_stage(x0))[0]
-        if x0.shape[1] != LATENT_RGB.shape[0]:
-            return None
-        rgb = torch.einsum("bchw,cr->brhw", x0.float().cpu() / model.config.scale_factor * 0.18215, LATENT_RGB)
-        return to_pil(rgb)[0]
+        return preview_image(model, info.denoised)
 
     return preview
 

@@ -1,7 +1,7 @@
 """Finished images go to ``outputs/<date>/NNNNN-<seed>.png`` at once, each with its parameters
 (the AUTOMATIC1111 ``parameters`` text chunk) and the studio's own settings (boxes, mask settings,
 task, as an ``ldm_studio`` JSON chunk), so nothing finished is lost and every image can be
-reproduced or restored."""
+reproduced or restored: a dropped PNG gives its settings back to a tab (``Restore``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gradio as gr
 from PIL import Image
 
 from ldm.tasks.parameters import parse_parameters, save_png
@@ -82,3 +83,58 @@ def read_restore(path: str | Path) -> Restored:
     except ValueError:
         decoded = {}
     return Restored(parse_parameters(parameters), decoded if isinstance(decoded, dict) else {})
+
+
+def read_parameters_text(path: str | None) -> str:
+    if not path:
+        return ""
+    with Image.open(path) as image:
+        return getattr(image, "text", {}).get("parameters", "")
+
+
+def restore_box(prefix: str, what: str = "settings") -> gr.File:
+    return gr.File(label=f"Drop a studio PNG here to restore its {what}", file_types=[".png"], height=90,
+                   elem_id=f"{prefix}-restore")
+
+
+@dataclass
+class Restore:
+    """The controls a dropped PNG's parameters set: the prompts, the sampling settings (a
+    ``ui.controls.SamplingControls``) and, where the tab has them, the size sliders."""
+
+    prompt: gr.Textbox
+    negative: gr.Textbox | None
+    sampling: object
+    width: gr.Slider | None = None
+    height: gr.Slider | None = None
+
+    @property
+    def fields(self) -> dict:
+        """Parameters-text field -> (component, type) for the numbers restored."""
+        sampling = self.sampling
+        pairs = {"Steps": (sampling.steps, int), "Eta DDIM": (sampling.eta, float), "Seed": (sampling.seed, int),
+                 "CFG scale": (sampling.scale, float)}
+        return {key: pair for key, pair in pairs.items() if pair[0] is not None}
+
+    @property
+    def components(self) -> list:
+        """Every component ``updates`` may set (the outputs of a restore event)."""
+        sizes = [self.width, self.height] if self.width is not None else []
+        return [self.prompt, *([self.negative] if self.negative is not None else []),
+                *(component for component, _ in self.fields.values()), *sizes]
+
+    def updates(self, path: str | None) -> tuple[dict, Restored | None]:
+        """Control updates from a dropped PNG's parameters, and the parsed record (for tab-specific fields)."""
+        if not path:
+            return {}, None
+        restored = read_restore(path)
+        updates: dict = {self.prompt: restored.fields.get("Prompt", "")}
+        if self.negative is not None:
+            updates[self.negative] = restored.fields.get("Negative prompt", "")
+        for key, (component, kind) in self.fields.items():
+            value = restored.number(key, kind)
+            if value is not None:
+                updates[component] = value
+        if restored.size and self.width is not None:
+            updates[self.width], updates[self.height] = restored.size
+        return updates, restored

@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoints.catalog import CatalogEntry, scan
-from ldm.checkpoints.loader import LoadedModel, load_model
+from ldm.checkpoints.loaded import LoadedModel
+from ldm.checkpoints.loader import load_model
 from ldm.checkpoints.presets import DEFAULT_MODELS, DEFAULT_WEIGHTS_DIR
 from ldm.kernels.paths import SpeedPaths
-from ldm.sampling.presets import SamplerPreset, read_sampler_presets
+from ldm.tasks import registry
 from ldm.tasks.request import DEFAULT_BUDGET_MB
+from ldm.tasks.sampler_presets import SamplerPreset, read_sampler_presets
 from ui.outputs import OutputWriter
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,18 @@ class Studio:
         return self._catalog
 
     def entries_for(self, task: str) -> list[CatalogEntry]:
-        """Recognised models that serve ``task`` ("txt2img", "inpaint", "upscale" or "layout")."""
-        return [e for e in self.catalog() if e.capabilities is not None and task in e.capabilities.tasks]
+        """Recognised models that serve ``task`` (a name of ``ldm.tasks.registry.TASKS``)."""
+        return [e for e in self.catalog() if self.serves(e, task)]
+
+    @staticmethod
+    def serves(entry: CatalogEntry, task: str) -> bool:
+        return entry.preset is not None and registry.serves(task, entry.preset.model)
 
     def default_for(self, task: str) -> str | None:
-        wanted = DEFAULT_MODELS["upscale" if task == "upscale" else "txt2img"].resolve()
+        """The embedded default model that serves ``task`` where one does, else the first model that does."""
         paths = [e.path for e in self.entries_for(task)]
-        return str(wanted) if wanted in paths else (str(paths[0]) if paths else None)
+        shipped = [p.resolve() for p in DEFAULT_MODELS.values() if p.resolve() in paths]
+        return str(shipped[0]) if shipped else (str(paths[0]) if paths else None)
 
     def entry(self, path: str | Path) -> CatalogEntry:
         path = Path(path).resolve()

@@ -9,9 +9,10 @@ from ui.errors import friendly
 from ui.outputs import read_restore
 from ui.services import Studio
 from ui.tabs import inpaint, layout, semantic, txt2img, upscale
-from ui.widgets import TAB_TITLES
 
-TABS = {"txt2img": txt2img, "inpaint": inpaint, "upscale": upscale, "layout": layout, "semantic": semantic}
+# The page's tabs in their order, by the task each runs (``ldm.tasks.registry``); each module has
+# TAB, TITLE, build(studio, titles) and, where others send to it, receive(tab).
+TABS = {module.TAB: module for module in (txt2img, inpaint, upscale, layout, semantic)}
 
 # Ctrl+Enter (Cmd+Enter on a Mac) presses the visible tab's generate button.
 SHORTCUTS_JS = """
@@ -38,11 +39,12 @@ def build_app(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="LDM Studio") as app:
         gr.Markdown("## LDM Studio\nLatent diffusion on your own machine. Every image is saved, with its settings, "
                     f"under `{studio.writer.root}/<date>/`.")
+        titles = {name: module.TITLE for name, module in TABS.items()}
         with gr.Tabs() as tabs:
             built = {}
             for name, module in TABS.items():
-                with gr.Tab(TAB_TITLES[name], id=name, elem_id=f"tab-{name}"):
-                    built[name] = module.build(studio)
+                with gr.Tab(module.TITLE, id=name, elem_id=f"tab-{name}"):
+                    built[name] = module.build(studio, titles)
         for source in built.values():
             for target, button in source.output.send.items():
                 connect_send(button, source.output.selected, TABS[target].receive(built[target]), tabs, target)

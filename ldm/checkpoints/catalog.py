@@ -1,4 +1,5 @@
-"""The checkpoints (files and diffusers folders) in a set of folders, each with its detected family and what it can do.
+"""The checkpoints (files and diffusers folders) in a set of folders, each with its detected family
+(which tasks serve it is the tasks' own answer: ``ldm.tasks.registry``).
 
 Listing reads only key names and shapes (a safetensors header, or a pickle through the safe
 loader), never builds a model: a folder of large checkpoints lists in well under a second each.
@@ -17,45 +18,10 @@ from ldm.checkpoints.detect import detect_file
 from ldm.checkpoints.diffusers_folder import MODEL_INDEX, is_diffusers_folder
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.presets import ModelPreset, list_presets
-from ldm.models.latent_diffusion import LatentDiffusionConfig
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """Which studio tasks a model family serves."""
-
-    txt2img: bool  # generates from a text prompt
-    layout: bool  # takes layout boxes as conditioning tokens
-    inpaint_natively: bool  # its UNet takes a mask and the masked image
-    upscale: bool  # concatenates a low-resolution image
-    semantic: bool = False  # generates from a segmentation map
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        # Every text model serves the layout tab (boxes are layout tokens where the model takes them,
-        # region prompts elsewhere) and the inpainting tab (by latent blending where not native).
-        names = [("txt2img", self.txt2img), ("inpaint", self.txt2img or self.inpaint_natively),
-                 ("layout", self.txt2img or self.layout), ("upscale", self.upscale), ("semantic", self.semantic)]
-        return tuple(name for name, ok in names if ok)
-
-
-def capabilities(config: LatentDiffusionConfig) -> Capabilities:
-    cond, concat = config.cond_stage, config.concat_input
-    # A model with a text stage generates from a prompt unless its concat channels need an image
-    # (an upscaler, text-guided or not, cannot generate from a prompt alone).
-    text = (cond is not None and getattr(cond, "takes_text", True) and config.conditioning in ("crossattn", "hybrid")
-            and concat in ("none", "mask_and_masked_latent"))
-    return Capabilities(
-        txt2img=text,
-        layout=getattr(cond, "max_objects", 0) > 0,
-        inpaint_natively=concat in ("mask_and_masked_latent", "masked_latent_and_mask"),
-        upscale=concat == "low_res_image",
-        semantic=concat == "segmentation",
-    )
 
 
 @dataclass(frozen=True)
@@ -68,10 +34,6 @@ class CatalogEntry:
     @property
     def name(self) -> str:
         return self.path.name if self.path.is_dir() else self.path.stem
-
-    @property
-    def capabilities(self) -> Capabilities | None:
-        return None if self.preset is None else capabilities(self.preset.model)
 
     def label(self) -> str:
         """What a model menu shows: the file's name and its family."""

@@ -8,20 +8,16 @@ an error that names the file.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from ldm.checkpoints.detect import detect_file
-from ldm.checkpoints.diffusers_folder import (
-    check_against_preset, fill_unused, open_folder, read_folder_state, weight_files,
-)
+from ldm.checkpoints.diffusers_folder import check_against_preset, fill_unused, open_folder, read_folder_state
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_state_dict
+from ldm.checkpoints.loaded import LoadedModel, LoadReport
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
 from ldm.kernels.memory_format import choose_memory_format
 from ldm.kernels.paths import SpeedPaths, set_speed_paths
@@ -39,46 +35,6 @@ SCHEDULE_BUFFERS = frozenset(
 KNOWN_EXTRA_SUFFIXES = ("embeddings.position_ids",)  # saved by transformers 4.x before it became non-persistent
 EMA_PREFIX = "model_ema."
 LOW_SCALE_PREFIX = "low_scale_model."  # the x4 upscaler's noise augmentation registers the schedule buffers again
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    preset: str
-    used_ema: bool
-    ignored: tuple[str, ...] = ()
-    tensors: int = 0
-    filled: tuple[str, ...] = ()  # tensors a diffusers folder does not carry and sampling never reads, set to zeros
-
-    def summary(self) -> str:
-        ema = "EMA weights" if self.used_ema else "weights"
-        ignored = f", ignored {len(self.ignored)} non-model entries" if self.ignored else ""
-        filled = f", filled {len(self.filled)} unused tensors the folder does not carry with zeros" if self.filled else ""
-        return f"loaded {self.tensors} {ema} as {self.preset}{ignored}{filled}"
-
-
-@dataclass
-class LoadedModel:
-    model: LatentDiffusion
-    preset: ModelPreset
-    path: Path
-    report: LoadReport
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
-
-    @property
-    def name(self) -> str:
-        return self.path.name if self.path.is_dir() else self.path.stem
-
-    @cached_property
-    def short_hash(self) -> str:
-        """First 10 hex digits of the file's SHA-256 (the 'Model hash' other tools print); for a diffusers
-        folder, of its UNet, VAE and text encoder weights read in that order."""
-        digest = hashlib.sha256()
-        for path in weight_files(self.path) if self.path.is_dir() else [self.path]:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()[:10]
 
 
 def ema_key(key: str) -> str:

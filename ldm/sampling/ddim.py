@@ -11,28 +11,12 @@ Symbols, code name -> paper:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
 from ldm.sampling.noise import Generators, randn
 from ldm.sampling.schedules import DDIMSchedule
-
-
-class StepInfo(NamedTuple):
-    step: int  # 0-based index of the finished step
-    total: int
-    t: int  # the timestep just denoised
-    x: torch.Tensor  # x_{t-1}
-    denoised: torch.Tensor  # predicted x0 at this step
-
-
-class SamplingCancelled(Exception):
-    """Raised between steps when ``should_stop`` says so."""
-
-    def __init__(self, step: int, total: int):
-        super().__init__(f"sampling stopped after {step} of {total} steps")
-        self.step, self.total = step, total
+from ldm.sampling.steps import BeforeStep, Callback, StepInfo, check_stop
 
 
 def ddim_sample(
@@ -43,35 +27,30 @@ def ddim_sample(
     eta: float = 0.0,
     generator: Generators,
     extra_args: dict | None = None,
-    callback: Callable[[StepInfo], None] | None = None,
+    callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
-    mask: torch.Tensor | None = None,
-    x0: torch.Tensor | None = None,
+    before_step: BeforeStep | None = None,
 ) -> torch.Tensor:
     """Run DDIM from ``x_T`` down the schedule and return x_0.
 
-    ``denoiser(x, t, **extra_args)`` returns epsilon. With ``mask`` (1 = keep) and ``x0``, the kept
-    region is replaced before each step by x0 noised to the current timestep, so any model inpaints.
+    ``denoiser(x, t, **extra_args)`` returns epsilon. ``before_step(x, sqrt(abar_t), sqrt(1 - abar_t))``
+    may change the state before each step (inpainting by blending: ``ldm.sampling.blending``).
     """
-    if (mask is None) != (x0 is None):
-        raise ValueError("mask and x0 go together: give both to inpaint by blending, or neither")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), got {eta}")
     extra_args = extra_args or {}
     x = x_T
     total = len(schedule)
     for i in range(total):
-        if should_stop is not None and should_stop():
-            raise SamplingCancelled(i, total)
+        check_stop(should_stop, i, total)
         index = total - 1 - i
         t = int(schedule.timesteps[index])
         a_t = float(schedule.alphas[index])
         a_prev = float(schedule.alphas_prev[index])
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
 
-        if mask is not None:
-            noise = randn(x.shape, generator, device=x.device, dtype=x.dtype)
-            x = (a_t**0.5 * x0 + (1 - a_t) ** 0.5 * noise) * mask + (1 - mask) * x
+        if before_step is not None:
+            x = before_step(x, a_t**0.5, (1 - a_t) ** 0.5)
 
         eps = denoiser(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), **extra_args)
         # 1. predicted x0

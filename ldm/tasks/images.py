@@ -1,4 +1,5 @@
-"""Input pictures as the tasks take them: 8-bit RGB, one frame, whatever the file was.
+"""Pictures as the tasks take and give them: any input as 8-bit RGB (one frame, whatever the file
+was), and tensors in [-1, 1] to and from PIL images.
 
 Pillow's own ``convert("RGB")`` clips 16-bit greys to white and drops transparency to whatever
 colour lies under it (often black); an artist's 16-bit scan or transparent PNG would come out ruined.
@@ -7,6 +8,7 @@ colour lies under it (often black); an artist's 16-bit scan or transparent PNG w
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
 WIDE_GREYS = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -46,3 +48,15 @@ def as_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
         return image.convert("RGB")
     except (ValueError, OSError):
         raise ValueError(f"images in mode {image.mode} cannot be used; save it as an RGB PNG or JPEG") from None
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB PIL images."""
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """A PIL image of any mode (``as_rgb``) -> (1, 3, H, W) in [-1, 1]."""
+    array = np.asarray(as_rgb(image), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None]

@@ -18,15 +18,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.checkpoints.loader import LoadedModel
-from ldm.sampling.ddim import StepInfo
-from ldm.tasks.canvas import decode, first_stage_tile
-from ldm.tasks.common import Blend, GenerationResult, canvas_notices, from_pil, sample, to_pil
-from ldm.tasks.images import as_rgb
-from ldm.tasks.request import GenerationRequest, resolve_request
-from ldm.tasks.parameters import format_parameters, parse_parameters
-from ldm.tasks.txt2img import parameters_text, tokenizer_notices
+from ldm.checkpoints.loaded import LoadedModel
+from ldm.models.latent_diffusion import LatentDiffusionConfig
+from ldm.sampling.steps import Callback
+from ldm.tasks.generate import Blend, decode, sample, tokenizer_notices
+from ldm.tasks.images import as_rgb, from_pil, to_pil
+from ldm.tasks.parameters import canvas_fields, parameters_text
+from ldm.tasks.planning import canvas_notices, first_stage_tile
+from ldm.tasks.request import GenerationRequest, check_model, resolve_request
+from ldm.tasks.result import GenerationResult
+from ldm.tasks.txt2img import serves as serves_text
 
+NAME = "inpaint"
+NATIVE_INPUTS = ("mask_and_masked_latent", "masked_latent_and_mask")
 MAX_FEATHER = 256
 MAX_PADDING = 1024
 
@@ -80,13 +84,15 @@ def working_size(width: int, height: int, native: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def check_inpainter(loaded: LoadedModel) -> None:
-    """Native inpainting models and models whose UNet takes no extra channels (latent blending) inpaint;
-    an upscaler or a segmentation model does not."""
-    model = loaded.model
-    if not model.inpaints_natively and model.config.concat_input != "none":
-        raise ValueError(f"{loaded.name} cannot inpaint: its UNet also reads a {model.config.concat_input.replace('_', ' ')}; "
-                         "use an inpainting model or a text-to-image model")
+def serves(config: LatentDiffusionConfig) -> str | None:
+    """None for a native inpainting model or a text model (which inpaints by latent blending); an
+    upscaler, a segmentation model or a layout-only model does not inpaint."""
+    if config.concat_input in NATIVE_INPUTS or serves_text(config) is None:
+        return None
+    if config.concat_input != "none":
+        return (f"cannot inpaint: its UNet also reads a {config.concat_input.replace('_', ' ')}; "
+                "use an inpainting model or a text-to-image model")
+    return "cannot inpaint: it reads no text prompt; use an inpainting model or a text-to-image model"
 
 
 def without_text(loaded: LoadedModel, request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
@@ -106,7 +112,7 @@ def fill(
     request: GenerationRequest,
     image: Image.Image,
     mask: Image.Image,
-    callback: Callable[[StepInfo], None] | None,
+    callback: Callback | None,
     should_stop: Callable[[], bool] | None,
 ) -> tuple[list[Image.Image], GenerationRequest, list[str]]:
     """Generated images at the size of ``image`` (the whole picture, not yet pasted back), the
@@ -136,15 +142,15 @@ def inpaint(
     mask: Image.Image,
     *,
     options: InpaintOptions = InpaintOptions(),
-    callback: Callable[[StepInfo], None] | None = None,
+    callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Fill the white part of ``mask`` in ``image`` from the request's prompt (and boxes). The result
     has the image's size; outside the mask every pixel is the input's, exactly."""
     options.check()
-    check_inpainter(loaded)
+    check_model(serves, loaded)
     request, text_notices = without_text(loaded, request)
-    text_notices += tokenizer_notices(loaded, request)  # e.g. a prompt cut to LDM BERT's 77 tokens
+    text_notices += tokenizer_notices(loaded.model, request)  # e.g. a prompt cut to LDM BERT's 77 tokens
     image = as_rgb(image)
     masked = mask_array(mask, image.size)
     left, top, right, bottom = mask_region(masked, options.padding) if options.only_masked else (0, 0, *image.size)
@@ -164,17 +170,12 @@ def inpaint(
         blended = np.where(alpha > 0, original * (1 - alpha) + filled * alpha, original)
         images.append(Image.fromarray(blended.round().clip(0, 255).astype(np.uint8)))
     seeds = [request.seed + i for i in range(request.batch_size)]
-    texts = [inpaint_parameters(parameters_text(replace(request, width=image.width, height=image.height), s, loaded), options)
-             for s in seeds]
+    fields = {**canvas_fields(request), **mask_fields(options)}
+    texts = [parameters_text(request, s, loaded, fields, size=f"{image.width}x{image.height}") for s in seeds]
     return GenerationResult(images, seeds, texts, text_notices + notices)
 
 
-def inpaint_parameters(text: str, options: InpaintOptions) -> str:
-    """The parameters text with the inpainting settings, in the field names AUTOMATIC1111 uses."""
-    fields = parse_parameters(text)
-    prompt, negative = fields.pop("Prompt"), fields.pop("Negative prompt")
-    fields["Mask blur"] = options.feather
-    fields["Inpaint area"] = "Only masked" if options.only_masked else "Whole picture"
-    if options.only_masked:
-        fields["Masked area padding"] = options.padding
-    return format_parameters(prompt, negative, fields)
+def mask_fields(options: InpaintOptions) -> dict[str, object]:
+    """The inpainting settings in the field names AUTOMATIC1111 uses."""
+    return {"Mask blur": options.feather, "Inpaint area": "Only masked" if options.only_masked else "Whole picture",
+            "Masked area padding": options.padding if options.only_masked else None}

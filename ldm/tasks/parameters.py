@@ -1,5 +1,5 @@
 """The generation parameters text that PNGs carry, in the format AUTOMATIC1111 writes, so other
-tools read it, and its reader:
+tools read it, its one builder (``parameters_text``) and its reader:
 
     <prompt>
     Negative prompt: <negative prompt>
@@ -16,6 +16,9 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from ldm.sampling.samplers import get_sampler
+from ldm.tasks.request import GenerationRequest, TilingOptions
+
 NEGATIVE = "Negative prompt: "
 _FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -26,6 +29,33 @@ def format_parameters(prompt: str, negative_prompt: str, fields: dict[str, objec
         lines.append(NEGATIVE + negative_prompt)
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
+
+
+def parameters_text(request: GenerationRequest, seed: int, loaded, fields: dict[str, object] | None = None, *, guided: bool = True,
+                    size: str | None = None) -> str:
+    """The text of one image of a resolved request (``ldm.tasks.request``) made with ``loaded`` (its
+    ``name`` and ``short_hash``): the fields every task writes, in AUTOMATIC1111's order, then the
+    task's own ``fields`` (None values are left out). ``guided``: the guidance scale is one of the
+    common fields; ``size``: the image's size when it is not the request's."""
+    common: dict[str, object] = {"Steps": request.steps, "Sampler": request.sampler}
+    if guided:
+        common["CFG scale"] = request.scale
+    common.update({"Seed": seed, "Size": size or f"{request.width}x{request.height}", "Model hash": loaded.short_hash,
+                   "Model": loaded.name, get_sampler(request.sampler).eta_field: request.eta})
+    return format_parameters(request.prompt, request.negative_prompt, {**common, **(fields or {})})
+
+
+def canvas_fields(request: GenerationRequest) -> dict[str, object]:
+    """The fields of a request's layout boxes, region prompts and tiling (None where it has none)."""
+    tiling = request.tiling
+    return {
+        "Layout": "; ".join(f"{b[0]} {b[1]:.3f} {b[2]:.3f} {b[3]:.3f} {b[4]:.3f}" for b in request.boxes) or None,
+        "Regions": "; ".join(f"{r.prompt} {r.box[0]:.3f} {r.box[1]:.3f} {r.box[2]:.3f} {r.box[3]:.3f} {r.strength:g}"
+                             for r in request.regions) or None,
+        "Region negatives": "; ".join(f"{i + 1}: {r.negative_prompt}" for i, r in enumerate(request.regions)
+                                      if r.negative_prompt) or None,
+        "Tiling": None if tiling == TilingOptions() else f"{tiling.mode} {tiling.tile} {tiling.overlap} {tiling.budget_mb}",
+    }
 
 
 def _quote(value: object) -> str:

@@ -6,6 +6,8 @@ import math
 import random
 from dataclasses import dataclass, replace
 
+from ldm.sampling.samplers import SAMPLERS
+
 MAX_STEPS = 1000
 MAX_SIDE = 4096
 MAX_BATCH = 16
@@ -47,6 +49,7 @@ class GenerationRequest:
     steps: int = 50
     scale: float = 7.5
     eta: float = 0.0
+    sampler: str = "DDIM"  # a name of ldm.sampling.samplers.SAMPLERS
     seed: int = -1  # -1: a random seed, chosen when the request is resolved
     width: int = 512
     height: int = 512
@@ -136,12 +139,22 @@ def round_side(name: str, value: int, multiple: int, notices: list[str]) -> int:
     return rounded
 
 
+def check_model(serves, loaded) -> None:
+    """Refuse a model its task does not serve: ``serves(config)`` is None or says why not (a phrase
+    after the model's name), and ``loaded`` has the model and its ``name``."""
+    reason = serves(loaded.model.config)
+    if reason is not None:
+        raise ValueError(f"{loaded.name} {reason}")
+
+
 def resolve_request(request: GenerationRequest, size_multiple: int) -> tuple[GenerationRequest, list[str]]:
     """Check every field and return the request as it will run (sides rounded, seed chosen),
     with notices for what was changed. Raises ValueError naming the field, value and range."""
     if not isinstance(request.prompt, str) or not isinstance(request.negative_prompt, str):
         raise ValueError("prompt and negative prompt must be text")
     _number("steps", request.steps, 1, MAX_STEPS, integer=True)
+    if request.sampler not in SAMPLERS:
+        raise ValueError(f"sampler {request.sampler!r} is not known; use one of {', '.join(SAMPLERS)}")
     _number("guidance scale", request.scale, 0.0, MAX_SCALE)
     _number("eta", request.eta, 0.0, 1.0)
     _number("batch size", request.batch_size, 1, MAX_BATCH, integer=True)

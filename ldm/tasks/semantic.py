@@ -17,19 +17,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.checkpoints.loader import LoadedModel
-from ldm.sampling.ddim import StepInfo
-from ldm.tasks.canvas import decode
-from ldm.tasks.common import GenerationResult, canvas_notices, sample, to_pil
-from ldm.tasks.parameters import format_parameters
-from ldm.tasks.request import GenerationRequest, resolve_request
+from ldm.checkpoints.loaded import LoadedModel
+from ldm.models.latent_diffusion import LatentDiffusionConfig
+from ldm.sampling.steps import Callback
+from ldm.tasks.generate import decode, sample
+from ldm.tasks.images import to_pil
+from ldm.tasks.parameters import parameters_text
+from ldm.tasks.planning import canvas_notices
+from ldm.tasks.request import GenerationRequest, check_model, resolve_request
+from ldm.tasks.result import GenerationResult
 
+NAME = "semantic"
 LABEL_MODES = ("L", "P")  # 8-bit greys and palette images: each pixel's value is its class index
 
 
-def check_semantic(loaded: LoadedModel) -> None:
-    if loaded.model.config.concat_input != "segmentation":
-        raise ValueError(f"{loaded.name} is not a semantic synthesis model (it does not take a segmentation map)")
+def serves(config: LatentDiffusionConfig) -> str | None:
+    """None for a semantic synthesis model (one that concatenates a segmentation map)."""
+    if config.concat_input != "segmentation":
+        return "is not a semantic synthesis model (it does not take a segmentation map)"
+    return None
 
 
 def class_count(loaded: LoadedModel) -> int:
@@ -60,32 +66,18 @@ def resize_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(labels, mode="L").resize((width, height), Image.NEAREST))
 
 
-def parameters_text(request: GenerationRequest, seed: int, loaded: LoadedModel, classes: list[int]) -> str:
-    fields = {
-        "Steps": request.steps,
-        "Sampler": "DDIM",
-        "Seed": seed,
-        "Size": f"{request.width}x{request.height}",
-        "Model hash": loaded.short_hash,
-        "Model": loaded.name,
-        "Eta DDIM": request.eta,
-        "Segmentation classes": " ".join(str(c) for c in classes),
-    }
-    return format_parameters("", "", fields)
-
-
 def semantic(
     loaded: LoadedModel,
     segmentation: Image.Image,
     request: GenerationRequest,
     *,
-    callback: Callable[[StepInfo], None] | None = None,
+    callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """A picture of the segmentation map's size (rounded to the model's size multiple, with a notice)
     from each seed of the batch. Uses request.steps, eta, seed and batch size; prompts, guidance scale,
     width and height are not used (the size is the map's)."""
-    check_semantic(loaded)
+    check_model(serves, loaded)
     model = loaded.model
     labels = read_label_map(segmentation, class_count(loaded))
     height, width = labels.shape
@@ -101,5 +93,6 @@ def semantic(
         latents = sample(model, request, concat=concat, callback=callback, should_stop=should_stop)
         images = to_pil(decode(model, latents, replace(request.tiling, mode="auto")))
     present = sorted(int(c) for c in np.unique(labels))
-    return GenerationResult(images, seeds, [parameters_text(request, s, loaded, present) for s in seeds],
+    fields = {"Segmentation classes": " ".join(str(c) for c in present)}
+    return GenerationResult(images, seeds, [parameters_text(request, s, loaded, fields, guided=False) for s in seeds],
                             notices + canvas_notices(model, request))

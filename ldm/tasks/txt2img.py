@@ -1,4 +1,5 @@
-"""Text (and layout) to image: prompt -> latent noise -> DDIM with classifier-free guidance -> decode."""
+"""Text (and layout) to image: prompt -> latent noise -> the request's sampler with classifier-free
+guidance -> decode."""
 
 from __future__ import annotations
 
@@ -7,33 +8,34 @@ from dataclasses import replace
 
 import torch
 
-from ldm.checkpoints.loader import LoadedModel
-from ldm.sampling.ddim import StepInfo
-from ldm.tasks.canvas import decode
-from ldm.tasks.common import GenerationResult, canvas_notices, default_concat, sample, to_pil
-from ldm.tasks.parameters import format_parameters
-from ldm.tasks.request import GenerationRequest, TilingOptions, regions_from_boxes, resolve_request
+from ldm.checkpoints.loaded import LoadedModel
+from ldm.models.latent_diffusion import LatentDiffusionConfig
+from ldm.sampling.steps import Callback
+from ldm.tasks.generate import decode, default_concat, sample, tokenizer_notices
+from ldm.tasks.images import to_pil
+from ldm.tasks.parameters import canvas_fields, parameters_text
+from ldm.tasks.planning import canvas_notices
+from ldm.tasks.request import GenerationRequest, check_model, regions_from_boxes, resolve_request
+from ldm.tasks.result import GenerationResult
+
+NAME = "txt2img"
 
 
-def parameters_text(request: GenerationRequest, seed: int, loaded: LoadedModel) -> str:
-    fields = {
-        "Steps": request.steps,
-        "Sampler": "DDIM",
-        "CFG scale": request.scale,
-        "Seed": seed,
-        "Size": f"{request.width}x{request.height}",
-        "Model hash": loaded.short_hash,
-        "Model": loaded.name,
-        "Eta DDIM": request.eta,
-        "Layout": "; ".join(f"{b[0]} {b[1]:.3f} {b[2]:.3f} {b[3]:.3f} {b[4]:.3f}" for b in request.boxes) or None,
-        "Regions": "; ".join(f"{r.prompt} {r.box[0]:.3f} {r.box[1]:.3f} {r.box[2]:.3f} {r.box[3]:.3f} {r.strength:g}"
-                             for r in request.regions) or None,
-        "Region negatives": "; ".join(f"{i + 1}: {r.negative_prompt}" for i, r in enumerate(request.regions)
-                                      if r.negative_prompt) or None,
-        "Tiling": None if request.tiling == TilingOptions() else
-                  f"{request.tiling.mode} {request.tiling.tile} {request.tiling.overlap} {request.tiling.budget_mb}",
-    }
-    return format_parameters(request.prompt, request.negative_prompt, fields)
+def serves(config: LatentDiffusionConfig) -> str | None:
+    """None for a model that generates from a text prompt: one with a text stage, unless its concat
+    channels need an image (an upscaler, text-guided or not, cannot generate from a prompt alone);
+    otherwise why not."""
+    if config.concat_input == "low_res_image":
+        return "is a super-resolution model: it needs a low-resolution image, not only a prompt"
+    if config.concat_input == "segmentation":
+        return "generates from a segmentation map, not from a text prompt"
+    cond = config.cond_stage
+    concat_ok = config.concat_input in ("none", "mask_and_masked_latent")
+    if cond is None or config.conditioning not in ("crossattn", "hybrid") or not concat_ok:
+        return "has no text conditioning stage: it cannot generate from a prompt"
+    if not getattr(cond, "takes_text", True):
+        return "reads no text: its conditioning stage takes layout boxes only"
+    return None
 
 
 def boxes_as_regions(loaded: LoadedModel, request: GenerationRequest) -> tuple[GenerationRequest, list[str]]:
@@ -46,21 +48,11 @@ def boxes_as_regions(loaded: LoadedModel, request: GenerationRequest) -> tuple[G
     return replace(request, boxes=(), regions=request.regions + regions), [notice]
 
 
-def tokenizer_notices(loaded: LoadedModel, request: GenerationRequest) -> list[str]:
-    """What the model's tokenizer does not take of the prompts (LDM BERT cuts a prompt to 77 tokens; a
-    layout-only model reads no prompt), for the user to see, from its ``notices`` where it has one."""
-    notices = getattr(getattr(loaded.model.cond_stage_model, "tokenizer", None), "notices", None)
-    if notices is None:
-        return []
-    return notices([request.prompt, request.negative_prompt, *(p for r in request.regions
-                                                              for p in (r.prompt, r.negative_prompt))])
-
-
 def sample_latents(
     loaded: LoadedModel,
     request: GenerationRequest,
     *,
-    callback: Callable[[StepInfo], None] | None = None,
+    callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """The final latents for a resolved request (sides rounded, seed chosen); see ``txt2img``."""
@@ -74,17 +66,31 @@ def txt2img(
     loaded: LoadedModel,
     request: GenerationRequest,
     *,
-    callback: Callable[[StepInfo], None] | None = None,
+    callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Generate ``request.batch_size`` images. Image i uses seed ``request.seed + i`` for every noise draw,
-    so each image is reproducible alone. Raises ValueError for bad requests and
-    ``SamplingCancelled`` when ``should_stop`` turns true."""
+    so each image is reproducible alone. Raises ValueError for bad requests (and models this task
+    does not serve) and ``SamplingCancelled`` when ``should_stop`` turns true."""
+    check_model(serves, loaded)
+    return generate_from_prompts(loaded, request, callback=callback, should_stop=should_stop)
+
+
+def generate_from_prompts(
+    loaded: LoadedModel,
+    request: GenerationRequest,
+    *,
+    callback: Callback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """``txt2img`` on any model that encodes prompts or layouts (the layout task runs it too): a
+    request's boxes are layout tokens where the model takes them, region prompts elsewhere."""
     request, notices = resolve_request(request, loaded.model.config.size_multiple)
     request, more = boxes_as_regions(loaded, request)
-    notices += more + tokenizer_notices(loaded, request) + canvas_notices(loaded.model, request)
+    notices += more + tokenizer_notices(loaded.model, request) + canvas_notices(loaded.model, request)
     latents = sample_latents(loaded, request, callback=callback, should_stop=should_stop)
     with torch.inference_mode():
         images = to_pil(decode(loaded.model, latents, request.tiling))
     seeds = [request.seed + i for i in range(request.batch_size)]
-    return GenerationResult(images, seeds, [parameters_text(request, s, loaded) for s in seeds], notices)
+    return GenerationResult(images, seeds, [parameters_text(request, s, loaded, canvas_fields(request)) for s in seeds],
+                            notices)

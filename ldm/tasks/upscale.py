@@ -23,23 +23,24 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.checkpoints.loader import LoadedModel
-from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.sampling.ddim import StepInfo
+from ldm.checkpoints.loaded import LoadedModel
+from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 from ldm.sampling.noise import randn
-from ldm.tasks.canvas import decode
-from ldm.tasks.common import GenerationResult, from_pil, sample, to_pil
-from ldm.tasks.images import as_rgb
-from ldm.tasks.parameters import format_parameters
-from ldm.tasks.request import GenerationRequest, TilingOptions, resolve_request
+from ldm.sampling.steps import Callback
+from ldm.tasks.generate import decode, sample
+from ldm.tasks.images import as_rgb, from_pil, to_pil
+from ldm.tasks.parameters import parameters_text
+from ldm.tasks.request import GenerationRequest, TilingOptions, check_model, resolve_request
+from ldm.tasks.result import GenerationResult
 
+NAME = "upscale"
 MAX_INPUT_SIDE = 1024
 MAX_TILE = 1024
 DEFAULT_NOISE_LEVEL = 20  # Stability's scripts/gradio/superresolution.py
 
 
 @dataclass(frozen=True)
-class TileOptions:
+class InputTiles:
     """Tiles of the low-resolution input: ``tile`` pixels a side (0: the whole image at once),
     overlapping by ``overlap`` pixels."""
 
@@ -53,9 +54,11 @@ class TileOptions:
             raise ValueError(f"tile overlap must be from 0 to half the tile size ({self.tile // 2}) pixels, got {self.overlap!r}")
 
 
-def check_upscaler(loaded: LoadedModel) -> None:
-    if loaded.model.config.concat_input != "low_res_image":
-        raise ValueError(f"{loaded.name} is not a super-resolution model (it does not take a low-resolution image)")
+def serves(config: LatentDiffusionConfig) -> str | None:
+    """None for a super-resolution model (one that concatenates a low-resolution image)."""
+    if config.concat_input != "low_res_image":
+        return "is not a super-resolution model (it does not take a low-resolution image)"
+    return None
 
 
 def check_noise_level(model: LatentDiffusion, noise_level) -> int:
@@ -89,15 +92,15 @@ def upscale(
     image: Image.Image,
     request: GenerationRequest,
     *,
-    tiles: TileOptions = TileOptions(),
+    tiles: InputTiles = InputTiles(),
     noise_level: int = DEFAULT_NOISE_LEVEL,
-    callback: Callable[[StepInfo], None] | None = None,
+    callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """The image at ``downsampling_factor`` times its size. Uses request.steps, eta and seed (one image
     per seed of the batch); the input is padded (by reflection) to the UNet's grid, the output
     cropped back. A text-guided upscaler also uses the prompts, scale and ``noise_level``."""
-    check_upscaler(loaded)
+    check_model(serves, loaded)
     model = loaded.model
     noise_level = check_noise_level(model, noise_level)
     augmented = model.config.noise_augmentation is not None
@@ -129,9 +132,8 @@ def upscale(
         else:
             latents = sample(model, request, concat=low.to(model.dtype), callback=callback, should_stop=should_stop)
         out = decode(model, latents, replace(request.tiling, mode="auto")).float()[..., : image.height * f, : image.width * f]
-    fields = {"Steps": request.steps, "Sampler": "DDIM", "Seed": request.seed, "Size": f"{image.width * f}x{image.height * f}",
-              "Model hash": loaded.short_hash, "Model": loaded.name, "Eta DDIM": request.eta, "Upscale": f"{f}x",
-              "Tile size": tiles.tile or None, "Tile overlap": tiles.overlap if tiles.tile else None,
+    fields = {"Upscale": f"{f}x", "Tile size": tiles.tile or None, "Tile overlap": tiles.overlap if tiles.tile else None,
               "CFG scale": request.scale if augmented else None, "Noise level": noise_level if augmented else None}
-    texts = [format_parameters(request.prompt, request.negative_prompt, {**fields, "Seed": s}) for s in seeds]
+    size = f"{image.width * f}x{image.height * f}"
+    texts = [parameters_text(request, s, loaded, fields, guided=False, size=size) for s in seeds]
     return GenerationResult(to_pil(out), seeds, texts, notices)

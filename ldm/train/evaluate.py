@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.checkpoints.loader import LoadedModel, load_model
+from ldm.checkpoints.loaded import LoadedModel
+from ldm.checkpoints.loader import load_model
 from ldm.checkpoints.presets import default_model_path
 from ldm.data.batches import HELD_OUT_SEED
 from ldm.data.detector import detect
 from ldm.data.scoring import caption_score, coloured_in_place, layout_iou, psnr
 from ldm.data.world import render, scene_from_seed
-from ldm.tasks.common import from_pil, to_pil
+from ldm.tasks.images import from_pil, to_pil
 from ldm.tasks.inpaint import inpaint
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img

@@ -5,34 +5,25 @@ text stage (LDM's inpainting_big) fills from the image alone: its prompt boxes a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import gradio as gr
 import numpy as np
 from PIL import Image
 
+from ldm.tasks import txt2img
 from ldm.tasks.images import as_rgb
 from ldm.tasks.inpaint import MAX_FEATHER, MAX_PADDING, InpaintOptions, inpaint
 from ldm.tasks.request import checked_number
+from ui.controls import ModelMenu, OutputArea, SamplingControls, generate_buttons, model_menu, output_area, sampling_controls
 from ui.errors import friendly
+from ui.generation import Job, batch_request, connect_generation, generation_handler
+from ui.outputs import Restore, restore_box
 from ui.services import Studio
-from ui.widgets import (
-    ModelMenu,
-    OutputArea,
-    SamplingControls,
-    batch_request,
-    chosen_model,
-    connect_generation,
-    model_menu,
-    output_area,
-    restore_box,
-    restored_values,
-    run_batches,
-    sampling_controls,
-    save_result,
-)
 
 TAB = "inpaint"
+TITLE = "Inpainting"
+SEND_TO = ("inpaint", "upscale", "layout")
 PROMPT_PLACEHOLDER = "what to paint in the masked area"
 NO_PROMPT = "this model takes no prompt: the fill follows the image around the mask"
 BRUSH = gr.Brush(default_size=12, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed")
@@ -55,7 +46,7 @@ class InpaintTab:
     output: OutputArea
 
 
-def build(studio: Studio) -> InpaintTab:
+def build(studio: Studio, titles: dict[str, str]) -> InpaintTab:
     with gr.Row():
         with gr.Column(scale=5):
             model = model_menu(studio, TAB, info="inpainting models (e.g. the default, SD 2 inpainting, LDM inpainting_big) "
@@ -68,8 +59,7 @@ def build(studio: Studio) -> InpaintTab:
                                 info="Ctrl+Enter generates", interactive=text, elem_id=f"{TAB}-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, interactive=text)
             with gr.Row():
-                generate = gr.Button("Inpaint", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
-                stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
+                generate, stop = generate_buttons(TAB, "Inpaint")
             with gr.Row():
                 feather = gr.Slider(0, 64, value=0, step=1, label="Feather mask edge (px)",
                                     info="the fill fades in over this width inside the mask", elem_id="inpaint-feather")
@@ -81,9 +71,10 @@ def build(studio: Studio) -> InpaintTab:
             batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
             restore = restore_box(TAB)
         with gr.Column(scale=6):
-            output = output_area(TAB, send_to=("inpaint", "upscale", "layout"))
-    tab = InpaintTab(model, editor, prompt, negative, feather, only_masked, padding, sampling, batch_size, generate, stop, restore,
-                     output)
+            output = output_area(TAB, {name: titles[name] for name in SEND_TO})
+    tab = InpaintTab(model=model, editor=editor, prompt=prompt, negative=negative, feather=feather, only_masked=only_masked,
+                     padding=padding, sampling=sampling, batch_size=batch_size, generate=generate, stop=stop, restore=restore,
+                     output=output)
     wire(studio, tab)
     return tab
 
@@ -92,18 +83,18 @@ def takes_prompt(studio: Studio, path: str | None) -> bool:
     """Whether the chosen model reads a prompt (LDM's inpainting_big has no text stage)."""
     if not path:
         return True
-    capabilities = studio.entry(path).capabilities
-    return capabilities is None or capabilities.txt2img
+    preset = studio.entry(path).preset
+    return preset is None or txt2img.serves(preset.model) is None
 
 
-def prompt_boxes(studio: Studio):
+def prompt_boxes(studio: Studio, tab: InpaintTab):
     """On a new model: the prompt boxes are enabled for a text model, disabled (and say why) otherwise."""
 
     @friendly
     def changed(path):
         text = takes_prompt(studio, path)
-        return (gr.update(interactive=text, placeholder=PROMPT_PLACEHOLDER if text else NO_PROMPT),
-                gr.update(interactive=text))
+        return {tab.prompt: gr.update(interactive=text, placeholder=PROMPT_PLACEHOLDER if text else NO_PROMPT),
+                tab.negative: gr.update(interactive=text)}
 
     return changed
 
@@ -123,52 +114,40 @@ def editor_parts(value: dict | None) -> tuple[Image.Image, Image.Image]:
 
 
 def handler(studio: Studio, tab: InpaintTab):
-    """The generate event's handler: a generator of output updates, given the tab's inputs by component."""
-    sampling, out = tab.sampling, tab.output
+    """The generate event's handler (``ui.generation.generation_handler``) with this tab's request."""
 
-    @friendly
-    def generate(data: dict, request: gr.Request, progress=gr.Progress()):
-        loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
+    def prepare(data: dict, loaded) -> Job:
         image, mask = editor_parts(data[tab.editor])
         options = InpaintOptions(checked_number("mask feather", data[tab.feather], 0, MAX_FEATHER, integer=True),
                                  bool(data[tab.only_masked]),
                                  checked_number("masked area padding", data[tab.padding], 0, MAX_PADDING, integer=True))
-        base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), image.width, image.height,
-                             data[tab.batch_size])
+        request = batch_request(data[tab.prompt], data[tab.negative], tab.sampling.values(data), image.width, image.height,
+                                data[tab.batch_size])
+        record = {"mask": {"feather": options.feather, "only_masked": options.only_masked, "padding": options.padding,
+                           "coverage": round(float(np.asarray(mask).mean() / 255), 4)}}
+        return Job(request, lambda r, callback, should_stop: inpaint(loaded, r, image, mask, options=options, callback=callback,
+                                                                     should_stop=should_stop),
+                   record, {"mask": mask, "input": image})
 
-        def one_batch(seed, callback, should_stop):
-            result = inpaint(loaded, replace(base, seed=seed), image, mask, options=options, callback=callback,
-                             should_stop=should_stop)
-            extra = {"task": TAB, "model": loaded.name,
-                     "mask": {"feather": options.feather, "only_masked": options.only_masked, "padding": options.padding,
-                              "coverage": round(float(np.asarray(mask).mean() / 255), 4)}}
-            return save_result(studio, result, extra, {"mask": mask, "input": image})
-
-        yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
-                               data[out.images], progress)
-
-    return generate
+    return generation_handler(studio, TAB, tab.model, tab.output, prepare)
 
 
 def wire(studio: Studio, tab: InpaintTab) -> None:
-    sampling, out = tab.sampling, tab.output
-    inputs = {tab.model.dropdown, tab.editor, tab.prompt, tab.negative, tab.feather, tab.only_masked, tab.padding,
-              sampling.steps, sampling.scale, sampling.eta, sampling.seed, tab.batch_size, out.images}
-    connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
-                       output=out)
-    tab.model.dropdown.change(prompt_boxes(studio), tab.model.dropdown, [tab.prompt, tab.negative], queue=False)
+    inputs = {tab.editor, tab.prompt, tab.negative, tab.feather, tab.only_masked, tab.padding, tab.batch_size}
+    connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop,
+                       sampling=tab.sampling, output=tab.output)
+    tab.model.dropdown.change(prompt_boxes(studio, tab), tab.model.dropdown, [tab.prompt, tab.negative], queue=False)
+    restored = Restore(tab.prompt, tab.negative, tab.sampling)
+    mask_settings = {"feather": tab.feather, "only_masked": tab.only_masked, "padding": tab.padding}
 
     @friendly
     def restore(path):
-        updates, restored = restored_values(path, tab.prompt, tab.negative, sampling)
-        mask = restored.extra.get("mask", {}) if restored else {}
-        for key, component in (("feather", tab.feather), ("only_masked", tab.only_masked), ("padding", tab.padding)):
-            if key in mask:
-                updates[component] = mask[key]
+        updates, found = restored.updates(path)
+        mask = found.extra.get("mask", {}) if found else {}
+        updates.update({component: mask[key] for key, component in mask_settings.items() if key in mask})
         return updates
 
-    tab.restore.upload(restore, tab.restore, [tab.prompt, tab.negative, sampling.steps, sampling.eta, sampling.seed, sampling.scale,
-                                              tab.feather, tab.only_masked, tab.padding], queue=False)
+    tab.restore.upload(restore, tab.restore, [*restored.components, *mask_settings.values()], queue=False)
 
 
 def receive(tab: InpaintTab):

@@ -7,42 +7,40 @@ when it is chosen, and its boxes are always layout tokens."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import gradio as gr
 import numpy as np
 from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
-from ldm.data.world import COLOURS, SHAPES
+from ldm.checkpoints.presets import find_preset
+from ldm.tasks import layout as task
+from ldm.tasks.layout import layout
 from ldm.tasks.request import regions_from_boxes
-from ldm.tasks.txt2img import txt2img
-from ui.errors import friendly
-from ui.outputs import read_restore
-from ui.services import Studio
-from ui.widgets import (
+from ui.controls import (
     ModelMenu,
     OutputArea,
     SamplingControls,
     SizeControls,
     TilingControls,
-    batch_request,
-    chosen_model,
-    connect_generation,
+    generate_buttons,
     model_menu,
     output_area,
-    restore_box,
-    restored_values,
-    run_batches,
     sampling_controls,
-    save_result,
     size_controls,
     tiling_controls,
 )
+from ui.errors import friendly
+from ui.generation import Job, batch_request, connect_generation, generation_handler
+from ui.outputs import Restore, read_restore, restore_box
+from ui.services import Studio
 
 TAB = "layout"
+TITLE = "Layout"
+SEND_TO = ("inpaint", "upscale")
 CANVAS_SIDE = 512  # the drawing canvas's longer side, in screen pixels; boxes are kept normalised
-LABELS = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+LABELS_FROM = "default-txt2img"  # the canvas's label list: the classes of this preset's vocabulary
 
 
 @dataclass
@@ -79,16 +77,11 @@ NATIVE, REGIONS = "layout tokens where the model takes them", "region prompts"
 
 
 def layout_info(studio: Studio) -> str:
-    names = [e.name for e in studio.entries_for(TAB) if e.capabilities.layout]
+    names = [e.name for e in studio.entries_for(TAB) if task.takes_layout_tokens(e.preset.model)]
     native = ", ".join(names) if names else "none installed"
     return (f"models with layout conditioning: {native}. On other models (Stable Diffusion...) each box's label is "
             "the prompt of its region: type any text as a label. Layout-only models (LDM layout2img) take class "
             "ids as labels.")
-
-
-def reads_class_ids(cond_stage) -> bool:
-    """A layout-only conditioning stage (LDM layout2img): its boxes name class ids, and it reads no text."""
-    return getattr(cond_stage, "max_objects", 0) > 0 and not getattr(cond_stage, "takes_text", True)
 
 
 def model_hint(studio: Studio, path: str | None) -> str:
@@ -97,30 +90,30 @@ def model_hint(studio: Studio, path: str | None) -> str:
         entry = studio.entry(path) if path else None
     except ValueError:  # a file gone since the last scan: the menu's own check reports it
         entry = None
-    cond = entry.preset.model.cond_stage if entry is not None and entry.preset is not None else None
-    if not reads_class_ids(cond):
+    ids = task.class_ids(entry.preset.model) if entry is not None and entry.preset is not None else None
+    if ids is None:
         return ""
     return (f"**{entry.name}** reads class ids, not names: label each box with a whole number from 0 to "
-            f"{cond.vocab_size - 2} (the model's class-name table was not released), at most {cond.max_objects} "
+            f"{ids.largest} (the model's class-name table was not released), at most {ids.boxes} "
             "boxes. It generates from the layout alone: the global and negative prompts are not used and the boxes "
             "are always layout tokens. Guidance does not apply (the model had no unconditional training): "
             "keep the scale at 1.")
 
 
-def build(studio: Studio) -> LayoutTab:
+def build(studio: Studio, titles: dict[str, str]) -> LayoutTab:
     with gr.Row():
         with gr.Column(scale=5):
             model = model_menu(studio, TAB, info=layout_info(studio))
             hint = gr.Markdown(model_hint(studio, model.dropdown.value), elem_id=f"{TAB}-model-hint")
-            canvas = image_annotator({"image": blank_canvas(64, 64), "boxes": []}, label_list=LABELS, image_type="numpy",
+            labels = task.class_names(find_preset(LABELS_FROM).model)
+            canvas = image_annotator({"image": blank_canvas(64, 64), "boxes": []}, label_list=labels, image_type="numpy",
                                      label="Layout: drag on the canvas to draw a box, then name it; drag boxes to move or resize",
                                      sources=[], height=CANVAS_SIDE + 40, box_min_size=6, show_clear_button=False,
                                      elem_id="layout-canvas")
             prompt = gr.Textbox(label="Global prompt (optional)", lines=1, info="Ctrl+Enter generates", elem_id=f"{TAB}-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1)
             with gr.Row():
-                generate = gr.Button("Generate from layout", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
-                stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
+                generate, stop = generate_buttons(TAB, "Generate from layout")
                 clear = gr.Button("Clear boxes")
             sampling = sampling_controls(studio, TAB)
             with gr.Row():
@@ -134,8 +127,10 @@ def build(studio: Studio) -> LayoutTab:
             batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size")
             restore = restore_box(TAB, "layout and settings")
         with gr.Column(scale=6):
-            output = output_area(TAB, send_to=("inpaint", "upscale"))
-    tab = LayoutTab(model, canvas, prompt, negative, sampling, size, tiling, boxes_as, regions, batch_size, generate, stop, restore, output)
+            output = output_area(TAB, {name: titles[name] for name in SEND_TO})
+    tab = LayoutTab(model=model, canvas=canvas, prompt=prompt, negative=negative, sampling=sampling, size=size, tiling=tiling,
+                    boxes_as=boxes_as, regions=regions, batch_size=batch_size, generate=generate, stop=stop, restore=restore,
+                    output=output)
     wire(studio, tab)
     model.dropdown.change(lambda path: model_hint(studio, path), model.dropdown, hint, queue=False)
     clear.click(lambda w, h: {"image": blank_canvas(int(w), int(h)), "boxes": []}, [size.width, size.height], canvas, queue=False)
@@ -207,26 +202,18 @@ def region_rows(boxes: tuple, rows) -> list[list]:
     return table
 
 
-def region_details(boxes: tuple, rows) -> list[tuple[str, float]]:
-    """Each box's (negative prompt, strength) from the region table, checked."""
-    details = []
-    for i, (label, negative, strength) in enumerate(region_rows(boxes, rows)):
-        try:
-            value = float(strength if strength not in (None, "") else 1.0)
-        except (TypeError, ValueError):
-            raise ValueError(f"region {i + 1} ({label}): strength must be a number from 0 to 1, got {strength!r}") from None
-        details.append((negative.strip(), value))
-    return details
-
-
 def box_fields(loaded, boxes: tuple, boxes_as: str, rows) -> dict:
-    """The request's ``boxes`` (layout tokens) or ``regions`` (each label the prompt of its box,
-    with the negative prompt and strength of its row in the region table). A layout-only model
-    reads no region prompts: its boxes are layout tokens whatever the choice."""
-    native = boxes_as == NATIVE or reads_class_ids(loaded.model.config.cond_stage)
-    if native and loaded.model.takes_layout:
+    """The request's ``boxes`` (layout tokens) or ``regions`` (each label the prompt of its box, with the
+    negative prompt and strength of its row in the region table), as the task decides for the
+    "Boxes are" choice (``ldm.tasks.layout.as_layout_tokens``)."""
+    if task.as_layout_tokens(loaded.model.config, boxes_as == NATIVE):
         return {"boxes": boxes}
     return {"regions": regions_from_boxes(boxes, region_details(boxes, rows))}
+
+
+def region_details(boxes: tuple, rows) -> list[tuple[str, float]]:
+    """Each box's (negative prompt, strength) from the region table, checked."""
+    return task.check_details(boxes, [(negative, strength) for _, negative, strength in region_rows(boxes, rows)])
 
 
 def canvas_value(width: int, height: int, boxes) -> dict:
@@ -236,32 +223,29 @@ def canvas_value(width: int, height: int, boxes) -> dict:
                                       for b in boxes]}
 
 
-def wire(studio: Studio, tab: LayoutTab) -> None:
-    sampling, out = tab.sampling, tab.output
-    inputs = {tab.model.dropdown, tab.canvas, tab.prompt, tab.negative, sampling.steps, sampling.scale, sampling.eta, sampling.seed,
-              tab.size.width, tab.size.height, tab.batch_size, out.images, tab.boxes_as, tab.regions, *tab.tiling.components}
+def handler(studio: Studio, tab: LayoutTab):
+    """The generate event's handler (``ui.generation.generation_handler``) with this tab's request."""
 
-    @friendly
-    def generate(data: dict, request: gr.Request, progress=gr.Progress()):
-        loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
+    def prepare(data: dict, loaded) -> Job:
         boxes = canvas_boxes(data[tab.canvas])
         if not boxes:
             raise ValueError("no boxes: drag on the canvas to draw one, then give it a label")
-        base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), data[tab.size.width],
-                             data[tab.size.height], data[tab.batch_size], tiling=tab.tiling.options(data),
-                             **box_fields(loaded, boxes, data[tab.boxes_as], data[tab.regions]))
+        request = batch_request(data[tab.prompt], data[tab.negative], tab.sampling.values(data), data[tab.size.width],
+                                data[tab.size.height], data[tab.batch_size], tiling=tab.tiling.options(data),
+                                **box_fields(loaded, boxes, data[tab.boxes_as], data[tab.regions]))
+        record = {"boxes": [{"label": b[0], "box": [round(v, 4) for v in b[1:]]} for b in boxes],
+                  "regions": [[r.prompt, r.negative_prompt, r.strength] for r in request.regions]}
+        return Job(request, lambda r, callback, should_stop: layout(loaded, r, callback=callback, should_stop=should_stop),
+                   record)
 
-        def one_batch(seed, callback, should_stop):
-            result = txt2img(loaded, replace(base, seed=seed), callback=callback, should_stop=should_stop)
-            extra = {"task": TAB, "model": loaded.name, "boxes": [{"label": b[0], "box": [round(v, 4) for v in b[1:]]} for b in boxes],
-                     "regions": [[r.prompt, r.negative_prompt, r.strength] for r in base.regions]}
-            return save_result(studio, result, extra)
+    return generation_handler(studio, TAB, tab.model, tab.output, prepare)
 
-        yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
-                               data[out.images], progress)
 
-    connect_generation(studio, generate, inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
-                       output=out, size=tab.size, submit=tab.prompt)
+def wire(studio: Studio, tab: LayoutTab) -> None:
+    inputs = {tab.canvas, tab.prompt, tab.negative, tab.size.width, tab.size.height, tab.batch_size, tab.boxes_as, tab.regions,
+              *tab.tiling.components}
+    connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop,
+                       sampling=tab.sampling, output=tab.output, size=tab.size, submit=tab.prompt)
 
     def reshape(width, height, value):
         """A new output size gives the canvas the new aspect, keeping the boxes where they were."""
@@ -276,16 +260,17 @@ def wire(studio: Studio, tab: LayoutTab) -> None:
 
     tab.canvas.change(canvas_regions, [tab.canvas, tab.regions], tab.regions, queue=False)
 
+    restored = Restore(tab.prompt, tab.negative, tab.sampling, tab.size.width, tab.size.height)
+
     @friendly
     def restore(path, width, height):
-        updates, restored = restored_values(path, tab.prompt, tab.negative, sampling, tab.size.width, tab.size.height)
-        w, h = restored.size if restored and restored.size else (int(width), int(height))
-        updates.update(restored_layout(tab, restored.extra if restored else {}, w, h))
+        updates, found = restored.updates(path)
+        w, h = found.size if found and found.size else (int(width), int(height))
+        updates.update(restored_layout(tab, found.extra if found else {}, w, h))
         return updates
 
     tab.restore.upload(restore, [tab.restore, tab.size.width, tab.size.height],
-                       [tab.prompt, tab.negative, sampling.steps, sampling.eta, sampling.seed, sampling.scale, tab.size.width,
-                        tab.size.height, tab.canvas, tab.regions, tab.boxes_as], queue=False)
+                       [*restored.components, tab.canvas, tab.regions, tab.boxes_as], queue=False)
 
 
 def restored_layout(tab: LayoutTab, extra: dict, width: int, height: int) -> dict:

@@ -7,7 +7,7 @@ is in the model folders, the tab says how to add one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import gradio as gr
 import numpy as np
@@ -15,22 +15,14 @@ from PIL import Image
 
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.semantic import LABEL_MODES, semantic
+from ui.controls import ModelMenu, OutputArea, SamplingControls, generate_buttons, model_menu, output_area, sampling_controls
 from ui.errors import friendly
+from ui.generation import Job, connect_generation, generation_handler
 from ui.services import Studio
-from ui.widgets import (
-    ModelMenu,
-    OutputArea,
-    SamplingControls,
-    chosen_model,
-    connect_generation,
-    model_menu,
-    output_area,
-    run_batches,
-    sampling_controls,
-    save_result,
-)
 
 TAB = "semantic"
+TITLE = "Semantic synthesis"
+SEND_TO = ("inpaint", "upscale")
 NO_MODEL = (
     "**No semantic synthesis model is installed.** Download LDM's landscape model (`semantic_synthesis256.zip`, or "
     "`semantic_synthesis.zip` for the one fine-tuned at 512x512, from the CompVis latent-diffusion model zoo), "
@@ -75,7 +67,7 @@ def label_colours(image: Image.Image) -> Image.Image:
     return Image.fromarray(palette[labels])
 
 
-def build(studio: Studio) -> SemanticTab:
+def build(studio: Studio, titles: dict[str, str]) -> SemanticTab:
     with gr.Row():
         with gr.Column(scale=5):
             model = model_menu(studio, TAB, info="LDM semantic synthesis models (landscapes from label maps)")
@@ -84,44 +76,34 @@ def build(studio: Studio) -> SemanticTab:
                                    file_types=[".png"], height=90, elem_id=f"{TAB}-segmentation")
             preview = gr.Image(label="Its regions", type="pil", interactive=False, height=240, elem_id=f"{TAB}-map-preview")
             with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
-                stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
+                generate, stop = generate_buttons(TAB)
             sampling = sampling_controls(studio, TAB, steps=100, scale=None, eta=1.0)
             gr.Markdown("The picture has the map's size (rounded to a multiple of 16); larger maps than the training "
                         "size work, the model being convolutional. No prompt and no guidance.")
         with gr.Column(scale=6):
-            output = output_area(TAB, send_to=("inpaint", "upscale"))
-    tab = SemanticTab(model, no_model, segmentation, preview, sampling, generate, stop, output)
+            output = output_area(TAB, {name: titles[name] for name in SEND_TO})
+    tab = SemanticTab(model=model, no_model=no_model, segmentation=segmentation, preview=preview, sampling=sampling,
+                      generate=generate, stop=stop, output=output)
     wire(studio, tab)
     return tab
 
 
 def handler(studio: Studio, tab: SemanticTab):
-    """The generate handler: named inputs in ``data``, yields the output area's updates."""
-    sampling, out = tab.sampling, tab.output
+    """The generate event's handler (``ui.generation.generation_handler``) with this tab's request."""
 
-    @friendly
-    def generate(data: dict, request: gr.Request, progress=gr.Progress()):
-        loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
+    def prepare(data: dict, loaded) -> Job:
         label_map = open_label_map(data[tab.segmentation])
-        base = GenerationRequest("", **sampling.values(data))
+        request = GenerationRequest("", **tab.sampling.values(data))
+        return Job(request, lambda r, callback, should_stop: semantic(loaded, label_map, r, callback=callback,
+                                                                      should_stop=should_stop),
+                   attachments={"segmentation": label_map})
 
-        def one_batch(seed, callback, should_stop):
-            result = semantic(loaded, label_map, replace(base, seed=seed), callback=callback, should_stop=should_stop)
-            extra = {"task": TAB, "model": loaded.name}
-            return save_result(studio, result, extra, {"segmentation": label_map})
-
-        yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
-                               data[out.images], progress)
-
-    return generate
+    return generation_handler(studio, TAB, tab.model, tab.output, prepare)
 
 
 def wire(studio: Studio, tab: SemanticTab) -> None:
-    sampling, out = tab.sampling, tab.output
-    inputs = {tab.model.dropdown, tab.segmentation, sampling.steps, sampling.eta, sampling.seed, out.images}
-    connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop,
-                       sampling=sampling, output=out)
+    connect_generation(studio, handler(studio, tab), {tab.segmentation}, model=tab.model, generate=tab.generate,
+                       stop=tab.stop, sampling=tab.sampling, output=tab.output)
     # The menu's own rescan runs beside this one; each reads the folders afresh (a header read a file).
     tab.model.refresh.click(lambda: no_model_note(studio, refresh=True), None, tab.no_model, queue=False)
 

@@ -1,35 +1,33 @@
-"""Text to image: prompt, negative prompt, DDIM settings, size, batches; live preview and gallery."""
+"""Text to image: prompt, negative prompt, sampling settings, size, batches; live preview and gallery."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import gradio as gr
 
 from ldm.tasks.txt2img import txt2img
-from ui.errors import friendly
-from ui.services import Studio
-from ui.widgets import (
+from ui.controls import (
     ModelMenu,
     OutputArea,
     SamplingControls,
     SizeControls,
     TilingControls,
-    batch_request,
-    chosen_model,
-    connect_generation,
+    generate_buttons,
     model_menu,
     output_area,
-    restore_box,
-    restored_values,
-    run_batches,
     sampling_controls,
-    save_result,
     size_controls,
     tiling_controls,
 )
+from ui.errors import friendly
+from ui.generation import Job, batch_request, connect_generation, generation_handler
+from ui.outputs import Restore, restore_box
+from ui.services import Studio
 
 TAB = "txt2img"
+TITLE = "Text to image"
+SEND_TO = ("inpaint", "upscale", "layout")
 
 
 @dataclass
@@ -48,7 +46,7 @@ class Txt2ImgTab:
     output: OutputArea
 
 
-def build(studio: Studio) -> Txt2ImgTab:
+def build(studio: Studio, titles: dict[str, str]) -> Txt2ImgTab:
     with gr.Row():
         with gr.Column(scale=5):
             model = model_menu(studio, TAB)
@@ -56,8 +54,7 @@ def build(studio: Studio) -> Txt2ImgTab:
                                 info="Ctrl+Enter generates", elem_id=f"{TAB}-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, placeholder="what the image should not have")
             with gr.Row():
-                generate = gr.Button("Generate", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
-                stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
+                generate, stop = generate_buttons(TAB)
             sampling = sampling_controls(studio, TAB)
             size = size_controls(studio, TAB)
             tiling = tiling_controls(studio, TAB)
@@ -68,40 +65,33 @@ def build(studio: Studio) -> Txt2ImgTab:
                                        elem_id="txt2img-batch-size")
             restore = restore_box(TAB)
         with gr.Column(scale=6):
-            output = output_area(TAB, send_to=("inpaint", "upscale", "layout"))
-    tab = Txt2ImgTab(model, prompt, negative, sampling, size, tiling, batch_count, batch_size, generate, stop, restore, output)
+            output = output_area(TAB, {name: titles[name] for name in SEND_TO})
+    tab = Txt2ImgTab(model=model, prompt=prompt, negative=negative, sampling=sampling, size=size, tiling=tiling,
+                     batch_count=batch_count, batch_size=batch_size, generate=generate, stop=stop, restore=restore,
+                     output=output)
     wire(studio, tab)
     return tab
 
 
+def handler(studio: Studio, tab: Txt2ImgTab):
+    """The generate event's handler (``ui.generation.generation_handler``) with this tab's request."""
+
+    def prepare(data: dict, loaded) -> Job:
+        request = batch_request(data[tab.prompt], data[tab.negative], tab.sampling.values(data), data[tab.size.width],
+                                data[tab.size.height], data[tab.batch_size], tiling=tab.tiling.options(data))
+        return Job(request, lambda r, callback, should_stop: txt2img(loaded, r, callback=callback, should_stop=should_stop))
+
+    return generation_handler(studio, TAB, tab.model, tab.output, prepare, batch_count=tab.batch_count)
+
+
 def wire(studio: Studio, tab: Txt2ImgTab) -> None:
-    sampling, out = tab.sampling, tab.output
-    inputs = {tab.model.dropdown, tab.prompt, tab.negative, sampling.steps, sampling.scale, sampling.eta, sampling.seed,
-              tab.size.width, tab.size.height, tab.batch_count, tab.batch_size, out.images, *tab.tiling.components}
-
-    @friendly
-    def generate(data: dict, request: gr.Request, progress=gr.Progress()):
-        loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
-        base = batch_request(data[tab.prompt], data[tab.negative], sampling.values(data), data[tab.size.width],
-                             data[tab.size.height], data[tab.batch_size], tiling=tab.tiling.options(data))
-
-        def one_batch(seed, callback, should_stop):
-            result = txt2img(loaded, replace(base, seed=seed), callback=callback, should_stop=should_stop)
-            extra = {"task": TAB, "model": loaded.name}
-            return save_result(studio, result, extra)
-
-        yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), data[tab.batch_count],
-                               base.seed, one_batch, data[out.images], progress)
-
-    connect_generation(studio, generate, inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
-                       output=out, size=tab.size, submit=tab.prompt)
+    inputs = {tab.prompt, tab.negative, tab.size.width, tab.size.height, tab.batch_count, tab.batch_size, *tab.tiling.components}
+    connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop,
+                       sampling=tab.sampling, output=tab.output, size=tab.size, submit=tab.prompt)
+    restored = Restore(tab.prompt, tab.negative, tab.sampling, tab.size.width, tab.size.height)
 
     @friendly
     def restore(path):
-        updates, _ = restored_values(path, tab.prompt, tab.negative, sampling, tab.size.width, tab.size.height)
-        return updates
+        return restored.updates(path)[0]
 
-    tab.restore.upload(restore, tab.restore, [tab.prompt, tab.negative, sampling.steps, sampling.eta, sampling.seed, sampling.scale,
-                                              tab.size.width, tab.size.height], queue=False)
-
-
+    tab.restore.upload(restore, tab.restore, restored.components, queue=False)

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import gradio as gr
 from PIL import Image
 
 from ldm.tasks.request import GenerationRequest, checked_number
-from ldm.tasks.upscale import DEFAULT_NOISE_LEVEL, MAX_INPUT_SIDE, MAX_TILE, TileOptions, check_noise_level, upscale
-from ui.errors import friendly
+from ldm.tasks.upscale import DEFAULT_NOISE_LEVEL, MAX_INPUT_SIDE, MAX_TILE, InputTiles, check_noise_level, upscale
+from ui.controls import ModelMenu, OutputArea, SamplingControls, generate_buttons, model_menu, output_area, sampling_controls
+from ui.generation import Job, connect_generation, generation_handler
 from ui.services import Studio
-from ui.widgets import (
-    ModelMenu,
-    OutputArea,
-    SamplingControls,
-    chosen_model,
-    connect_generation,
-    model_menu,
-    output_area,
-    run_batches,
-    sampling_controls,
-    save_result,
-)
 
 TAB = "upscale"
+TITLE = "Upscaling"
+SEND_TO = ("inpaint", "layout")
 MAX_NOISE_LEVEL = 350  # the SD x4 upscaler's max_noise_level; the engine checks each model's own
 
 
@@ -43,7 +34,7 @@ class UpscaleTab:
     output: OutputArea
 
 
-def build(studio: Studio) -> UpscaleTab:
+def build(studio: Studio, titles: dict[str, str]) -> UpscaleTab:
     with gr.Row():
         with gr.Column(scale=5):
             model = model_menu(studio, TAB, info="latent-diffusion super-resolution models (the default, LDM bsr_sr, SD x4)")
@@ -51,8 +42,7 @@ def build(studio: Studio) -> UpscaleTab:
             image = gr.Image(label=f"Image to upscale (up to {MAX_INPUT_SIDE} px a side)", type="pil", image_mode=None,
                              sources=["upload", "clipboard"], height=320, elem_id="upscale-input")
             with gr.Row():
-                generate = gr.Button("Upscale 4x", variant="primary", elem_classes="generate-button", elem_id=f"{TAB}-generate")
-                stop = gr.Button("Stop", variant="stop", elem_classes="stop-button", elem_id=f"{TAB}-stop")
+                generate, stop = generate_buttons(TAB, "Upscale 4x")
             sampling = sampling_controls(studio, TAB, steps=20, scale=1.0)
             with gr.Accordion("Text-guided upscalers (SD x4)", open=False):
                 prompt = gr.Textbox(label="Prompt", placeholder="what the picture shows", lines=2, elem_id=f"{TAB}-prompt")
@@ -65,46 +55,36 @@ def build(studio: Studio) -> UpscaleTab:
                 tile = gr.Slider(0, MAX_TILE, value=128, step=16, label="Tile size (input px)", info="0: the whole image at once", elem_id="upscale-tile")
                 overlap = gr.Slider(0, 128, value=16, step=4, label="Tile overlap (input px)", info="tiles blend across it", elem_id="upscale-overlap")
         with gr.Column(scale=6):
-            output = output_area(TAB, send_to=("inpaint", "layout"))
-    tab = UpscaleTab(model, image, sampling, prompt, negative, noise_level, tile, overlap, generate, stop, output)
+            output = output_area(TAB, {name: titles[name] for name in SEND_TO})
+    tab = UpscaleTab(model=model, image=image, sampling=sampling, prompt=prompt, negative=negative, noise_level=noise_level,
+                     tile=tile, overlap=overlap, generate=generate, stop=stop, output=output)
     wire(studio, tab)
     return tab
 
 
 def handler(studio: Studio, tab: UpscaleTab):
-    """The generate event's handler: a generator of output updates, given the tab's inputs by component."""
-    sampling, out = tab.sampling, tab.output
+    """The generate event's handler (``ui.generation.generation_handler``) with this tab's request."""
 
-    @friendly
-    def generate(data: dict, request: gr.Request, progress=gr.Progress()):
-        loaded = chosen_model(studio, data[tab.model.dropdown], TAB)
+    def prepare(data: dict, loaded) -> Job:
         image: Image.Image | None = data[tab.image]
         if not isinstance(image, Image.Image):
             raise ValueError("no image: upload one, or send one here from another tab")
-        tiles = TileOptions(checked_number("tile size", data[tab.tile], 0, MAX_TILE, integer=True),
-                            checked_number("tile overlap", data[tab.overlap], 0, MAX_TILE, integer=True))
-        base = GenerationRequest(data[tab.prompt], data[tab.negative], **sampling.values(data))
+        tiles = InputTiles(checked_number("tile size", data[tab.tile], 0, MAX_TILE, integer=True),
+                           checked_number("tile overlap", data[tab.overlap], 0, MAX_TILE, integer=True))
+        request = GenerationRequest(data[tab.prompt], data[tab.negative], **tab.sampling.values(data))
         noise_level = check_noise_level(loaded.model, data[tab.noise_level])  # 0 for models without noise augmentation
+        record = {"tiles": {"tile": tiles.tile, "overlap": tiles.overlap}, "noise_level": noise_level}
+        return Job(request, lambda r, callback, should_stop: upscale(loaded, image, r, tiles=tiles, noise_level=noise_level,
+                                                                     callback=callback, should_stop=should_stop),
+                   record, {"input": image})
 
-        def one_batch(seed, callback, should_stop):
-            result = upscale(loaded, image, replace(base, seed=seed), tiles=tiles, noise_level=noise_level, callback=callback,
-                             should_stop=should_stop)
-            extra = {"task": TAB, "model": loaded.name, "tiles": {"tile": tiles.tile, "overlap": tiles.overlap},
-                     "noise_level": noise_level}
-            return save_result(studio, result, extra, {"input": image})
-
-        yield from run_batches(studio, out, loaded, studio.stop_flag(request.session_hash), 1, base.seed, one_batch,
-                               data[out.images], progress)
-
-    return generate
+    return generation_handler(studio, TAB, tab.model, tab.output, prepare)
 
 
 def wire(studio: Studio, tab: UpscaleTab) -> None:
-    sampling, out = tab.sampling, tab.output
-    inputs = {tab.model.dropdown, tab.image, sampling.steps, sampling.eta, sampling.seed, sampling.scale, tab.prompt, tab.negative,
-              tab.noise_level, tab.tile, tab.overlap, out.images}
-    connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop, sampling=sampling,
-                       output=out)
+    inputs = {tab.image, tab.prompt, tab.negative, tab.noise_level, tab.tile, tab.overlap}
+    connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop,
+                       sampling=tab.sampling, output=tab.output)
 
 
 def receive(tab: UpscaleTab):

@@ -1,23 +1,20 @@
-"""Large canvases: when to tile, and the denoiser a request runs with.
+"""Planning a request's run: whether and how its canvas is tiled, how the autoencoder runs, and
+whether the estimated memory fits.
 
 A canvas is denoised whole (convolutionally, as the paper does beyond the training size) while the
 UNet's estimated peak memory for it fits the memory budget, and in overlapping windows of the
 training size (``ldm.sampling.tiling``) beyond it, so that memory stays flat as the canvas grows.
-Region prompts (``ldm.sampling.regions``) fuse per-box prompts with the global one, on any
-text-conditioned model.
+The sampling call asks ``plan`` once; the tasks ask ``canvas_notices`` what to tell the user.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.sampling.guidance import ClassifierFreeGuidance
-from ldm.sampling.regions import Region, RegionFusion, box_weight, context_window
-from ldm.sampling.tiling import TiledDenoiser, Window
-from ldm.tasks.request import TILING_MODES, RegionPrompt, TilingOptions
+from ldm.tasks.request import TILING_MODES, GenerationRequest, TilingOptions
 
 
 def unet_bytes_per_latent_pixel(model: LatentDiffusion) -> float:
@@ -81,46 +78,12 @@ def plan_canvas(model: LatentDiffusion, options: TilingOptions, batch: int, heig
     return CanvasPlan(tile if larger and wanted else 0, overlap, estimate, batch_windows)
 
 
-def guided_denoiser(model: LatentDiffusion, scale: float, plan: CanvasPlan):
-    denoiser = ClassifierFreeGuidance(model.denoiser(), scale)
-    if not plan.tiled:
-        return denoiser
-    return TiledDenoiser(denoiser, plan.tile, plan.overlap, model.config.unet.downsampling_factor, plan.batch_windows)
-
-
-def latent_box(box: tuple[float, float, float, float], height: int, width: int) -> Window:
-    """A normalised box on a latent canvas, at least one latent pixel a side."""
-    x0, y0, x1, y1 = box
-    top, left = min(height - 1, int(y0 * height)), min(width - 1, int(x0 * width))
-    bottom, right = max(top + 1, round(y1 * height)), max(left + 1, round(x1 * width))
-    return Window(top, left, bottom - top, right - left)
-
-
-def region_fusion(model: LatentDiffusion, denoiser, background: dict, regions: list[tuple[RegionPrompt, dict]],
-                  height: int, width: int, plan: CanvasPlan) -> RegionFusion:
-    """Fuse the global conditioning with each (region prompt, its conditioning) on the canvas."""
-    grid = model.config.unet.downsampling_factor
-    margin = max(plan.overlap, model.config.latent_size // 8)
-    built = []
-    for prompt, extra in regions:
-        box = latent_box(prompt.box, height, width)
-        window = context_window(box, height, width, margin, model.config.latent_size, grid)
-        feather = max(1, min(box.height, box.width) // 4)
-        built.append(Region(window, box_weight(box, window, height, width, prompt.strength, feather), extra))
-    return RegionFusion(denoiser, background, built)
-
-
 def describe(plan: CanvasPlan, f: int) -> str | None:
     """A notice for the user when the canvas is tiled."""
     if not plan.tiled:
         return None
     return (f"the canvas is sampled in tiles of {plan.tile * f} px overlapping by {plan.overlap * f} px "
             f"(the whole canvas would need about {plan.estimate_mb:,.0f} MB)")
-
-
-def replace_prompts(request, prompt: RegionPrompt):
-    """The request as a region sees it: its prompt, and its negative prompt or the global one."""
-    return replace(request, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or request.negative_prompt, boxes=())
 
 
 FIRST_STAGE_TILE = 256
@@ -154,12 +117,6 @@ def first_stage_tile(model: LatentDiffusion, options: TilingOptions, batch: int,
     return FIRST_STAGE_TILE if options.mode == "always" or over else 0
 
 
-def decode(model: LatentDiffusion, latents: torch.Tensor, options: TilingOptions) -> torch.Tensor:
-    f = model.config.downsampling_factor
-    h, w = latents.shape[-2] * f, latents.shape[-1] * f
-    return model.decode_first_stage(latents, tile=first_stage_tile(model, options, latents.shape[0], h, w))
-
-
 class NotEnoughMemory(ValueError):
     """A request whose estimated peak does not fit the memory that is free: refused before it runs."""
 
@@ -185,3 +142,29 @@ def check_memory(model: LatentDiffusion, plan: CanvasPlan, rows: int, images: in
         raise NotEnoughMemory(f"this request needs about {needed:,.0f} MB beyond the model's weights, but only "
                               f"{free_mb:,.0f} MB of memory is free; make the image or the batch smaller{hint}")
     return needed
+
+
+def plan_rows(model: LatentDiffusion, request: GenerationRequest) -> int:
+    """Rows of each UNet call: the batch, twice over when guided."""
+    guided = request.scale != 1.0 and model.encodes_tokens
+    return request.batch_size * (2 if guided else 1)
+
+
+def canvas_plan(model: LatentDiffusion, request: GenerationRequest, height: int, width: int) -> CanvasPlan:
+    """How a resolved request's ``height`` x ``width`` latent canvas is denoised."""
+    return plan_canvas(model, request.tiling, plan_rows(model, request), height, width)
+
+
+def plan(model: LatentDiffusion, request: GenerationRequest, height: int, width: int, free_mb: float | None) -> CanvasPlan:
+    """The plan of a resolved request on a ``height`` x ``width`` latent canvas, refused with
+    ``NotEnoughMemory`` when its estimated peak does not fit ``free_mb`` (see ``check_memory``)."""
+    chosen = canvas_plan(model, request, height, width)
+    check_memory(model, chosen, plan_rows(model, request), request.batch_size, height, width, request.tiling, free_mb)
+    return chosen
+
+
+def canvas_notices(model: LatentDiffusion, request: GenerationRequest) -> list[str]:
+    """What the user is told of a resolved request's canvas plan (that it is tiled, and why)."""
+    f = model.config.downsampling_factor
+    notice = describe(canvas_plan(model, request, request.height // f, request.width // f), f)
+    return [notice] if notice else []

@@ -1,0 +1,162 @@
+"""One generation run of a resolved request: its conditioning, the denoiser it samples with
+(classifier-free guidance, tiles, region prompts), the sampler it names, and the decode.
+
+``sample`` is what every task calls: noise from each image's seed, the plan (``ldm.tasks.planning``)
+asked once, the denoiser assembled, and the request's sampler run from ``ldm.sampling.samplers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from ldm.devices import free_memory_mb
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.sampling.blending import LatentBlend
+from ldm.sampling.guidance import ClassifierFreeGuidance
+from ldm.sampling.noise import randn, seeded_generators
+from ldm.sampling.regions import Region, RegionFusion, box_weight, context_window
+from ldm.sampling.samplers import get_sampler
+from ldm.sampling.steps import Callback
+from ldm.sampling.tiling import TiledDenoiser, Window
+from ldm.tasks import planning
+from ldm.tasks.planning import CanvasPlan, first_stage_tile
+from ldm.tasks.request import GenerationRequest, RegionPrompt, TilingOptions
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Inpainting by latent blending: ``keep`` (1 = keep) and the known latent ``x0``."""
+
+    keep: torch.Tensor
+    x0: torch.Tensor
+
+
+def conditioning(model: LatentDiffusion, request: GenerationRequest, concat: torch.Tensor | None) -> tuple[dict, dict | None]:
+    """(cond, uncond) denoiser arguments. The negative prompt is the unconditional branch; both are
+    encoded together so that long prompts give both the same number of chunks. Concat channels and
+    layout boxes are the same for both branches (the layout only conditions the positive one)."""
+    batch = request.batch_size
+    extra = {} if concat is None else {"concat": concat.expand(batch, -1, -1, -1)}
+    if not model.encodes_tokens:
+        return extra, None
+    layouts = [[], list(request.boxes)] if request.boxes else None
+    context = model.encode_prompts([request.negative_prompt, request.prompt], layouts=layouts)
+    uncond = {"context": context[:1].expand(batch, -1, -1), **extra}
+    cond = {"context": context[1:].expand(batch, -1, -1), **extra}
+    return cond, uncond
+
+
+def tokenizer_notices(model: LatentDiffusion, request: GenerationRequest) -> list[str]:
+    """What the model's tokenizer does not take of the prompts (LDM BERT cuts a prompt to 77 tokens; a
+    layout-only model reads no prompt), for the user to see, from its ``notices`` where it has one."""
+    notices = getattr(getattr(model.cond_stage_model, "tokenizer", None), "notices", None)
+    if notices is None:
+        return []
+    return notices([request.prompt, request.negative_prompt, *(p for r in request.regions
+                                                              for p in (r.prompt, r.negative_prompt))])
+
+
+def default_concat(model: LatentDiffusion, height: int, width: int, options: TilingOptions) -> torch.Tensor | None:
+    """What a hybrid inpainting model gets for plain generation: "no mask" (fill everything); the
+    blank image is encoded in tiles on the same terms as any other."""
+    if not model.inpaints_natively:
+        return None
+    blank = torch.zeros(1, 3, height, width, device=model.device)
+    tile = first_stage_tile(model, options, 1, height, width)
+    return model.inpainting_concat(blank, torch.ones(1, 1, height, width, device=model.device), tile=tile)
+
+
+def guided_denoiser(model: LatentDiffusion, scale: float, plan: CanvasPlan):
+    denoiser = ClassifierFreeGuidance(model.denoiser(), scale)
+    if not plan.tiled:
+        return denoiser
+    return TiledDenoiser(denoiser, plan.tile, plan.overlap, model.config.unet.downsampling_factor, plan.batch_windows)
+
+
+def latent_box(box: tuple[float, float, float, float], height: int, width: int) -> Window:
+    """A normalised box on a latent canvas, at least one latent pixel a side."""
+    x0, y0, x1, y1 = box
+    top, left = min(height - 1, int(y0 * height)), min(width - 1, int(x0 * width))
+    bottom, right = max(top + 1, round(y1 * height)), max(left + 1, round(x1 * width))
+    return Window(top, left, bottom - top, right - left)
+
+
+def region_fusion(model: LatentDiffusion, denoiser, background: dict, regions: list[tuple[RegionPrompt, dict]],
+                  height: int, width: int, plan: CanvasPlan) -> RegionFusion:
+    """Fuse the global conditioning with each (region prompt, its conditioning) on the canvas."""
+    grid = model.config.unet.downsampling_factor
+    margin = max(plan.overlap, model.config.latent_size // 8)
+    built = []
+    for prompt, extra in regions:
+        box = latent_box(prompt.box, height, width)
+        window = context_window(box, height, width, margin, model.config.latent_size, grid)
+        feather = max(1, min(box.height, box.width) // 4)
+        built.append(Region(window, box_weight(box, window, height, width, prompt.strength, feather), extra))
+    return RegionFusion(denoiser, background, built)
+
+
+def replace_prompts(request: GenerationRequest, prompt: RegionPrompt) -> GenerationRequest:
+    """The request as a region sees it: its prompt, and its negative prompt or the global one."""
+    return replace(request, prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or request.negative_prompt, boxes=())
+
+
+def build_denoiser(model: LatentDiffusion, request: GenerationRequest, plan: CanvasPlan, concat: torch.Tensor | None,
+                   label: int | None, height: int, width: int) -> tuple[Callable[..., torch.Tensor], dict]:
+    """The guided (tiled, region-fused) denoiser of a request on a ``height`` x ``width`` latent canvas,
+    and the keyword arguments the sampler passes it at every step."""
+    denoiser = guided_denoiser(model, request.scale, plan)
+    cond, uncond = conditioning(model, request, concat)
+    if label is not None:
+        y = torch.full((request.batch_size,), label, dtype=torch.long, device=model.device)
+        cond, uncond = {**cond, "y": y}, None if uncond is None else {**uncond, "y": y}
+    extra_args = {"cond": cond, "uncond": uncond}
+    if not request.regions:
+        return denoiser, extra_args
+    regions = [(r, dict(zip(("cond", "uncond"), conditioning(model, replace_prompts(request, r), concat))))
+               for r in request.regions]
+    return region_fusion(model, denoiser, extra_args, regions, height, width, plan), {}
+
+
+def sample(
+    model: LatentDiffusion,
+    request: GenerationRequest,
+    *,
+    concat: torch.Tensor | Callable[[list[torch.Generator]], torch.Tensor] | None = None,
+    label: int | None = None,
+    blend: Blend | None = None,
+    callback: Callback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Latents for a resolved request: noise from seeds request.seed + i (or the given ``x_T``, e.g.
+    a window of a larger canvas's noise), then the request's sampler over the guided denoiser.
+    ``concat`` may be a function of the seeds' generators, drawn from after the initial noise (a
+    noise-augmented low-resolution image); ``label`` is a class label ``y`` given to both guidance
+    branches (the noise level); ``blend`` inpaints by latent blending, its noise from the same
+    generators."""
+    config = model.config
+    generators = seeded_generators([request.seed + i for i in range(request.batch_size)])
+    f = config.downsampling_factor
+    shape = (request.batch_size, config.latent_channels, request.height // f, request.width // f)
+    with torch.inference_mode():
+        if x_T is None:
+            x_T = randn(shape, generators, device=model.device, dtype=model.dtype)
+        height, width = x_T.shape[-2:]
+        chosen = planning.plan(model, request, height, width, free_memory_mb(model.device))
+        if callable(concat):
+            concat = concat(generators)
+        denoiser, extra_args = build_denoiser(model, request, chosen, concat, label, height, width)
+        before_step = None if blend is None else LatentBlend(blend.keep, blend.x0, generators)
+        return get_sampler(request.sampler).run(
+            denoiser, x_T, model.alphas_cumprod, request.steps, eta=request.eta, generator=generators,
+            extra_args=extra_args, callback=callback, should_stop=should_stop, before_step=before_step)
+
+
+def decode(model: LatentDiffusion, latents: torch.Tensor, options: TilingOptions) -> torch.Tensor:
+    """Latents to images in about [-1, 1], the autoencoder tiled as ``planning.first_stage_tile`` says."""
+    f = model.config.downsampling_factor
+    h, w = latents.shape[-2] * f, latents.shape[-1] * f
+    return model.decode_first_stage(latents, tile=first_stage_tile(model, options, latents.shape[0], h, w))

@@ -1,0 +1,40 @@
+"""The studio's scripting API stays as scripts and ``ui.client`` use it: each tab's generate and stop
+endpoint, with its inputs in their order (labels, components, defaults) and its outputs, as pinned in
+``tests/fixtures/studio_api.json`` (recorded before the UI's structure change of issue 25)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app import make_studio, parse_args
+from ui.studio import build_app
+
+ROOT = Path(__file__).resolve().parents[1]
+PINNED = json.loads((Path(__file__).parent / "fixtures" / "studio_api.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def endpoints(tmp_path_factory):
+    studio = make_studio(parse_args(["--outputs", str(tmp_path_factory.mktemp("outputs")), "--device", "cpu", "--dtype", "fp32"]))
+    return build_app(studio).get_api_info()["named_endpoints"]
+
+
+def described(endpoint: dict) -> dict:
+    return {"parameters": [{"label": p.get("label"), "component": p.get("component"),
+                            "default": repr(p.get("parameter_default")).replace(str(ROOT), "<root>")}
+                           for p in endpoint["parameters"]],
+            "returns": [{"label": None if str(r.get("label")).startswith("value_") else r.get("label"),
+                         "component": r.get("component")} for r in endpoint["returns"]]}
+
+
+def test_every_tab_keeps_its_generate_and_stop_endpoints(endpoints):
+    names = {name for name in endpoints if name.endswith(("_generate", "_stop"))}
+    assert names == set(PINNED)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_each_endpoint_takes_and_returns_what_it_did(endpoints, name):
+    assert described(endpoints[name]) == PINNED[name]
