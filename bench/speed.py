@@ -44,8 +44,8 @@ from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
 from ldm.data.scoring import psnr  # noqa: E402
 from ldm.devices import choose_device, cpu_has_bf16, keep_freed_memory  # noqa: E402
-from ldm.kernels.paths import SpeedPaths, set_speed_paths  # noqa: E402
 from ldm.kernels.cuda_graphs import set_cuda_graphs  # noqa: E402
+from ldm.kernels.paths import SpeedPaths, set_speed_paths  # noqa: E402
 from ldm.kernels.winograd import set_winograd  # noqa: E402
 from ldm.options import add_speed_arguments  # noqa: E402
 

@@ -3,14 +3,9 @@
 torch's CPU attention spends as long on the softmax's exponentials as on its two matrix products in
 SD v1's 4096-token self-attention (head width 40). The kernel computes the products as AVX512-BF16
 dot products over register tiles and the exponential as a short polynomial, one pass over the keys
-per block of 48 queries (the online softmax of FlashAttention), accumulating in fp32.
-
-Measured on a 2-core AMD EPYC (AVX512-BF16), one call, best of 3 (2026-11-27, ``.venv/bin/python
-bench/attention.py --rounds 3``; (batch, heads, queries, keys, head width)): SD v1's (2, 8, 4096, 4096,
-40) self-attention 150 ms against torch's 380 ms (0.287 TFLOP/s); (2, 8, 1024, 1024, 80) 18 against
-34 ms; cross-attention to 77 tokens 6.4 against 11.4 ms; SD 2's (2, 5, 9216, 9216, 64) 645 against
-1590 ms; the autoencoder's single 512-wide head over 4096 tokens 94 against 176 ms. Its largest
-error against a float64 reference is torch's bf16 kernel's (both are the final rounding to bf16).
+per block of 48 queries (the online softmax of FlashAttention), accumulating in fp32. Its largest
+error against a float64 reference is torch's bf16 kernel's (both are the final rounding to bf16);
+``bench/attention.py`` times the two at SD's shapes.
 
 The kernel is built with our other CPU kernels (``ldm.kernels.cpu_kernels``) and called as
 ``torch.ops.ldm.attention_bf16``. Where the CPU lacks AVX512-BF16, or no compiler is installed, or

@@ -5,8 +5,8 @@ use and loaded as ``torch.ops.ldm.*``:
 - ``winograd_input``, ``winograd_output``: the data transforms of Winograd convolutions, fp32 and
   bf16 (``ldm.kernels.winograd``).
 
-The sources are compiled side by side with the C++ compiler (``$CXX`` or ``c++``; 12 s on a 2-core
-AMD EPYC, once per source text and torch version) into ``~/.cache/ldm-studio/kernels``; a library is written whole or
+The sources are compiled side by side with the C++ compiler (``$CXX`` or ``c++``; once per source
+text and torch version) into ``~/.cache/ldm-studio/kernels``; a library is written whole or
 not at all, so processes that build at once never load half a file. Where the CPU lacks AVX512-BF16,
 no compiler is installed or the build fails, ``load_cpu_kernels`` says why in a warning and returns
 False, and every caller keeps torch's own kernels.
@@ -48,7 +48,7 @@ def build(library: Path, compiler: str) -> None:
     objects = [partial.with_name(f"{partial.name}.{source.stem}.o") for source in SOURCES]
     includes = [f"-I{folder}" for folder in cpp_extension.include_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    log.info("building our CPU kernels for this CPU (once; 12 s on 2 cores): %s", library)
+    log.info("building our CPU kernels for this CPU (once, some seconds): %s", library)
     try:
         compiles = [subprocess.Popen([compiler, *FLAGS, abi, *includes, "-c", str(source), "-o", str(obj)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -5,32 +5,21 @@ block and the 3x3 kernel are taken to a 4x4 transform domain (``B^T d B`` and ``
 there (16 matrix products of tiles x input channels by input x output channels), and the product is
 taken back (``A^T m A``). That is 16 multiplications for 4 outputs instead of 36: 2.25x fewer FLOPs
 than the direct convolution, and one large matrix product per transform-domain point instead of a
-convolution over a small image, whose weights a direct kernel reads once for few pixels.
-
-Measured on a 2-core AMD EPYC (AVX512-BF16), one convolution, median of 3, freed memory kept in the
-process as the CLI keeps it (``bench/convolutions.py``, 2026-11-27): UNet layers (batch 2) 1280 -> 1280
-channels at 16x16, fp32 71 -> 44 ms, bf16 36 -> 20 ms; at 8x8, fp32 29 -> 15 ms; 320 -> 320 at 64x64,
-fp32 69 -> 54 ms, bf16 33 -> 24 ms; VAE layers (batch 1) 512 -> 512 at 128x128, fp32 362 -> 241 ms,
-bf16 179 -> 108 ms; at 256x256, bf16 687 -> 420 ms but fp32 1402 -> 1724 ms (the transforms' memory
-traffic outweighs the saving on large images in fp32, so fp32 keeps the direct kernel there). The
-error against a float64 reference is smaller than the direct kernel's in fp32 (3.5e-7 against 1.5e-6
-to 2e-6 of the output's largest value) and about 1.5 times it in bf16 (5e-3 to 7e-3 against 4e-3).
+convolution over a small image, whose weights a direct kernel reads once for few pixels. Its error
+against a float64 reference is smaller than the direct kernel's in fp32 and about 1.5 times it in
+bf16 (``tests/test_winograd.py`` bounds both; ``bench/convolutions.py`` times each layer shape).
 
 Used for the 3x3 convolutions of the UNet and of the autoencoder (a tiled decode's tiles too, through
-``Conv3x3.unpadded``). SD v1's VAE decode at 512 px in bf16 took 5.00 s with it against 6.11 s without
-(``python -m ldm bench --parts vae --dtypes bf16 --channels-last --rounds 5``, with and without
-``--no-winograd``, 2026-11-27).
+``Conv3x3.unpadded``). On a CPU with AVX512-BF16 the data transforms (``B^T d B`` of every block,
+``A^T m A`` and the bias) run through our C++ kernels (``csrc/winograd_transforms.cpp``,
+``ldm.kernels.cpu_kernels``): one pass over memory each instead of a pad, a gathering copy and a
+16 x 16 matrix product.
 
-On a CPU with AVX512-BF16 the data transforms (``B^T d B`` of every block, ``A^T m A`` and the bias)
-run through our C++ kernels (``csrc/winograd_transforms.cpp``, ``ldm.kernels.cpu_kernels``): one
-pass over memory each instead of a pad, a gathering copy and a 16 x 16 matrix product (which ran at
-8-24 GFLOP/s inside a step). Over the 3x3 layers of one SD v1 UNet step (the caches
-flushed before each call, a trial script): bf16 1.39 -> 1.24 s, fp32 3.08 -> 2.67 s.
-
-The transformed kernels (16/9 the size of the kernel: 1.7 GiB for SD v1's UNet in bf16, 0.25 GiB for
-its autoencoder) are kept on the module, made at load by ``set_winograd`` (or at the first Winograd
-call), and made again when the module is moved or cast or its weights change. Training, every device but the CPU, and layers
-narrower than ``MIN_CHANNELS`` run the direct convolution (``torch.nn.functional.conv2d``).
+The transformed kernels (16/9 the size of the kernel) are kept on the module, made at load by
+``set_winograd`` (or at the first Winograd call), and made again when the module is moved or cast or
+its weights change. Training, every device but the CPU, and layers narrower than ``MIN_CHANNELS`` run
+the direct convolution (``torch.nn.functional.conv2d``); fp32 images larger than ``FP32_MAX_PIXELS``
+too, where the transforms' memory traffic outweighs the saving.
 """
 
 from __future__ import annotations
@@ -39,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.kernels.memory_format import memory_format_of
 from ldm.kernels.cpu_kernels import load_cpu_kernels
+from ldm.kernels.memory_format import memory_format_of
 
 # F(2x2, 3x3) (Lavin and Gray, 2016): output = A^T [(G g G^T) * (B^T d B)] A
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
@@ -52,13 +41,9 @@ INPUT_TRANSFORM = torch.kron(_BT, _BT)  # (16, 16)
 OUTPUT_TRANSFORM = torch.kron(_AT, _AT)  # (4, 16)
 KERNEL_TRANSFORM = torch.kron(_G, _G)  # (16, 9)
 
-# fp32 images up to this many pixels (128x128) go through Winograd; larger ones run faster direct. SD v1
-# at 512 px, limits alternating in one process with kept memory (trial scripts): UNet step 8.4 s with a
-# 32x32 limit, 7.9 s with 64x64 (its largest image); VAE decode 11.8 s with 64x64, 10.9 s with 128x128,
-# and in another run 12.4 s with 64x64 against 15.6 s with no limit
+# fp32 images up to this many pixels (128x128) go through Winograd; larger ones run faster direct
 FP32_MAX_PIXELS = 128 * 128
-# narrower layers spend their time in the transforms: the embedded default model (64 to 256 channels)
-# made its 64 px image in 0.46 s with every layer Winograd against 0.41 s direct (a trial script)
+# narrower layers spend their time in the transforms (the embedded default model ran slower with them)
 MIN_CHANNELS = 256
 
 

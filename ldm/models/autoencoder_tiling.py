@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.autoencoder import AttnBlock, Autoencoder, DiagonalGaussian, Downsample, ResnetBlock, Stage, Upsample
 from ldm.kernels.winograd import Conv3x3
+from ldm.models.autoencoder import AttnBlock, Autoencoder, DiagonalGaussian, Downsample, ResnetBlock, Stage, Upsample
 
 
 def _zero_outside(t: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+
 @dataclass(frozen=True)
 class TransformerEmbedderConfig:
     """A token transformer trained with the diffusion model (LDM's ``BERTEmbedder``): token and absolute

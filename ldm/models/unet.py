@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.attention import AttentionBlock, SpatialTransformer, heads_and_dim, normalization, zero_module
 from ldm.kernels.winograd import Conv3x3
+from ldm.models.attention import AttentionBlock, SpatialTransformer, heads_and_dim, normalization, zero_module
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -22,9 +22,8 @@ def unet_bytes_per_latent_pixel(model: LatentDiffusion) -> float:
     skip connections it keeps (every input block's output) plus the largest working set of one level
     (a transformer level: its projections and the GEGLU's 8x-wide hidden layer, about 20 channel
     widths; a convolution-only level about 6), plus GroupNorm's float32 copies when the weights are
-    narrower. Calibrated against the growth of peak RSS over one guided call (SD v1 at 96x96 and
-    128x128 latents: 31-35 kB measured, 34 kB estimated per latent pixel and row in float32; 20 kB
-    and 19 kB in bfloat16; the default model 3.9-4.8 kB against 3.6 kB)."""
+    narrower. Calibrated against the growth of peak RSS over one guided call of SD v1 and of the
+    default model, in float32 and bfloat16."""
     unet = model.config.unet
     size = torch.finfo(model.dtype).bits // 8
     skips = unet.model_channels  # the input convolution
@@ -44,8 +43,7 @@ def estimate_unet_bytes(model: LatentDiffusion, batch: int, height: int, width: 
     return int(batch * height * width * unet_bytes_per_latent_pixel(model))
 
 
-# Small windows gain from large calls (the default model at 1024 px, 16-pixel latent windows: 5.9 s a
-# step at 4 a call, 4.2 at 16, 3.9 at 64; its 2048 px peak RSS 1.53, 1.72 and 1.89 GB); the budget bounds the rest.
+# Small windows gain from large calls (fewer, fuller UNet calls a step); the memory budget bounds the rest.
 MAX_BATCH_WINDOWS = 16
 
 
@@ -101,7 +99,7 @@ def estimate_first_stage_bytes(model: LatentDiffusion, batch: int, height: int, 
 def estimate_tiled_first_stage_bytes(model: LatentDiffusion, batch: int, height: int, width: int) -> int:
     """Estimated peak bytes of the tiled autoencoder (``autoencoder_tiling``): one feature map of its
     top level and one of the next, whole, plus tiles and bands (x1.6, from the decodes of
-    ``bench/large_canvas.py``: SD v1 bf16 at 2048 px 2.5 GB, the default model 1.1 GB)."""
+    ``bench/large_canvas.py``)."""
     c = model.config.first_stage
     size = torch.finfo(model.dtype).bits // 8
     second = c.ch_mult[min(1, len(c.ch_mult) - 1)]

@@ -2,7 +2,7 @@
 synthesis models (``concat_input: segmentation``).
 
 The map is one-hot encoded at its own size, rescaled by the model's conditioning stage to the latent
-size (f = 4) and concatenated after the latent, [x, c], at every step of DDIM. There is no text and
+size (f = 4) and concatenated after the latent, [x, c], at every step of the sampler. There is no text and
 no unconditional branch, so no guidance. The model is convolutional: maps larger than its training
 size work (the 512 model was fine-tuned for larger landscapes), denoised in tiles when the canvas
 would exceed the memory budget.

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from ldm.data.batches import held_out_batch, random_crop, scene_batches
 from ldm.data.world import MAX_OBJECTS
 from ldm.models.autoencoder import Autoencoder, AutoencoderConfig
-from ldm.train.curves import LossLog
 from ldm.train.common import learning_rate, read_recipe, resume, save_training_state
+from ldm.train.curves import LossLog
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.sampling.denoiser import training_target
 from ldm.text.lookup import tokenizer_for
 from ldm.text.word_tokenizer import WordLayoutTokenizer
-from ldm.train.curves import LossLog
 from ldm.train.common import learning_rate, read_recipe, resume, same_shapes, save_training_state
+from ldm.train.curves import LossLog
 
 log = logging.getLogger(__name__)
 
