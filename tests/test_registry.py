@@ -10,7 +10,7 @@ from ldm.checkpoints.presets import find_preset, list_presets
 from ldm.tasks import inpaint, layout, registry, semantic, txt2img, upscale
 from ldm.tasks.request import check_model
 
-TEXT = ("txt2img", "inpaint", "layout")
+TEXT = ("txt2img", "inpaint", "layout")  # in the registry's order
 SERVED = {
     "default-txt2img": TEXT, "v1-inference": TEXT, "v2-inference": TEXT, "v2-inference-v": TEXT,
     "v2-inpainting-inference": TEXT, "text2img256": TEXT, "txt2img-1p4B-eval": TEXT,
@@ -35,9 +35,10 @@ def test_each_family_is_served_by_the_tasks_made_for_it(name):
 
 
 def test_the_registry_holds_each_task_module_once_by_its_name():
-    assert registry.TASKS == {"txt2img": txt2img, "inpaint": inpaint, "layout": layout, "upscale": upscale,
+    assert registry.TASKS == {"txt2img": txt2img, "inpaint": inpaint, "upscale": upscale, "layout": layout,
                               "semantic": semantic}
-    with pytest.raises(ValueError, match="task 'img2img' is not known; tasks: txt2img, inpaint, layout, upscale, semantic"):
+    assert list(registry.TASKS) == ["txt2img", "inpaint", "upscale", "layout", "semantic"]  # the studio's tab order
+    with pytest.raises(ValueError, match="task 'img2img' is not known; tasks: txt2img, inpaint, upscale, layout, semantic"):
         registry.task("img2img")
 
 

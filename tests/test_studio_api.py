@@ -38,3 +38,14 @@ def test_every_tab_keeps_its_generate_and_stop_endpoints(endpoints):
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_each_endpoint_takes_and_returns_what_it_did(endpoints, name):
     assert described(endpoints[name]) == PINNED[name]
+
+
+def test_every_task_has_its_tab_found_by_name_and_each_send_to_reaches_a_tab_that_receives():
+    from ldm.tasks.registry import TASKS
+    from ui.studio import TABS
+
+    assert list(TABS) == list(TASKS)
+    for name, module in TABS.items():
+        assert module.TAB == name and module.TITLE and callable(module.build)
+        for target in module.SEND_TO:
+            assert callable(TABS[target].receive), f"{name} sends to {target}, which has no receive"

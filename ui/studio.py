@@ -3,16 +3,18 @@ between them. ``build_app`` only builds; ``app.py`` launches."""
 
 from __future__ import annotations
 
+import importlib
+
 import gradio as gr
 
+from ldm.tasks.registry import TASKS
 from ui.errors import friendly
 from ui.outputs import read_restore
 from ui.services import Studio
-from ui.tabs import inpaint, layout, semantic, txt2img, upscale
 
-# The page's tabs in their order, by the task each runs (``ldm.tasks.registry``); each module has
-# TAB, TITLE, build(studio, titles) and, where others send to it, receive(tab).
-TABS = {module.TAB: module for module in (txt2img, inpaint, upscale, layout, semantic)}
+# One tab per task, in the registry's order, each the module ui/tabs/<task>.py with TAB, TITLE,
+# SEND_TO, build(studio, titles) and, where others send to it, receive(tab). Importing them builds nothing.
+TABS = {name: importlib.import_module(f"ui.tabs.{name}") for name in TASKS}
 
 # Ctrl+Enter (Cmd+Enter on a Mac) presses the visible tab's generate button.
 SHORTCUTS_JS = """

@@ -1,13 +1,13 @@
-"""The studio's tasks by name, in the order the studio shows them. Each task module says what it is
+"""The tasks by name, in the order the studio shows their tabs. Each task module says what it is
 (``NAME``) and which models it serves (``serves(config) -> None or why not``); adding a task is its
-module, its tab and one line here."""
+module, its tab (``ui/tabs/<NAME>.py``, found by name) and one line here."""
 
 from __future__ import annotations
 
 from ldm.models.latent_diffusion import LatentDiffusionConfig
 from ldm.tasks import inpaint, layout, semantic, txt2img, upscale
 
-TASKS = {task.NAME: task for task in (txt2img, inpaint, layout, upscale, semantic)}
+TASKS = {task.NAME: task for task in (txt2img, inpaint, upscale, layout, semantic)}
 
 
 def task(name: str):
