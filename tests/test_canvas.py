@@ -8,21 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoints.loader import load_model
 from ldm.sampling.regions import Region, RegionFusion, box_weight, context_window
 from ldm.sampling.tiling import TiledDenoiser, Window, plan_windows, window_weight
-from ldm.tasks.planning import estimate_unet_bytes, plan_canvas
 from ldm.tasks.generate import sample
+from ldm.tasks.planning import estimate_unet_bytes, plan_canvas
 from ldm.tasks.request import GenerationRequest, RegionPrompt, TilingOptions, resolve_request
 from ldm.tasks.txt2img import txt2img
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tests.tiny_sd import write_tiny_checkpoint
-
-    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path_factory.mktemp("canvas"))
-    return load_model(path, preset=preset, tokenizer_dir=tokenizer_dir)
 
 
 def pointwise(x, t, *, concat=None, context=None):
@@ -74,23 +65,23 @@ def test_tiles_fuse_a_pointwise_denoiser_back_into_itself_with_spatial_condition
     torch.testing.assert_close(tiled(x, t, concat=concat, context=context), pointwise(x, t, concat=concat, context=context))
 
 
-def test_tiled_sampling_with_one_window_equals_plain_sampling_exactly(tiny):
+def test_tiled_sampling_with_one_window_equals_plain_sampling_exactly(loaded_sd_v1):
     request, _ = resolve_request(GenerationRequest("a red cat", "blurry", steps=3, scale=5.0, eta=0.5, seed=3, width=64, height=64), 8)
-    plain = sample(tiny.model, replace(request, tiling=TilingOptions(mode="off")))
-    one_window = sample(tiny.model, replace(request, tiling=TilingOptions(mode="always", tile=64)))
+    plain = sample(loaded_sd_v1.model, replace(request, tiling=TilingOptions(mode="off")))
+    one_window = sample(loaded_sd_v1.model, replace(request, tiling=TilingOptions(mode="always", tile=64)))
     assert torch.equal(plain, one_window)
 
 
-def test_tiled_sampling_of_a_canvas_larger_than_a_tile_is_fused_from_several_windows(tiny):
+def test_tiled_sampling_of_a_canvas_larger_than_a_tile_is_fused_from_several_windows(loaded_sd_v1):
     request, _ = resolve_request(GenerationRequest("a red cat", steps=3, scale=3.0, seed=3, width=128, height=64), 8)
-    whole = sample(tiny.model, replace(request, tiling=TilingOptions(mode="off")))
-    tiled = sample(tiny.model, replace(request, tiling=TilingOptions(mode="always", tile=64, overlap=16)))
+    whole = sample(loaded_sd_v1.model, replace(request, tiling=TilingOptions(mode="off")))
+    tiled = sample(loaded_sd_v1.model, replace(request, tiling=TilingOptions(mode="always", tile=64, overlap=16)))
     assert tiled.shape == whole.shape == (1, 4, 32, 64)  # the tiny model's factor is 2
     assert not torch.equal(tiled, whole) and torch.isfinite(tiled).all()
 
 
-def test_auto_tiling_engages_only_beyond_the_memory_budget(tiny):
-    model = tiny.model
+def test_auto_tiling_engages_only_beyond_the_memory_budget(loaded_sd_v1):
+    model = loaded_sd_v1.model
     small = plan_canvas(model, TilingOptions(budget_mb=4096), 2, 16, 16)
     assert not small.tiled
     budget = estimate_unet_bytes(model, 2, 64, 64) / 2**20
@@ -103,14 +94,14 @@ def test_auto_tiling_engages_only_beyond_the_memory_budget(tiny):
     assert estimate_unet_bytes(model, 2, 64, 64) == 4 * estimate_unet_bytes(model, 2, 32, 32)
 
 
-def test_one_full_canvas_region_of_full_strength_is_plain_guidance_with_its_prompt(tiny):
+def test_one_full_canvas_region_of_full_strength_is_plain_guidance_with_its_prompt(loaded_sd_v1):
     base = GenerationRequest("a blue dog", "grainy", steps=3, scale=5.0, eta=0.3, seed=11, width=48, height=48)
     request, _ = resolve_request(base, 8)
     region = RegionPrompt("a red cat", (0.0, 0.0, 1.0, 1.0), negative_prompt="blurry")
-    fused = sample(tiny.model, replace(request, regions=(region,)))
-    plain = sample(tiny.model, replace(request, prompt="a red cat", negative_prompt="blurry"))
+    fused = sample(loaded_sd_v1.model, replace(request, regions=(region,)))
+    plain = sample(loaded_sd_v1.model, replace(request, prompt="a red cat", negative_prompt="blurry"))
     assert torch.equal(fused, plain)
-    other = sample(tiny.model, request)
+    other = sample(loaded_sd_v1.model, request)
     assert not torch.equal(fused, other)
 
 
@@ -141,11 +132,11 @@ def test_half_strength_mixes_the_region_with_the_global_prompt():
     torch.testing.assert_close(out, (pointwise(x, t, **background) + pointwise(x, t, **region_extra)) / 2)
 
 
-def test_region_prompts_and_a_panorama_run_end_to_end_with_notices(tiny):
+def test_region_prompts_and_a_panorama_run_end_to_end_with_notices(loaded_sd_v1):
     request = GenerationRequest("a landscape", steps=2, scale=4.0, seed=1, width=256, height=64,
                                 regions=(RegionPrompt("a red sun", (0.7, 0.0, 0.95, 0.5)),),
                                 tiling=TilingOptions(mode="always"))
-    result = txt2img(tiny, request)
+    result = txt2img(loaded_sd_v1, request)
     assert result.images[0].size == (256, 64)
     assert np.asarray(result.images[0]).std() > 0
     assert any("tiles of 16 px overlapping by 4 px" in n for n in result.notices)
@@ -153,9 +144,9 @@ def test_region_prompts_and_a_panorama_run_end_to_end_with_notices(tiny):
     assert "Tiling: always 0 -1 4096" in result.parameters[0]
 
 
-def test_layout_boxes_become_region_prompts_on_a_model_without_layout_conditioning(tiny):
+def test_layout_boxes_become_region_prompts_on_a_model_without_layout_conditioning(loaded_sd_v1):
     request = GenerationRequest("", steps=2, scale=4.0, seed=1, width=32, height=32, boxes=(("red cat", 0.0, 0.0, 0.5, 0.5),))
-    result = txt2img(tiny, request)
+    result = txt2img(loaded_sd_v1, request)
     assert any("region prompt" in n for n in result.notices)
     assert "Regions: red cat 0.000 0.000 0.500 0.500 1" in result.parameters[0]
 
@@ -179,12 +170,12 @@ def test_bad_regions_and_tiling_are_refused_with_what_is_allowed(change, message
         resolve_request(replace(GenerationRequest("x"), **change), 8)
 
 
-def test_an_overlap_as_large_as_the_tile_is_refused(tiny):
+def test_an_overlap_as_large_as_the_tile_is_refused(loaded_sd_v1):
     with pytest.raises(ValueError, match="tile overlap must be from 0 to less than the tile"):
-        plan_canvas(tiny.model, TilingOptions(tile=64, overlap=64), 2, 32, 32)
+        plan_canvas(loaded_sd_v1.model, TilingOptions(tile=64, overlap=64), 2, 32, 32)
 
 
-def test_a_request_that_does_not_fit_the_free_memory_is_refused_with_the_numbers(tiny, monkeypatch):
+def test_a_request_that_does_not_fit_the_free_memory_is_refused_with_the_numbers(loaded_sd_v1, monkeypatch):
     from ldm.tasks import generate
     from ldm.tasks.planning import NotEnoughMemory, check_memory
 
@@ -192,14 +183,14 @@ def test_a_request_that_does_not_fit_the_free_memory_is_refused_with_the_numbers
     monkeypatch.setattr(generate, "free_memory_mb", lambda device: 0.5)
     with pytest.raises(NotEnoughMemory, match=r"needs about [\d,]+ MB beyond the model's weights, but only 0 MB of memory "
                                               r"is free; make the image or the batch smaller, or set tiling to 'always'"):
-        txt2img(tiny, request)
+        txt2img(loaded_sd_v1, request)
     monkeypatch.setattr(generate, "free_memory_mb", lambda device: None)  # unknown: not checked
-    assert txt2img(tiny, request).images[0].size == (256, 256)
+    assert txt2img(loaded_sd_v1, request).images[0].size == (256, 256)
     # tiled, the UNet's share stops growing with the canvas; what grows is the autoencoder's, with the pixels
     options = TilingOptions(mode="always")
-    needed = [check_memory(tiny.model, plan_canvas(tiny.model, options, 2, side, side), 2, 1, side, side, options, None)
+    needed = [check_memory(loaded_sd_v1.model, plan_canvas(loaded_sd_v1.model, options, 2, side, side), 2, 1, side, side, options, None)
               for side in (256, 512)]
     assert needed[1] <= 4.01 * needed[0]
-    whole = check_memory(tiny.model, plan_canvas(tiny.model, TilingOptions(mode="off"), 2, 512, 512), 2, 1, 512, 512,
+    whole = check_memory(loaded_sd_v1.model, plan_canvas(loaded_sd_v1.model, TilingOptions(mode="off"), 2, 512, 512), 2, 1, 512, 512,
                          TilingOptions(mode="off"), None)
     assert whole > needed[1]

@@ -7,34 +7,36 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.cli import build_parser, configure_logging, main
 from ldm.tasks.parameters import read_png_parameters
-from tests.test_detect import sd_v2_file_shapes, write_header_only_file
-from tests.test_key_contract import clip_vit_l14_text_keys
-from tests.tiny_sd import write_tiny_checkpoint, write_tiny_preset_yaml
-from tests.tiny_x4 import tiny_x4_preset_dict, write_tiny_x4_checkpoint
-from tests.tokenizer_fixtures import tiny_vocab_size
+from tests.builders import TinyFiles, sd_v1, x4
+from tests.builders.clip_tokenizer import tiny_vocab_size
+from tests.helpers import clip_vit_l14_text_keys, sd_v2_file_shapes, write_header_only_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+class CliModel(NamedTuple):
+    files: TinyFiles
+    preset_yaml: Path  # the preset as a file, as a user passes it
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli")
-    path, tokenizer_dir, _ = write_tiny_checkpoint(folder)
-    preset_yaml = write_tiny_preset_yaml(folder / "tiny-v1.yaml", tiny_vocab_size(tokenizer_dir))
-    return path, tokenizer_dir, preset_yaml
+def tiny(tiny_sd_v1, tmp_path_factory):
+    preset_yaml = sd_v1.write_preset_yaml(tmp_path_factory.mktemp("cli") / "tiny-v1.yaml",
+                                          tiny_vocab_size(tiny_sd_v1.tokenizer_dir))
+    return CliModel(tiny_sd_v1, preset_yaml)
 
 
-def txt2img_args(tiny, out, *extra):
-    path, tokenizer_dir, preset_yaml = tiny
-    return ["txt2img", "--model", str(path), "--preset", str(preset_yaml), "--tokenizer", str(tokenizer_dir),
+def txt2img_args(tiny: CliModel, out, *extra):
+    files = tiny.files
+    return ["txt2img", "--model", str(files.path), "--preset", str(tiny.preset_yaml), "--tokenizer", str(files.tokenizer_dir),
             "--prompt", "a red cat", "--negative", "a blue dog", "--steps", "3", "--scale", "6",
             "--seed", "11", "--width", "32", "--height", "32", "--out", str(out), *extra]
 
@@ -71,22 +73,20 @@ def test_bad_input_is_a_message_not_a_traceback(tiny, tmp_path, capsys):
     assert err.startswith("error: steps must be between 1 and 1000") and "Traceback" not in err
 
 
-def x4_upscale_args(folder: Path, *extra) -> list[str]:
-    path, tokenizer_dir, _ = write_tiny_x4_checkpoint(folder)
-    preset_yaml = folder / "tiny-x4.yaml"
-    OmegaConf.save(OmegaConf.create(tiny_x4_preset_dict(tiny_vocab_size(tokenizer_dir))), preset_yaml)
+def x4_upscale_args(files, folder: Path, *extra) -> list[str]:
+    preset_yaml = x4.write_preset_yaml(folder / "tiny-x4.yaml", tiny_vocab_size(files.tokenizer_dir))
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "low.png")
-    return ["upscale", "--model", str(path), "--preset", str(preset_yaml), "--tokenizer", str(tokenizer_dir),
+    return ["upscale", "--model", str(files.path), "--preset", str(preset_yaml), "--tokenizer", str(files.tokenizer_dir),
             "--image", str(folder / "low.png"), "--prompt", "a sharp photo", "--steps", "2", "--seed", "3", *extra]
 
 
-def test_upscale_takes_a_prompt_and_noise_level_for_a_text_guided_upscaler(tmp_path, capsys):
+def test_upscale_takes_a_prompt_and_noise_level_for_a_text_guided_upscaler(tiny_x4, tmp_path, capsys):
     out = tmp_path / "up.png"
-    assert main(x4_upscale_args(tmp_path, "--noise-level", "30", "--scale", "4", "--out", str(out))) == 0
+    assert main(x4_upscale_args(tiny_x4, tmp_path, "--noise-level", "30", "--scale", "4", "--out", str(out))) == 0
     params = read_png_parameters(out)
     assert (params["Prompt"], params["Noise level"], params["CFG scale"], params["Size"]) == ("a sharp photo", "30", "4.0", "32x32")
     capsys.readouterr()
-    assert main(x4_upscale_args(tmp_path, "--noise-level", "351", "--out", str(out))) == 2
+    assert main(x4_upscale_args(tiny_x4, tmp_path, "--noise-level", "351", "--out", str(out))) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: noise level must be a whole number from 0 to 350") and "Traceback" not in err
 
@@ -111,7 +111,7 @@ def test_inspect_keys_prints_every_key_with_its_shape(capsys):
 
 
 def test_inspect_of_a_file_reads_only_its_header(tiny, capsys):
-    path, _, _ = tiny
+    path = tiny.files.path
     assert main(["inspect", str(path)]) == 2  # the tiny layout is no registered family
     assert "unknown model layout" in capsys.readouterr().err
 

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import ldm.kernels.cpu_attention as cpu_attention
-from ldm.checkpoints.loader import load_model
 from ldm.devices import cpu_has_avx512_bf16
+from ldm.kernels.cpu_kernels import load_cpu_kernels
 from ldm.kernels.paths import SpeedPaths
 from ldm.models.attention import AttentionBlock, CrossAttention
 from ldm.models.autoencoder import AttnBlock
-from ldm.kernels.cpu_kernels import load_cpu_kernels
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
-from tests.tiny_sd import write_tiny_checkpoint
+
+pytestmark = pytest.mark.kernels
 
 needs_avx512_bf16 = pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the kernel needs a CPU with AVX512-BF16")
 
@@ -109,9 +109,8 @@ def test_attention_uses_the_kernel_only_for_bf16_sampling_on_the_cpu(kernel, mon
 
 
 @needs_avx512_bf16
-def test_a_bf16_model_attends_through_the_kernel_and_generates_the_same_kind_of_image(kernel, tmp_path, monkeypatch):
-    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
-    loaded = {name: load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, dtype=dtype, speed=SpeedPaths(cpu_kernels=on))
+def test_a_bf16_model_attends_through_the_kernel_and_generates_the_same_kind_of_image(kernel, tiny_sd_v1, monkeypatch):
+    loaded = {name: tiny_sd_v1.load(dtype=dtype, speed=SpeedPaths(cpu_kernels=on))
               for name, dtype, on in (("on", torch.bfloat16, True), ("off", torch.bfloat16, False), ("fp32", torch.float32, True))}
     layers = {name: [m.bf16_kernel for m in lm.model.modules() if isinstance(m, (CrossAttention, AttentionBlock, AttnBlock))]
               for name, lm in loaded.items()}

@@ -14,11 +14,13 @@ import torch.nn.functional as F
 
 import ldm.kernels.cpu_kernels as cpu_kernels
 from ldm.devices import cpu_has_avx512_bf16
-from ldm.kernels.paths import SpeedPaths
-from ldm.options import add_device_arguments
-from ldm.models.attention import CrossAttention
 from ldm.kernels.cpu_attention import set_attention_kernel
+from ldm.kernels.paths import SpeedPaths
 from ldm.kernels.winograd import INPUT_TRANSFORM, MIN_CHANNELS, OUTPUT_TRANSFORM, Conv3x3, set_winograd
+from ldm.models.attention import CrossAttention
+from ldm.options import add_device_arguments
+
+pytestmark = pytest.mark.kernels
 
 needs_avx512_bf16 = pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the kernels need a CPU with AVX512-BF16")
 

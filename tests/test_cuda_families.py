@@ -9,73 +9,35 @@ of fp32 on average."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from ldm.checkpoints.loader import load_model
 from ldm.tasks.inpaint import inpaint
 from ldm.tasks.layout import layout
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.semantic import semantic
 from ldm.tasks.txt2img import txt2img
 from ldm.tasks.upscale import upscale
-from tests import tiny_default, tiny_ldm, tiny_ldm_text, tiny_sd, tiny_sd2, tiny_semantic, tiny_x4
+from tests.builders.semantic import label_map
+from tests.helpers import picture, square_mask
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 STEPS = 4
 
 
-def picture(side: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
+# name -> (the shared tiny files' fixture, the task made for the family)
+FAMILIES = {"sd-v1": ("tiny_sd_v1", "txt2img"), "sd-v2-v": ("tiny_sd2_v", "txt2img"),
+            "sd-v2-inpainting": ("tiny_sd2_inpainting", "inpaint"), "sd-x4": ("tiny_x4", "upscale"),
+            "default": ("tiny_default_hybrid", "txt2img"), "ldm-kl-text": ("tiny_ldm_kl_text", "txt2img"),
+            "ldm-vq-text": ("tiny_ldm_vq_text", "txt2img"), "ldm-layout": ("tiny_ldm_layout", "layout"),
+            "ldm-inpainting": ("tiny_ldm_inpainting", "inpaint"), "ldm-sr": ("tiny_ldm_sr", "upscale"),
+            "ldm-semantic": ("tiny_semantic", "semantic")}
 
 
-def mask(side: int) -> Image.Image:
-    m = Image.new("L", (side, side), 0)
-    m.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
-    return m
-
-
-def files(folder: Path) -> dict:
-    """name -> (checkpoint, preset, tokenizer folder or None, task)"""
-    for sub in ("default", "inpainting", "sr"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    made = {}
-    path, tokens, preset = tiny_sd.write_tiny_checkpoint(folder / "v1")
-    made["sd-v1"] = (path, preset, tokens, "txt2img")
-    path, tokens, preset = tiny_sd2.write_tiny_v2_checkpoint(folder / "v2", "v")
-    made["sd-v2-v"] = (path, preset, tokens, "txt2img")
-    path, tokens, preset = tiny_sd2.write_tiny_v2_checkpoint(folder / "v2i", "eps", inpainting=True)
-    made["sd-v2-inpainting"] = (path, preset, tokens, "inpaint")
-    path, tokens, preset = tiny_x4.write_tiny_x4_checkpoint(folder / "x4")
-    made["sd-x4"] = (path, preset, tokens, "upscale")
-    preset = tiny_default.hybrid_preset()
-    made["default"] = (tiny_default.write(preset, folder / "default"), preset, None, "txt2img")
-    for name, preset in (("ldm-kl-text", tiny_ldm_text.kl_preset()), ("ldm-vq-text", tiny_ldm_text.vq_preset())):
-        made[name] = (tiny_ldm_text.write(preset, folder / name), preset, None, "txt2img")
-    preset = tiny_ldm_text.layout_preset()
-    made["ldm-layout"] = (tiny_ldm_text.write(preset, folder / "layout"), preset, None, "layout")
-    preset = tiny_ldm.inpainting_preset()
-    made["ldm-inpainting"] = (tiny_ldm.write(preset, folder / "inpainting"), preset, None, "inpaint")
-    preset = tiny_ldm.sr_preset()
-    made["ldm-sr"] = (tiny_ldm.write(preset, folder / "sr"), preset, None, "upscale")
-    path, preset = tiny_semantic.write_tiny_semantic_checkpoint(folder / "semantic")
-    made["ldm-semantic"] = (path, preset, None, "semantic")
-    return made
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    return files(tmp_path_factory.mktemp("families"))
-
-
-def run(entry, device: str, dtype: torch.dtype) -> np.ndarray:
-    path, preset, tokens, task = entry
-    loaded = load_model(path, device=device, dtype=dtype, preset=preset, tokenizer_dir=tokens)
+def run(files, task: str, device: str, dtype: torch.dtype) -> np.ndarray:
+    loaded = files.load(device=device, dtype=dtype)
     config = loaded.model.config
     side = config.latent_size * config.downsampling_factor
     request = GenerationRequest(prompt="a red circle", steps=STEPS, scale=1.0 if task in ("upscale", "semantic") else 3.0,
@@ -86,21 +48,21 @@ def run(entry, device: str, dtype: torch.dtype) -> np.ndarray:
         result = layout(loaded, GenerationRequest(**{**request.__dict__, "prompt": "", "scale": 1.0,
                                                      "boxes": (("7", 0.1, 0.1, 0.6, 0.7),)}))
     elif task == "inpaint":
-        result = inpaint(loaded, request, picture(side), mask(side))
+        result = inpaint(loaded, request, picture(side), square_mask(side))
     elif task == "upscale":
         result = upscale(loaded, picture(side // config.downsampling_factor), request)
     else:
-        result = semantic(loaded, tiny_semantic.label_map((side, side)), request)
+        result = semantic(loaded, label_map((side, side)), request)
     return np.asarray(result.images[0]).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", ["sd-v1", "sd-v2-v", "sd-v2-inpainting", "sd-x4", "default", "ldm-kl-text", "ldm-vq-text",
-                                  "ldm-layout", "ldm-inpainting", "ldm-sr", "ldm-semantic"])
-def test_each_family_runs_on_the_gpu_and_agrees_with_the_cpu(tiny_files, name):
-    entry = tiny_files[name]
-    cpu = run(entry, "cpu", torch.float32)
-    gpu = run(entry, "cuda", torch.float32)
-    half = run(entry, "cuda", torch.float16)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_each_family_runs_on_the_gpu_and_agrees_with_the_cpu(request, name):
+    fixture, task = FAMILIES[name]
+    files = request.getfixturevalue(fixture)
+    cpu = run(files, task, "cpu", torch.float32)
+    gpu = run(files, task, "cuda", torch.float32)
+    half = run(files, task, "cuda", torch.float16)
     print(f"{name}: |cuda fp32 - cpu fp32| max {np.abs(gpu - cpu).max():.0f}, |fp16 - fp32| mean {np.abs(half - gpu).mean():.2f}")
     assert np.isfinite(half).all() and half.shape == cpu.shape
     assert np.abs(gpu - cpu).max() <= 2, f"{name}: CUDA fp32 differs from the CPU by {np.abs(gpu - cpu).max()} levels"

@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoints.loader import build_model, load_model
+from ldm.checkpoints.loader import build_model
+from ldm.kernels.cuda_graphs import GraphedForward, graphed, set_cuda_graphs
 from ldm.kernels.paths import SpeedPaths
 from ldm.options import add_device_arguments
-from ldm.kernels.cuda_graphs import GraphedForward, graphed, set_cuda_graphs
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
-from tests.tiny_sd import randomise, tiny_preset, write_tiny_checkpoint
+from tests.builders import randomise, sd_v1
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def cuda(test):
+    """A test that needs a CUDA device: marked ``cuda``, skipped without one."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def tiny_unet(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    model = build_model(tiny_preset(50).model, device="cpu")
+    model = build_model(sd_v1.make_preset(50).model, device="cpu")
     randomise(model, seed)
     return model.unet.to(device, dtype).eval().requires_grad_(False)
 
@@ -148,9 +150,8 @@ def test_calls_with_gradients_or_under_no_grad_after_inference_mode():
 
 
 @cuda
-def test_txt2img_gives_the_same_image_with_graphs_on_or_off(tmp_path):
-    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
-    on, off = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, device="cuda", speed=SpeedPaths(cuda_graphs=g))
+def test_txt2img_gives_the_same_image_with_graphs_on_or_off(tiny_sd_v1):
+    on, off = (tiny_sd_v1.load(device="cuda", speed=SpeedPaths(cuda_graphs=g))
                for g in (True, False))
     assert isinstance(vars(on.model.unet).get("forward"), GraphedForward) and graphed(off.model.unet) is None
     request = GenerationRequest(prompt="a red circle", steps=6, scale=3.0, seed=3, width=32, height=32)

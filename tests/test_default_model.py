@@ -79,6 +79,7 @@ def test_inpainting_fills_the_mask_as_asked_and_keeps_every_unmasked_pixel(small
     assert success >= FLOORS["inpainting_success"]
 
 
+@pytest.mark.slow  # generates and scores the held-out captions
 def test_captions_and_layouts_are_followed(small_eval):
     txt, settings = small_eval
     captions = evaluate.caption_measures(txt, settings)

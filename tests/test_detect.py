@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from ldm.checkpoints.detect import detect, detect_file, detect_preset, matching_
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, resolve_preset, select_weights
 from ldm.checkpoints.presets import PRESET_DIR, list_presets, preset_from_dict
-from tests.test_key_contract import clip_vit_l14_text_keys, open_clip_vit_h14_text_keys
+from tests.helpers import clip_vit_l14_text_keys, open_clip_vit_h14_text_keys, sd_v2_file_shapes, write_header_only_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -63,12 +61,6 @@ def test_no_two_registry_entries_match_the_same_file():
         assert [preset.name] in matched.values(), f"no file with {preset.name}'s tensors is detected as it: {matched}"
 
 
-def sd_v2_file_shapes() -> dict[str, tuple[int, ...]]:
-    """An SD 2.x single file: the original keys (eps and v files are identical), OpenCLIP, schedule buffers."""
-    shapes = {k: tuple(v) for k, v in json.loads((FIXTURES / "v2-inference-v.json").read_text()).items()}
-    shapes.update({k: tuple(v) for k, v in open_clip_vit_h14_text_keys().items()})
-    shapes.update({k: (1000,) for k in SCHEDULE_BUFFERS if k != "logvar"})
-    return shapes
 
 
 def test_the_v1_and_v2_fixtures_have_the_same_unet_keys_but_not_the_same_shapes():
@@ -117,19 +109,6 @@ def test_a_file_that_states_a_prediction_no_preset_of_its_shapes_takes_is_refuse
     assert "prediction type 'v'" in str(error.value)
 
 
-def write_header_only_file(path: Path, shapes: dict, metadata: dict) -> Path:
-    """A valid fp16 .safetensors file with these tensors, all zero: the header is written and the file is
-    extended to its full size without writing data (sparse), so a multi-GB layout costs no disk."""
-    header, offset = {"__metadata__": metadata}, 0
-    for key, shape in shapes.items():
-        size = 2 * math.prod(shape)
-        header[key] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    return path
 
 
 @pytest.mark.parametrize("metadata, expected, notice", [

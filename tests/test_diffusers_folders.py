@@ -1,6 +1,6 @@
 """diffusers-format folders load through the same detect -> registry -> strict load path as single files.
 
-Each tiny original-layout file (tests.tiny_sd, tiny_sd2, tiny_x4) is converted by diffusers' own
+Each tiny original-layout file (tests.builders.sd_v1, sd2, x4) is converted by diffusers' own
 single-file converters into diffusers models, saved with ``save_pretrained`` as a pipeline folder,
 and read back by our reverse key map: the result must equal the single file's tensors exactly, be
 detected as the same preset, and generate the same latents.
@@ -17,8 +17,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-    StableDiffusionUpscalePipeline, UNet2DConditionModel,
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
+    UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -26,7 +31,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ldm.checkpoints.catalog import checkpoint_files, scan
 from ldm.checkpoints.detect import detect, detect_file
 from ldm.checkpoints.diffusers_folder import (
-    clip_to_original, open_clip_to_original, read_folder_shapes, read_folder_state, unet_to_original, unused_text_keys,
+    clip_to_original,
+    open_clip_to_original,
+    read_folder_shapes,
+    read_folder_state,
+    unet_to_original,
+    unused_text_keys,
     vae_to_original,
 )
 from ldm.checkpoints.errors import CheckpointError
@@ -38,12 +48,14 @@ from ldm.checkpoints.presets import find_preset, list_presets
 from ldm.models.clip import OpenCLIPTextEncoderConfig
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import sample_latents
-from tests.test_diffusers_parity_sd2 import converted_text_model
-from tests.tiny_sd import SCALE_FACTOR, original_config, write_tiny_checkpoint
-from tests.tiny_sd2 import original_v2_config, write_tiny_v2_checkpoint
-from tests.tiny_x4 import MAX_NOISE_LEVEL, original_x4_config, write_tiny_x4_checkpoint
-from tests.tiny_x4 import SCALE_FACTOR as X4_SCALE_FACTOR
-from tests.tiny_x4 import SCHEDULE as X4_SCHEDULE
+from tests.builders import sd2, sd_v1, x4
+from tests.builders.sd2 import converted_text_model, original_v2_config
+from tests.builders.sd_v1 import SCALE_FACTOR, original_config
+from tests.builders.x4 import MAX_NOISE_LEVEL, original_x4_config
+from tests.builders.x4 import SCALE_FACTOR as X4_SCALE_FACTOR
+from tests.builders.x4 import SCHEDULE as X4_SCHEDULE
+
+pytestmark = pytest.mark.parity
 
 FIXTURES = Path(__file__).parent / "fixtures"
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -106,18 +118,19 @@ class Case:
 
 def make_case(root: Path, kind: str) -> Case:
     if kind == "v1":
-        path, tokenizer_dir, preset = write_tiny_checkpoint(root)
+        files = sd_v1.write(root)
         config, scale, text_kind, prediction = original_config(), SCALE_FACTOR, "clip", "epsilon"
     elif kind == "x4":
-        path, tokenizer_dir, preset = write_tiny_x4_checkpoint(root)
+        files = x4.write(root)
         config, scale, text_kind, prediction = original_x4_config(), X4_SCALE_FACTOR, "open_clip", "v_prediction"
     else:
         parameterization = "eps" if kind in ("v2-eps", "v2-inpainting") else "v"
-        path, tokenizer_dir, preset = write_tiny_v2_checkpoint(root, parameterization, inpainting=kind == "v2-inpainting")
+        files = sd2.write(root, parameterization=parameterization, inpainting=kind == "v2-inpainting")
         config = original_v2_config(parameterization, inpainting=kind == "v2-inpainting")
         scale, text_kind = SCALE_FACTOR, "open_clip"
         prediction = "epsilon" if parameterization == "eps" else "v_prediction"
-    ours = load_model(path, preset=preset, tokenizer_dir=tokenizer_dir)
+    path, tokenizer_dir, preset = files.path, files.tokenizer_dir, files.preset
+    ours = files.load()
     parts = diffusers_parts(path, ours, config, scale, text_kind)
     parts["tokenizer"] = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"))
     if kind == "x4":

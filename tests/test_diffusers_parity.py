@@ -10,25 +10,18 @@ from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.checkpoints.io import read_state_dict
-from ldm.checkpoints.loader import load_model
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import sample_latents
-from tests.tiny_sd import SCALE_FACTOR, original_config, write_tiny_checkpoint
+from tests.builders.sd_v1 import SCALE_FACTOR, original_config
+from tests.helpers import TOL, assert_unet_matches, max_error
 
-TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-    ours = load_model(path, preset=preset, tokenizer_dir=tokenizer_dir)
-    return path, ours
+pytestmark = pytest.mark.parity
 
 
 @pytest.fixture(scope="module")
-def reference(tiny):
+def reference(tiny_sd_v1, loaded_sd_v1):
     """diffusers' UNet, VAE and CLIP text model made from the same file by diffusers' converters."""
-    path, ours = tiny
+    path, ours = tiny_sd_v1.path, loaded_sd_v1
     checkpoint = read_state_dict(path)
     config = original_config()
     unet_config = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)
@@ -51,37 +44,19 @@ def reference(tiny):
     return unet.eval(), vae.eval(), text.eval()
 
 
-def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
 def reference_embeddings(ours, text, prompts):
     tokenizer = ours.model.cond_stage_model.tokenizer
     ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     return text(ids).last_hidden_state
 
 
-@torch.no_grad()
-def assert_unet_matches(ours, reference_unet, in_channels: int = 4) -> None:
-    """Our UNet and diffusers' on the same noisy latents (with any concat channels), timesteps and
-    context, within TOL."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, in_channels, 8, 8, generator=g)
-    context = torch.randn(2, 77, 32, generator=g)
-    t = torch.tensor([999, 17])
-    expected = reference_unet(x, t, encoder_hidden_states=context).sample
-    got = ours(x, t, context=context)
-    assert expected.abs().mean() > 0.05, "the reference output should not be trivial"
-    assert max_error(got, expected) < TOL
-
-
-def test_unet_prediction_matches_diffusers(tiny, reference):
-    assert_unet_matches(tiny[1].model.unet, reference[0])
+def test_unet_prediction_matches_diffusers(loaded_sd_v1, reference):
+    assert_unet_matches(loaded_sd_v1.model.unet, reference[0])
 
 
 @torch.no_grad()
-def test_vae_encode_and_decode_match_diffusers(tiny, reference):
-    _, ours = tiny
+def test_vae_encode_and_decode_match_diffusers(loaded_sd_v1, reference):
+    ours = loaded_sd_v1
     _, vae, _ = reference
     g = torch.Generator().manual_seed(4)
     image = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
@@ -94,8 +69,8 @@ def test_vae_encode_and_decode_match_diffusers(tiny, reference):
 
 
 @torch.no_grad()
-def test_text_embedding_matches_diffusers(tiny, reference):
-    _, ours = tiny
+def test_text_embedding_matches_diffusers(loaded_sd_v1, reference):
+    ours = loaded_sd_v1
     _, _, text = reference
     prompts = ["a photo of a red cat", ""]
     expected = reference_embeddings(ours, text, prompts)
@@ -122,8 +97,8 @@ def reference_sample(ours, reference, prompt, negative, seed, eta, steps, scale)
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @torch.no_grad()
-def test_ten_step_ddim_with_guidance_matches_diffusers(tiny, reference, eta):
-    _, ours = tiny
+def test_ten_step_ddim_with_guidance_matches_diffusers(loaded_sd_v1, reference, eta):
+    ours = loaded_sd_v1
     request = GenerationRequest("a red cat", "a blue dog", steps=10, scale=7.5, eta=eta, seed=1234, width=32, height=32)
     expected_latents, expected_image = reference_sample(ours, reference, request.prompt, request.negative_prompt,
                                                         request.seed, eta, 10, 7.5)

@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 diffusers_convert = pytest.importorskip("diffusers.pipelines.stable_diffusion.convert_from_ckpt")
 from transformers import BertTokenizerFast  # noqa: E402
 
-from ldm.checkpoints.loader import load_model  # noqa: E402
-from tests import tiny_ldm_text as tiny  # noqa: E402
+from tests.builders import ldm_text  # noqa: E402
+
+pytestmark = pytest.mark.parity
 
 PROMPTS = ["A photo of a red cat, with the big dog.", "", "painting of a blue house in the sunset " * 12]
 
@@ -64,10 +65,9 @@ class StandIn:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ldm_bert")
-    preset = tiny.kl_preset()
-    path = tiny.write(preset, folder)  # vocab.txt beside it
-    loaded = load_model(path, preset=preset)
+    files = ldm_text.write(tmp_path_factory.mktemp("ldm_bert"), kind="kl")  # vocab.txt beside it
+    folder, path, preset = files.path.parent, files.path, files.preset
+    loaded = files.load()
     original_config = OmegaConf.create({"model": {"params": {"cond_stage_config": {
         "target": "ldm.modules.encoders.modules.BERTEmbedder",
         "params": {"n_embed": preset.model.cond_stage.dim, "n_layer": preset.model.cond_stage.depth}}}}})
@@ -84,7 +84,7 @@ def test_the_converted_diffusers_model_has_ldm_berts_fixed_heads():
         {"model": {"params": {"cond_stage_config": {"params": {"n_embed": 1280, "n_layer": 32}}}}}))
     assert (config.d_model, config.encoder_layers, config.encoder_ffn_dim) == (1280, 32, 5120)
     assert (config.encoder_attention_heads, config.head_dim, config.max_position_embeddings) == (8, 64, 77)
-    assert (tiny.BERT["heads"], tiny.BERT["head_dim"]) == (8, 64)
+    assert (ldm_text.BERT["heads"], ldm_text.BERT["head_dim"]) == (8, 64)
 
 
 def test_token_ids_equal_diffusers_pipelines(setup):

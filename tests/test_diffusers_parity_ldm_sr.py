@@ -2,7 +2,7 @@
 (UNet2DModel + VQModel + DDIMScheduler): a tiny file in bsr_sr's original layout (6 -> 3 UNet with
 legacy AttentionBlocks by head width, VQ first stage), compared at fp32 to 1e-4.
 
-Conversion. The VQ autoencoder goes through diffusers' own VAE converter (``tests.tiny_ldm.diffusers_vq``).
+Conversion. The VQ autoencoder goes through diffusers' own VAE converter (``tests.ldm_image.diffusers_vq``).
 The installed diffusers has no converter for the legacy LDM ``UNetModel`` to ``UNet2DModel`` (its
 ``convert_ldm_original_checkpoint_to_diffusers.py`` is a repository script, not part of the package),
 so ``ldm_unet_to_unet2d`` below writes the key mapping out from the facts of both layouts:
@@ -41,16 +41,17 @@ from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel
 from PIL import Image
 
 from ldm.checkpoints.io import read_state_dict
-from ldm.checkpoints.loader import load_model
 from ldm.tasks.generate import sample
 from ldm.tasks.images import from_pil
 from ldm.tasks.request import GenerationRequest, resolve_request
 from ldm.tasks.upscale import InputTiles, upscale
-from tests import tiny_ldm
+from tests.builders import ldm_image
+from tests.helpers import TOL
 
-TOL = 1e-4
+pytestmark = pytest.mark.parity
+
 SIZE = 16  # low-resolution pixels; the latent has the same size and the tiny first stage decodes it 2x
-UNET = tiny_ldm.SR_UNET
+UNET = ldm_image.SR_UNET
 LEVELS = len(UNET["channel_mult"])
 ATTENTION_LEVELS = {i for i in range(LEVELS) if 2**i in UNET["attention_resolutions"]}
 
@@ -134,21 +135,20 @@ def diffusers_unet(checkpoint: dict[str, torch.Tensor]) -> UNet2DModel:
 def original_ddim() -> DDIMScheduler:
     """diffusers' DDIMScheduler set up as LDM's DDIM sampler on bsr_sr's schedule."""
     return DDIMScheduler(
-        num_train_timesteps=1000, beta_start=tiny_ldm.SR_SCHEDULE["linear_start"], beta_end=tiny_ldm.SR_SCHEDULE["linear_end"],
+        num_train_timesteps=1000, beta_start=ldm_image.SR_SCHEDULE["linear_start"], beta_end=ldm_image.SR_SCHEDULE["linear_end"],
         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
         prediction_type="epsilon",
     )
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    preset = tiny_ldm.sr_preset()
-    path = tiny_ldm.write(preset, tmp_path_factory.mktemp("ldm_sr"), seed=3)
-    checkpoint = read_state_dict(path)
-    pipeline = LDMSuperResolutionPipeline(vqvae=tiny_ldm.diffusers_vq(checkpoint, mid_attention=True),
+def ours_and_pipeline(tmp_path_factory):
+    files = ldm_image.write(tmp_path_factory.mktemp("ldm_sr"), seed=3, kind="sr")  # another seed than the shared file's
+    checkpoint = read_state_dict(files.path)
+    pipeline = LDMSuperResolutionPipeline(vqvae=ldm_image.diffusers_vq(checkpoint, mid_attention=True),
                                           unet=diffusers_unet(checkpoint), scheduler=original_ddim())
     pipeline.set_progress_bar_config(disable=True)
-    return load_model(path, preset=preset), pipeline
+    return files.load(), pipeline
 
 
 def picture(seed: int = 0) -> Image.Image:
@@ -156,8 +156,8 @@ def picture(seed: int = 0) -> Image.Image:
 
 
 @torch.no_grad()
-def test_the_legacy_unet_matches_unet2d(tiny):
-    ours, pipeline = tiny
+def test_the_legacy_unet_matches_unet2d(ours_and_pipeline):
+    ours, pipeline = ours_and_pipeline
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 8, 8, generator=g)
     t = torch.tensor([999, 31])
@@ -175,8 +175,8 @@ def pipeline_images(pipeline, low: torch.Tensor, steps: int, eta: float, seed: i
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @torch.no_grad()
-def test_ddim_super_resolution_matches_the_pipeline(tiny, eta):
-    loaded, pipeline = tiny
+def test_ddim_super_resolution_matches_the_pipeline(ours_and_pipeline, eta):
+    loaded, pipeline = ours_and_pipeline
     model = loaded.model
     low = from_pil(picture())
     request = GenerationRequest("", steps=5, scale=1.0, eta=eta, seed=11, width=2 * SIZE, height=2 * SIZE)
@@ -192,10 +192,10 @@ def test_ddim_super_resolution_matches_the_pipeline(tiny, eta):
 
 
 @torch.no_grad()
-def test_the_upscale_task_gives_the_pipelines_image(tiny):
+def test_the_upscale_task_gives_the_pipelines_image(ours_and_pipeline):
     """The whole task (bsr_sr's default path, no tiling) against the pipeline's picture: equal to one
     level of 8-bit rounding."""
-    loaded, pipeline = tiny
+    loaded, pipeline = ours_and_pipeline
     request = GenerationRequest("", steps=4, scale=1.0, eta=1.0, seed=4)
     result = upscale(loaded, picture(2), request, tiles=InputTiles(0, 0))
     expected = pipeline_images(pipeline, from_pil(picture(2)), 4, 1.0, 4)[0].permute(1, 2, 0).numpy() * 255

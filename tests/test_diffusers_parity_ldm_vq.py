@@ -15,21 +15,20 @@ import pytest
 import torch
 
 from ldm.checkpoints.io import read_state_dict
-from ldm.checkpoints.loader import load_model
-from tests import tiny_ldm
+from tests.builders import ldm_image
+from tests.helpers import TOL
 
-TOL = 1e-4
+pytestmark = pytest.mark.parity
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["no-mid-attention", "mid-attention"])
 def pair(request, tmp_path_factory):
     """(our loaded model, diffusers' VQModel) from one tiny file."""
     mid_attention = request.param
-    preset = tiny_ldm.sr_preset() if mid_attention else tiny_ldm.inpainting_preset()
-    path = tiny_ldm.write(preset, tmp_path_factory.mktemp("vq"), seed=7)
-    ours = load_model(path, preset=preset).model
+    files = ldm_image.write(tmp_path_factory.mktemp("vq"), seed=7, kind="sr" if mid_attention else "inpainting")
+    ours = files.load().model
     assert ours.config.first_stage.mid_attention == mid_attention
-    return ours, tiny_ldm.diffusers_vq(read_state_dict(path), mid_attention)
+    return ours, ldm_image.diffusers_vq(read_state_dict(files.path), mid_attention)
 
 
 def images(seed: int = 0) -> torch.Tensor:

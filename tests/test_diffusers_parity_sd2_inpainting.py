@@ -26,33 +26,25 @@ from diffusers import AutoencoderKL
 from diffusers.loaders import single_file_utils as sfu
 from PIL import Image
 
-from ldm.tasks.registry import tasks_for
 from ldm.checkpoints.io import read_state_dict
-from ldm.checkpoints.loader import load_model
 from ldm.checkpoints.presets import find_preset
 from ldm.tasks.inpaint import inpaint
+from ldm.tasks.registry import tasks_for
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import sample_latents
-from tests.test_diffusers_parity import assert_unet_matches
-from tests.test_diffusers_parity_sd2 import converted_models, max_error, original_ddim, reference_embeddings
-from tests.tiny_sd import SCALE_FACTOR
-from tests.tiny_sd2 import original_v2_config, write_tiny_v2_checkpoint
+from tests.builders.sd2 import converted_models, original_v2_config
+from tests.builders.sd_v1 import SCALE_FACTOR
+from tests.helpers import TOL, assert_unet_matches, max_error, original_ddim, reference_embeddings
 
-TOL = 1e-4
+pytestmark = pytest.mark.parity
+
 SIZE = 32  # pixels; the tiny autoencoder's f is 2, so latents are 16 x 16
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path, tokenizer_dir, preset = write_tiny_v2_checkpoint(tmp_path_factory.mktemp("tiny_v2_inpainting"), "eps",
-                                                           inpainting=True)
-    return path, load_model(path, preset=preset, tokenizer_dir=tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny):
+def reference(tiny_sd2_inpainting, loaded_sd2_inpainting):
     """diffusers' UNet and VAE and transformers' text model, from the same file by diffusers' converters."""
-    path, ours = tiny
+    path, ours = tiny_sd2_inpainting.path, loaded_sd2_inpainting
     config = original_v2_config("eps", inpainting=True)
     unet, text = converted_models(path, ours, config)
     assert unet.config.in_channels == 9
@@ -105,13 +97,13 @@ def request_for(eta: float) -> GenerationRequest:
     return GenerationRequest("a red cat on a sofa", "", steps=8, scale=10.0, eta=eta, seed=77, width=SIZE, height=SIZE)
 
 
-def test_sd2_inpainting_unet_prediction_matches_diffusers(tiny, reference):
-    assert_unet_matches(tiny[1].model.unet, reference[0], in_channels=9)
+def test_sd2_inpainting_unet_prediction_matches_diffusers(loaded_sd2_inpainting, reference):
+    assert_unet_matches(loaded_sd2_inpainting.model.unet, reference[0], in_channels=9)
 
 
 @torch.no_grad()
-def test_the_unet_reads_the_mask_and_masked_image_channels(tiny):
-    unet = tiny[1].model.unet
+def test_the_unet_reads_the_mask_and_masked_image_channels(loaded_sd2_inpainting):
+    unet = loaded_sd2_inpainting.model.unet
     g = torch.Generator().manual_seed(5)
     x, context, t = torch.randn(1, 9, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g), torch.tensor([500])
     changed = x.clone()
@@ -121,9 +113,9 @@ def test_the_unet_reads_the_mask_and_masked_image_channels(tiny):
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @torch.no_grad()
-def test_guided_ddim_inpainting_matches_diffusers(tiny, reference, eta):
+def test_guided_ddim_inpainting_matches_diffusers(loaded_sd2_inpainting, reference, eta):
     """Through the studio's inpainting task (``ldm.tasks.inpaint``); its last step reports the final latents."""
-    _, ours = tiny
+    ours = loaded_sd2_inpainting
     request, image, mask = request_for(eta), picture(), grid_mask()
     steps = []
     inpaint(ours, request, image, mask, callback=steps.append)
@@ -135,10 +127,10 @@ def test_guided_ddim_inpainting_matches_diffusers(tiny, reference, eta):
 
 
 @torch.no_grad()
-def test_text_to_image_on_sd2_inpainting_is_inpainting_with_everything_masked(tiny, reference):
+def test_text_to_image_on_sd2_inpainting_is_inpainting_with_everything_masked(loaded_sd2_inpainting, reference):
     """The txt2img path's "no mask": a mask of ones over a blank image, which the original's
     make_batch_sd would turn into the same channels (the masked image is zero everywhere)."""
-    _, ours = tiny
+    ours = loaded_sd2_inpainting
     request = request_for(1.0)
     white = Image.fromarray(np.full((SIZE, SIZE), 255, dtype=np.uint8))
     concat = reference_concat(reference[1], picture(), white, (SIZE // 2, SIZE // 2))
@@ -147,8 +139,8 @@ def test_text_to_image_on_sd2_inpainting_is_inpainting_with_everything_masked(ti
 
 
 @torch.no_grad()
-def test_on_a_mask_off_the_latent_grid_the_engines_latent_mask_covers_at_least_the_originals(tiny):
-    model = tiny[1].model
+def test_on_a_mask_off_the_latent_grid_the_engines_latent_mask_covers_at_least_the_originals(loaded_sd2_inpainting):
+    model = loaded_sd2_inpainting.model
     mask = np.zeros((1, 1, SIZE, SIZE), dtype=np.float32)
     mask[..., 7:20, 9:26] = 1  # odd edges: latent pixels half covered
     mask = torch.from_numpy(mask)

@@ -25,28 +25,23 @@ from diffusers.loaders import single_file_utils as sfu
 from PIL import Image
 
 from ldm.checkpoints.io import read_state_dict
-from ldm.checkpoints.loader import load_model
 from ldm.tasks.generate import sample
 from ldm.tasks.images import from_pil
 from ldm.tasks.request import GenerationRequest, resolve_request
 from ldm.tasks.upscale import InputTiles, noised_low_res, upscale
-from tests.test_diffusers_parity_sd2 import converted_text_model, max_error, reference_embeddings
-from tests.tiny_x4 import MAX_NOISE_LEVEL, SCALE_FACTOR, SCHEDULE, original_x4_config, write_tiny_x4_checkpoint
+from tests.builders.sd2 import converted_text_model
+from tests.builders.x4 import MAX_NOISE_LEVEL, SCALE_FACTOR, SCHEDULE, original_x4_config
+from tests.helpers import TOL, max_error, reference_embeddings
 
-TOL = 1e-4
+pytestmark = pytest.mark.parity
+
 SIZE = 16  # low-resolution pixels; latents are 16 x 16 and the tiny autoencoder decodes them 2x
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path, tokenizer_dir, preset = write_tiny_x4_checkpoint(tmp_path_factory.mktemp("tiny_x4"))
-    return path, load_model(path, preset=preset, tokenizer_dir=tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny):
+def reference(tiny_x4, loaded_x4):
     """diffusers' UNet and VAE and transformers' text model, from the same file by diffusers' converters."""
-    path, ours = tiny
+    path, ours = tiny_x4.path, loaded_x4
     config = original_x4_config()
     checkpoint = read_state_dict(path)
     unet_config = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)
@@ -108,8 +103,8 @@ def request_for(eta: float) -> GenerationRequest:
 
 
 @torch.no_grad()
-def test_x4_unet_prediction_with_class_labels_matches_diffusers(tiny, reference):
-    ours, unet = tiny[1].model.unet, reference[0]
+def test_x4_unet_prediction_with_class_labels_matches_diffusers(loaded_x4, reference):
+    ours, unet = loaded_x4.model.unet, reference[0]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 7, 8, 8, generator=g)
     context = torch.randn(2, 77, 32, generator=g)
@@ -121,8 +116,8 @@ def test_x4_unet_prediction_with_class_labels_matches_diffusers(tiny, reference)
     assert max_error(other, expected) > 100 * TOL, "the class label should matter"
 
 
-def test_the_augmentation_schedule_is_diffusers_low_res_scheduler(tiny):
-    ours = tiny[1].model
+def test_the_augmentation_schedule_is_diffusers_low_res_scheduler(loaded_x4):
+    ours = loaded_x4.model
     expected = low_res_scheduler().alphas_cumprod.double()
     assert torch.allclose(ours.low_scale_alphas_cumprod, expected, rtol=1e-6, atol=0)
     low, noise = torch.rand(1, 3, 4, 4) * 2 - 1, torch.randn(1, 3, 4, 4)
@@ -133,8 +128,8 @@ def test_the_augmentation_schedule_is_diffusers_low_res_scheduler(tiny):
 
 @pytest.mark.parametrize("eta, noise_level", [(0.0, 20), (1.0, 100)])
 @torch.no_grad()
-def test_guided_ddim_upscale_matches_diffusers(tiny, reference, eta, noise_level):
-    _, ours = tiny
+def test_guided_ddim_upscale_matches_diffusers(loaded_x4, reference, eta, noise_level):
+    ours = loaded_x4
     low = from_pil(picture())
     request, _ = resolve_request(request_for(eta), ours.model.config.size_multiple)
     expected = reference_latents(ours, reference, request, low, noise_level)
@@ -143,10 +138,10 @@ def test_guided_ddim_upscale_matches_diffusers(tiny, reference, eta, noise_level
 
 
 @torch.no_grad()
-def test_the_upscale_task_decodes_the_same_image_as_diffusers_vae(tiny, reference):
+def test_the_upscale_task_decodes_the_same_image_as_diffusers_vae(loaded_x4, reference):
     """The whole task (no tiling) against the reference latents decoded by diffusers' VAE: equal to one
     level of 8-bit rounding."""
-    _, ours = tiny
+    ours = loaded_x4
     _, vae, _ = reference
     request = request_for(0.0)
     low = from_pil(picture())

@@ -31,7 +31,8 @@ from ldm.tasks.request import GenerationRequest, RegionPrompt, TilingOptions
 from ldm.tasks.semantic import semantic
 from ldm.tasks.txt2img import txt2img
 from ldm.tasks.upscale import InputTiles, upscale
-from tests import tiny_default, tiny_ldm, tiny_ldm_text, tiny_sd, tiny_sd2, tiny_semantic, tiny_x4
+from tests.builders.semantic import label_map
+from tests.helpers import picture, square_mask
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 RECORD = os.environ.get("LDM_STUDIO_RECORD_GOLDEN") == "1"
@@ -49,41 +50,17 @@ def machine() -> dict:
             "torch": torch.__version__.split("+")[0]}
 
 
-def picture(side: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8))
-
-
-def square_mask(side: int) -> Image.Image:
-    mask = Image.new("L", (side, side), 0)
-    mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
-    return mask
+FAMILIES = {"sd-v1": "tiny_sd_v1", "sd-v2-v": "tiny_sd2_v", "sd-v2-inpainting": "tiny_sd2_inpainting", "sd-x4": "tiny_x4",
+            "default-hybrid": "tiny_default_hybrid", "default-upscale": "tiny_default_upscale",
+            "ldm-kl-text": "tiny_ldm_kl_text", "ldm-vq-text": "tiny_ldm_vq_text", "ldm-layout": "tiny_ldm_layout",
+            "ldm-inpainting": "tiny_ldm_inpainting", "ldm-sr": "tiny_ldm_sr", "ldm-semantic": "tiny_semantic"}
 
 
 @pytest.fixture(scope="module")
-def families(tmp_path_factory):
-    """name -> LoadedModel, each a tiny original-layout file loaded the normal way (CPU, fp32)."""
-    folder = tmp_path_factory.mktemp("golden")
-    made = {}
-    path, tokens, preset = tiny_sd.write_tiny_checkpoint(folder / "v1")
-    made["sd-v1"] = load_model(path, preset=preset, tokenizer_dir=tokens)
-    path, tokens, preset = tiny_sd2.write_tiny_v2_checkpoint(folder / "v2", "v")
-    made["sd-v2-v"] = load_model(path, preset=preset, tokenizer_dir=tokens)
-    path, tokens, preset = tiny_sd2.write_tiny_v2_checkpoint(folder / "v2i", "eps", inpainting=True)
-    made["sd-v2-inpainting"] = load_model(path, preset=preset, tokenizer_dir=tokens)
-    path, tokens, preset = tiny_x4.write_tiny_x4_checkpoint(folder / "x4")
-    made["sd-x4"] = load_model(path, preset=preset, tokenizer_dir=tokens)
-    for name, preset in (("default-hybrid", tiny_default.hybrid_preset()), ("default-upscale", tiny_default.upscale_preset())):
-        (folder / name).mkdir()
-        made[name] = load_model(tiny_default.write(preset, folder / name), preset=preset)
-    for name, preset in (("ldm-kl-text", tiny_ldm_text.kl_preset()), ("ldm-vq-text", tiny_ldm_text.vq_preset()),
-                         ("ldm-layout", tiny_ldm_text.layout_preset())):
-        (folder / name).mkdir()
-        made[name] = load_model(tiny_ldm_text.write(preset, folder / name), preset=preset)
-    for name, preset in (("ldm-inpainting", tiny_ldm.inpainting_preset()), ("ldm-sr", tiny_ldm.sr_preset())):
-        (folder / name).mkdir()
-        made[name] = load_model(tiny_ldm.write(preset, folder / name), preset=preset)
-    path, preset = tiny_semantic.write_tiny_semantic_checkpoint(folder / "semantic")
-    made["ldm-semantic"] = load_model(path, preset=preset)
+def families(request):
+    """name -> LoadedModel: each family's shared tiny file (``tests/conftest.py``) loaded the normal way
+    (CPU, fp32), and the shipped default models."""
+    made = {name: request.getfixturevalue(fixture).load() for name, fixture in FAMILIES.items()}
     made["shipped-txt2img"] = load_model(DEFAULT_MODELS["txt2img"])
     made["shipped-upscale"] = load_model(DEFAULT_MODELS["upscale"])
     return made
@@ -114,7 +91,7 @@ CASES = {
     "ldm-layout": ("ldm-layout", lambda m: layout(m, request(prompt="", scale=1.0, boxes=(("7", 0.1, 0.1, 0.6, 0.7),)))),
     "ldm-inpainting": ("ldm-inpainting", lambda m: inpaint(m, request(prompt="", scale=1.0), picture(32, 5), square_mask(32))),
     "ldm-sr": ("ldm-sr", lambda m: upscale(m, picture(8, 6), request(scale=1.0))),
-    "ldm-semantic": ("ldm-semantic", lambda m: semantic(m, tiny_semantic.label_map((32, 32)), request(scale=1.0, eta=1.0))),
+    "ldm-semantic": ("ldm-semantic", lambda m: semantic(m, label_map((32, 32)), request(scale=1.0, eta=1.0))),
     "shipped-txt2img": ("shipped-txt2img", lambda m: txt2img(m, request(prompt="a red circle in the top left", steps=10,
                                                                         width=64, height=64))),
     "shipped-upscale": ("shipped-upscale", lambda m: upscale(m, picture(16, 7), request(steps=10, scale=1.0))),

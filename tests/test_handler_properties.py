@@ -182,6 +182,7 @@ def draw_inputs(draw, handler, studio, tab: str) -> dict:
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 
 
+@pytest.mark.slow  # a hundred examples a tab
 @pytest.mark.parametrize("tab", ["txt2img", "inpaint", "upscale", "layout", "semantic"])
 def test_any_values_save_images_or_end_with_a_clear_message(handlers, tab):
     studio, found = handlers

@@ -10,46 +10,11 @@ import pytest
 
 from ldm.checkpoints.loader import build_model
 from ldm.checkpoints.presets import find_preset
+from tests.helpers import clip_vit_l14_text_keys, open_clip_vit_h14_text_keys
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def clip_vit_l14_text_keys() -> dict[str, list[int]]:
-    """SD v1's text encoder keys, written out from the layer names of transformers' CLIP text model."""
-    p = "cond_stage_model.transformer.text_model."
-    keys = {p + "embeddings.token_embedding.weight": [49408, 768], p + "embeddings.position_embedding.weight": [77, 768]}
-    for i in range(12):
-        layer = f"{p}encoder.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            keys[f"{layer}self_attn.{proj}.weight"] = [768, 768]
-            keys[f"{layer}self_attn.{proj}.bias"] = [768]
-        for norm in ("layer_norm1", "layer_norm2"):
-            keys[f"{layer}{norm}.weight"] = [768]
-            keys[f"{layer}{norm}.bias"] = [768]
-        keys[f"{layer}mlp.fc1.weight"], keys[f"{layer}mlp.fc1.bias"] = [3072, 768], [3072]
-        keys[f"{layer}mlp.fc2.weight"], keys[f"{layer}mlp.fc2.bias"] = [768, 3072], [768]
-    keys[p + "final_layer_norm.weight"] = [768]
-    keys[p + "final_layer_norm.bias"] = [768]
-    return keys
-
-
-def open_clip_vit_h14_text_keys() -> dict[str, list[int]]:
-    """SD 2.x's text encoder keys: open_clip's text tower (width 1024, 24 blocks, MLP 4096), its visual
-    half deleted before saving; text_projection and the scalar logit_scale are stored though unused."""
-    p = "cond_stage_model.model."
-    keys = {p + "token_embedding.weight": [49408, 1024], p + "positional_embedding": [77, 1024]}
-    for i in range(24):
-        block = f"{p}transformer.resblocks.{i}."
-        keys[block + "attn.in_proj_weight"], keys[block + "attn.in_proj_bias"] = [3072, 1024], [3072]
-        keys[block + "attn.out_proj.weight"], keys[block + "attn.out_proj.bias"] = [1024, 1024], [1024]
-        for norm in ("ln_1", "ln_2"):
-            keys[f"{block}{norm}.weight"], keys[f"{block}{norm}.bias"] = [1024], [1024]
-        keys[block + "mlp.c_fc.weight"], keys[block + "mlp.c_fc.bias"] = [4096, 1024], [4096]
-        keys[block + "mlp.c_proj.weight"], keys[block + "mlp.c_proj.bias"] = [1024, 4096], [1024]
-    keys[p + "ln_final.weight"], keys[p + "ln_final.bias"] = [1024], [1024]
-    keys[p + "text_projection"] = [1024, 1024]
-    keys[p + "logit_scale"] = []
-    return keys
 
 
 def preset_key_shapes(name: str) -> dict[str, list[int]]:

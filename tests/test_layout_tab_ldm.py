@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 
 from ldm.checkpoints.catalog import CatalogEntry
-from ldm.checkpoints.loader import load_model
 from ldm.checkpoints.presets import find_preset
 from ldm.tasks.layout import layout
-from tests import tiny_ldm_text as tiny
 from ui.generation import batch_request
 from ui.tabs.layout import NATIVE, REGIONS, box_fields, canvas_boxes, canvas_value, model_hint
 
@@ -39,9 +37,8 @@ def test_the_hint_says_boxes_are_class_ids_and_the_prompt_is_not_used_only_for_l
 
 
 @pytest.fixture(scope="module")
-def layout_model(tmp_path_factory):
-    preset = tiny.layout_preset()
-    return load_model(tiny.write(preset, tmp_path_factory.mktemp("layout_tab")), preset=preset)
+def layout_model(tiny_ldm_layout):
+    return tiny_ldm_layout.load()
 
 
 def test_class_id_boxes_from_the_canvas_generate_with_the_prompt_as_a_notice(layout_model):

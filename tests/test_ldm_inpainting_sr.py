@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.tasks.registry import tasks_for
 from ldm.checkpoints.detect import detect_file, detect_preset
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_state_dict
@@ -35,9 +34,10 @@ from ldm.cli import main
 from ldm.tasks.generate import sample
 from ldm.tasks.inpaint import InpaintOptions, inpaint
 from ldm.tasks.parameters import read_png_parameters
+from ldm.tasks.registry import tasks_for
 from ldm.tasks.request import GenerationRequest, resolve_request
 from ldm.tasks.upscale import InputTiles, upscale
-from tests import tiny_ldm
+from tests.builders import ldm_image
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SIZE = 32
@@ -45,15 +45,15 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    """Each file an original may be written as: plain, with the first stage's copy, with a tampered copy."""
     folder = tmp_path_factory.mktemp("ldm")
-    inpainting, sr = tiny_ldm.inpainting_preset(), tiny_ldm.sr_preset()
     return {
-        "inpainting": tiny_ldm.write(inpainting, folder),
-        "inpainting_copy": tiny_ldm.write(inpainting, folder, first_stage_copy=True),
-        "inpainting_tampered": tiny_ldm.write(inpainting, folder, first_stage_copy=True, tamper=True),
-        "sr": tiny_ldm.write(sr, folder),
-        "sr_copy": tiny_ldm.write(sr, folder, first_stage_copy=True),
-        "presets": (inpainting, sr),
+        "inpainting": ldm_image.write(folder, kind="inpainting").path,
+        "inpainting_copy": ldm_image.write(folder, kind="inpainting", first_stage_copy=True).path,
+        "inpainting_tampered": ldm_image.write(folder, kind="inpainting", first_stage_copy=True, tamper=True).path,
+        "sr": ldm_image.write(folder, kind="sr").path,
+        "sr_copy": ldm_image.write(folder, kind="sr", first_stage_copy=True).path,
+        "presets": (ldm_image.make_preset("inpainting"), ldm_image.make_preset("sr")),
     }
 
 
@@ -202,7 +202,7 @@ def original_inpaint(model, vq, image: Image.Image, mask: Image.Image, steps: in
 
 @pytest.fixture(scope="module")
 def reference_vq(files):
-    return tiny_ldm.diffusers_vq(read_state_dict(files["inpainting"]), mid_attention=False)
+    return ldm_image.diffusers_vq(read_state_dict(files["inpainting"]), mid_attention=False)
 
 
 @torch.no_grad()
@@ -301,7 +301,7 @@ def test_cli_inpaint_runs_a_model_without_a_text_stage(files, tmp_path, capsys):
     picture().save(tmp_path / "in.png")
     box_mask().save(tmp_path / "mask.png")
     out = tmp_path / "out.png"
-    yaml = preset_yaml(tmp_path, tiny_ldm.inpainting_preset_dict())
+    yaml = preset_yaml(tmp_path, ldm_image.preset_dict("inpainting"))
     args = ["inpaint", "--model", str(files["inpainting_copy"]), "--preset", str(yaml), "--image", str(tmp_path / "in.png"),
             "--mask", str(tmp_path / "mask.png"), "--steps", "2", "--seed", "4", "--out", str(out)]
     assert main([*args, "--prompt", "a door"]) == 0
@@ -318,7 +318,7 @@ def test_cli_inpaint_runs_a_model_without_a_text_stage(files, tmp_path, capsys):
 def test_cli_upscale_runs_an_ldm_upscaler(files, tmp_path, capsys):
     picture(0, 12).save(tmp_path / "low.png")
     out = tmp_path / "up.png"
-    yaml = preset_yaml(tmp_path, tiny_ldm.sr_preset_dict())
+    yaml = preset_yaml(tmp_path, ldm_image.preset_dict("sr"))
     assert main(["upscale", "--model", str(files["sr"]), "--preset", str(yaml), "--image", str(tmp_path / "low.png"),
                  "--steps", "2", "--seed", "4", "--out", str(out)]) == 0
     params = read_png_parameters(out)

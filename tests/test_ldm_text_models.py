@@ -13,18 +13,18 @@ import torch
 from PIL import Image
 
 from ldm.checkpoints.detect import detect_file, detect_preset
-from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, ema_key, load_model
+from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, ema_key
 from ldm.checkpoints.presets import find_preset, list_presets
 from ldm.cli import main, read_boxes
 from ldm.tasks.layout import layout, reads_class_ids, takes_layout_tokens
+from ldm.tasks.parameters import read_png_parameters
 from ldm.tasks.registry import tasks_for
+from ldm.tasks.request import GenerationRequest
+from ldm.tasks.txt2img import sample_latents, txt2img
 from ldm.text.bert_tokenizer import BertPromptTokenizer, find_bert_tokenizer
 from ldm.text.layout_tokens import LDMLayoutTokenizer
 from ldm.text.lookup import TokenizerNotFoundError
-from ldm.tasks.parameters import read_png_parameters
-from ldm.tasks.request import GenerationRequest
-from ldm.tasks.txt2img import sample_latents, txt2img
-from tests import tiny_ldm_text as tiny
+from tests.builders import ldm_text
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = ["txt2img-1p4B-eval", "text2img256", "layout2img-openimages256"]
@@ -79,8 +79,8 @@ def test_the_text_models_serve_text_tasks_and_the_layout_model_only_the_layout_t
 
 
 def test_each_tiny_file_is_detected_as_its_tiny_preset(files):
-    presets = list_presets() + [tiny.kl_preset(), tiny.vq_preset(), tiny.layout_preset()]
-    assert {name: detect_file(path, presets).preset.name for name, path in files.items()} == {n: n for n in files}
+    presets = list_presets() + [f.preset for f in files.values()]
+    assert {name: detect_file(f.path, presets).preset.name for name, f in files.items()} == {n: n for n in files}
 
 
 # --- bert-base-uncased tokenizer ----------------------------------------------
@@ -97,7 +97,7 @@ def fake_bert_cache(hub: Path, words: list[str]) -> Path:
     repo = hub / "models--bert-base-uncased"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0123abcd")
-    return tiny.write_bert_vocab(repo / "snapshots" / "0123abcd", words)
+    return ldm_text.write_bert_vocab(repo / "snapshots" / "0123abcd", words)
 
 
 def vocab_of(tokenizer: BertPromptTokenizer) -> set[str]:
@@ -108,19 +108,19 @@ def test_lookup_order_dir_then_next_to_the_checkpoint_then_the_hf_cache(tmp_path
     checkpoint = tmp_path / "models" / "ldm.ckpt"
     fake_bert_cache(empty_hf_cache, ["cached"])
     assert "cached" in vocab_of(find_bert_tokenizer(checkpoint_path=checkpoint))
-    tiny.write_bert_vocab(tmp_path / "models" / "ldm.tokenizer", ["stem"])
+    ldm_text.write_bert_vocab(tmp_path / "models" / "ldm.tokenizer", ["stem"])
     assert "stem" in vocab_of(find_bert_tokenizer(checkpoint_path=checkpoint))
-    tiny.write_bert_vocab(tmp_path / "models" / "tokenizer", ["sub"])
+    ldm_text.write_bert_vocab(tmp_path / "models" / "tokenizer", ["sub"])
     assert "sub" in vocab_of(find_bert_tokenizer(checkpoint_path=checkpoint))
-    tiny.write_bert_vocab(tmp_path / "models", ["beside"])
+    ldm_text.write_bert_vocab(tmp_path / "models", ["beside"])
     assert "beside" in vocab_of(find_bert_tokenizer(checkpoint_path=checkpoint))
-    explicit = tiny.write_bert_vocab(tmp_path / "mine", ["explicit"])
+    explicit = ldm_text.write_bert_vocab(tmp_path / "mine", ["explicit"])
     assert "explicit" in vocab_of(find_bert_tokenizer(tokenizer_dir=explicit, checkpoint_path=checkpoint))
 
 
 def test_a_folder_without_vocab_txt_given_explicitly_is_an_error(tmp_path, empty_hf_cache):
     (tmp_path / "empty").mkdir()
-    tiny.write_bert_vocab(tmp_path, ["beside"])  # not used: the explicit folder is never skipped
+    ldm_text.write_bert_vocab(tmp_path, ["beside"])  # not used: the explicit folder is never skipped
     with pytest.raises(TokenizerNotFoundError, match=r"empty has no vocab\.txt"):
         find_bert_tokenizer(tokenizer_dir=tmp_path / "empty", checkpoint_path=tmp_path / "m.ckpt")
 
@@ -144,7 +144,7 @@ def test_a_vocabulary_without_bert_specials_is_refused(tmp_path, empty_hf_cache)
 
 
 def test_prompts_become_cls_words_sep_padded_with_0_to_77(tmp_path):
-    tokenizer = find_bert_tokenizer(tokenizer_dir=tiny.write_bert_vocab(tmp_path))
+    tokenizer = find_bert_tokenizer(tokenizer_dir=ldm_text.write_bert_vocab(tmp_path))
     ids = tokenizer.encode_batch(["A photo of Cats", ""])
     vocab = tokenizer.tokenizer.get_vocab()
     words = [vocab[w] for w in ("a", "photo", "of", "cat", "##s")]
@@ -154,7 +154,7 @@ def test_prompts_become_cls_words_sep_padded_with_0_to_77(tmp_path):
 
 
 def test_a_long_prompt_is_cut_to_77_tokens_with_a_notice(tmp_path):
-    tokenizer = find_bert_tokenizer(tokenizer_dir=tiny.write_bert_vocab(tmp_path))
+    tokenizer = find_bert_tokenizer(tokenizer_dir=ldm_text.write_bert_vocab(tmp_path))
     long = "a red cat " * 30  # 90 tokens
     ids = tokenizer.encode_batch([long])
     assert ids.shape == (1, 77) and ids[0, -1] == tokenizer.tokenizer.get_vocab()["[SEP]"]
@@ -215,9 +215,9 @@ def test_the_layout_tokenizer_batches_layouts_and_refuses_a_prompt_alone():
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ldm")
-    return {make().name: tiny.write(make(), folder / make().name) for make in (tiny.kl_preset, tiny.vq_preset, tiny.layout_preset)}
+def files(tiny_ldm_kl_text, tiny_ldm_vq_text, tiny_ldm_layout):
+    """The tiny LDM text and layout models by preset name (each folder with its vocab.txt where it reads text)."""
+    return {f.preset.name: f for f in (tiny_ldm_kl_text, tiny_ldm_vq_text, tiny_ldm_layout)}
 
 
 def request(**fields) -> GenerationRequest:
@@ -225,10 +225,9 @@ def request(**fields) -> GenerationRequest:
     return GenerationRequest(**{**base, **fields})
 
 
-@pytest.mark.parametrize("make", [tiny.kl_preset, tiny.vq_preset])
-def test_a_tiny_ldm_bert_model_loads_its_ema_weights_and_generates(files, make):
-    preset = make()
-    loaded = load_model(files[preset.name], preset=preset)  # vocab.txt beside the file
+@pytest.mark.parametrize("name", ["tiny-ldm-kl", "tiny-ldm-vq"])
+def test_a_tiny_ldm_bert_model_loads_its_ema_weights_and_generates(files, name):
+    loaded = files[name].load()  # vocab.txt beside the file
     assert loaded.report.used_ema and isinstance(loaded.model.cond_stage_model.tokenizer, BertPromptTokenizer)
     result = txt2img(loaded, request(prompt="a red cat " * 30))
     assert result.images[0].size == (16, 16)
@@ -238,8 +237,7 @@ def test_a_tiny_ldm_bert_model_loads_its_ema_weights_and_generates(files, make):
 
 
 def test_a_tiny_layout_model_generates_from_class_id_boxes(files):
-    preset = tiny.layout_preset()
-    loaded = load_model(files[preset.name], preset=preset)
+    loaded = files["tiny-ldm-layout"].load()
     boxes = (("7", 0.1, 0.1, 0.6, 0.5), ("2", 0.5, 0.5, 0.9, 0.9))
     result = layout(loaded, request(prompt="", scale=1.0, boxes=boxes))
     assert result.images[0].size == (16, 16) and result.notices == []
@@ -255,12 +253,12 @@ def test_a_tiny_layout_model_generates_from_class_id_boxes(files):
 
 def preset_yaml(folder: Path, make_dict) -> Path:
     raw = make_dict()
-    return tiny.write_preset_yaml(raw, folder / f"{raw['name']}.yaml")
+    return ldm_text.write_preset_yaml(raw, folder / f"{raw['name']}.yaml")
 
 
 def test_the_cli_runs_txt2img_on_a_tiny_ldm_bert_model(files, tmp_path, capsys):
     out = tmp_path / "cat.png"
-    args = ["txt2img", "--model", str(files["tiny-ldm-vq"]), "--preset", str(preset_yaml(tmp_path, tiny.vq_preset_dict)),
+    args = ["txt2img", "--model", str(files["tiny-ldm-vq"].path), "--preset", str(preset_yaml(tmp_path, ldm_text.vq_preset_dict)),
             "--prompt", "a photo of a red house", "--steps", "2", "--seed", "5", "--out", str(out)]
     assert main(args) == 0
     params = read_png_parameters(out)
@@ -273,7 +271,7 @@ def test_the_cli_runs_layout_on_a_tiny_layout_model_with_class_ids(files, tmp_pa
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps([{"label": 7, "box": [0.1, 0.1, 0.6, 0.5]}, {"label": "2", "box": [0.5, 0.5, 0.9, 0.9]}]))
     out = tmp_path / "layout.png"
-    args = ["layout", "--model", str(files["tiny-ldm-layout"]), "--preset", str(preset_yaml(tmp_path, tiny.layout_preset_dict)),
+    args = ["layout", "--model", str(files["tiny-ldm-layout"].path), "--preset", str(preset_yaml(tmp_path, ldm_text.layout_preset_dict)),
             "--boxes", str(boxes), "--prompt", "a cat", "--steps", "2", "--seed", "5", "--out", str(out)]
     assert main(args) == 0
     params = read_png_parameters(out)
@@ -282,10 +280,10 @@ def test_the_cli_runs_layout_on_a_tiny_layout_model_with_class_ids(files, tmp_pa
 
 
 def test_the_cli_explains_a_bad_class_id_and_a_text_prompt_for_the_layout_model(files, tmp_path, capsys):
-    preset = str(preset_yaml(tmp_path, tiny.layout_preset_dict))
+    preset = str(preset_yaml(tmp_path, ldm_text.layout_preset_dict))
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps([{"label": 9000, "box": [0.1, 0.1, 0.6, 0.5]}]))
-    base = ["--model", str(files["tiny-ldm-layout"]), "--preset", preset, "--steps", "2", "--out", str(tmp_path / "x.png")]
+    base = ["--model", str(files["tiny-ldm-layout"].path), "--preset", preset, "--steps", "2", "--out", str(tmp_path / "x.png")]
     assert main(["layout", *base, "--boxes", str(boxes)]) == 2
     assert "class id 9000 is out of range; use 0 to 98" in capsys.readouterr().err
     assert main(["txt2img", *base, "--prompt", "a cat"]) == 2
@@ -307,8 +305,7 @@ def test_read_boxes_takes_class_ids_and_names(tmp_path):
 def test_inpainting_with_an_ldm_bert_model_reports_a_cut_prompt(files):
     from ldm.tasks.inpaint import inpaint
 
-    preset = tiny.vq_preset()
-    loaded = load_model(files[preset.name], preset=preset)
+    loaded = files["tiny-ldm-vq"].load()
     image, mask = Image.new("RGB", (16, 16), (200, 40, 40)), Image.new("L", (16, 16), 0)
     mask.paste(255, (4, 4, 12, 12))
     result = inpaint(loaded, request(prompt="a red cat " * 30), image, mask)

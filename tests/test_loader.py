@@ -14,15 +14,14 @@ from ldm.checkpoints.loader import ema_key, load_model
 from ldm.text import clip_tokenizer as tokenizers
 from ldm.text import lookup
 from ldm.text.lookup import TokenizerNotFoundError
-from tests.tiny_sd import write_tiny_checkpoint
-from tests.tiny_sd2 import write_tiny_v2_checkpoint
+from tests.builders import sd2, sd_v1
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 @pytest.fixture(scope="module")
 def tiny_ema(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ema"), ema=True)
+    return sd_v1.write(tmp_path_factory.mktemp("ema"), ema=True)
 
 
 def test_ema_key_drops_the_dots_as_litema_does():
@@ -30,7 +29,7 @@ def test_ema_key_drops_the_dots_as_litema_does():
 
 
 def test_ema_weights_are_used_when_present_and_can_be_declined(tiny_ema):
-    path, tokenizer, preset = tiny_ema
+    path, tokenizer, preset = tiny_ema.path, tiny_ema.tokenizer_dir, tiny_ema.preset
     raw = load_file(str(path))
     auto = load_model(path, preset=preset, tokenizer_dir=tokenizer)
     assert auto.report.used_ema
@@ -41,10 +40,9 @@ def test_ema_weights_are_used_when_present_and_can_be_declined(tiny_ema):
     assert "model_ema.decay" in plain.report.ignored
 
 
-def test_asking_for_ema_in_a_file_without_it_is_an_error(tmp_path):
-    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+def test_asking_for_ema_in_a_file_without_it_is_an_error(tiny_sd_v1):
     with pytest.raises(CheckpointError, match="EMA"):
-        load_model(path, preset=preset, tokenizer_dir=tokenizer, ema=True)
+        tiny_sd_v1.load(ema=True)
 
 
 def _rewrite(path, change):
@@ -54,7 +52,8 @@ def _rewrite(path, change):
 
 
 def test_a_missing_weight_is_reported_with_the_file_and_the_part(tmp_path):
-    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    files = sd_v1.write(tmp_path)  # its own copy: the test changes it
+    path, tokenizer, preset = files.path, files.tokenizer_dir, files.preset
     _rewrite(path, lambda s: s.pop("first_stage_model.decoder.conv_out.weight"))
     with pytest.raises(CheckpointError) as error:
         load_model(path, preset=preset, tokenizer_dir=tokenizer)
@@ -63,21 +62,24 @@ def test_a_missing_weight_is_reported_with_the_file_and_the_part(tmp_path):
 
 
 def test_an_unexpected_tensor_is_refused_not_silently_dropped(tmp_path):
-    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    files = sd_v1.write(tmp_path)  # its own copy: the test changes it
+    path, tokenizer, preset = files.path, files.tokenizer_dir, files.preset
     _rewrite(path, lambda s: s.update({"lora_unet_down.alpha": torch.ones(1)}))
     with pytest.raises(CheckpointError, match="lora_unet_down.alpha"):
         load_model(path, preset=preset, tokenizer_dir=tokenizer)
 
 
 def test_a_wrong_shape_is_reported(tmp_path):
-    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    files = sd_v1.write(tmp_path)  # its own copy: the test changes it
+    path, tokenizer, preset = files.path, files.tokenizer_dir, files.preset
     _rewrite(path, lambda s: s.update({UNET_KEY: torch.zeros(32, 9, 3, 3)}))
     with pytest.raises(CheckpointError, match=r"\[32, 9, 3, 3\]"):
         load_model(path, preset=preset, tokenizer_dir=tokenizer)
 
 
 def test_a_half_precision_file_loads_at_the_requested_dtype(tmp_path):
-    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    files = sd_v1.write(tmp_path)  # its own copy: the test changes it
+    path, tokenizer, preset = files.path, files.tokenizer_dir, files.preset
     _rewrite(path, lambda s: s.update({k: v.half() for k, v in s.items()}))
     loaded = load_model(path, preset=preset, tokenizer_dir=tokenizer, dtype=torch.float32)
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
@@ -85,7 +87,8 @@ def test_a_half_precision_file_loads_at_the_requested_dtype(tmp_path):
 
 
 def test_a_ckpt_with_a_nested_state_dict_loads_like_the_safetensors(tmp_path):
-    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
+    files = sd_v1.write(tmp_path)  # its own copy: the test changes it
+    path, tokenizer, preset = files.path, files.tokenizer_dir, files.preset
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": load_file(str(path)), "global_step": 470000}, ckpt)
     a = load_model(path, preset=preset, tokenizer_dir=tokenizer).model.state_dict()
@@ -94,17 +97,17 @@ def test_a_ckpt_with_a_nested_state_dict_loads_like_the_safetensors(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_checkpoint_of_another_family_names_the_file(tmp_path):
-    path, tokenizer, preset = write_tiny_checkpoint(tmp_path)
-    with pytest.raises(CheckpointError, match=str(path)):
-        load_model(path, tokenizer_dir=tokenizer)  # detection: the tiny layout is no registered family
+def test_a_checkpoint_of_another_family_names_the_file(tiny_sd_v1):
+    with pytest.raises(CheckpointError, match=str(tiny_sd_v1.path)):
+        load_model(tiny_sd_v1.path, tokenizer_dir=tiny_sd_v1.tokenizer_dir)  # detection: the tiny layout is no registered family
 
 
 def test_an_sd2_layout_file_loads_strictly_and_finds_its_tokenizer_as_v1_does(tmp_path, monkeypatch):
     """The OpenCLIP tower's keys load with no renaming; its CLIP BPE tokenizer is looked up like SD v1's
     (here: the tokenizer/ folder beside the file), and the same error names the fix when there is none."""
-    path, tokenizer, preset = write_tiny_v2_checkpoint(tmp_path)
-    loaded = load_model(path, preset=preset)
+    files = sd2.write(tmp_path)  # its own copy: the test removes its tokenizer
+    path, tokenizer = files.path, files.tokenizer_dir
+    loaded = load_model(path, preset=files.preset)
     raw = load_file(str(path))
     key = "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight"  # the unused last block loads too
     assert torch.equal(loaded.model.state_dict()[key], raw[key])
@@ -114,4 +117,4 @@ def test_an_sd2_layout_file_loads_strictly_and_finds_its_tokenizer_as_v1_does(tm
     monkeypatch.setattr(tokenizers, "_open_clip_bpe_file", lambda: None)
     shutil.rmtree(tokenizer)
     with pytest.raises(TokenizerNotFoundError, match="SD v1 and v2 checkpoints do not contain one"):
-        load_model(path, preset=preset)
+        load_model(path, preset=files.preset)

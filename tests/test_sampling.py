@@ -13,11 +13,11 @@ from torch import nn
 
 from ldm.sampling.blending import LatentBlend
 from ldm.sampling.ddim import ddim_sample
-from ldm.sampling.steps import SamplingCancelled, StepInfo
 from ldm.sampling.denoiser import EpsDenoiser, check_parameterization, output_to_eps
 from ldm.sampling.guidance import ClassifierFreeGuidance
 from ldm.sampling.noise import randn, seeded_generators
 from ldm.sampling.schedules import ScheduleConfig, ddim_schedule, make_alphas_cumprod, make_betas
+from ldm.sampling.steps import SamplingCancelled, StepInfo
 
 T = 1000
 SD = ScheduleConfig(kind="linear", timesteps=T, linear_start=0.00085, linear_end=0.012)

@@ -1,6 +1,6 @@
 """LDM semantic synthesis (semantic_synthesis256 / 512): the presets' key contract, detection of the two
 models that hold the same tensors, the SpatialRescaler against a hand computation, the task, the CLI
-and the studio tab, on a tiny random model in the original key layout (``tests.tiny_semantic``).
+and the studio tab, on a tiny random model in the original key layout (``tests.builders.semantic``).
 
 There is no diffusers implementation of this model (diffusers converts none of LDM's concat models
 with a SpatialRescaler), so there is no parity test: the conditioner is checked against the
@@ -21,28 +21,21 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.tasks.registry import tasks_for
 from ldm.checkpoints.detect import detect
-from ldm.checkpoints.loader import build_model, load_model
+from ldm.checkpoints.loader import build_model
 from ldm.checkpoints.original_config import original_config
 from ldm.checkpoints.presets import find_preset, list_presets, preset_from_dict
 from ldm.cli import main
 from ldm.models.spatial_rescaler import SpatialRescaler, SpatialRescalerConfig
 from ldm.tasks.parameters import read_png_parameters
+from ldm.tasks.registry import tasks_for
 from ldm.tasks.request import GenerationRequest, TilingOptions
 from ldm.tasks.semantic import semantic
-from tests.tiny_semantic import CLASSES, label_map, tiny_semantic_preset_dict, write_tiny_semantic_checkpoint
+from tests.builders.semantic import CLASSES, label_map, preset_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NAMES = ("semantic_synthesis256", "semantic_synthesis512")
 REQUEST = GenerationRequest("", steps=3, eta=1.0, seed=11)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("semantic")
-    path, preset = write_tiny_semantic_checkpoint(folder)
-    return path, preset, load_model(path, preset=preset)
 
 
 def reference_shapes(name: str) -> dict[str, tuple[int, ...]]:
@@ -101,14 +94,14 @@ def test_a_config_beside_with_another_size_keeps_the_notice(tmp_path):
 
 
 def test_a_variant_may_not_have_a_detect_section_of_its_own():
-    raw = dict(tiny_semantic_preset_dict(), variant_of="semantic_synthesis256",
+    raw = dict(preset_dict(), variant_of="semantic_synthesis256",
                detect={"cond_stage_model.channel_mapper.weight": [3, CLASSES, 1, 1]})
     with pytest.raises(ValueError, match="no detect section"):
         preset_from_dict(raw, Path("bad.yaml"))
 
 
 def test_the_concat_channels_are_checked_against_the_conditioner():
-    raw = tiny_semantic_preset_dict()
+    raw = preset_dict()
     raw["model"]["cond_stage"] = dict(raw["model"]["cond_stage"], out_channels=4)
     with pytest.raises(ValueError, match="in_channels is 6"):
         preset_from_dict(raw, Path("bad.yaml"))
@@ -147,8 +140,8 @@ def test_class_indices_give_what_their_one_hot_map_gives():
 # --- the task ----------------------------------------------------------------------------------------
 
 
-def test_the_picture_has_the_maps_size_and_each_seed_gives_the_same_picture(tiny):
-    _, _, loaded = tiny
+def test_the_picture_has_the_maps_size_and_each_seed_gives_the_same_picture(loaded_semantic):
+    loaded = loaded_semantic
     segmentation = label_map((48, 32))
     first = semantic(loaded, segmentation, REQUEST)
     again = semantic(loaded, segmentation, REQUEST)
@@ -159,8 +152,8 @@ def test_the_picture_has_the_maps_size_and_each_seed_gives_the_same_picture(tiny
     assert "Seed: 11" in first.parameters[0] and "Size: 48x32" in first.parameters[0]
 
 
-def test_the_picture_follows_the_map(tiny):
-    _, _, loaded = tiny
+def test_the_picture_follows_the_map(loaded_semantic):
+    loaded = loaded_semantic
     plain = np.zeros((32, 32), dtype=np.uint8)
     striped = plain.copy()
     striped[:, 16:] = CLASSES - 1
@@ -168,8 +161,8 @@ def test_the_picture_follows_the_map(tiny):
     assert not np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_palette_map_reads_its_indices_and_odd_sizes_are_rounded_with_a_notice(tiny):
-    _, _, loaded = tiny
+def test_a_palette_map_reads_its_indices_and_odd_sizes_are_rounded_with_a_notice(loaded_semantic):
+    loaded = loaded_semantic
     palette = label_map((40, 32)).convert("P")  # an L image converted keeps each value as its index
     result = semantic(loaded, palette, REQUEST)
     assert result.images[0].size == (32, 32)  # 40 rounds to 32 (2.5 multiples of 16, rounded to even)
@@ -177,8 +170,8 @@ def test_a_palette_map_reads_its_indices_and_odd_sizes_are_rounded_with_a_notice
     assert any("nearest neighbour" in n for n in result.notices)
 
 
-def test_a_map_larger_than_a_tile_is_denoised_in_tiles_that_each_see_their_part_of_the_map(tiny):
-    _, _, loaded = tiny
+def test_a_map_larger_than_a_tile_is_denoised_in_tiles_that_each_see_their_part_of_the_map(loaded_semantic):
+    loaded = loaded_semantic
     tiled = dataclasses.replace(REQUEST, tiling=TilingOptions("always", 32, 8))
     segmentation = label_map((64, 48))
     result = semantic(loaded, segmentation, tiled)
@@ -187,22 +180,21 @@ def test_a_map_larger_than_a_tile_is_denoised_in_tiles_that_each_see_their_part_
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(flipped.images[0]))
 
 
-def test_a_class_out_of_range_is_refused_naming_the_largest_allowed(tiny):
-    _, _, loaded = tiny
+def test_a_class_out_of_range_is_refused_naming_the_largest_allowed(loaded_semantic):
+    loaded = loaded_semantic
     labels = np.zeros((16, 16), dtype=np.uint8)
     labels[3, 3] = CLASSES
     with pytest.raises(ValueError, match=f"holds class {CLASSES}.*largest allowed class index is {CLASSES - 1}"):
         semantic(loaded, Image.fromarray(labels, mode="L"), REQUEST)
 
 
-def test_an_rgb_picture_is_refused_as_a_label_map(tiny):
-    _, _, loaded = tiny
+def test_an_rgb_picture_is_refused_as_a_label_map(loaded_semantic):
+    loaded = loaded_semantic
     with pytest.raises(ValueError, match="mode L or P"):
         semantic(loaded, Image.new("RGB", (16, 16)), REQUEST)
 
 
-def test_a_model_that_takes_no_map_is_refused(tiny):
-    _, _, loaded = tiny
+def test_a_model_that_takes_no_map_is_refused():
     other = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(concat_input="none")),
                                   name="a text model")
     with pytest.raises(ValueError, match="a text model is not a semantic synthesis model"):
@@ -212,8 +204,8 @@ def test_a_model_that_takes_no_map_is_refused(tiny):
 # --- the command line ----------------------------------------------------------------------------------
 
 
-def test_the_cli_writes_a_png_of_the_maps_size_with_its_parameters(tiny, tmp_path, capsys):
-    path, preset, _ = tiny
+def test_the_cli_writes_a_png_of_the_maps_size_with_its_parameters(tiny_semantic, tmp_path, capsys):
+    path, preset = tiny_semantic.path, tiny_semantic.preset
     label_map((32, 48)).save(tmp_path / "map.png")
     out = tmp_path / "out.png"
     code = main(["semantic", "--model", str(path), "--preset", str(preset.source), "--segmentation",
@@ -225,8 +217,8 @@ def test_the_cli_writes_a_png_of_the_maps_size_with_its_parameters(tiny, tmp_pat
     assert fields["Steps"] == "2" and fields["Seed"] == "4" and fields["Eta DDIM"] == "1.0"  # the preset's eta
 
 
-def test_the_cli_names_a_missing_model_and_a_bad_class(tiny, tmp_path, capsys):
-    path, preset, _ = tiny
+def test_the_cli_names_a_missing_model_and_a_bad_class(tiny_semantic, tmp_path, capsys):
+    path, preset = tiny_semantic.path, tiny_semantic.preset
     Image.fromarray(np.full((16, 16), 200, dtype=np.uint8), mode="L").save(tmp_path / "bad.png")
     assert main(["semantic", "--segmentation", str(tmp_path / "bad.png")]) == 2
     assert "no embedded model: pass --model" in capsys.readouterr().err
@@ -277,8 +269,8 @@ def test_the_tab_says_how_to_add_a_model_when_there_is_none(tmp_path, monkeypatc
         list(generate(data, types.SimpleNamespace(session_hash="s"), progress=lambda *a, **k: None))
 
 
-def test_the_tab_generates_from_an_uploaded_map(tiny, tmp_path, monkeypatch):
-    path, preset, _ = tiny
+def test_the_tab_generates_from_an_uploaded_map(tiny_semantic, tmp_path, monkeypatch):
+    path, preset = tiny_semantic.path, tiny_semantic.preset
     detected = dataclasses.replace(preset, detect={"cond_stage_model.channel_mapper.weight": (3, CLASSES, 1, 1)})
     studio = studio_with([path.parent], monkeypatch, [detected])
     module, tab = build_tab(studio)

@@ -14,6 +14,7 @@ from ldm.kernels.memory_format import choose_memory_format, memory_format_of
 from ldm.kernels.paths import SpeedPaths
 from ldm.kernels.winograd import Conv3x3
 from ldm.models.attention import GEGLU, GroupNorm32, SpatialTransformer
+from tests.builders import sd_v1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -47,10 +48,8 @@ def test_spatial_transformer_keeps_the_memory_format_of_its_input():
 
 
 def test_a_channels_last_unet_gives_the_contiguous_unet_output():
-    from tests.tiny_sd import tiny_preset
-
     torch.manual_seed(0)
-    model = build_model(tiny_preset(100).model, device="cpu").eval()
+    model = build_model(sd_v1.make_preset(100).model, device="cpu").eval()
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 32)
     with torch.no_grad():
         for p in model.parameters():  # the zero-initialised output layers would make the check empty
@@ -87,14 +86,11 @@ def test_the_memory_format_is_channels_last_on_the_cpu_for_wide_models_and_names
         choose_memory_format("nhwc", cpu, 320)
 
 
-def test_a_channels_last_load_generates_the_contiguous_load_image(tmp_path):
-    from ldm.checkpoints.loader import load_model
+def test_a_channels_last_load_generates_the_contiguous_load_image(tiny_sd_v1):
     from ldm.tasks.request import GenerationRequest
     from ldm.tasks.txt2img import txt2img
-    from tests.tiny_sd import write_tiny_checkpoint
 
-    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
-    plain, last = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, memory_format=f)
+    plain, last = (tiny_sd_v1.load(memory_format=f)
                    for f in ("contiguous", "channels_last"))
     conv = last.model.model.diffusion_model.input_blocks[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -103,15 +99,12 @@ def test_a_channels_last_load_generates_the_contiguous_load_image(tmp_path):
     assert np.abs(a - b).max() <= 1  # the same numbers up to summation order
 
 
-def test_a_compiled_unet_keeps_its_names_and_gives_the_eager_numbers(tmp_path, monkeypatch):
+@pytest.mark.slow  # the first call compiles
+def test_a_compiled_unet_keeps_its_names_and_gives_the_eager_numbers(tiny_sd_v1, tmp_path, monkeypatch):
     import torch._dynamo
 
-    from ldm.checkpoints.loader import load_model
-    from tests.tiny_sd import write_tiny_checkpoint
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
-    eager, compiled = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, speed=SpeedPaths(compile=c))
+    eager, compiled = (tiny_sd_v1.load(speed=SpeedPaths(compile=c))
                        for c in (False, True))
     assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # the checkpoint contract
     flags = {part: {m.winograd for m in getattr(compiled.model, part).modules() if isinstance(m, Conv3x3)}

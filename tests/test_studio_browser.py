@@ -10,17 +10,18 @@ import io
 import json
 import os
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-
 import app
 from ldm.data.world import COLOURS, render, scene_from_seed
 from ldm.tasks.parameters import parse_parameters
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.browser
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency (requirements-dev.txt)")
 expect = playwright.expect
@@ -32,10 +33,6 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 TIMEOUT = 120_000  # ms for a generation on a busy 2-core machine
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 import app
-from tests.test_studio_browser import free_port
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.browser
 
 
 def test_it_serves_this_machine_only_unless_told_to_listen():

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ldm.checkpoints.presets import list_presets
-from tests import tiny_ldm
+from tests.builders import ldm_image
 from ui.outputs import OutputWriter
 from ui.services import ModelCache, Studio
 from ui.tabs import inpaint as inpaint_tab
@@ -26,9 +26,10 @@ TITLES = {"inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
+    """A model folder of the two, inpainting_big's with the copy of its first stage that its files carry."""
     folder = tmp_path_factory.mktemp("ldm_studio")
-    tiny_ldm.write(tiny_ldm.inpainting_preset(), folder, first_stage_copy=True)
-    tiny_ldm.write(tiny_ldm.sr_preset(), folder)
+    ldm_image.write(folder, kind="inpainting", first_stage_copy=True)
+    ldm_image.write(folder, kind="sr")
     return folder
 
 
@@ -37,7 +38,7 @@ def studio(folder, monkeypatch):
     import ldm.checkpoints.catalog as catalog
     import ldm.checkpoints.loader as loader
 
-    presets = [*list_presets(), tiny_ldm.inpainting_preset(), tiny_ldm.sr_preset()]
+    presets = [*list_presets(), ldm_image.make_preset("inpainting"), ldm_image.make_preset("sr")]
     monkeypatch.setattr(catalog, "list_presets", lambda: presets)
     monkeypatch.setattr(loader, "list_presets", lambda: presets)
     monkeypatch.setattr("ui.services.WEIGHTS_DIR", folder / "no-weights-here")

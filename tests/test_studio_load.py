@@ -21,6 +21,8 @@ from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
 from ui.client import StudioClient
 
+pytestmark = pytest.mark.browser
+
 CLIENTS = 8
 REQUESTS_EACH = 3
 STEPS = 4

@@ -19,7 +19,7 @@ from ldm.checkpoints.io import read_key_shapes
 from ldm.checkpoints.presets import find_preset
 from ldm.sampling.steps import SamplingCancelled, StepInfo
 from ldm.tasks.sampler_presets import read_sampler_presets
-from tests import tiny_default
+from tests.builders import default
 from ui.errors import friendly, message_for
 from ui.jobs import Done, Step, stream
 from ui.outputs import OutputWriter, read_restore
@@ -27,8 +27,8 @@ from ui.outputs import OutputWriter, read_restore
 
 def test_catalog_names_each_file_and_its_family(tmp_path):
     (tmp_path / "a").mkdir()
-    preset = tiny_default.hybrid_preset()
-    path = tiny_default.write(preset, tmp_path / "a")
+    files = default.write(tmp_path / "a", kind="hybrid")
+    preset, path = files.preset, files.path
     key = "model.diffusion_model.input_blocks.0.0.weight"
     preset = dataclasses.replace(preset, detect={key: read_key_shapes(path)[key]})
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
@@ -197,7 +197,7 @@ def test_a_canvas_change_updates_the_region_table_only_when_the_boxes_change():
 
 
 def test_model_menu_notes_say_which_files_cannot_be_used_and_what_detection_assumed(tmp_path):
-    from tests.test_detect import sd_v2_file_shapes, write_header_only_file
+    from tests.helpers import sd_v2_file_shapes, write_header_only_file
     from ui.controls import unusable_files
 
     write_header_only_file(tmp_path / "sd21.safetensors", sd_v2_file_shapes(), {})

@@ -17,7 +17,7 @@ from ldm.text import clip_tokenizer as tokenizers
 from ldm.text import lookup
 from ldm.text.clip_tokenizer import clip_vocab_from_bpe, find_clip_tokenizer
 from ldm.text.lookup import TokenizerNotFoundError
-from tests.tokenizer_fixtures import tiny_vocab_size, write_tiny_clip_tokenizer
+from tests.builders.clip_tokenizer import tiny_vocab_size, write_tiny_clip_tokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoints.loader import load_model
 from ldm.checkpoints.presets import find_preset
 from ldm.data.batches import default_workers, random_crop, scene_batch, scene_batches
 from ldm.data.masks import box_mask, brush_mask, training_mask
@@ -25,7 +24,7 @@ from ldm.train.diffusion import (
     token_batch,
     training_inputs,
 )
-from tests import tiny_default
+from tests.builders import default
 
 
 def test_masks_are_boolean_and_varied():
@@ -39,7 +38,7 @@ def test_masks_are_boolean_and_varied():
 
 def test_the_conditioning_mix_drops_captions_and_layouts_as_asked():
     from ldm.text.word_tokenizer import WordLayoutTokenizer
-    from tests.test_word_tokenizer import VOCAB
+    from tests.helpers import DEFAULT_VOCAB as VOCAB
 
     tokenizer = WordLayoutTokenizer.from_file(VOCAB, 40, 4, 16)
     _, scenes = scene_batch(0, 400, 16)
@@ -88,7 +87,7 @@ def test_gradient_l1_sees_edges_but_not_flat_shifts():
 
 def test_a_few_autoencoder_steps_lower_its_loss():
     torch.manual_seed(0)
-    model = Autoencoder(tiny_default.hybrid_preset().model.first_stage)
+    model = Autoencoder(default.make_preset("hybrid").model.first_stage)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     images, _ = scene_batch(0, 4, 32)
     recipe = {"gradient_weight": 0.5, "kl_weight": 1e-6}
@@ -103,9 +102,8 @@ def test_a_few_autoencoder_steps_lower_its_loss():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_a_few_diffusion_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
-    preset = tiny_default.hybrid_preset()
-    model = load_model(tiny_default.write(preset, tmp_path), preset=preset).model.requires_grad_(True).train()
+def test_a_few_diffusion_steps_lower_the_loss_on_a_fixed_batch(tiny_default_hybrid):
+    model = tiny_default_hybrid.load().model.requires_grad_(True).train()  # its own copy: it is trained
     model.first_stage_model.requires_grad_(False)
     images, _ = scene_batch(0, 4, 32)
     latents = model.encode_first_stage(images).detach()
@@ -124,9 +122,8 @@ def test_a_few_diffusion_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
     assert last < first
 
 
-def test_masked_concat_equals_encoding_every_row(tmp_path):
-    preset = tiny_default.hybrid_preset()
-    model = load_model(tiny_default.write(preset, tmp_path), preset=preset).model
+def test_masked_concat_equals_encoding_every_row(loaded_default_hybrid):
+    model = loaded_default_hybrid.model
     images, _ = scene_batch(0, 3, 32)
     masks = torch.ones(3, 1, 32, 32)
     masks[1, :, :16] = 0
@@ -182,7 +179,7 @@ def test_min_snr_weighting_leaves_the_noisy_steps_alone_for_eps():
 
 def test_layout_token_embeddings_start_from_what_they_mean():
     from ldm.text.word_tokenizer import WordLayoutTokenizer
-    from tests.test_word_tokenizer import VOCAB
+    from tests.helpers import DEFAULT_VOCAB as VOCAB
 
     tokenizer = WordLayoutTokenizer.from_file(VOCAB, 40, 4, 16)
     table = torch.randn(len(tokenizer.tokens), 64, generator=torch.Generator().manual_seed(0))
@@ -203,9 +200,8 @@ def test_layout_token_embeddings_start_from_what_they_mean():
     torch.testing.assert_close(table[tokenizer.id("<class:red circle>")], expected)
 
 
-def test_training_inputs_mask_as_often_as_the_mix_says(tmp_path):
-    preset = tiny_default.hybrid_preset()
-    model = load_model(tiny_default.write(preset, tmp_path), preset=preset).model
+def test_training_inputs_mask_as_often_as_the_mix_says(loaded_default_hybrid):
+    model = loaded_default_hybrid.model
     images, scenes = scene_batch(0, 64, 32)
     for unmasked, low, high in ((1.0, 64, 64), (0.0, 0, 0)):
         mix = ConditioningMix(unmasked=unmasked)

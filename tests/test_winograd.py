@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 
 import ldm.kernels.winograd as winograd
-from ldm.checkpoints.loader import build_model, load_model
+from ldm.checkpoints.loader import build_model
 from ldm.devices import cpu_has_avx512_bf16
-from ldm.kernels.paths import SpeedPaths
 from ldm.kernels.cpu_kernels import load_cpu_kernels
+from ldm.kernels.paths import SpeedPaths
 from ldm.kernels.winograd import MIN_CHANNELS, Conv3x3, set_winograd, winograd_conv3x3, winograd_weight
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import txt2img
-from tests.tiny_sd import write_tiny_checkpoint
+from tests.builders import sd_v1
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -32,7 +32,8 @@ def conv_case(cin, cout, h, w, bias=True, seed=0):
 
 
 # the data transforms through torch's operations, and through our C++ kernels where the CPU has them
-TRANSFORMS = [False, pytest.param(True, marks=pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs AVX512-BF16"))]
+TRANSFORMS = [False, pytest.param(True, marks=[pytest.mark.kernels,
+                                                pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="needs AVX512-BF16")])]
 
 
 @pytest.fixture(params=TRANSFORMS, ids=["torch-transforms", "our-transforms"])
@@ -154,11 +155,10 @@ def test_a_layer_on_our_transforms_gives_torchs_numbers_whole_and_unpadded(trans
     assert len(calls) == (4 if transform_kernels else 0)
 
 
-def test_a_model_generates_the_same_image_with_winograd_on_or_off(tmp_path, monkeypatch):
+def test_a_model_generates_the_same_image_with_winograd_on_or_off(tiny_sd_v1, monkeypatch):
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)  # the tiny model's layers count as wide
     calls = count_winograd_calls(monkeypatch)
-    path, tokenizer_dir, preset = write_tiny_checkpoint(tmp_path)
-    on, off = (load_model(path, preset=preset, tokenizer_dir=tokenizer_dir, speed=SpeedPaths(winograd=w)) for w in (True, False))
+    on, off = (tiny_sd_v1.load(speed=SpeedPaths(winograd=w)) for w in (True, False))
     convs = {w: [m for m in loaded.model.modules() if isinstance(m, Conv3x3)] for w, loaded in ((True, on), (False, off))}
     assert any(m._transformed is not None for m in convs[True])  # made at load
     assert not any(m.winograd or m._transformed is not None for m in convs[False])
@@ -208,11 +208,11 @@ def test_the_unpadded_convolution_of_a_tile_with_its_halo(monkeypatch, h, w):
 
 def test_the_autoencoder_decodes_whole_and_tiled_through_winograd_with_the_direct_numbers(monkeypatch):
     from ldm.models.autoencoder_tiling import tiled_decode
-    from tests.test_autoencoder_tiling import CONFIGS, random_autoencoder
+    from tests.helpers import AUTOENCODER_CONFIGS, random_autoencoder
 
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 16)  # the tiny autoencoder's layers count as wide
     calls = count_winograd_calls(monkeypatch)
-    model = random_autoencoder(CONFIGS["kl"])
+    model = random_autoencoder(AUTOENCODER_CONFIGS["kl"])
     z = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         set_winograd(model, False)
@@ -231,14 +231,13 @@ def test_the_autoencoder_decodes_whole_and_tiled_through_winograd_with_the_direc
 
 def test_a_compiled_unet_never_makes_winograd_kernels_and_the_autoencoder_keeps_them(monkeypatch):
     import ldm.kernels.paths as paths
-    from tests.tiny_sd import tiny_preset
 
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)  # the tiny model's layers count as wide
     compiled, made = [], []
     monkeypatch.setattr(paths, "compile_unet", lambda unet, device: compiled.append(unet))
     transformed_weight = Conv3x3.transformed_weight
     monkeypatch.setattr(Conv3x3, "transformed_weight", lambda conv: made.append(conv) or transformed_weight(conv))
-    model = build_model(tiny_preset(50).model, device="cpu")
+    model = build_model(sd_v1.make_preset(50).model, device="cpu")
     paths.set_speed_paths(model, torch.device("cpu"), SpeedPaths(compile=True))
     unet_convs = {m for m in model.unet.modules() if isinstance(m, Conv3x3)}
     assert compiled == [model.unet]

@@ -13,50 +13,46 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ldm.checkpoints.loader import build_model
-from ldm.checkpoints.presets import ModelPreset, read_preset
-from ldm.sampling.schedules import ScheduleConfig, make_alphas_cumprod, make_betas
-from tests.tiny_sd import randomise
+from ldm.checkpoints.presets import read_preset
+from tests.builders import TINY_VQ, TinyFiles, randomise, schedule_buffers, weights
 
 CLASSES = 12
 SCHEDULE = dict(kind="linear", timesteps=1000, linear_start=0.0015, linear_end=0.0205)
 UNET = dict(in_channels=6, out_channels=3, model_channels=32, attention_resolutions=[32, 16, 8], num_res_blocks=1,
             channel_mult=[1, 2, 2], num_heads=2)
-FIRST_STAGE = dict(kind="vq", embed_dim=3, n_embed=64, z_channels=3, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1,
-                   attn_resolutions=[], resolution=32)
+FIRST_STAGE = dict(TINY_VQ, ch_mult=[1, 2, 2])  # f = 4, as the original's
 COND_STAGE = dict(kind="spatial_rescaler", n_stages=2, in_channels=CLASSES, out_channels=3, method="bilinear",
                   multiplier=0.5, bias=False)
 
 
-def tiny_semantic_preset_dict() -> dict:
+def preset_dict() -> dict:
     return {
         "name": "tiny-semantic",
         "family": "tiny LDM semantic synthesis layout (tests)",
         "model": {
             "parameterization": "eps", "scale_factor": 1.0, "conditioning": "concat", "concat_input": "segmentation",
-            "latent_size": 8, "schedule": SCHEDULE, "unet": UNET, "first_stage": FIRST_STAGE, "cond_stage": COND_STAGE,
+            "latent_size": 8, "schedule": SCHEDULE, "unet": UNET, "first_stage": dict(FIRST_STAGE), "cond_stage": COND_STAGE,
         },
         "sampler": {"steps": 4, "scale": 1.0, "eta": 1.0},
     }
 
 
-def write_tiny_semantic_checkpoint(folder: Path, seed: int = 0) -> tuple[Path, ModelPreset]:
-    """Writes ``tiny-semantic.safetensors`` (with schedule buffers, as an original file) and its preset
-    as ``tiny-semantic-preset.yaml`` (a path ``--preset`` takes); returns (checkpoint, preset)."""
+def write(folder: Path, seed: int = 0) -> TinyFiles:
+    """``folder/tiny-semantic.safetensors`` (with schedule buffers, as an original file) and its preset
+    as ``folder/tiny-semantic-preset.yaml`` (a path ``--preset`` takes)."""
     folder.mkdir(parents=True, exist_ok=True)
     preset_path = folder / "tiny-semantic-preset.yaml"
-    OmegaConf.save(OmegaConf.create(tiny_semantic_preset_dict()), preset_path)
+    OmegaConf.save(OmegaConf.create(preset_dict()), preset_path)
     preset = read_preset(preset_path)
     model = build_model(preset.model, device="cpu")
     randomise(model, seed)
     with torch.no_grad():  # a strong map, so that it shows through the VQ codebook's snapping of the latent
         model.cond_stage_model.channel_mapper.weight.mul_(4.0)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    schedule = ScheduleConfig(**SCHEDULE)
-    state["betas"] = make_betas(schedule).float()
-    state["alphas_cumprod"] = make_alphas_cumprod(schedule).float()
+    state = weights(model)
+    state.update(schedule_buffers(preset.model.schedule))
     path = folder / "tiny-semantic.safetensors"
     save_file(state, str(path))
-    return path, preset
+    return TinyFiles(path, preset)
 
 
 def label_map(size: tuple[int, int] = (32, 48), classes: int = CLASSES, seed: int = 0):

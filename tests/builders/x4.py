@@ -1,6 +1,6 @@
 """A tiny model in the layout of Stable Diffusion's x4 upscaler, with random weights, saved as an original single file.
 
-What sets it apart from the SD 2.x layout (``tests.tiny_sd2``): a 7-channel input (latent and the
+What sets it apart from the SD 2.x layout (``tests.builders.sd2``): a 7-channel input (latent and the
 low-resolution RGB image), the noise level as a class label (``label_emb``), cross-attention in
 place of self-attention where ``disable_self_attentions`` says, heads by count (``num_heads``), and
 noise augmentation of the low-resolution image with its own schedule (``low_scale_model.*``
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ldm.checkpoints.loader import build_model
 from ldm.checkpoints.presets import ModelPreset, preset_from_dict
-from ldm.sampling.schedules import ScheduleConfig, make_alphas_cumprod, make_betas
-from tests.tiny_sd import FIRST_STAGE, randomise
-from tests.tiny_sd2 import TEXT, text_norms_near_identity
-from tests.tokenizer_fixtures import tiny_vocab_size, write_tiny_clip_tokenizer
+from tests.builders import TINY_KL, TinyFiles, original_ddconfig, randomise, schedule_buffers, weights
+from tests.builders.clip_tokenizer import tiny_vocab_size, write_tiny_clip_tokenizer
+from tests.builders.sd2 import TEXT, text_norms_near_identity
 
 SCALE_FACTOR = 0.08333
 SCHEDULE = dict(kind="linear", timesteps=1000, linear_start=0.0001, linear_end=0.02)  # both schedules, as the original's
@@ -32,11 +32,7 @@ UNET = dict(
 )
 
 
-def tiny_x4_preset(vocab_size: int) -> ModelPreset:
-    return preset_from_dict(tiny_x4_preset_dict(vocab_size), Path("tiny-x4.yaml"))
-
-
-def tiny_x4_preset_dict(vocab_size: int) -> dict:
+def preset_dict(vocab_size: int) -> dict:
     return {
         "name": "tiny-x4",
         "family": "tiny SD x4 upscaler layout (tests)",
@@ -48,11 +44,21 @@ def tiny_x4_preset_dict(vocab_size: int) -> dict:
             "schedule": SCHEDULE,
             "noise_augmentation": {"max_noise_level": MAX_NOISE_LEVEL, "schedule": SCHEDULE},
             "unet": UNET,
-            "first_stage": dict(FIRST_STAGE, kind="kl"),
+            "first_stage": dict(TINY_KL),
             "cond_stage": dict(TEXT, kind="open_clip", vocab_size=vocab_size, layer="penultimate"),
         },
         "sampler": {"steps": 10, "scale": 9.0, "eta": 0.0},
     }
+
+
+def make_preset(vocab_size: int) -> ModelPreset:
+    return preset_from_dict(preset_dict(vocab_size), Path("tiny-x4.yaml"))
+
+
+def write_preset_yaml(path: Path, vocab_size: int) -> Path:
+    """The preset as a YAML file, for ``--preset FILE``."""
+    OmegaConf.save(OmegaConf.create(preset_dict(vocab_size)), path)
+    return path
 
 
 def original_x4_config() -> dict:
@@ -69,27 +75,24 @@ def original_x4_config() -> dict:
                     "linear_start": SCHEDULE["linear_start"], "linear_end": SCHEDULE["linear_end"]},
                     "max_noise_level": MAX_NOISE_LEVEL}},
                 "unet_config": {"params": unet},
-                "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": dict(
-                    FIRST_STAGE, double_z=True, in_channels=3, out_ch=3, dropout=0.0)}},
+                "first_stage_config": {"params": {"embed_dim": 4, "ddconfig": original_ddconfig(TINY_KL)}},
                 "cond_stage_config": {"params": {"freeze": True, "layer": "penultimate"}},
             }
         }
     }
 
 
-def write_tiny_x4_checkpoint(folder: Path, seed: int = 0) -> tuple[Path, Path, ModelPreset]:
-    """Writes ``tiny-x4.safetensors`` (with both sets of schedule buffers, as an original file) and a
-    tokenizer folder; returns (checkpoint, tokenizer folder, preset)."""
+def write(folder: Path, seed: int = 0) -> TinyFiles:
+    """``folder/tiny-x4.safetensors`` (with both sets of schedule buffers, as an original file) and a
+    tokenizer folder ``folder/tokenizer``."""
     tokenizer_dir = write_tiny_clip_tokenizer(folder / "tokenizer")
-    preset = tiny_x4_preset(tiny_vocab_size(tokenizer_dir))
+    preset = make_preset(tiny_vocab_size(tokenizer_dir))
     model = build_model(preset.model, device="cpu")
     randomise(model, seed)
     text_norms_near_identity(model, seed + 1)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    schedule = ScheduleConfig(**SCHEDULE)
-    for prefix in ("", "low_scale_model."):
-        state[prefix + "betas"] = make_betas(schedule).float()
-        state[prefix + "alphas_cumprod"] = make_alphas_cumprod(schedule).float()
+    state = weights(model)
+    for prefix in ("", "low_scale_model."):  # the model's schedule, and the augmentation's (the same numbers)
+        state.update(schedule_buffers(preset.model.schedule, prefix))
     path = folder / "tiny-x4.safetensors"
     save_file(state, str(path))
-    return path, tokenizer_dir, preset
+    return TinyFiles(path, preset, tokenizer_dir)

@@ -2,9 +2,11 @@
 weights, saved as original single files (``model_ema.*`` copies included, as LDM's default
 ``use_ema=True`` writes them).
 
-- ``tiny-ldm-kl``: txt2img-1p4B-eval's layout (KL autoencoder, LDM BERT, heads by count);
-- ``tiny-ldm-vq``: text2img256's layout (VQ autoencoder with 3 latent channels, LDM BERT, heads by width);
-- ``tiny-ldm-layout``: layout2img-openimages256's layout (VQ, an LDM BERT of layout ids, depth-2 transformers).
+- ``kind="kl"``, ``tiny-ldm-kl``: txt2img-1p4B-eval's layout (KL autoencoder, LDM BERT, heads by count);
+- ``kind="vq"``, ``tiny-ldm-vq``: text2img256's layout (VQ autoencoder with 3 latent channels, LDM BERT,
+  heads by width);
+- ``kind="layout"``, ``tiny-ldm-layout``: layout2img-openimages256's layout (VQ, an LDM BERT of layout
+  ids, depth-2 transformers).
 
 The LDM BERTs keep the original's 8 heads of 64 (diffusers' ``LDMBertConfig`` cannot change them)
 at width 32. Each preset has a ``detect`` section of its own tiny shapes.
@@ -20,15 +22,12 @@ from safetensors.torch import save_file
 
 from ldm.checkpoints.loader import build_model, ema_key
 from ldm.checkpoints.presets import ModelPreset, preset_from_dict
-from ldm.sampling.schedules import make_alphas_cumprod, make_betas
-from tests.tiny_sd import randomise
+from tests.builders import TINY_KL, TINY_VQ, TinyFiles, randomise, schedule_buffers, weights
 
 BERT_WORDS = ["a", "an", "the", "of", "with", "and", "photo", "painting", "cat", "dog", "red", "blue", "house",
               "tree", "sky", "on", "in", "big", "small", ",", ".", "##s", "##ing", "##er", "sun", "set"]
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]
 BERT = dict(kind="transformer", vocab="bert-base-uncased", vocab_size=48, max_seq_len=77, dim=32, depth=2, heads=8, head_dim=64)
-KL = dict(kind="kl", embed_dim=4, z_channels=4, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], resolution=32)
-VQ = dict(kind="vq", embed_dim=3, z_channels=3, n_embed=64, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], resolution=32)
 LAYOUT = dict(kind="transformer", vocab="layout", vocab_size=100, max_seq_len=14, dim=32, depth=2, heads=8, head_dim=64,
               max_objects=4, grid=10)  # 4 objects x 3 + 2 crop tokens = 14; grid = sqrt(100)
 
@@ -50,7 +49,7 @@ def kl_preset_dict() -> dict:
         "schedule": dict(kind="linear", timesteps=1000, linear_start=0.00085, linear_end=0.012),
         "unet": dict(in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[2, 1], num_res_blocks=1,
                      channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True, transformer_depth=1, context_dim=32),
-        "first_stage": KL, "cond_stage": BERT,
+        "first_stage": dict(TINY_KL), "cond_stage": BERT,
     }, {"model.diffusion_model.input_blocks.0.0.weight": [32, 4, 3, 3],
         "cond_stage_model.transformer.token_emb.weight": [48, 32]}, {"steps": 4, "scale": 5.0, "eta": 0.0})
 
@@ -61,7 +60,7 @@ def vq_preset_dict() -> dict:
         "schedule": dict(kind="linear", timesteps=1000, linear_start=0.0015, linear_end=0.0195),
         "unet": dict(in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2, 1], num_res_blocks=1,
                      channel_mult=[1, 2], head_dim=16, use_spatial_transformer=True, transformer_depth=1, context_dim=32),
-        "first_stage": VQ, "cond_stage": BERT,
+        "first_stage": dict(TINY_VQ), "cond_stage": BERT,
     }, {"model.diffusion_model.input_blocks.0.0.weight": [32, 3, 3, 3],
         "cond_stage_model.transformer.token_emb.weight": [48, 32]}, {"steps": 4, "scale": 5.0, "eta": 0.0})
 
@@ -72,22 +71,22 @@ def layout_preset_dict() -> dict:
         "schedule": dict(kind="linear", timesteps=1000, linear_start=0.0015, linear_end=0.0205),
         "unet": dict(in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2, 1], num_res_blocks=1,
                      channel_mult=[1, 2], head_dim=16, use_spatial_transformer=True, transformer_depth=2, context_dim=32),
-        "first_stage": VQ, "cond_stage": LAYOUT,
+        "first_stage": dict(TINY_VQ), "cond_stage": LAYOUT,
     }, {"model.diffusion_model.input_blocks.0.0.weight": [32, 3, 3, 3],
         "cond_stage_model.transformer.token_emb.weight": [100, 32],
         "cond_stage_model.transformer.pos_emb.emb.weight": [14, 32]}, {"steps": 4, "scale": 1.0, "eta": 0.0})
 
 
-def kl_preset() -> ModelPreset:
-    return preset_from_dict(kl_preset_dict(), Path("tiny-ldm-kl.yaml"))
+KINDS = {"kl": kl_preset_dict, "vq": vq_preset_dict, "layout": layout_preset_dict}
 
 
-def vq_preset() -> ModelPreset:
-    return preset_from_dict(vq_preset_dict(), Path("tiny-ldm-vq.yaml"))
+def preset_dict(kind: str = "kl") -> dict:
+    return KINDS[kind]()
 
 
-def layout_preset() -> ModelPreset:
-    return preset_from_dict(layout_preset_dict(), Path("tiny-ldm-layout.yaml"))
+def make_preset(kind: str = "kl") -> ModelPreset:
+    raw = preset_dict(kind)
+    return preset_from_dict(raw, Path(f"{raw['name']}.yaml"))
 
 
 def write_preset_yaml(raw: dict, path: Path) -> Path:
@@ -112,9 +111,8 @@ def original_state(preset: ModelPreset, seed: int = 0) -> dict[str, torch.Tensor
     model = build_model(preset.model, device="cpu")
     randomise(model, seed)
     bert_norms_near_identity(model, seed + 1)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    state["betas"] = make_betas(preset.model.schedule).float()
-    state["alphas_cumprod"] = make_alphas_cumprod(preset.model.schedule).float()
+    state = weights(model)
+    state.update(schedule_buffers(preset.model.schedule))
     for k in [k for k in state if k.startswith("model.diffusion_model.")]:
         state[ema_key(k)] = state[k] * 0.5
     state["model_ema.decay"] = torch.tensor(0.9999)
@@ -122,11 +120,13 @@ def original_state(preset: ModelPreset, seed: int = 0) -> dict[str, torch.Tensor
     return state
 
 
-def write(preset: ModelPreset, folder: Path, seed: int = 0, vocab_beside: bool = True) -> Path:
-    """``folder/<preset name>.safetensors``, with a tiny vocab.txt beside it for the LDM BERT models."""
+def write(folder: Path, seed: int = 0, *, kind: str = "kl", vocab_beside: bool = True) -> TinyFiles:
+    """``folder/tiny-ldm-<kind>.safetensors``, with a tiny vocab.txt beside it for the LDM BERT models
+    (where the loader finds it: no tokenizer folder to pass)."""
+    preset = make_preset(kind)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{preset.name}.safetensors"
     save_file(original_state(preset, seed), str(path))
     if vocab_beside and preset.model.cond_stage.takes_text:
         write_bert_vocab(folder)
-    return path
+    return TinyFiles(path, preset)
