@@ -20,8 +20,7 @@ from pathlib import Path
 
 from ldm.devices import choose_device, choose_dtype, keep_freed_memory
 from ldm.kernels.paths import SpeedPaths
-from ldm.options import add_device_arguments
-from ldm.tasks.request import DEFAULT_BUDGET_MB
+from ldm.options import add_device_arguments, add_memory_budget_argument
 
 ROOT = Path(__file__).resolve().parent
 
@@ -37,8 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--outputs", default=str(ROOT / "outputs"), help="where images are saved, in one folder per day")
     add_device_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=1, help="generations that may run at once (one per model at most)")
-    parser.add_argument("--memory-budget", type=int, default=DEFAULT_BUDGET_MB, metavar="MB",
-                        help="beyond this estimated peak, canvases are sampled and decoded in tiles (the tabs' default)")
+    add_memory_budget_argument(parser, note="; the tabs' tiling sections start from it")
     args = parser.parse_args(argv)
     args.host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     try:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ldm.checkpoints.errors import CheckpointError
-from ldm.options import add_device_arguments
+from ldm.options import add_device_arguments, add_tiling_arguments
 from ldm.text.lookup import TokenizerNotFoundError
 
 log = logging.getLogger("ldm")
@@ -43,6 +43,17 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, out: str, *, prompt
     parser.add_argument("--out", default=out, help=f"output PNG (default {out}); a batch writes NAME-1.png, NAME-2.png, ...")
 
 
+def _add_upscale_tile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The upscaling tab's tiles of the input (``ldm.tasks.upscale.InputTiles``), fused at every step."""
+    group = parser.add_argument_group("tiles", "the input is denoised in overlapping tiles blended at every step")
+    group.add_argument("--tile", type=int, default=128, metavar="PX",
+                       help="tile side in input pixels (default 128; 0: the whole image at once); a larger tile takes "
+                       "more memory (with its area) and fewer windows a step")
+    group.add_argument("--overlap", type=int, metavar="PX",
+                       help="input pixels neighbouring tiles share and blend across, 0 to half the tile (default 16; "
+                       "none with --tile 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm", description="LDM Studio engine: latent diffusion on the command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -53,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(t2i, "txt2img.png")
     t2i.add_argument("--width", type=int, help="image width in pixels (default: the model's training size)")
     t2i.add_argument("--height", type=int, help="image height in pixels")
+    add_tiling_arguments(t2i)
 
     layout = commands.add_parser("layout", help="generate an image from labelled boxes (and an optional prompt)",
                                  description="Generate from labelled boxes. The default model's labels are class names "
@@ -65,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'corners in [0, 1]; for layout2img-openimages256 the labels are class ids: {"label": 7, ...}')
     layout.add_argument("--width", type=int)
     layout.add_argument("--height", type=int)
+    add_tiling_arguments(layout)
 
     inpaint = commands.add_parser("inpaint", help="fill the masked part of an image")
     _add_model_arguments(inpaint, "txt2img")
@@ -79,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--noise-level", type=int, default=20,
                          help="noise added to the input before upscaling, 0 to the model's maximum (350 for the SD x4 "
                               "upscaler; default 20); models without noise augmentation ignore it")
+    _add_upscale_tile_arguments(upscale)
 
     semantic = commands.add_parser("semantic", help="a picture from a segmentation map (LDM semantic synthesis models)")
     _add_model_arguments(semantic, "semantic")
@@ -168,8 +182,44 @@ def make_request(args: argparse.Namespace, loaded, **overrides):
         width=getattr(args, "width", None) or size,
         height=getattr(args, "height", None) or size,
         batch_size=getattr(args, "batch_size", 1),
+        **({"tiling": tiling_options(args, size)} if hasattr(args, "tiling") else {}),
         **overrides,
     )
+
+
+def tiling_options(args: argparse.Namespace, size: int):
+    """The TilingOptions of --tiling, --tile, --overlap and --memory-budget, each checked under its
+    option's name; ``size`` is the model's training size (pixels), the tile of --tile 0."""
+    from ldm.tasks.request import MAX_BUDGET_MB, MAX_SIDE, TilingOptions
+
+    budget = _within("--memory-budget", args.memory_budget, 1, MAX_BUDGET_MB, "MB")
+    tile = _within("--tile", args.tile, 0, MAX_SIDE, "px (0: the model's training size)")
+    overlap = _within("--overlap", args.overlap, -1, MAX_SIDE, "px (-1: a quarter of the tile)")
+    if overlap >= (tile or size):
+        which = f"--tile {tile}" if tile else f"--tile 0: the model's training size, {size} px"
+        raise ValueError(f"--overlap must be less than the tile ({which}), or -1 for a quarter of it; got {overlap}")
+    return TilingOptions(args.tiling, tile, overlap, budget)
+
+
+def _within(option: str, value: int, low: int, high: int, unit: str) -> int:
+    if not low <= value <= high:
+        raise ValueError(f"{option} must be from {low} to {high} {unit}, got {value}")
+    return value
+
+
+def input_tiles(args: argparse.Namespace, loaded):
+    """Upscaling's tiles of --tile and --overlap (16, or none with --tile 0, when not given), checked as
+    ``upscale`` checks them, under the options' names."""
+    from ldm.tasks.upscale import InputTiles
+
+    overlap = args.overlap if args.overlap is not None else (InputTiles().overlap if args.tile else 0)
+    grid = loaded.model.config.unet.downsampling_factor
+    for option, tiles in (("--tile", InputTiles(args.tile, 0)), ("--overlap", InputTiles(args.tile, overlap))):
+        try:
+            tiles.check(grid)
+        except ValueError as error:
+            raise ValueError(f"{option}: {error}") from None
+    return InputTiles(args.tile, overlap)
 
 
 def open_image(path: str):
@@ -197,11 +247,12 @@ def run_generation(args: argparse.Namespace) -> int:
     else:
         request = make_request(args, loaded)
     resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
-    images = {}
+    images, tiles = {}, None
     if args.command == "upscale":
         from ldm.tasks.upscale import check_noise_level
 
         check_noise_level(loaded.model, args.noise_level)
+        tiles = input_tiles(args, loaded)
         images["image"] = open_image(args.image)
     if args.command == "inpaint":
         from ldm.tasks.inpaint import mask_array
@@ -213,7 +264,7 @@ def run_generation(args: argparse.Namespace) -> int:
             bar.total = info.total
             bar.update(1)
 
-        result = run_task(args, loaded, request, images, progress)
+        result = run_task(args, loaded, request, images, progress, tiles)
     for notice in result.notices:
         print(f"note: {notice}", file=sys.stderr)
     out = Path(args.out)
@@ -224,7 +275,7 @@ def run_generation(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_task(args, loaded, request, images, progress):
+def run_task(args, loaded, request, images, progress, tiles=None):
     if args.command == "inpaint":
         from ldm.tasks.inpaint import inpaint
 
@@ -232,7 +283,8 @@ def run_task(args, loaded, request, images, progress):
     if args.command == "upscale":
         from ldm.tasks.upscale import upscale
 
-        return upscale(loaded, images["image"], request, noise_level=args.noise_level, callback=progress)
+        return upscale(loaded, images["image"], request, tiles=tiles, noise_level=args.noise_level,
+                       callback=progress)
     if args.command == "layout":
         from ldm.tasks.layout import layout
 

@@ -32,3 +32,42 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                         help="use torch's kernels only (by default a CPU with AVX512-BF16 runs bf16 attention and "
                         "Winograd's data transforms through ours, built once with g++)")
+
+
+# ldm.tasks.request's TILING_MODES and DEFAULT_BUDGET_MB, repeated here so that declaring the options
+# imports no torch; tests/test_cli.py pins them to the originals.
+TILING_MODES = ("auto", "always", "off")
+DEFAULT_BUDGET_MB = 4096
+
+
+def add_memory_budget_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--memory-budget MB, the studio's (the tiling section's default) and the CLI's, one default for both."""
+    parser.add_argument("--memory-budget", type=int, default=DEFAULT_BUDGET_MB, metavar="MB",
+                        help="the most memory (MB) a generation may add on top of the model's weights; a canvas "
+                        "whose estimated peak is above it is sampled and decoded in tiles (tiling auto). Lower saves "
+                        f"memory and costs time (default {DEFAULT_BUDGET_MB}){note}")
+
+
+def tiling_mode(text: str) -> str:
+    """A --tiling value as ``TilingOptions.mode`` has it: case aside, "never" is "off"."""
+    mode = text.strip().lower()
+    return "off" if mode == "never" else mode
+
+
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """--memory-budget, --tiling, --tile and --overlap: the fields of ``ldm.tasks.request.TilingOptions``,
+    with the defaults of the studio's "Large canvas: tiling" section."""
+    group = parser.add_argument_group("large canvases", "beyond the model's training size, the canvas is denoised "
+                                      "whole or in overlapping tiles blended at every step")
+    add_memory_budget_argument(group)
+    group.add_argument("--tiling", type=tiling_mode, choices=TILING_MODES, default="auto",
+                       help="auto (default): whole while the estimated peak fits --memory-budget, in tiles beyond; "
+                       "always: in tiles whenever the canvas is larger than a tile: flat memory, slower; off (or never): "
+                       "whole, memory grows with the square of the side and a canvas that does not fit the free "
+                       "memory is refused")
+    group.add_argument("--tile", type=int, default=0, metavar="PX",
+                       help="tile side in pixels (default 0: the model's training size); a larger tile takes more "
+                       "memory (with its area) and fewer windows a step")
+    group.add_argument("--overlap", type=int, default=-1, metavar="PX",
+                       help="pixels neighbouring tiles share and blend across, 0 to less than the tile (default -1: "
+                       "a quarter of the tile); more hides seams better and costs time (more windows)")

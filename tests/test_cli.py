@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.cli import build_parser, configure_logging, main
+import app
+from ldm import options
+from ldm.cli import build_parser, configure_logging, load, main, make_request
+from ldm.tasks import request
 from ldm.tasks.parameters import read_png_parameters
+from ldm.tasks.request import TilingOptions
+from ldm.tasks.upscale import InputTiles
 from tests.builders import TinyFiles, sd_v1, x4
 from tests.builders.clip_tokenizer import tiny_vocab_size
 from tests.helpers import clip_vit_l14_text_keys, sd_v2_file_shapes, write_header_only_file
@@ -89,6 +94,95 @@ def test_upscale_takes_a_prompt_and_noise_level_for_a_text_guided_upscaler(tiny_
     assert main(x4_upscale_args(tiny_x4, tmp_path, "--noise-level", "351", "--out", str(out))) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: noise level must be a whole number from 0 to 350") and "Traceback" not in err
+
+
+def default_txt2img_args(out, *extra) -> list[str]:
+    """txt2img on the embedded default model (64 px training size), two steps."""
+    return ["txt2img", "--prompt", "a red circle", "--steps", "2", "--seed", "5", "--out", str(out), *extra]
+
+
+def test_tiling_options_reach_the_request(tmp_path):
+    args = build_parser().parse_args(default_txt2img_args(tmp_path / "x.png", "--tiling", "always", "--tile", "32",
+                                                          "--overlap", "8", "--memory-budget", "512"))
+    loaded = load(args, "txt2img")
+    assert make_request(args, loaded).tiling == TilingOptions("always", 32, 8, 512)
+    plain = build_parser().parse_args(default_txt2img_args(tmp_path / "x.png"))
+    assert make_request(plain, loaded).tiling == TilingOptions()  # the studio's defaults: auto, 0, a quarter, 4096
+
+
+def test_the_cli_and_the_studio_share_the_tiling_defaults():
+    assert (options.TILING_MODES, options.DEFAULT_BUDGET_MB) == (request.TILING_MODES, request.DEFAULT_BUDGET_MB)
+    assert app.parse_args([]).memory_budget == request.DEFAULT_BUDGET_MB
+    assert app.parse_args(["--memory-budget", "1024"]).memory_budget == 1024
+    upscale = build_parser().parse_args(["upscale", "--image", "x.png"])
+    assert upscale.tile == InputTiles().tile  # the upscaling tab's 128 (its overlap, 16, is checked by a run below)
+
+
+@pytest.mark.parametrize("command", [["txt2img"], ["layout", "--boxes", "boxes.json"]])
+@pytest.mark.parametrize("typed, mode", [("never", "off"), ("Never", "off"), ("off", "off"), ("ALWAYS", "always")])
+def test_tiling_never_is_off(command, typed, mode):
+    assert build_parser().parse_args([*command, "--tiling", typed]).tiling == mode
+
+
+def test_inpaint_and_semantic_have_no_tiling_options_as_in_the_studio(capsys):
+    for command in (["inpaint", "--image", "a.png", "--mask", "m.png"], ["semantic", "--segmentation", "s.png"]):
+        with pytest.raises(SystemExit) as exit:
+            build_parser().parse_args([*command, "--tiling", "always"])
+        assert exit.value.code == 2 and "unrecognized arguments: --tiling always" in capsys.readouterr().err
+
+
+def test_txt2img_in_tiles_records_the_tiling(tmp_path, capsys):
+    tiled, whole = tmp_path / "tiled.png", tmp_path / "whole.png"
+    size = ["--width", "96", "--height", "64"]
+    assert main(default_txt2img_args(tiled, *size, "--tiling", "always", "--tile", "32", "--overlap", "8")) == 0
+    assert "the canvas is sampled in tiles of 32 px overlapping by 8 px" in capsys.readouterr().err
+    assert main(default_txt2img_args(whole, *size, "--tiling", "never")) == 0
+    assert "sampled in tiles" not in capsys.readouterr().err
+    assert read_png_parameters(tiled)["Tiling"] == "always 32 8 4096"
+    assert read_png_parameters(whole)["Tiling"] == "off 0 -1 4096"
+    with Image.open(tiled) as a, Image.open(whole) as b:
+        assert a.size == b.size == (96, 64)
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--memory-budget", "0"], "--memory-budget must be from 1 to 1048576 MB, got 0"),
+    (["--tile", "5000"], "--tile must be from 0 to 4096 px (0: the model's training size), got 5000"),
+    (["--overlap", "-2"], "--overlap must be from -1 to 4096 px (-1: a quarter of the tile), got -2"),
+    (["--tile", "32", "--overlap", "32"], "--overlap must be less than the tile (--tile 32)"),
+    (["--overlap", "64"], "--overlap must be less than the tile (--tile 0: the model's training size, 64 px)"),
+])
+def test_a_bad_tiling_option_is_named(tmp_path, capsys, extra, message):
+    out = tmp_path / "x.png"
+    assert main(default_txt2img_args(out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_an_unknown_tiling_mode_lists_the_modes(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["txt2img", "--tiling", "sometimes"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --tiling: invalid choice: 'sometimes'" in err and all(mode in err for mode in ("auto", "always", "off"))
+
+
+def test_upscale_takes_the_tiles_of_its_input(tiny_x4, tmp_path, capsys):
+    out = tmp_path / "up.png"
+    assert main(x4_upscale_args(tiny_x4, tmp_path, "--out", str(out))) == 0
+    assert (read_png_parameters(out)["Tile size"], read_png_parameters(out)["Tile overlap"]) == ("128", "16")  # the tab's
+    assert main(x4_upscale_args(tiny_x4, tmp_path, "--tile", "8", "--overlap", "2", "--out", str(out))) == 0
+    params = read_png_parameters(out)
+    assert (params["Tile size"], params["Tile overlap"], params["Size"]) == ("8", "2", "32x32")
+    assert main(x4_upscale_args(tiny_x4, tmp_path, "--tile", "0", "--out", str(out))) == 0  # no overlap to give
+    assert "Tile size" not in read_png_parameters(out)  # the whole image at once
+    capsys.readouterr()
+    for extra, message in ((["--tile", "3"], "--tile: tile size must be 0 (no tiling) or from 4 to 1024"),
+                           (["--tile", "8", "--overlap", "5"], "--overlap: tile overlap must be from 0 to half the tile size (4) pixels, got 5")):
+        assert main(x4_upscale_args(tiny_x4, tmp_path, *extra, "--out", str(out))) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and "Traceback" not in err
 
 
 def test_a_missing_model_file_is_named(tmp_path, capsys):
