@@ -104,6 +104,13 @@ def write_header_only_file(path: Path, shapes: dict, metadata: dict) -> Path:
 # --- parity with diffusers ---------------------------------------------------------------------------
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape, strides and bytes (torch.equal is undefined for float8 and calls -0.0 equal to 0.0)."""
+    if (a.dtype, a.shape, a.stride()) != (b.dtype, b.shape, b.stride()):
+        return False
+    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 

@@ -20,16 +20,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ldm.checkpoints import io as ckpt_io
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import (
     SUPPORTED_SUFFIXES,
+    open_state_dict,
     read_key_shapes,
     read_metadata,
     read_state_dict,
 )
+from tests.helpers import same_bits
 
 # ---------------------------------------------------------------- helpers
 
@@ -158,7 +160,7 @@ def test_read_key_shapes_reads_only_the_safetensors_header(tmp_path, monkeypatch
         raise AssertionError("tensor data was read")
 
     monkeypatch.setattr(Path, "open", counting_open)
-    monkeypatch.setattr(ckpt_io, "load_file", no_tensor_reads)
+    monkeypatch.setattr(ckpt_io, "_read_tensor", no_tensor_reads)
 
     assert read_key_shapes(path) == {"big": (512, 1024), "small": (3,)}
     assert 0 < sum(bytes_read) <= 8 + header_size
@@ -226,6 +228,110 @@ def test_files_without_a_state_dict_are_explained(tmp_path, content, fragment):
     with pytest.raises(CheckpointError) as error:
         read_state_dict(path)
     assert_error_names(path, error, fragment)
+
+
+# ---------------------------------------------------------------- reading one tensor at a time
+
+EVERY_SAFETENSORS_DTYPE = [
+    torch.bool, torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.int16,
+    torch.float16, torch.bfloat16, torch.uint32, torch.int32, torch.float32, torch.uint64, torch.int64, torch.float64,
+]
+
+
+def odd_shapes(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A matrix of varied values, a scalar and an empty tensor, in ``dtype``."""
+    values = torch.linspace(-3, 250, 35, dtype=torch.float64).reshape(5, 7)
+    return {"matrix": values.to(dtype), "scalar": torch.tensor(2.5, dtype=torch.float64).to(dtype),
+            "empty": torch.zeros(0, 4, dtype=dtype)}
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """Convert through a 64-byte part buffer, so that a small tensor takes several parts."""
+    monkeypatch.setattr(ckpt_io, "_PART_BYTES", 64)
+
+
+@pytest.mark.parametrize("dtype", EVERY_SAFETENSORS_DTYPE, ids=str)
+def test_safetensors_tensors_read_one_at_a_time_match_the_library(tmp_path, dtype, small_parts):
+    path = tmp_path / "model.safetensors"
+    save_file(odd_shapes(dtype), path)
+    library, state = load_file(path), open_state_dict(path)
+    assert state.shapes == {k: tuple(v.shape) for k, v in library.items()}
+    assert state.dtypes == {k: dtype for k in library}
+    for key, tensor in library.items():
+        assert same_bits(state[key], tensor), key
+        for target in (torch.float32, torch.bfloat16):
+            assert same_bits(state.read(key, dtype=target), tensor.to(target)), (key, target)
+
+
+def test_zip_checkpoint_tensors_read_one_at_a_time_match_torch_load(tmp_path, small_parts):
+    """Views into one storage (at an offset, transposed, expanded), parameters, scalars and empty tensors,
+    each read from its place in the file as torch.load itself reads them."""
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(6, 10, generator=generator)
+    state = {
+        "half": torch.randn(3, 33, generator=generator).half(),
+        "bf16": torch.randn(40, generator=generator).bfloat16(),
+        "row_slice": shared[2:5],
+        "transposed": shared.t(),
+        "column": shared[:, 3],
+        "expanded": torch.arange(4.0).expand(3, 4),
+        "parameter": torch.nn.Parameter(torch.randn(2, 2, generator=generator)),
+        "scalar": torch.tensor(7, dtype=torch.int64),
+        "empty": torch.zeros(0, 3),
+        "flags": torch.tensor([True, False, True]),
+    }
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": state, "global_step": 3}, path)
+    expected = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    lazy = open_state_dict(path)
+    assert list(lazy) == list(state)
+    for key, tensor in expected.items():
+        tensor = tensor.detach()
+        assert same_bits(lazy[key], tensor), key
+        if tensor.is_floating_point():
+            assert same_bits(lazy.read(key, dtype=torch.bfloat16), tensor.to(torch.bfloat16)), key
+
+
+def test_opening_reads_no_tensor_and_pop_forgets_the_entry(tmp_path, monkeypatch):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": small_state_dict()}, path)
+    read = []
+    real_read = ckpt_io._read_tensor
+    monkeypatch.setattr(ckpt_io, "_read_tensor", lambda p, key, *args: read.append(key) or real_read(p, key, *args))
+    state = open_state_dict(path)
+    assert len(state) == 4 and "model.diffusion_model.input_blocks.0.0.bias" in state and "other" not in state
+    assert state.shapes == {k: tuple(v.shape) for k, v in small_state_dict().items()}
+    assert read == []
+    tensor = state.pop("model.diffusion_model.input_blocks.0.0.bias", dtype=torch.float16)
+    assert same_bits(tensor, small_state_dict()["model.diffusion_model.input_blocks.0.0.bias"].half())
+    assert read == ["model.diffusion_model.input_blocks.0.0.bias"]
+    assert "model.diffusion_model.input_blocks.0.0.bias" not in state and len(state) == 3
+
+
+def test_a_torch_file_of_a_big_endian_machine_is_read_by_torch(tmp_path, monkeypatch):
+    """Its bytes would need swapping, which torch.load does: such a file is read whole, as before."""
+    path = tmp_path / "model.ckpt"
+    torch.save(small_state_dict(), path)
+    monkeypatch.setattr(ckpt_io, "_written_big_endian", lambda _: True)
+    state = open_state_dict(path)
+    assert all(isinstance(entry, torch.Tensor) for entry in state._entries.values())
+    for key, tensor in small_state_dict().items():
+        assert same_bits(state[key], tensor)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_a_file_cut_short_after_opening_names_the_tensor(tmp_path, suffix):
+    path = tmp_path / f"model{suffix}"
+    tensors = {"first": torch.ones(4), "last": torch.ones(4096)}
+    save_file(tensors, path) if suffix == ".safetensors" else torch.save(tensors, path)
+    state = open_state_dict(path)
+    data = path.read_bytes()
+    last = state._entries["last"].offset
+    path.write_bytes(data[: last + 100])
+    with pytest.raises(CheckpointError) as error:
+        state["last"]
+    assert_error_names(path, error, "ended inside tensor 'last'")
 
 
 # ---------------------------------------------------------------- code in pickles

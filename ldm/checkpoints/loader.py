@@ -4,19 +4,25 @@ The model is built on the meta device (no random initialisation), the file's ten
 to it with ``strict=True``, and every key that is not a weight of the model must be one the
 original training code is known to write (schedule buffers, EMA copies, logvar); anything else is
 an error that names the file.
+
+The weights are chosen and checked from the file's keys and shapes alone; then each chosen tensor is
+read, converted to the requested device and dtype, and its file copy dropped before the next is read,
+so that loading needs little more memory than the loaded weights (EMA copies not chosen are never read).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ldm.checkpoints.detect import detect_file
 from ldm.checkpoints.diffusers_folder import check_against_preset, fill_unused, open_folder, read_folder_state
 from ldm.checkpoints.errors import CheckpointError
-from ldm.checkpoints.io import read_state_dict
+from ldm.checkpoints.io import LazyState, open_state_dict
 from ldm.checkpoints.loaded import LoadedModel, LoadReport
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
 from ldm.kernels.memory_format import choose_memory_format
@@ -54,36 +60,44 @@ def _is_known_extra(key: str) -> bool:
 FIRST_STAGE_PREFIX, COND_STAGE_PREFIX = "first_stage_model.", "cond_stage_model."
 
 
-def check_first_stage_copies(state: dict[str, torch.Tensor], source: Path) -> set[str]:
+def check_first_stage_copies(state: Mapping[str, torch.Tensor], source: Path) -> set[str]:
     """The ``cond_stage_model.*`` keys of a model whose conditioning stage is its first stage
     (``__is_first_stage__``): the original registers the module twice, so a file may hold each first
-    stage tensor again under the conditioning stage's name. Each must be an exact copy."""
+    stage tensor again under the conditioning stage's name. Each must be an exact copy (of a file read
+    lazily, each pair is read here, one pair at a time)."""
     copies = {k for k in state if k.startswith(COND_STAGE_PREFIX)}
     for key in sorted(copies):
         twin = FIRST_STAGE_PREFIX + key.removeprefix(COND_STAGE_PREFIX)
         if twin not in state:
             raise CheckpointError(f"{source}: {key} has no counterpart {twin}; this model's conditioning stage is its "
                                   "first stage, so cond_stage_model.* may only repeat first_stage_model.* tensors")
-        if state[key].shape != state[twin].shape or not torch.equal(state[key], state[twin]):
+        copy, original = state[key], state[twin]
+        if copy.shape != original.shape or not torch.equal(copy, original):
             raise CheckpointError(f"{source}: {key} differs from {twin}; this model's conditioning stage is its first "
                                   "stage, so the two copies must be identical (the file may be a merge or damaged)")
     return copies
 
 
+class Selection(NamedTuple):
+    sources: dict[str, str]  # each weight of the model -> the file's key it is read from
+    used_ema: bool
+    ignored: tuple[str, ...]  # the file's keys that are no weight of the model
+
+
 def select_weights(
-    state: dict[str, torch.Tensor], expected: set[str], ema: bool | None, source: Path, *, first_stage_copies: bool = False
-) -> tuple[dict[str, torch.Tensor], bool, tuple[str, ...]]:
-    """The model's tensors from a file's entries, EMA copies swapped in when wanted (``ema=None``: when
-    present). Returns (weights, used_ema, ignored keys). Unknown extra keys raise. With
-    ``first_stage_copies``, ``cond_stage_model.*`` copies of the first stage are checked and ignored."""
+    state: Mapping[str, torch.Tensor], expected: set[str], ema: bool | None, source: Path, *, first_stage_copies: bool = False
+) -> Selection:
+    """Which of a file's entries give the model's weights, EMA copies swapped in when wanted (``ema=None``:
+    when present); from the keys alone. Unknown extra keys raise. With ``first_stage_copies``,
+    ``cond_stage_model.*`` copies of the first stage are checked (read) and ignored."""
     ema_keys = {k: ema_key(k) for k in expected if k.startswith("model.diffusion_model.")}
     has_ema = bool(ema_keys) and all(v in state for v in ema_keys.values())
     if ema and not has_ema:
         raise CheckpointError(f"{source}: EMA weights were asked for but the file has no complete EMA copy")
     use_ema = has_ema if ema is None else bool(ema)
-    weights = {k: v for k, v in state.items() if k in expected}
+    sources = {k: k for k in state if k in expected}
     if use_ema:
-        weights.update({k: state[e] for k, e in ema_keys.items()})
+        sources.update(ema_keys)
     extra = sorted(k for k in state if k not in expected)
     copies = check_first_stage_copies(state, source) if first_stage_copies else set()
     unexpected = [k for k in extra if not _is_known_extra(k) and k not in copies]
@@ -92,22 +106,33 @@ def select_weights(
             f"{source}: {len(unexpected)} tensors do not belong to this model, e.g. {', '.join(unexpected[:3])}. "
             "The file may be of another family or a merge of several; strict loading refuses it."
         )
-    return weights, use_ema, tuple(extra)
+    return Selection(sources, use_ema, tuple(extra))
 
 
-def _check_complete(weights: dict, model: LatentDiffusion, preset: ModelPreset, source: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
+def _check_complete(shapes: dict[str, tuple[int, ...]], expected: dict[str, torch.Tensor], preset: ModelPreset,
+                    source: Path) -> None:
+    """``shapes``: each chosen weight's shape in the file."""
+    missing = sorted(set(expected) - set(shapes))
     if missing:
         parts = sorted({k.split(".")[0] for k in missing})
         raise CheckpointError(
             f"{source}: {len(missing)} weights of the {preset.name} model are missing "
             f"(in {', '.join(parts)}), e.g. {', '.join(missing[:3])}"
         )
-    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in weights.items() if v.shape != expected[k].shape]
+    wrong = [(k, shape, tuple(expected[k].shape)) for k, shape in shapes.items() if shape != tuple(expected[k].shape)]
     if wrong:
         k, got, want = wrong[0]
         raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {k} is {list(got)}, expected {list(want)}")
+
+
+def read_weights(state: LazyState, sources: dict[str, str], device: str | torch.device,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Each weight read from its source entry onto ``device`` in ``dtype`` (floating point only), one at a time
+    and converted as it is read (``LazyState.read``), so that the file's copy of the model never exists beside
+    the converted one. The entries read are popped from ``state``."""
+    stored = state.dtypes
+    return {key: state.pop(source, device, dtype if stored[source].is_floating_point else None)
+            for key, source in sources.items()}
 
 
 def resolve_preset(path: Path, preset: str | Path | ModelPreset | None) -> ModelPreset:
@@ -139,18 +164,22 @@ def load_model(
     path = Path(path)
     chosen = resolve_preset(path, preset)
     model = build_model(chosen.model)
+    expected = model.state_dict()
     folder = path.is_dir()  # a diffusers folder (one without model_index.json is refused by name)
+    filled = ()
     if folder:  # its schedules must be the preset's; its own tokenizer unless one is given
         check_against_preset(path, chosen.model, chosen.name)
         tokenizer_dir = tokenizer_dir or open_folder(path).tokenizer_dir
-    state = read_folder_state(path) if folder else read_state_dict(path)
-    weights, used_ema, ignored = select_weights(state, set(model.state_dict()), ema, path,
-                                                first_stage_copies=chosen.model.first_stage_conditions)
+        tensors = read_folder_state(path)  # read whole: its key maps reshape some tensors
+        filled = fill_unused(tensors, expected, chosen.model)
+        state = LazyState(path, tensors)
+    else:
+        state = open_state_dict(path)
+    selection = select_weights(state, set(expected), ema, path, first_stage_copies=chosen.model.first_stage_conditions)
+    shapes = state.shapes
+    _check_complete({key: shapes[source] for key, source in selection.sources.items()}, expected, chosen, path)
+    weights = read_weights(state, selection.sources, device, dtype)
     del state
-    filled = fill_unused(weights, model.state_dict(), chosen.model) if folder else ()
-    _check_complete(weights, model, chosen, path)
-    for key, tensor in weights.items():  # one at a time, so the file's copy is freed as each is converted
-        weights[key] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(weights, strict=True, assign=True)
     count = len(weights) - len(filled)
     del weights
@@ -161,6 +190,6 @@ def load_model(
     layout = choose_memory_format(memory_format, torch.device(device), chosen.model.unet.model_channels)
     model = model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
     set_speed_paths(model, torch.device(device), speed)
-    report = LoadReport(chosen.name, used_ema, ignored, count, filled)
+    report = LoadReport(chosen.name, selection.used_ema, selection.ignored, count, filled)
     log.info("%s: %s", path, report.summary())
     return LoadedModel(model, chosen, path, report, torch.device(device), dtype)

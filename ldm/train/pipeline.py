@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoints.io import read_state_dict
+from ldm.checkpoints.io import open_state_dict
 from ldm.checkpoints.presets import PRESET_DIR, default_model_path
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.train.common import read_recipe, same_shapes, same_tensors
@@ -29,8 +29,8 @@ def shipped_weights(name: str, prefix: str) -> dict[str, torch.Tensor] | None:
     path = default_model_path(name)
     if not path.is_file():
         return None
-    state = read_state_dict(path)
-    return {k[len(prefix) :]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    state = open_state_dict(path)  # only the tensors under prefix are read, each converted as it is read
+    return {k[len(prefix) :]: state.read(k, dtype=torch.float32) for k in state if k.startswith(prefix)}
 
 
 def autoencoder_weights(work_dir: Path) -> dict[str, torch.Tensor]:
