@@ -43,7 +43,7 @@ from ldm.checkpoints.loader import build_model  # noqa: E402
 from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
 from ldm.data.scoring import psnr  # noqa: E402
-from ldm.devices import choose_device, cpu_has_bf16, keep_freed_memory  # noqa: E402
+from ldm.devices import choose_device, cpu_has_bf16, keep_freed_memory, reusing_freed_memory  # noqa: E402
 from ldm.kernels.cuda_graphs import set_cuda_graphs  # noqa: E402
 from ldm.kernels.paths import SpeedPaths, set_speed_paths  # noqa: E402
 from ldm.kernels.winograd import set_winograd  # noqa: E402
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: torch's choice)")
     parser.add_argument("--malloc", choices=["kept", "system"], default="kept",
                         help="CPU: kept (freed memory stays in the process, as in the CLI and the studio: "
-                        "ldm.devices.keep_freed_memory) or system (the C library's defaults); both models run under it")
+                        "ldm.devices.reusing_freed_memory) or system (the C library's defaults); both models run under it")
     args = parser.parse_args(argv)
     device = choose_device(args.device)
     speed = SpeedPaths.from_arguments(args)
@@ -342,16 +342,17 @@ def main(argv: list[str] | None = None) -> None:
     print("matrix product peak: " + ", ".join(f"{d} {p:.3f} TFLOP/s" for d, p in peaks.items()))
     print(f"{'part':55s} {'dtype':5s} {'ours':>10s} {'diffusers':>10s} {'ratio':>5s} {'TFLOP/s':>6s} {'peak':>5s}  max diff")
     figures, fidelity = [], []
-    for dtype_name in dtypes:
-        pair_parts = [p for p in args.parts if p not in ("default", "fidelity")]
-        if pair_parts:
-            figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last, speed)
-        if "default" in args.parts:
-            # never compiled, as before SpeedPaths: --compile is for the SD v1 UNet's figures
-            figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last,
-                                                replace(speed, compile=False)))
-        if "fidelity" in args.parts and DTYPES[dtype_name] != torch.float32:
-            fidelity += fidelity_lines(dtype_name, device, args.fidelity_images)
+    with reusing_freed_memory():  # kept as in the CLI's sampling steps (here the VAE's and the text encoder's calls too)
+        for dtype_name in dtypes:
+            pair_parts = [p for p in args.parts if p not in ("default", "fidelity")]
+            if pair_parts:
+                figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last, speed)
+            if "default" in args.parts:
+                # never compiled, as before SpeedPaths: --compile is for the SD v1 UNet's figures
+                figures.append(default_model_figure(dtype_name, device, args.rounds, args.channels_last,
+                                                    replace(speed, compile=False)))
+            if "fidelity" in args.parts and DTYPES[dtype_name] != torch.float32:
+                fidelity += fidelity_lines(dtype_name, device, args.fidelity_images)
     print("\nsummary")
     for f in figures:
         print(format_figure(f, peaks))

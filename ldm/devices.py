@@ -1,11 +1,15 @@
 """Where models run: the device and dtype (CPU by default, CUDA when present; both can be named), the
-CPU's features, the memory that is free, and how freed memory is kept on the CPU."""
+CPU's features, the memory that is free, and how freed memory is kept on the CPU while sampling."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,18 +44,71 @@ def cpu_has_avx512_bf16() -> bool:
     return "avx512_bf16" in cpu_flags()
 
 
+def cpu_has_amx() -> bool:
+    """AMX tiles with bf16 (Intel Sapphire Rapids and later), which oneDNN uses for torch's bf16
+    convolutions, matrix products and attention."""
+    return "amx_bf16" in cpu_flags()
+
+
+# glibc's mallopt parameters and the defaults it is given back after sampling: blocks from 32 MB (its
+# largest dynamic threshold) mapped on their own and returned when freed, the heap trimmed past 64 MB
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+SYSTEM_MMAP_THRESHOLD, SYSTEM_TRIM_THRESHOLD, SYSTEM_MMAP_MAX = 32 * 2**20, 64 * 2**20, 65536
+
+
+@dataclass
+class _FreedMemory:
+    """The process's policy for freed memory: ``kept`` once ``keep_freed_memory`` opted in, and how
+    many ``reusing_freed_memory`` blocks are running (the studio may sample on several threads)."""
+
+    kept: bool = False
+    sampling: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_FREED = _FreedMemory()
+
+
 def keep_freed_memory(device: torch.device) -> bool:
-    """On a CPU with glibc, keep freed memory in the process for the next tensors (no mmap for large
-    blocks, no trimming) instead of handing every large activation back to the system and faulting
-    it in again on the next layer (a few percent faster a step in fp32). The process keeps its peak memory
-    for reuse until it exits (free_memory_mb counts it as free). A process-wide setting, made
-    by the CLI, the studio and the bench when they run on the CPU; ``LDM_STUDIO_MALLOC=system``
-    leaves the C library's defaults. Returns whether the setting was made."""
-    libc = glibc()
-    if device.type != "cpu" or os.environ.get("LDM_STUDIO_MALLOC") == "system" or libc is None:
+    """Opt this process in to keeping freed memory while it samples (``reusing_freed_memory``): on a
+    CPU with glibc, a sampler's steps allocate the same large activations again and again, and
+    keeping them in the process instead of handing each back to the system and faulting it in again
+    on the next layer is faster (by 5-15% a step). A process-wide setting, made by the CLI, the
+    studio and the benches when they run on the CPU; ``LDM_STUDIO_MALLOC=system`` leaves the C
+    library's defaults throughout. Returns whether the process opted in."""
+    if device.type != "cpu" or os.environ.get("LDM_STUDIO_MALLOC") == "system" or glibc() is None:
         return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    _FREED.kept = True
+    return True
+
+
+@contextlib.contextmanager
+def reusing_freed_memory() -> Iterator[None]:
+    """While inside (a sampler's steps), freed memory stays in the process for the next tensors: no
+    block is mapped on its own and the heap is never trimmed. When the last such block ends, the C
+    library's behaviour comes back (large blocks mapped alone, returned when freed) and what was kept
+    is handed back to the system (``malloc_trim``), so that the autoencoder, the next model and the
+    rest of the machine get it, and the process's peak is what its tensors held, not what its heap
+    once held. Does nothing unless ``keep_freed_memory`` opted in."""
+    libc = glibc()
+    if not _FREED.kept or libc is None:
+        yield
+        return
+    with _FREED.lock:
+        _FREED.sampling += 1
+        if _FREED.sampling == 1:
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        with _FREED.lock:
+            _FREED.sampling -= 1
+            if _FREED.sampling == 0:
+                libc.mallopt(M_MMAP_THRESHOLD, SYSTEM_MMAP_THRESHOLD)
+                libc.mallopt(M_MMAP_MAX, SYSTEM_MMAP_MAX)
+                libc.mallopt(M_TRIM_THRESHOLD, SYSTEM_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
 
 
 @functools.cache
@@ -113,7 +170,7 @@ def free_memory_mb(device: torch.device) -> float | None:
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemAvailable:"):  # plus what the process keeps freed (keep_freed_memory)
+                if line.startswith("MemAvailable:"):  # plus what the process keeps freed (reusing_freed_memory)
                     return int(line.split()[1]) / 1024 + heap_free_bytes() / 2**20
     except OSError:
         pass
@@ -130,6 +187,27 @@ def heap_info() -> _MallInfo2 | None:
     ``hblkhd`` bytes in blocks mapped on their own. None elsewhere."""
     mallinfo2 = getattr(glibc(), "mallinfo2", None)
     return None if mallinfo2 is None else mallinfo2()
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory now, in MB (VmRSS; None where /proc is not)."""
+    return _proc_status_mb("VmRSS:")
+
+
+def peak_resident_mb() -> float | None:
+    """The most resident memory this process has held, in MB (VmHWM; None where /proc is not)."""
+    return _proc_status_mb("VmHWM:")
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def heap_free_bytes() -> int:

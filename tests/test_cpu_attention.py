@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import ldm.kernels.cpu_attention as cpu_attention
 from ldm.devices import cpu_has_avx512_bf16
 from ldm.kernels.cpu_kernels import load_cpu_kernels
+from ldm.kernels import paths
 from ldm.kernels.paths import SpeedPaths
 from ldm.models.attention import AttentionBlock, CrossAttention
 from ldm.models.autoencoder import AttnBlock
@@ -110,6 +111,7 @@ def test_attention_uses_the_kernel_only_for_bf16_sampling_on_the_cpu(kernel, mon
 
 @needs_avx512_bf16
 def test_a_bf16_model_attends_through_the_kernel_and_generates_the_same_kind_of_image(kernel, tiny_sd_v1, monkeypatch):
+    monkeypatch.setattr(paths, "cpu_has_amx", lambda: False)  # as on a CPU with AVX512-BF16 and no AMX
     loaded = {name: tiny_sd_v1.load(dtype=dtype, speed=SpeedPaths(cpu_kernels=on))
               for name, dtype, on in (("on", torch.bfloat16, True), ("off", torch.bfloat16, False), ("fp32", torch.float32, True))}
     layers = {name: [m.bf16_kernel for m in lm.model.modules() if isinstance(m, (CrossAttention, AttentionBlock, AttnBlock))]

@@ -1,6 +1,7 @@
 """The faster code paths give the numbers of the plain ones: half-precision GroupNorm on the CPU,
 channels-last models, the in-place GEGLU, and the training autocast switch; the kept-memory setting."""
 
+import logging
 import sys
 
 import numpy as np
@@ -9,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ldm.checkpoints.loader import build_model
-from ldm.devices import cpu_has_bf16, free_memory_mb, heap_info, keep_freed_memory, training_autocast
+from ldm.devices import (cpu_has_bf16, free_memory_mb, heap_info, keep_freed_memory, resident_mb, reusing_freed_memory,
+                         training_autocast)
 from ldm.kernels.memory_format import choose_memory_format, memory_format_of
+from ldm.kernels import paths
 from ldm.kernels.paths import SpeedPaths
 from ldm.kernels.winograd import Conv3x3
 from ldm.models.attention import GEGLU, GroupNorm32, SpatialTransformer
@@ -142,19 +145,45 @@ def test_the_in_place_geglu_of_sampling_gives_the_training_numbers_and_training_
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_kept_memory_holds_a_freed_large_tensor_for_the_next_one(monkeypatch):
+def test_sampling_keeps_a_freed_large_tensor_for_the_next_one_and_hands_it_back_after(monkeypatch):
     assert not keep_freed_memory(torch.device("cuda"))  # a GPU's memory is torch's own business
     monkeypatch.setenv("LDM_STUDIO_MALLOC", "system")
     assert not keep_freed_memory(torch.device("cpu"))
     monkeypatch.delenv("LDM_STUDIO_MALLOC")
     assert keep_freed_memory(torch.device("cpu"))
     big = 96 * 2**20
+    with reusing_freed_memory():
+        mapped = heap_info().hblkhd
+        tensor = torch.empty(big // 4).fill_(1)  # above glibc's largest mmap threshold (32 MB): mmapped unless kept
+        held = heap_info()
+        assert held.hblkhd - mapped < big  # not in an mmapped block of its own
+        before = free_memory_mb(torch.device("cpu"))
+        del tensor
+        assert heap_info().fordblks - held.fordblks >= 0.99 * big  # freed into the process's heap, for the next tensor
+        # and counted as free by the memory check of large canvases (system figures move: a loose bound)
+        assert free_memory_mb(torch.device("cpu")) - before > 0.5 * big / 2**20
+        resident = resident_mb()
+    assert resident - resident_mb() > 0.9 * big / 2**20  # handed back to the system when sampling ends
     mapped = heap_info().hblkhd
-    tensor = torch.empty(big // 4)  # above glibc's largest mmap threshold (32 MB): mmapped unless kept
-    held = heap_info()
-    assert held.hblkhd - mapped < big  # not in an mmapped block of its own
-    before = free_memory_mb(torch.device("cpu"))
+    tensor = torch.empty(big // 4)
+    assert heap_info().hblkhd - mapped >= big  # outside sampling, large blocks are mapped alone again
     del tensor
-    assert heap_info().fordblks - held.fordblks >= 0.99 * big  # freed into the process's heap, ready for the next tensor
-    # and counted as free by the memory check of large canvases (system figures move: a loose bound)
-    assert free_memory_mb(torch.device("cpu")) - before > 0.5 * big / 2**20
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_on_a_cpu_with_amx_bf16_takes_torchs_kernels_and_says_so_once(tiny_sd_v1, monkeypatch, caplog, amx):
+    monkeypatch.setattr(paths, "cpu_has_amx", lambda: amx)
+    paths.say_once.cache_clear()
+    cpu, asked = torch.device("cpu"), SpeedPaths()
+    fitted, notice = paths.fitted_paths(asked, cpu, torch.bfloat16)
+    assert (fitted.winograd, fitted.cpu_kernels, notice is not None) == ((False, False, True) if amx else (True, True, False))
+    assert paths.fitted_paths(asked, cpu, torch.float32) == (asked, None)  # fp32 is not AMX's: Winograd pays there
+    assert paths.fitted_paths(asked, torch.device("cuda"), torch.bfloat16) == (asked, None)
+    assert paths.fitted_paths(SpeedPaths(winograd=False, cpu_kernels=False), cpu, torch.bfloat16)[1] is None  # nothing to turn off
+    with caplog.at_level(logging.WARNING, logger="ldm.kernels.paths"):
+        for _ in range(2):
+            model = tiny_sd_v1.load(dtype=torch.bfloat16).model
+    said = [r.getMessage() for r in caplog.records if r.name == "ldm.kernels.paths"]
+    assert said == ([paths.AMX_NOTICE] if amx else [])
+    convs = [m for m in model.modules() if isinstance(m, Conv3x3)]
+    assert convs and all(conv.winograd != amx for conv in convs)

@@ -8,18 +8,26 @@ Each speed path lives in this folder (``winograd``, ``cpu_attention`` with ``cpu
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from ldm.devices import cpu_has_amx
 from ldm.kernels.cpu_attention import set_attention_kernel
 from ldm.kernels.cuda_graphs import set_cuda_graphs
 from ldm.kernels.winograd import set_winograd
 
 INDUCTOR_CACHE = Path.home() / ".cache" / "ldm-studio" / "inductor"
+log = logging.getLogger(__name__)
+
+AMX_NOTICE = ("this CPU has AMX, whose bf16 matrix units run torch's own convolutions and attention faster than "
+              "Winograd and our AVX512-BF16 kernels (which would also hold 16/9 of the UNet's 3x3 kernels again, "
+              "1.9 GB for SD v1): both are off for bf16 here (bench/convolutions.py, bench/attention.py)")
 
 
 @dataclass(frozen=True)
@@ -44,12 +52,33 @@ class SpeedPaths:
         return cls(args.compile, args.winograd, args.cuda_graphs, args.cpu_kernels)
 
 
+def fitted_paths(paths: SpeedPaths, device: torch.device, dtype: torch.dtype) -> tuple[SpeedPaths, str | None]:
+    """The paths of ``paths`` that pay for a model in ``dtype`` on ``device``, and why any were turned
+    off (None when none were). On a CPU with AMX, bf16 goes through torch's kernels (oneDNN's AMX
+    convolutions, torch's attention): there Winograd and our kernels are slower and Winograd's
+    transformed kernels cost memory; fp32, which AMX does not run, keeps both."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_amx() and (paths.winograd or paths.cpu_kernels):
+        return replace(paths, winograd=False, cpu_kernels=False), AMX_NOTICE
+    return paths, None
+
+
+@functools.cache
+def say_once(notice: str) -> None:
+    """Log a speed path's notice the first time this process meets it (every model loaded later keeps it)."""
+    log.warning("%s", notice)
+
+
 def set_speed_paths(model, device: torch.device, paths: SpeedPaths = SpeedPaths()) -> None:
-    """Apply ``paths`` to a loaded ``LatentDiffusion`` on ``device``: Winograd 3x3 convolutions where
-    they pay on a CPU, our C++ kernels on a CPU with AVX512-BF16 (bf16 attention, Winograd's data
-    transforms), the UNet's steps replayed as CUDA graphs on a GPU, or a compiled UNet (which chooses
-    its own kernels; the autoencoder keeps Winograd and our kernels)."""
-    bf16_cpu = device.type == "cpu" and next(model.parameters()).dtype == torch.bfloat16
+    """Apply ``paths`` to a loaded ``LatentDiffusion`` on ``device`` where they pay (``fitted_paths``;
+    a path turned off is said once): Winograd 3x3 convolutions on a CPU, our C++ kernels on a CPU with
+    AVX512-BF16 (bf16 attention, Winograd's data transforms), the UNet's steps replayed as CUDA graphs
+    on a GPU, or a compiled UNet (which chooses its own kernels; the autoencoder keeps Winograd and
+    our kernels)."""
+    dtype = next(model.parameters()).dtype
+    paths, notice = fitted_paths(paths, device, dtype)
+    if notice:
+        say_once(notice)
+    bf16_cpu = device.type == "cpu" and dtype == torch.bfloat16
     for part in model.children():  # a compiled UNet's Winograd kernels are never made (they take GiBs)
         compiled = paths.compile and part is model.model
         set_winograd(part, paths.winograd and not compiled, transform_kernels=paths.cpu_kernels)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ldm.devices import free_memory_mb
+from ldm.devices import free_memory_mb, reusing_freed_memory
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.sampling.blending import LatentBlend
 from ldm.sampling.guidance import ClassifierFreeGuidance
@@ -150,9 +150,10 @@ def sample(
             concat = concat(generators)
         denoiser, extra_args = build_denoiser(model, request, chosen, concat, label, height, width)
         before_step = None if blend is None else LatentBlend(blend.keep, blend.x0, generators)
-        return get_sampler(request.sampler).run(
-            denoiser, x_T, model.alphas_cumprod, request.steps, eta=request.eta, generator=generators,
-            extra_args=extra_args, callback=callback, should_stop=should_stop, before_step=before_step)
+        with reusing_freed_memory():  # the steps' activations are reused, and handed back at the end
+            return get_sampler(request.sampler).run(
+                denoiser, x_T, model.alphas_cumprod, request.steps, eta=request.eta, generator=generators,
+                extra_args=extra_args, callback=callback, should_stop=should_stop, before_step=before_step)
 
 
 def decode(model: LatentDiffusion, latents: torch.Tensor, options: TilingOptions) -> torch.Tensor:
