@@ -1,14 +1,22 @@
-"""Large canvases: peak memory and time of text-to-image at growing sizes, and seam scores (figures,
-not a test).
+"""Memory on the path users run: peak resident memory of ``python -m ldm txt2img`` at growing sizes,
+the memory guard's estimate beside it, and diffusers' StableDiffusionPipeline on the same weights
+(figures, not a test); and seam scores of tiled sampling and decoding.
 
-    .venv/bin/python bench/large_canvas.py --model default --sides 512 1024 2048 [--steps 2] [--budget 1024]
-    .venv/bin/python bench/large_canvas.py --model sd-v1 --sides 1024 2048 --steps 1 [--dtype bf16]
+    .venv/bin/python bench/large_canvas.py [--model sd-v1|sd-v2|default|FILE] [--sides 512 1024 2048]
+        [--dtype auto|fp32|bf16] [--steps 1] [--no-diffusers] [-- MORE CLI OPTIONS]
     .venv/bin/python bench/large_canvas.py --seams
 
-Each size runs in a fresh process, so its peak resident memory (ru_maxrss) is its own; the figure
-includes the weights. ``sd-v1`` is the full Stable Diffusion v1 architecture with random weights
-and a random text context (no tokenizer is needed: prompt encoding is negligible at these sizes).
-Sampling time is given per DDIM step (a step at 2048 px with SD v1 takes minutes on 2 cores).
+Each run is a fresh process: ours is the command line itself (``python -m ldm -v txt2img`` with its
+defaults, guidance on, 1 step), whose planning logs the resident memory before sampling and the
+guard's estimate of what the generation adds on top (``ldm.tasks.planning``); its peak is the
+child's ``ru_maxrss``. "added" is peak minus that resident memory, the figure the estimate must
+match. diffusers' pipeline is built in its own process from the same file through its single-file
+converters into models built empty and given the converted tensors in the same dtype (as its
+``from_single_file(torch_dtype=...)`` does), with the same CLIP tokenizer, DDIM and guidance 7.5.
+
+``sd-v1`` and ``sd-v2`` are the full Stable Diffusion architectures with random weights, written
+once in their original key layout as fp16 safetensors under ``~/.cache/ldm-studio/bench`` (2.1 and
+2.6 GB); ``default`` is the embedded default model (no diffusers counterpart).
 
 Seam score: the mean absolute horizontal and vertical differences across tile borders divided by
 the mean elsewhere (1.0: borders are like any other place), on
@@ -21,89 +29,175 @@ from __future__ import annotations
 
 import argparse
 import math
-import resource
+import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ldm.checkpoints.loader import build_model, load_model  # noqa: E402
-from ldm.checkpoints.presets import default_model_path, find_preset  # noqa: E402
-from ldm.sampling.ddim import ddim_sample  # noqa: E402
-from ldm.sampling.noise import randn, seeded_generators  # noqa: E402
-from ldm.sampling.schedules import ddim_schedule  # noqa: E402
-from ldm.sampling.tiling import plan_windows  # noqa: E402
-from ldm.tasks.generate import decode, guided_denoiser  # noqa: E402
-from ldm.tasks.planning import canvas_plan, first_stage_tile, plan_canvas  # noqa: E402
-from ldm.tasks.request import GenerationRequest, TilingOptions  # noqa: E402
-from ldm.tasks.txt2img import txt2img  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CACHE = Path.home() / ".cache" / "ldm-studio" / "bench"
+RANDOM_MODELS = {"sd-v1": "v1-inference", "sd-v2": "v2-inference-v"}
+PROMPT = "a lighthouse on a cliff at dusk"
+PLANNED = re.compile(r"memory: about ([\d,]+) MB on top of ([\d,]+) MB resident")
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def random_model_file(name: str) -> Path:
+    """The random-weight checkpoint of ``name`` in its original layout (fp16 safetensors), made once."""
+    path = CACHE / f"{name}-random-fp16.safetensors"
+    if path.is_file():
+        return path
+    import torch
+    from safetensors.torch import save_file
 
+    from ldm.checkpoints.loader import build_model
+    from ldm.checkpoints.presets import find_preset
 
-def run_default(side: int, steps: int, options: TilingOptions) -> None:
-    loaded = load_model(default_model_path("default-txt2img"))
-    request = GenerationRequest("a red circle in the top left and a blue square on the right", steps=steps, scale=4.0,
-                                seed=1, width=side, height=side, tiling=options)
-    plan = canvas_plan(loaded.model, request, side // 4, side // 4)
-    start = time.perf_counter()
-    steps_done = []
-    sampling_peak = []
-    txt2img(loaded, request, callback=lambda info: (steps_done.append(time.perf_counter()), sampling_peak.append(peak_mb())))
-    total = time.perf_counter() - start
-    per_step = (steps_done[-1] - start) / steps
-    report("default", side, plan, per_step, total - (steps_done[-1] - start), total,
-           first_stage_tile(loaded.model, options, 1, side, side), sampling_peak[-1])
-
-
-def run_sd(side: int, steps: int, options: TilingOptions, dtype: torch.dtype) -> None:
-    preset = find_preset("v1-inference")
+    print(f"writing {path} (random weights, once)", flush=True)
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype, so that the peak is not that of a float32 copy
-    try:
-        model = build_model(preset.model, device="cpu").eval()
-    finally:
-        torch.set_default_dtype(default)
-    f = model.config.downsampling_factor
-    h = w = side // f
-    generators = seeded_generators([1])
-    x_T = randn((1, 4, h, w), generators, device=torch.device("cpu"), dtype=dtype)
-    context = torch.randn(2, 77, model.config.unet.context_dim, generator=torch.Generator().manual_seed(2)).to(dtype)
-    plan = plan_canvas(model, options, 2, h, w)
+    model = build_model(find_preset(RANDOM_MODELS[name]).model, device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised output layers would make the UNet trivial
+            p.normal_(0, 0.02) if p.dim() > 1 else p.zero_()
+    state = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in model.state_dict().items()}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path.with_suffix(".part")))
+    path.with_suffix(".part").rename(path)
+    return path
+
+
+def run_child(command: list[str]) -> tuple[float, str, float]:
+    """(peak resident MB, stderr, seconds) of a command run in a fresh process."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{text[-3000:]}")
+    return usage.ru_maxrss / 1024, text, time.perf_counter() - start
+
+
+def ours(model: str, side: int, dtype: str, steps: int, extra: list[str], out: Path) -> dict:
+    command = [sys.executable, "-m", "ldm", "-v", "txt2img", "--prompt", PROMPT, "--steps", str(steps), "--seed", "1",
+               "--width", str(side), "--height", str(side), "--dtype", dtype, "--out", str(out), *extra]
+    if model != "default":
+        command += ["--model", model]
+    peak, log, seconds = run_child(command)
+    planned = PLANNED.search(log)
+    if planned is None:
+        raise SystemExit(f"the CLI logged no memory plan:\n{log[-2000:]}")
+    estimate, resident = (float(g.replace(",", "")) for g in planned.groups())
+    tiled = "sampled in tiles" in log
+    return {"peak": peak, "resident": resident, "estimate": estimate, "seconds": seconds, "tiled": tiled}
+
+
+def theirs(model: str, side: int, dtype: str, steps: int, out: Path) -> dict:
+    peak, log, seconds = run_child([sys.executable, __file__, "--diffusers-child", model, str(side), dtype, str(steps),
+                                    str(out)])
+    resident = float(re.search(r"resident after building: ([\d.]+) MB", log).group(1))
+    return {"peak": peak, "resident": resident, "seconds": seconds}
+
+
+def diffusers_child(model: str, side: int, dtype_name: str, steps: int, out: str) -> None:
+    """Build diffusers' StableDiffusionPipeline from ``model`` (an original-layout file) and run it."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ldm.checkpoints.detect import detect_file
+    from ldm.checkpoints.original_config import original_config
+    from ldm.checkpoints.presets import list_presets
+    from ldm.devices import choose_dtype, resident_mb
+    from ldm.text.clip_tokenizer import open_clip_vocab_folder
+
+    preset = detect_file(Path(model), list_presets()).preset
+    dtype = choose_dtype(None if dtype_name == "auto" else dtype_name, torch.device("cpu"))
+    checkpoint = load_file(model)
+    config = original_config(preset.model)
+
+    def built(model_class, model_config, state):  # as from_single_file(torch_dtype=...): no float32 copy first
+        with torch.device("meta"):
+            module = model_class(**model_config)
+        module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        return module
+
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)
+    unet = built(UNet2DConditionModel, unet_config, sfu.convert_ldm_unet_checkpoint(checkpoint, unet_config))
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(config, checkpoint, scaling_factor=preset.model.scale_factor)
+    vae = built(AutoencoderKL, vae_config, sfu.convert_ldm_vae_checkpoint(checkpoint, vae_config))
+    text = text_encoder(preset, checkpoint, sfu, CLIPTextConfig, CLIPTextModel).to(dtype)
+    del checkpoint
+    s = preset.model.schedule
+    scheduler = DDIMScheduler(beta_start=s.linear_start, beta_end=s.linear_end, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="v_prediction" if preset.model.parameterization == "v" else "epsilon")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(open_clip_vocab_folder(), model_max_length=77),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    print(f"resident after building: {resident_mb():.0f} MB", file=sys.stderr, flush=True)
     with torch.inference_mode():
-        start = time.perf_counter()
-        latents = ddim_sample(guided_denoiser(model, 7.5, plan), x_T, ddim_schedule(model.alphas_cumprod, steps), eta=0.0,
-                              generator=generators, extra_args={"cond": {"context": context[1:]}, "uncond": {"context": context[:1]}})
-        sampled, sampling_peak = time.perf_counter(), peak_mb()
-        image = decode(model, latents, options)
-        done = time.perf_counter()
-    assert image.shape[-1] == side and torch.isfinite(image.float()).all()
-    report(f"sd-v1 {str(dtype).removeprefix('torch.')}", side, plan, (sampled - start) / steps, done - sampled, done - start,
-           first_stage_tile(model, options, 1, side, side), sampling_peak)
+        image = pipe(PROMPT, height=side, width=side, num_inference_steps=steps, guidance_scale=7.5,
+                     generator=torch.Generator().manual_seed(1)).images[0]
+    image.save(out)
 
 
-def report(name: str, side: int, plan, per_step: float, decode_s: float, total: float, ae_tile: int, sampling_peak: float) -> None:
-    how = f"tiles of {plan.tile} latent px, {plan.batch_windows} a call" if plan.tiled else "whole canvas"
-    ae = f"tiled decode ({ae_tile} px tiles)" if ae_tile else "whole decode"
-    print(f"{name} {side}x{side}: peak RSS {peak_mb():,.0f} MB ({sampling_peak:,.0f} MB while sampling); {per_step:.2f} s a step ({how}; whole-canvas estimate "
-          f"{plan.estimate_mb:,.0f} MB), decode {decode_s:.1f} s ({ae}), total {total:.1f} s", flush=True)
+def text_encoder(preset, checkpoint, sfu, config_class, model_class):
+    """diffusers' CLIP text model of an SD v1 file (transformers' CLIPTextModel) or of an SD 2 file
+    (OpenCLIP's layers converted to it, the penultimate layer's output as SD 2 reads it)."""
+    clip = preset.model.cond_stage
+    config = config_class(vocab_size=clip.vocab_size, hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
+                          num_hidden_layers=clip.num_layers, num_attention_heads=clip.num_heads,
+                          max_position_embeddings=clip.max_positions, hidden_act=clip.hidden_act,
+                          projection_dim=getattr(clip, "projection_dim", None) or clip.hidden_size)
+    if any(k.startswith("cond_stage_model.model.") for k in checkpoint):
+        config.num_hidden_layers = clip.num_layers - 1  # SD 2 reads the penultimate layer
+        text = model_class(config)
+        converted = sfu.convert_open_clip_checkpoint(text, checkpoint)
+        text.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items()
+                              if not k.endswith("position_ids")}, strict=False)
+        return text.eval()
+    text = model_class(config)
+    converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    text.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")},
+                         strict=True)
+    return text.eval()
+
+
+def memory(args: argparse.Namespace, extra: list[str]) -> None:
+    model = str(random_model_file(args.model)) if args.model in RANDOM_MODELS else args.model
+    compare = not args.no_diffusers and args.model != "default"
+    print(f"{args.model}, dtype {args.dtype}, {args.steps} step(s), guidance 7.5, CLI defaults"
+          + (f" + {' '.join(extra)}" if extra else "") + "; MB resident, each run a fresh process", flush=True)
+    print(f"{'size':>9s} {'peak':>7s} {'before':>7s} {'added':>7s} {'guard':>7s} {'guard/added':>11s} {'time':>7s}"
+          + (f" {'diffusers':>9s} {'ours/theirs':>11s} {'their time':>10s}" if compare else "") + "  plan", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        for side in args.sides:
+            a = ours(model, side, args.dtype, args.steps, extra, Path(folder) / "ours.png")
+            added = a["peak"] - a["resident"]
+            line = (f"{side:>4d}x{side:<4d} {a['peak']:7.0f} {a['resident']:7.0f} {added:7.0f} {a['estimate']:7.0f} "
+                    f"{a['estimate'] / added:11.2f} {a['seconds']:6.0f}s")
+            if compare:
+                b = theirs(model, side, args.dtype, args.steps, Path(folder) / "theirs.png")
+                line += f" {b['peak']:9.0f} {a['peak'] / b['peak']:11.2f} {b['seconds']:9.0f}s"
+            print(line + ("  tiled" if a["tiled"] else "  whole"), flush=True)
 
 
 # --- seams ---------------------------------------------------------------------------------------------
 
 
-def seam_score(image: np.ndarray, rows: list[int], cols: list[int]) -> float:
+def seam_score(image, rows: list[int], cols: list[int]) -> float:
     """Mean |difference| across the given borders (between index i - 1 and i) over the mean elsewhere."""
+    import numpy as np
+
     x = image.astype(np.float64)
     dx = np.abs(np.diff(x, axis=1)).mean(axis=(0, 2))  # (W - 1,): between column j and j + 1
     dy = np.abs(np.diff(x, axis=0)).mean(axis=(1, 2))
@@ -116,8 +210,10 @@ def seam_score(image: np.ndarray, rows: list[int], cols: list[int]) -> float:
     return float(across.mean() / elsewhere.mean())
 
 
-def smooth_image(side: int) -> torch.Tensor:
+def smooth_image(side: int):
     """A smooth test picture: two colour gradients and a slow ripple, in [-1, 1], (1, 3, side, side)."""
+    import torch
+
     y, x = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
     r = 0.8 * x - 0.4
     g = 0.6 * y - 0.2 + 0.2 * torch.sin(6 * math.pi * x * y)
@@ -125,8 +221,10 @@ def smooth_image(side: int) -> torch.Tensor:
     return torch.stack([r, g, b])[None]
 
 
-def naive_tiles_decode(model, latents: torch.Tensor, tile: int) -> torch.Tensor:
+def naive_tiles_decode(model, latents, tile: int):
     """Each latent tile decoded alone (its own GroupNorm statistics, zero padding at its edges)."""
+    import torch
+
     f = model.config.downsampling_factor
     out = torch.zeros(latents.shape[0], 3, latents.shape[-2] * f, latents.shape[-1] * f)
     for top in range(0, latents.shape[-2], tile):
@@ -136,11 +234,21 @@ def naive_tiles_decode(model, latents: torch.Tensor, tile: int) -> torch.Tensor:
     return out
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
+def to_uint8(images):
     return ((images[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
 def seams() -> None:
+    import numpy as np
+    import torch
+
+    from ldm.checkpoints.loader import load_model
+    from ldm.checkpoints.presets import default_model_path
+    from ldm.sampling.tiling import plan_windows
+    from ldm.tasks.planning import canvas_plan
+    from ldm.tasks.request import GenerationRequest, TilingOptions
+    from ldm.tasks.txt2img import txt2img
+
     loaded = load_model(default_model_path("default-txt2img"))
     model = loaded.model
     f = model.config.downsampling_factor
@@ -169,30 +277,24 @@ def seams() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--diffusers-child"]:
+        model, side, dtype, steps, out = sys.argv[2:7]
+        diffusers_child(model, int(side), dtype, int(steps), out)
+        return
+    argv, extra = (sys.argv[1:], []) if "--" not in sys.argv else (sys.argv[1:sys.argv.index("--")],
+                                                                   sys.argv[sys.argv.index("--") + 1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("default", "sd-v1"), default="default")
+    parser.add_argument("--model", default="sd-v1", help="sd-v1, sd-v2 (random weights), default, or a checkpoint file")
     parser.add_argument("--sides", type=int, nargs="+", default=[512, 1024, 2048])
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--budget", type=int, default=TilingOptions().budget_mb, help="memory budget (MB)")
-    parser.add_argument("--mode", default="auto", choices=("auto", "always", "off"))
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--no-diffusers", action="store_true", help="measure ours only")
     parser.add_argument("--seams", action="store_true", help="measure seam scores instead")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.seams:
         seams()
-        return
-    options = TilingOptions(mode=args.mode, budget_mb=args.budget)
-    if args.one:
-        if args.model == "default":
-            run_default(args.one, args.steps, options)
-        else:
-            run_sd(args.one, args.steps, options, DTYPES[args.dtype])
-        return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, memory budget {args.budget} MB, mode {args.mode}", flush=True)
-    for side in args.sides:
-        subprocess.run([sys.executable, __file__, "--one", str(side), "--model", args.model, "--steps", str(args.steps),
-                        "--budget", str(args.budget), "--mode", args.mode, "--dtype", args.dtype], check=True)
+    else:
+        memory(args, extra)
 
 
 if __name__ == "__main__":

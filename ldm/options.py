@@ -37,7 +37,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 # ldm.tasks.request's TILING_MODES and DEFAULT_BUDGET_MB, repeated here so that declaring the options
 # imports no torch; tests/test_cli.py pins them to the originals.
 TILING_MODES = ("auto", "always", "off")
-DEFAULT_BUDGET_MB = 4096
+DEFAULT_BUDGET_MB = 2048
 
 
 def add_memory_budget_argument(parser: argparse.ArgumentParser, note: str = "") -> None:

@@ -11,7 +11,7 @@ import torch
 from ldm.sampling.regions import Region, RegionFusion, box_weight, context_window
 from ldm.sampling.tiling import TiledDenoiser, Window, plan_windows, window_weight
 from ldm.tasks.generate import sample
-from ldm.tasks.planning import estimate_unet_bytes, plan_canvas
+from ldm.tasks.planning import estimate_unet_bytes, plan_canvas, sampling_fixed_mb
 from ldm.tasks.request import GenerationRequest, RegionPrompt, TilingOptions, resolve_request
 from ldm.tasks.txt2img import txt2img
 
@@ -84,7 +84,7 @@ def test_auto_tiling_engages_only_beyond_the_memory_budget(loaded_sd_v1):
     model = loaded_sd_v1.model
     small = plan_canvas(model, TilingOptions(budget_mb=4096), 2, 16, 16)
     assert not small.tiled
-    budget = estimate_unet_bytes(model, 2, 64, 64) / 2**20
+    budget = sampling_fixed_mb(model) + estimate_unet_bytes(model, 2, 64, 64) / 2**20
     assert not plan_canvas(model, TilingOptions(budget_mb=int(budget) + 1), 2, 64, 64).tiled
     big = plan_canvas(model, TilingOptions(budget_mb=int(budget) - 1), 2, 64, 64)
     assert big.tiled and big.tile == model.config.latent_size and big.overlap == big.tile // 4
@@ -141,7 +141,7 @@ def test_region_prompts_and_a_panorama_run_end_to_end_with_notices(loaded_sd_v1)
     assert np.asarray(result.images[0]).std() > 0
     assert any("tiles of 16 px overlapping by 4 px" in n for n in result.notices)
     assert "Regions: a red sun 0.700 0.000 0.950 0.500 1" in result.parameters[0]
-    assert "Tiling: always 0 -1 4096" in result.parameters[0]
+    assert "Tiling: always 0 -1 2048" in result.parameters[0]
 
 
 def test_layout_boxes_become_region_prompts_on_a_model_without_layout_conditioning(loaded_sd_v1):

@@ -107,7 +107,7 @@ def test_tiling_options_reach_the_request(tmp_path):
     loaded = load(args, "txt2img")
     assert make_request(args, loaded).tiling == TilingOptions("always", 32, 8, 512)
     plain = build_parser().parse_args(default_txt2img_args(tmp_path / "x.png"))
-    assert make_request(plain, loaded).tiling == TilingOptions()  # the studio's defaults: auto, 0, a quarter, 4096
+    assert make_request(plain, loaded).tiling == TilingOptions()  # the studio's defaults: auto, 0, a quarter, 2048
 
 
 def test_the_cli_and_the_studio_share_the_tiling_defaults():
@@ -138,8 +138,8 @@ def test_txt2img_in_tiles_records_the_tiling(tmp_path, capsys):
     assert "the canvas is sampled in tiles of 32 px overlapping by 8 px" in capsys.readouterr().err
     assert main(default_txt2img_args(whole, *size, "--tiling", "never")) == 0
     assert "sampled in tiles" not in capsys.readouterr().err
-    assert read_png_parameters(tiled)["Tiling"] == "always 32 8 4096"
-    assert read_png_parameters(whole)["Tiling"] == "off 0 -1 4096"
+    assert read_png_parameters(tiled)["Tiling"] == "always 32 8 2048"
+    assert read_png_parameters(whole)["Tiling"] == "off 0 -1 2048"
     with Image.open(tiled) as a, Image.open(whole) as b:
         assert a.size == b.size == (96, 64)
         assert not np.array_equal(np.asarray(a), np.asarray(b))

@@ -9,12 +9,36 @@ The sampling call asks ``plan`` once; the tasks ask ``canvas_notices`` what to t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from ldm.devices import resident_mb
 from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.sampling.tiling import plan_windows
 from ldm.tasks.request import TILING_MODES, GenerationRequest, TilingOptions
+
+log = logging.getLogger(__name__)
+
+# What a generation adds on top of the weights, against the per-pixel counts below, by bytes per
+# element (bf16 2, fp32 4): measured with bench/large_canvas.py (the CLI's own path, each run a fresh
+# process) for SD v1 and the default model at 512 and 1024 px, whole and tiled. A fixed part (what
+# any run adds: oneDNN's primitives and scratch, the image's conversions) and a scale (what the
+# counts miss: allocator slack, temporaries beside a level's working set; fp32 also Winograd's
+# transform buffers, 4x a layer's input).
+SAMPLING = {2: (40, 1.45), 4: (0, 1.82)}  # (fixed MB, scale of unet_bytes_per_latent_pixel)
+WHOLE_FIRST_STAGE = {2: (190, 3.1), 4: (0, 3.42)}  # (fixed MB, full-resolution maps of the widest level)
+TILED_FIRST_STAGE = {2: (190, 1.32), 4: (0, 1.32)}  # (fixed MB, scale of the two stored maps)
+TILE_WORKING_MAPS = 22.3  # a tile's working set, in tile-sized maps of the widest level (recomputed regions, statistics)
+
+
+def _calibration(table: dict, model: LatentDiffusion) -> tuple[float, float]:
+    return table.get(torch.finfo(model.dtype).bits // 8, table[4])
+
+
+def sampling_fixed_mb(model: LatentDiffusion) -> float:
+    return _calibration(SAMPLING, model)[0]
 
 
 def unet_bytes_per_latent_pixel(model: LatentDiffusion) -> float:
@@ -39,8 +63,9 @@ def unet_bytes_per_latent_pixel(model: LatentDiffusion) -> float:
 
 
 def estimate_unet_bytes(model: LatentDiffusion, batch: int, height: int, width: int) -> int:
-    """Estimated peak bytes of one guided UNet call (``batch`` rows) on a latent of ``height`` x ``width``."""
-    return int(batch * height * width * unet_bytes_per_latent_pixel(model))
+    """Estimated peak bytes of one guided UNet call (``batch`` rows) on a latent of ``height`` x ``width``,
+    beyond what every run adds (``sampling_fixed_mb``)."""
+    return int(_calibration(SAMPLING, model)[1] * batch * height * width * unet_bytes_per_latent_pixel(model))
 
 
 # Small windows gain from large calls (fewer, fuller UNet calls a step); the memory budget bounds the rest.
@@ -68,12 +93,15 @@ def plan_canvas(model: LatentDiffusion, options: TilingOptions, batch: int, heig
     overlap = options.overlap // f if options.overlap >= 0 else tile // 4
     if not 0 <= overlap < tile:
         raise ValueError(f"tile overlap must be from 0 to less than the tile ({tile * f} px), got {options.overlap} px")
-    estimate = estimate_unet_bytes(model, batch, height, width) / 2**20
+    estimate = sampling_fixed_mb(model) + estimate_unet_bytes(model, batch, height, width) / 2**20
     larger = height > tile or width > tile
     wanted = options.mode == "always" or (options.mode == "auto" and estimate > options.budget_mb)
+    if not (larger and wanted):
+        return CanvasPlan(0, overlap, estimate)
     window_mb = estimate_unet_bytes(model, batch, tile, tile) / 2**20
-    batch_windows = int(max(1, min(MAX_BATCH_WINDOWS, options.budget_mb // max(window_mb, 1e-9))))
-    return CanvasPlan(tile if larger and wanted else 0, overlap, estimate, batch_windows)
+    windows = len(plan_windows(height, width, tile, overlap, grid))
+    fits = (options.budget_mb - sampling_fixed_mb(model)) // max(window_mb, 1e-9)
+    return CanvasPlan(tile, overlap, estimate, int(max(1, min(MAX_BATCH_WINDOWS, windows, fits))))
 
 
 def describe(plan: CanvasPlan, f: int) -> str | None:
@@ -89,21 +117,27 @@ FIRST_STAGE_TILE = 256
 
 def estimate_first_stage_bytes(model: LatentDiffusion, batch: int, height: int, width: int) -> int:
     """Estimated peak bytes of decoding (or encoding) a ``height`` x ``width`` pixel image whole: at
-    full resolution the decoder holds about three tensors as wide as its last upsampling's output."""
+    full resolution the decoder holds about three tensors as wide as its last upsampling's output
+    (``WHOLE_FIRST_STAGE``), plus what every run adds."""
     c = model.config.first_stage
     size = torch.finfo(model.dtype).bits // 8
     widest = c.ch * c.ch_mult[min(1, len(c.ch_mult) - 1)]
-    return int(size * batch * height * width * 3 * widest)
+    fixed, maps = _calibration(WHOLE_FIRST_STAGE, model)
+    return int(fixed * 2**20 + size * batch * height * width * maps * widest)
 
 
 def estimate_tiled_first_stage_bytes(model: LatentDiffusion, batch: int, height: int, width: int) -> int:
     """Estimated peak bytes of the tiled autoencoder (``autoencoder_tiling``): one feature map of its
-    top level and one of the next, whole, plus tiles and bands (x1.6, from the decodes of
-    ``bench/large_canvas.py``)."""
+    top level and one of the next, whole (``TILED_FIRST_STAGE``), the working set of a tile of
+    ``FIRST_STAGE_TILE`` (``TILE_WORKING_MAPS``), plus what every run adds."""
     c = model.config.first_stage
     size = torch.finfo(model.dtype).bits // 8
     second = c.ch_mult[min(1, len(c.ch_mult) - 1)]
-    return int(1.6 * size * batch * height * width * c.ch * (c.ch_mult[0] + second / 4))
+    maps = size * batch * height * width * c.ch * (c.ch_mult[0] + second / 4)
+    tile = min(FIRST_STAGE_TILE, height) * min(FIRST_STAGE_TILE, width)
+    working = TILE_WORKING_MAPS * size * batch * tile * c.ch * second
+    fixed, scale = _calibration(TILED_FIRST_STAGE, model)
+    return int(fixed * 2**20 + scale * maps + working)
 
 
 def first_stage_tile(model: LatentDiffusion, options: TilingOptions, batch: int, height: int, width: int) -> int:
@@ -124,22 +158,30 @@ def check_memory(model: LatentDiffusion, plan: CanvasPlan, rows: int, images: in
     """The estimated peak (MB, beyond the weights) of sampling a ``height`` x ``width`` latent canvas as
     ``plan`` says (``rows`` UNet rows) and running the autoencoder on its ``images``; raises
     ``NotEnoughMemory`` with the numbers when it exceeds 90% of ``free_mb`` (None: unknown, not checked)."""
+    needed = max(estimate_parts(model, plan, rows, images, height, width, options).values())
+    if free_mb is not None and needed > 0.9 * free_mb:
+        hint = "" if options.mode == "always" else ", or set tiling to 'always'"
+        raise NotEnoughMemory(f"this request needs about {needed:,.0f} MB beyond the model's weights, but only "
+                              f"{free_mb:,.0f} MB of memory is free; make the image or the batch smaller{hint}")
+    return needed
+
+
+def estimate_parts(model: LatentDiffusion, plan: CanvasPlan, rows: int, images: int, height: int, width: int,
+                   options: TilingOptions) -> dict[str, float]:
+    """The estimated peaks (MB beyond the weights) of the two stages of a generation on a ``height`` x
+    ``width`` latent canvas, as planned: "sampling" (whole, or ``plan.batch_windows`` windows a
+    call) and "autoencoder" (whole or in tiles, as ``first_stage_tile`` says)."""
     if plan.tiled:
-        unet = plan.batch_windows * estimate_unet_bytes(model, rows, plan.tile, plan.tile)
+        unet = sampling_fixed_mb(model) * 2**20 + plan.batch_windows * estimate_unet_bytes(model, rows, plan.tile, plan.tile)
     else:
-        unet = estimate_unet_bytes(model, rows, height, width)
+        unet = sampling_fixed_mb(model) * 2**20 + estimate_unet_bytes(model, rows, height, width)
     f = model.config.downsampling_factor
     pixels_h, pixels_w = height * f, width * f
     if first_stage_tile(model, options, images, pixels_h, pixels_w):
         first_stage = estimate_tiled_first_stage_bytes(model, images, pixels_h, pixels_w)
     else:
         first_stage = estimate_first_stage_bytes(model, images, pixels_h, pixels_w)
-    needed = max(unet, first_stage) / 2**20
-    if free_mb is not None and needed > 0.9 * free_mb:
-        hint = "" if options.mode == "always" else ", or set tiling to 'always'"
-        raise NotEnoughMemory(f"this request needs about {needed:,.0f} MB beyond the model's weights, but only "
-                              f"{free_mb:,.0f} MB of memory is free; make the image or the batch smaller{hint}")
-    return needed
+    return {"sampling": unet / 2**20, "autoencoder": first_stage / 2**20}
 
 
 def plan_rows(model: LatentDiffusion, request: GenerationRequest) -> int:
@@ -157,7 +199,18 @@ def plan(model: LatentDiffusion, request: GenerationRequest, height: int, width:
     """The plan of a resolved request on a ``height`` x ``width`` latent canvas, refused with
     ``NotEnoughMemory`` when its estimated peak does not fit ``free_mb`` (see ``check_memory``)."""
     chosen = canvas_plan(model, request, height, width)
-    check_memory(model, chosen, plan_rows(model, request), request.batch_size, height, width, request.tiling, free_mb)
+    rows = plan_rows(model, request)
+    needed = check_memory(model, chosen, rows, request.batch_size, height, width, request.tiling, free_mb)
+    if log.isEnabledFor(logging.INFO):
+        parts = estimate_parts(model, chosen, rows, request.batch_size, height, width, request.tiling)
+        f = model.config.downsampling_factor
+        how = {"sampling": f"{chosen.batch_windows} windows a call" if chosen.tiled else "whole",
+               "autoencoder": "in tiles" if first_stage_tile(model, request.tiling, request.batch_size, height * f,
+                                                             width * f) else "whole"}
+        resident, free = resident_mb(), "unknown" if free_mb is None else f"{free_mb:,.0f}"
+        log.info("memory: about %s MB on top of %s MB resident (%s); %s MB free", f"{needed:,.0f}",
+                 "?" if resident is None else f"{resident:,.0f}",
+                 ", ".join(f"{k} {v:,.0f} MB {how[k]}" for k, v in parts.items()), free)
     return chosen
 
 

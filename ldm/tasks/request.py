@@ -16,7 +16,7 @@ MAX_SEED = 2**32 - 1
 MAX_REGIONS = 16
 MAX_BUDGET_MB = 1 << 20
 TILING_MODES = ("auto", "always", "off")
-DEFAULT_BUDGET_MB = 4096
+DEFAULT_BUDGET_MB = 2048
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,13 @@ def _open_clip_bpe_file() -> Path | None:
     return None
 
 
+def open_clip_vocab_folder() -> Path | None:
+    """The CLIP vocabulary folder converted from open_clip's BPE file (transformers' CLIPTokenizer
+    reads it), or None where open_clip is not installed."""
+    gz_path = _open_clip_bpe_file()
+    return None if gz_path is None else _cached_clip_vocab(gz_path)
+
+
 def _cached_clip_vocab(gz_path: Path) -> Path:
     """The converted vocab folder for `gz_path`, converting it on first use."""
     digest = hashlib.sha256(gz_path.read_bytes()).hexdigest()
