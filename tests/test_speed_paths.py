@@ -164,10 +164,6 @@ def test_sampling_keeps_a_freed_large_tensor_for_the_next_one_and_hands_it_back_
         assert free_memory_mb(torch.device("cpu")) - before > 0.5 * big / 2**20
         resident = resident_mb()
     assert resident - resident_mb() > 0.9 * big / 2**20  # handed back to the system when sampling ends
-    mapped = heap_info().hblkhd
-    tensor = torch.empty(big // 4)
-    assert heap_info().hblkhd - mapped >= big  # outside sampling, large blocks are mapped alone again
-    del tensor
 
 
 @pytest.mark.parametrize("amx", [True, False])
