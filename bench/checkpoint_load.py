@@ -19,10 +19,7 @@ CHILD = """
 import json, resource, sys, time
 import torch
 from ldm.checkpoints.loader import load_model
-
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+from ldm.devices import resident_mb as rss_mb
 
 path, dtype, device = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
 imported = rss_mb()

@@ -22,8 +22,9 @@ from ldm.tasks.request import TILING_MODES, GenerationRequest, TilingOptions
 log = logging.getLogger(__name__)
 
 # What a generation adds on top of the weights, against the per-pixel counts below, by bytes per
-# element (bf16 2, fp32 4): measured with bench/large_canvas.py (the CLI's own path, each run a fresh
-# process) for SD v1 and the default model at 512 and 1024 px, whole and tiled. A fixed part (what
+# element (bf16 2, fp32 4), fitted to the peaks of SD v1 on the CLI's own path (bf16 and fp32 at 512
+# and 1024 px whole, bf16 tiled at 1024 and 2048; bench/large_canvas.py prints them beside the
+# estimate). The small default model lands within 0.65-1.5x of its figures. A fixed part (what
 # any run adds: oneDNN's primitives and scratch, the image's conversions) and a scale (what the
 # counts miss: allocator slack, temporaries beside a level's working set; fp32 also Winograd's
 # transform buffers, 4x a layer's input).
