@@ -44,7 +44,7 @@ def ddim_sample(
     for i in range(total):
         check_stop(should_stop, i, total)
         index = total - 1 - i
-        t = int(schedule.timesteps[index])
+        t = schedule.timesteps[index].item()
         a_t = float(schedule.alphas[index])
         a_prev = float(schedule.alphas_prev[index])
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
@@ -52,7 +52,7 @@ def ddim_sample(
         if before_step is not None:
             x = before_step(x, a_t**0.5, (1 - a_t) ** 0.5)
 
-        eps = denoiser(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), **extra_args)
+        eps = denoiser(x, torch.full((x.shape[0],), t, device=x.device, dtype=schedule.timesteps.dtype), **extra_args)
         # 1. predicted x0
         pred_x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
         # 2. direction pointing to x_t

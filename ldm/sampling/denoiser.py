@@ -1,20 +1,24 @@
-"""The UNet as a denoiser: ``denoiser(x_t, t, **conditioning) -> epsilon``.
+"""The UNet as a denoiser: ``denoiser(x_t, t, **conditioning) -> epsilon``, and the same denoiser in
+sigma space, ``denoiser(x, sigma, **conditioning) -> denoised``, for the k-diffusion samplers.
 
-Samplers only ever see epsilon. This is the one place where a network's output is converted
-from its parameterisation:
+This is the one place where a network's output is converted from its parameterisation:
 
 - ``eps``: the network predicts the noise epsilon;
 - ``v``:   v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0, so eps = sqrt(abar_t) * v + sqrt(1 - abar_t) * x_t;
 - ``x0``:  the network predicts the clean latent, so eps = (x_t - sqrt(abar_t) * x0) / sqrt(1 - abar_t).
 
 All three are linear in the network output at fixed x_t, so guidance on epsilon equals guidance on
-the raw output, as in the original samplers.
+the raw output, as in the original samplers. A fractional t (from a sigma between two table entries)
+converts with alpha-bar at that t as ``ldm.sampling.sigmas.alpha_bar_at`` interpolates it, which is
+1 / (1 + sigma^2) for the sigma the sampler asked for, and the table's own value at an integer t.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ldm.sampling.sigmas import DiscreteSigmas, alpha_bar_at
 
 PARAMETERIZATIONS = ("eps", "v", "x0")
 
@@ -68,7 +72,7 @@ class EpsDenoiser:
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         output = self.network_output(x, t, context=context, concat=concat, y=y)
-        alpha_bar = self.alphas_cumprod.to(t.device)[t.long()]
+        alpha_bar = alpha_bar_at(self.alphas_cumprod, t)
         return output_to_eps(output, x, alpha_bar, self.parameterization)
 
     def network_output(
@@ -83,3 +87,28 @@ class EpsDenoiser:
         """The UNet's raw output, in its own parameterisation (what training compares to its target)."""
         inputs = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
         return self.unet(inputs, t, context=context, y=y)
+
+
+class SigmaDenoiser:
+    """An epsilon denoiser ``(x_t, t, **extra) -> eps`` seen in sigma space (k-diffusion's
+    ``CompVisDenoiser``): ``denoiser(x, sigma, **extra) -> D``, the estimate of x0 from the state
+    x = x0 + sigma * eps at noise level ``sigma`` (a float, the same for the whole batch).
+
+    The network sees x * c_in, c_in = 1 / sqrt(sigma^2 + 1) = sqrt(abar) (the DDPM state), at the
+    fractional timestep t(sigma) of log-sigma interpolation (no quantisation, as AUTOMATIC1111 by
+    default), as a float64 (B,) tensor; then D = x - sigma * eps. For a v model this is
+    c_skip x + c_out v with c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1).
+    """
+
+    def __init__(self, denoiser, table: DiscreteSigmas):
+        self.denoiser = denoiser
+        self.table = table
+
+    def timestep(self, sigma: float) -> float:
+        return self.table.timestep(sigma)
+
+    def __call__(self, x: torch.Tensor, sigma: float, **extra) -> torch.Tensor:
+        c_in = 1 / (sigma**2 + 1) ** 0.5
+        t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.float64, device=x.device)
+        eps = self.denoiser(x * c_in, t, **extra)
+        return x - sigma * eps.to(x.dtype)

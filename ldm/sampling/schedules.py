@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ldm.sampling.sigmas import DiscreteSigmas
+
 SCHEDULE_KINDS = ("linear", "cosine", "sqrt_linear", "sqrt")
 
 
@@ -55,7 +57,7 @@ def make_alphas_cumprod(config: ScheduleConfig) -> torch.Tensor:
 class DDIMSchedule:
     """The timesteps a DDIM run visits (ascending) with alpha-bar at each and at the step after it."""
 
-    timesteps: torch.Tensor  # (S,) int64, ascending
+    timesteps: torch.Tensor  # (S,) int64, ascending (float64 when made from a sigma schedule)
     alphas: torch.Tensor  # (S,) float64, alpha-bar_t
     alphas_prev: torch.Tensor  # (S,) float64, alpha-bar of the next timestep down
 
@@ -75,4 +77,15 @@ def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int) -> DDIMSchedule:
     timesteps = timesteps[timesteps < T]
     alphas = alphas_cumprod[timesteps]
     alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[timesteps[:-1]]])
+    return DDIMSchedule(timesteps, alphas, alphas_prev)
+
+
+def ddim_schedule_from_sigmas(table: DiscreteSigmas, sigmas: list[float]) -> DDIMSchedule:
+    """DDIM over the noise levels of a sigma schedule (``ldm.sampling.sigmas``, decreasing, ending with 0):
+    alpha-bar = 1 / (1 + sigma^2) at each, the fractional timestep t(sigma) of each as float64, and the
+    last step going to alpha-bar 1 (sigma 0), where it returns its predicted x0."""
+    levels = sigmas[:-1][::-1]  # ascending, as DDIMSchedule holds them
+    timesteps = torch.tensor([table.timestep(s) for s in levels], dtype=torch.float64)
+    alphas = 1 / (1 + torch.tensor(levels, dtype=torch.float64) ** 2)
+    alphas_prev = 1 / (1 + torch.tensor(sigmas[1:][::-1], dtype=torch.float64) ** 2)
     return DDIMSchedule(timesteps, alphas, alphas_prev)
