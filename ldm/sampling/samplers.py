@@ -1,37 +1,171 @@
-"""The samplers a request can name, each a plain function over a denoiser.
+"""The samplers a request can name (``SAMPLERS``, by AUTOMATIC1111's 1.9+ names), each a plain
+function over a denoiser, and the schedules they can walk (``ldm.sampling.sigmas.SCHEDULES``).
 
-A sampler runs ``steps`` steps of a denoiser ``denoiser(x, t, **extra_args) -> epsilon`` from
-``x_T`` under the model's ``alphas_cumprod``, drawing any noise from ``generator`` and calling the
-shared hooks of ``ldm.sampling.steps``. Adding one is one module with its function and one line in
-``SAMPLERS``.
+Every sampler has one seam:
+
+    run(denoiser, x_T, alphas_cumprod, steps, *, eta, generator, extra_args=None, callback=None,
+        should_stop=None, before_step=None, schedule="Automatic", s_noise=1.0) -> x_0
+
+``denoiser(x_t, t, **extra_args) -> epsilon`` is the (guided, tiled) epsilon denoiser; ``x_T`` is
+unit Gaussian noise drawn from ``generator`` (one generator per image), which the sampler draws its
+own noise from too; the hooks are those of ``ldm.sampling.steps``. Samplers other than DDIM see the
+denoiser through ``ldm.sampling.denoiser.SigmaDenoiser``. ``eta`` is ignored by samplers with no
+``eta_field``; ``s_noise`` (the scale of the noise added, 1 by default) is used by those with
+``s_noise`` True.
+
+    Sampler       Automatic schedule         eta key    eta default  starts from
+    DDIM          its own (T // n, + 1)      Eta DDIM   0            x_T (the DDPM state)
+    Euler         Uniform                    -          -            sigma_0 x_T
+    Euler a       Uniform                    Eta        1            sigma_0 x_T
+    Heun          Uniform                    -          -            sigma_0 x_T
+    DPM++ 2M      Karras                     -          -            sigma_0 x_T
+    DPM++ 2M SDE  Exponential                Eta        1            sigma_0 x_T
+    DPM++ SDE     Karras                     Eta        1            sigma_0 x_T
+    UniPC         its own ("linspace")       -          -            sqrt(1 + sigma_0^2) x_T
+    LCM           its own (LCM's grid)       -          -            sqrt(1 + sigma_0^2) x_T
+
+The k-diffusion samplers start as k-diffusion and AUTOMATIC1111 do, x = sigma_0 x_T (diffusers'
+``init_noise_sigma`` for "linspace" and "trailing"; its "leading" spacing, SGM and ComfyUI use
+sqrt(1 + sigma_0^2), 0.23 % more at SD's sigma_0 = 14.61). UniPC and LCM start as diffusers'
+``UniPCMultistepScheduler`` and ``LCMScheduler`` do, from the DDPM state x_T, which is
+sqrt(1 + sigma_0^2) x_T in sigma space, on any schedule. UniPC is diffusers' default (bh2, order 2,
+corrector on, "linspace" timesteps), not AUTOMATIC1111's (bh1, order 3, "time_uniform"); ``unipc``
+takes both. With another schedule than "Automatic", DDIM runs eq. 12 at alpha-bar = 1 / (1 + sigma^2)
+of each level, its last step to alpha-bar 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from ldm.sampling import k_samplers
 from ldm.sampling.ddim import ddim_sample
-from ldm.sampling.schedules import ddim_schedule
+from ldm.sampling.denoiser import SigmaDenoiser
+from ldm.sampling.lcm import ConsistencyBoundary, lcm, lcm_timesteps
+from ldm.sampling.schedules import ddim_schedule, ddim_schedule_from_sigmas
+from ldm.sampling.sigmas import (
+    SCHEDULES,
+    DiscreteSigmas,
+    get_schedule,
+    schedule_sigmas,
+    spaced_timesteps,
+    timestep_sigmas,
+)
+from ldm.sampling.unipc import unipc
 
 
 @dataclass(frozen=True)
 class Sampler:
     name: str  # as the parameters text names it (AUTOMATIC1111's names)
-    # run(denoiser, x_T, alphas_cumprod, steps, *, eta, generator, extra_args, callback, should_stop, before_step)
+    # run(denoiser, x_T, alphas_cumprod, steps, *, eta, generator, extra_args, callback, should_stop, before_step,
+    #     schedule="Automatic", s_noise=1.0)
     run: Callable[..., torch.Tensor]
-    eta_field: str  # the parameters text's key for its eta
+    eta_field: str | None  # the parameters text's key for its eta; None: it takes no eta
+    eta_default: float = 0.0  # AUTOMATIC1111's: 0 for DDIM, 1 for the ancestral and SDE samplers
+    automatic: str | None = None  # the schedule "Automatic" stands for; None: the sampler's own timesteps
+    s_noise: bool = False  # whether it takes s_noise
 
 
-def run_ddim(denoiser, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, **options) -> torch.Tensor:
-    """DDIM over the original's uniform discretisation of ``steps`` timesteps."""
-    return ddim_sample(denoiser, x_T, ddim_schedule(alphas_cumprod, steps), **options)
+def sigma_space(denoiser, alphas_cumprod: torch.Tensor, steps: int, schedule: str,
+                automatic: str) -> tuple[SigmaDenoiser, list[float]]:
+    table = DiscreteSigmas(alphas_cumprod)
+    sigmas = schedule_sigmas(automatic if schedule == "Automatic" else schedule, table, steps)
+    return SigmaDenoiser(denoiser, table), sigmas
+
+
+def ve_start(x_T: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    """Unit noise scaled to sigma_0 (k-diffusion's start), in float32 or wider."""
+    return k_samplers.state(x_T) * sigmas[0]
+
+
+def vp_start(x_T: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    """Unit noise as the DDPM state at sigma_0, in sigma space: sqrt(1 + sigma_0^2) x_T."""
+    return k_samplers.state(x_T) * (1 + sigmas[0] ** 2) ** 0.5
+
+
+def run_ddim(denoiser, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, *, schedule: str = "Automatic",
+             s_noise: float = 1.0, **options) -> torch.Tensor:
+    """DDIM over the original's uniform discretisation of ``steps`` timesteps, or over a sigma schedule."""
+    if get_schedule(schedule).sigmas is None:
+        return ddim_sample(denoiser, x_T, ddim_schedule(alphas_cumprod, steps), **options)
+    table = DiscreteSigmas(alphas_cumprod)
+    return ddim_sample(denoiser, x_T, ddim_schedule_from_sigmas(table, schedule_sigmas(schedule, table, steps)),
+                       **options)
+
+
+def run_euler(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0, **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform")
+    return k_samplers.euler(model, ve_start(x_T, sigmas), sigmas, **hooks).to(x_T.dtype)
+
+
+def run_euler_ancestral(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=1.0,
+                        s_noise=1.0, **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform")
+    return k_samplers.euler_ancestral(model, ve_start(x_T, sigmas), sigmas, generator=generator, eta=eta,
+                                      s_noise=s_noise, **hooks).to(x_T.dtype)
+
+
+def run_heun(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0, **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform")
+    return k_samplers.heun(model, ve_start(x_T, sigmas), sigmas, **hooks).to(x_T.dtype)
+
+
+def run_dpmpp_2m(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
+                 **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Karras")
+    return k_samplers.dpmpp_2m(model, ve_start(x_T, sigmas), sigmas, **hooks).to(x_T.dtype)
+
+
+def run_dpmpp_2m_sde(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=1.0, s_noise=1.0,
+                     **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Exponential")
+    return k_samplers.dpmpp_2m_sde(model, ve_start(x_T, sigmas), sigmas, generator=generator, eta=eta, s_noise=s_noise,
+                                   **hooks).to(x_T.dtype)
+
+
+def run_dpmpp_sde(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=1.0, s_noise=1.0,
+                  **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Karras")
+    return k_samplers.dpmpp_sde(model, ve_start(x_T, sigmas), sigmas, generator=generator, eta=eta, s_noise=s_noise,
+                                **hooks).to(x_T.dtype)
+
+
+def run_unipc(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
+              spacing: str = "linspace", **hooks):
+    """UniPC bh2 of order 2 (diffusers' defaults); "Automatic" is the integer grid of ``spacing``."""
+    table = DiscreteSigmas(alphas_cumprod)
+    if get_schedule(schedule).sigmas is None:
+        sigmas = timestep_sigmas(table, spaced_timesteps(len(table), steps, spacing))
+    else:
+        sigmas = schedule_sigmas(schedule, table, steps)
+    return unipc(SigmaDenoiser(denoiser, table), vp_start(x_T, sigmas), sigmas, **hooks).to(x_T.dtype)
+
+
+def run_lcm(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0, **hooks):
+    """LCM; "Automatic" is LCM's own grid of at most 50 steps."""
+    table = DiscreteSigmas(alphas_cumprod)
+    if get_schedule(schedule).sigmas is None:
+        sigmas = timestep_sigmas(table, lcm_timesteps(len(table), steps))
+    else:
+        sigmas = schedule_sigmas(schedule, table, steps)
+    model = ConsistencyBoundary(SigmaDenoiser(denoiser, table), table.timestep)
+    return lcm(model, vp_start(x_T, sigmas), sigmas, generator=generator, **hooks).to(x_T.dtype)
 
 
 SAMPLERS = {sampler.name: sampler for sampler in (
     Sampler("DDIM", run_ddim, "Eta DDIM"),
+    Sampler("Euler", run_euler, None, automatic="Uniform"),
+    Sampler("Euler a", run_euler_ancestral, "Eta", 1.0, "Uniform", s_noise=True),
+    Sampler("Heun", run_heun, None, automatic="Uniform"),
+    Sampler("DPM++ 2M", run_dpmpp_2m, None, automatic="Karras"),
+    Sampler("DPM++ 2M SDE", run_dpmpp_2m_sde, "Eta", 1.0, "Exponential", s_noise=True),
+    Sampler("DPM++ SDE", run_dpmpp_sde, "Eta", 1.0, "Karras", s_noise=True),
+    Sampler("UniPC", run_unipc, None),
+    Sampler("LCM", run_lcm, None),
 )}
 
 
@@ -39,3 +173,33 @@ def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"sampler {name!r} is not known; use one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+def resolve_schedule(sampler: str, schedule: str) -> str:
+    """The schedule a sampler runs for ``schedule``, as AUTOMATIC1111 writes its "Schedule type":
+    "Automatic" becomes the sampler's default, and stays "Automatic" for a sampler with its own timesteps."""
+    get_schedule(schedule)
+    if schedule != "Automatic":
+        return schedule
+    return get_sampler(sampler).automatic or "Automatic"
+
+
+class SamplerName(NamedTuple):
+    sampler: str
+    schedule: str | None  # None: the label names no schedule
+
+
+def split_sampler_name(label: str) -> SamplerName:
+    """A sampler label of AUTOMATIC1111 up to 1.8, which fused the schedule onto the name:
+    "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras"), "Euler a" -> ("Euler a", None). A label with no
+    schedule meant k-diffusion's default sigmas there ("Uniform"); from 1.9 the schedule is a field of its
+    own ("Schedule type"), and 1.9 reads a fused schedule that equals the sampler's default as "Automatic",
+    which runs the same sigmas."""
+    if label in SAMPLERS:
+        return SamplerName(label, None)
+    for schedule in sorted((s for s in SCHEDULES if s != "Automatic"), key=len, reverse=True):
+        base = label.removesuffix(" " + schedule)
+        if base != label and base in SAMPLERS:
+            return SamplerName(base, schedule)
+    raise ValueError(f"sampler {label!r} is not known; use one of {', '.join(SAMPLERS)}, optionally followed by "
+                     f"one of {', '.join(s for s in SCHEDULES if s != 'Automatic')}")
