@@ -219,6 +219,10 @@ def test_spacings_equal_diffusers_multistep_grids():
             offset = 1 if spacing == "leading" else 0
             assert spaced_timesteps(1000, steps, spacing, offset) == scheduler.timesteps.tolist(), (spacing, steps)
     assert spaced_timesteps(1000, 10, "linspace") == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+    assert len(spaced_timesteps(1000, 999, "linspace")) == len(spaced_timesteps(1000, 999, "leading")) == 999
+    for spacing in ("linspace", "leading"):  # 1000 steps of a 1000-step model would repeat a timestep
+        with pytest.raises(ValueError, match=f"1000 steps of the '{spacing}' timestep spacing repeat a timestep"):
+            spaced_timesteps(1000, 1000, spacing)
 
 
 def test_lcm_grid_equals_diffusers():

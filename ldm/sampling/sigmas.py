@@ -182,7 +182,11 @@ def spaced_timesteps(T: int, steps: int, spacing: str, offset: int = 0) -> list[
         timesteps = np.arange(T, 0, -T / steps).round() - 1
     else:
         raise ValueError(f"timestep spacing {spacing!r} is not known; use one of {', '.join(SPACINGS)}")
-    return [int(t) for t in timesteps]
+    timesteps = [int(t) for t in timesteps]
+    if len(set(timesteps)) < len(timesteps):  # a step of zero length: the solvers divide by it
+        raise ValueError(f"{steps} steps of the {spacing!r} timestep spacing repeat a timestep of a {T}-step model; "
+                         "use fewer steps or a sigma schedule")
+    return timesteps
 
 
 def timestep_sigmas(table: DiscreteSigmas, timesteps: list[int]) -> list[float]:
