@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 from PIL import Image
 
-from ldm.tasks.parameters import format_parameters, parse_parameters, read_png_parameters, save_png
+from ldm.sampling.samplers import SAMPLERS
+from ldm.sampling.sigmas import SCHEDULES
+from ldm.tasks.parameters import (
+    SamplerSettings,
+    format_parameters,
+    parameters_text,
+    parse_parameters,
+    read_png_parameters,
+    read_sampler,
+    save_png,
+)
+from ldm.tasks.request import GenerationRequest
 
 FIELDS = {"Steps": 20, "Sampler": "DDIM", "CFG scale": 7.5, "Seed": 42, "Size": "512x512", "Model hash": "0123456789", "Model": "v1-5", "Eta DDIM": 0.0}
 
@@ -54,3 +68,83 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path):
     except OSError:
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the sampler and its schedule, as AUTOMATIC1111 1.9+ writes them --------------------------------------
+
+LOADED = SimpleNamespace(name="v1-5", short_hash="0123456789")
+
+
+def written(**fields) -> str:
+    request = GenerationRequest("a cat", steps=20, seed=42, **fields)
+    return parameters_text(request, 42, LOADED).split("\n")[-1]
+
+
+def test_the_sampler_and_its_resolved_schedule_are_written_as_automatic1111_1_9_does():
+    assert written(sampler="DPM++ 2M") == ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, "
+                                           "Size: 512x512, Model hash: 0123456789, Model: v1-5")
+    assert written(sampler="Euler a", eta=1.0) == ("Steps: 20, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7.5, "
+                                                   "Seed: 42, Size: 512x512, Model hash: 0123456789, Model: v1-5, Eta: 1.0")
+    assert "Schedule type: Exponential" in written(sampler="DPM++ 2M SDE")
+    assert "Sampler: DPM++ 2M SDE, Schedule type: Karras," in written(sampler="DPM++ 2M SDE", schedule="Karras")
+    assert "Sampler: Euler, Schedule type: SGM Uniform," in written(sampler="Euler", schedule="SGM Uniform")
+
+
+def test_ddim_is_written_as_before_and_schedules_of_their_own_timesteps_are_left_out():
+    assert written() == ("Steps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 0123456789, "
+                         "Model: v1-5, Eta DDIM: 0.0")
+    for sampler in ("UniPC", "LCM"):
+        assert f"Sampler: {sampler}, CFG scale" in written(sampler=sampler)
+    assert "Sampler: DDIM, Schedule type: Karras," in written(schedule="Karras")
+
+
+def test_eta_is_written_under_its_samplers_key_and_sigma_noise_where_taken_and_not_1():
+    assert "Eta DDIM: 0.3" in written(eta=0.3) and "Sigma noise" not in written(eta=0.3, s_noise=0.5)
+    text = written(sampler="DPM++ SDE", eta=0.5, s_noise=0.8)
+    assert text.endswith("Eta: 0.5, Sigma noise: 0.8") and "Eta DDIM" not in text
+    assert "Sigma noise" not in written(sampler="Euler a", s_noise=1.0)
+    for sampler in ("Euler", "Heun", "DPM++ 2M", "UniPC", "LCM"):
+        assert "Eta" not in written(sampler=sampler, eta=0.4, s_noise=0.5), sampler
+        assert "Sigma noise" not in written(sampler=sampler, s_noise=0.5), sampler
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_what_is_written_reads_back_as_the_same_run(sampler, schedule):
+    eta = 0.4 if SAMPLERS[sampler].eta_field else 0.0
+    s_noise = 0.9 if SAMPLERS[sampler].s_noise else 1.0
+    read = read_sampler(parse_parameters(written(sampler=sampler, schedule=schedule, eta=eta, s_noise=s_noise)))
+    expected = schedule if schedule != "Automatic" else "Automatic" if SAMPLERS[sampler].automatic is None \
+        else SAMPLERS[sampler].automatic  # Automatic is written resolved, and runs the same sigmas
+    assert read == SamplerSettings(sampler, expected, eta if SAMPLERS[sampler].eta_field else None, s_noise)
+
+
+@pytest.mark.parametrize("label, schedule", [
+    ("DPM++ 2M Karras", ("DPM++ 2M", "Automatic")),  # the fused schedule is the sampler's default
+    ("DPM++ 2M", ("DPM++ 2M", "Uniform")),  # up to 1.8 a bare name ran k-diffusion's default sigmas
+    ("Euler a", ("Euler a", "Automatic")),
+    ("DPM++ 2M SDE Karras", ("DPM++ 2M SDE", "Karras")),
+    ("DPM++ 2M SDE Exponential", ("DPM++ 2M SDE", "Automatic")),
+    ("DPM++ SDE Karras", ("DPM++ SDE", "Automatic")),
+    ("Euler Karras", ("Euler", "Karras")),
+    ("DDIM", ("DDIM", "Automatic")),
+    ("UniPC", ("UniPC", "Automatic")),
+])
+def test_the_fused_names_of_automatic1111_up_to_1_8_are_read(label, schedule):
+    read = read_sampler({"Sampler": label})
+    assert (read.sampler, read.schedule) == schedule
+
+
+def test_a_missing_eta_is_the_samplers_default_as_automatic1111_leaves_it_out():
+    assert read_sampler({"Sampler": "Euler a"}).eta == 1.0
+    assert read_sampler({"Sampler": "DDIM"}).eta == 0.0
+    assert read_sampler({"Sampler": "DPM++ 2M SDE", "Eta": "0.6", "Sigma noise": "0.95"})[2:] == (0.6, 0.95)
+    assert read_sampler({"Sampler": "DPM++ 2M"}).eta is None
+    assert read_sampler({"Prompt": "a cat", "Steps": "20"}) is None
+
+
+def test_an_unknown_sampler_or_schedule_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="sampler 'DPM2 a Karras' is not known; use one of DDIM, Euler, Euler a, Heun"):
+        read_sampler({"Sampler": "DPM2 a Karras"})
+    with pytest.raises(ValueError, match="schedule 'Align Your Steps' is not known; use one of Automatic, Uniform"):
+        read_sampler({"Sampler": "Euler", "Schedule type": "Align Your Steps"})

@@ -26,6 +26,12 @@ from ldm.tasks.request import GenerationRequest, resolve_request
         ({"batch_size": 0}, ["batch size"]),
         ({"seed": -5}, ["seed"]),
         ({"steps": "20"}, ["steps", "number"]),
+        ({"sampler": "DPM++ 2M Karras"}, ["sampler 'DPM++ 2M Karras' is not known", "DDIM, Euler, Euler a, Heun, DPM++ 2M"]),
+        ({"sampler": None}, ["sampler None is not known", "LCM"]),
+        ({"schedule": "karras"}, ["schedule 'karras' is not known", "Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple"]),
+        ({"sampler": "LCM", "steps": 51}, ["LCM's own schedule has 1 to 50 steps", "51", "another schedule"]),
+        ({"s_noise": -0.1}, ["s_noise", "between 0 and 2"]),
+        ({"s_noise": math.nan}, ["s_noise", "finite"]),
     ],
 )
 def test_bad_values_get_a_message_naming_them(change, words):
@@ -34,6 +40,17 @@ def test_bad_values_get_a_message_naming_them(change, words):
         resolve_request(request, 8)
     for word in words:
         assert word in str(error.value)
+
+
+def test_every_sampler_and_schedule_is_accepted_and_lcm_on_another_schedule_takes_more_steps():
+    from ldm.sampling.samplers import SAMPLERS
+    from ldm.sampling.sigmas import SCHEDULES
+
+    for sampler in SAMPLERS:
+        for schedule in SCHEDULES:
+            resolved, _ = resolve_request(GenerationRequest("a cat", sampler=sampler, schedule=schedule, s_noise=0.5), 8)
+            assert (resolved.sampler, resolved.schedule, resolved.s_noise) == (sampler, schedule, 0.5)
+    assert resolve_request(GenerationRequest("a cat", sampler="LCM", schedule="Karras", steps=100), 8)[0].steps == 100
 
 
 def test_a_good_request_is_resolved_with_a_seed_and_rounded_sides():
@@ -53,7 +70,8 @@ anything = st.one_of(st.none(), st.booleans(), st.text(max_size=5), st.integers(
 def test_any_input_is_either_resolved_to_a_valid_request_or_refused_with_a_message(
     steps, scale, eta, seed, width, height, batch, prompt
 ):
-    request = GenerationRequest(prompt, "", steps, scale, eta, seed, width, height, batch)
+    request = GenerationRequest(prompt, "", steps=steps, scale=scale, eta=eta, seed=seed, width=width, height=height,
+                                batch_size=batch)
     try:
         resolved, _ = resolve_request(request, 64)
     except ValueError as error:

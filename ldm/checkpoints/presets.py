@@ -22,7 +22,9 @@ from ldm.models.ldm_bert import TransformerEmbedderConfig
 from ldm.models.spatial_rescaler import SpatialRescalerConfig
 from ldm.models.unet import UNetConfig
 from ldm.sampling.denoiser import PARAMETERIZATIONS
+from ldm.sampling.samplers import SAMPLERS
 from ldm.sampling.schedules import ScheduleConfig
+from ldm.sampling.sigmas import SCHEDULES
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "presets" / "models"
 DEFAULT_WEIGHTS_DIR = PRESET_DIR.parents[1] / "weights" / "default"
@@ -50,6 +52,17 @@ class SamplerDefaults:
     steps: int = 50
     scale: float = 7.5
     eta: float = 0.0
+    sampler: str = "DDIM"  # a name of ldm.sampling.samplers.SAMPLERS; the original models' is DDIM
+    schedule: str = "Automatic"  # a name of ldm.sampling.sigmas.SCHEDULES
+
+
+def _sampler_defaults(raw: dict[str, Any], where: str) -> SamplerDefaults:
+    defaults = _typed(SamplerDefaults, raw, where)
+    if defaults.sampler not in SAMPLERS:
+        raise ValueError(f"{where}: sampler {defaults.sampler!r} is not known; use one of {', '.join(SAMPLERS)}")
+    if defaults.schedule not in SCHEDULES:
+        raise ValueError(f"{where}: schedule {defaults.schedule!r} is not known; use one of {', '.join(SCHEDULES)}")
+    return defaults
 
 
 @dataclass(frozen=True)
@@ -134,7 +147,7 @@ def preset_from_dict(raw: dict[str, Any], source: Path) -> ModelPreset:
         description=str(raw.get("description", "")),
         model=model,
         detect=detect,
-        sampler=_typed(SamplerDefaults, raw.get("sampler") or {}, f"{where} sampler"),
+        sampler=_sampler_defaults(raw.get("sampler") or {}, f"{where} sampler"),
         source=source,
         detect_prediction=_detect_prediction(raw.get("detect_prediction"), model, where),
         variant_of=_variant_of(raw.get("variant_of"), detect, where),

@@ -132,7 +132,8 @@ def sample(
     x_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Latents for a resolved request: noise from seeds request.seed + i (or the given ``x_T``, e.g.
-    a window of a larger canvas's noise), then the request's sampler over the guided denoiser.
+    a window of a larger canvas's noise), then the request's sampler, on its schedule, over the guided
+    denoiser.
     ``concat`` may be a function of the seeds' generators, drawn from after the initial noise (a
     noise-augmented low-resolution image); ``label`` is a class label ``y`` given to both guidance
     branches (the noise level); ``blend`` inpaints by latent blending, its noise from the same
@@ -153,7 +154,8 @@ def sample(
         with reusing_freed_memory():  # the steps' activations are reused, and handed back at the end
             return get_sampler(request.sampler).run(
                 denoiser, x_T, model.alphas_cumprod, request.steps, eta=request.eta, generator=generators,
-                extra_args=extra_args, callback=callback, should_stop=should_stop, before_step=before_step)
+                extra_args=extra_args, callback=callback, should_stop=should_stop, before_step=before_step,
+                schedule=request.schedule, s_noise=request.s_noise)
 
 
 def decode(model: LatentDiffusion, latents: torch.Tensor, options: TilingOptions) -> torch.Tensor:

@@ -4,6 +4,15 @@ tools read it, its one builder (``parameters_text``) and its reader:
     <prompt>
     Negative prompt: <negative prompt>
     Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 0123456789, Model: name, Eta DDIM: 0.0
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, ...
+
+The sampler and its schedule are written as AUTOMATIC1111 1.9+ writes them: "Schedule type" is the
+schedule the sampler ran ("Automatic" resolved to the sampler's default), left out where that is
+the sampler's own timesteps (DDIM, UniPC, LCM on "Automatic"), so DDIM's text is as it always was.
+The eta is written under the sampler's key ("Eta DDIM" for DDIM, "Eta" for the ancestral and SDE
+samplers), only for a sampler that takes one; s_noise as AUTOMATIC1111's "Sigma noise", only for a
+sampler that takes it and where it is not 1. ``read_sampler`` reads these back, and the fused names
+of AUTOMATIC1111 up to 1.8 ("DPM++ 2M Karras").
 """
 
 from __future__ import annotations
@@ -16,10 +25,14 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from ldm.sampling.samplers import get_sampler
+from typing import NamedTuple
+
+from ldm.sampling.samplers import get_sampler, resolve_schedule, split_sampler_name
+from ldm.sampling.sigmas import get_schedule
 from ldm.tasks.request import GenerationRequest, TilingOptions
 
 NEGATIVE = "Negative prompt: "
+S_NOISE = "Sigma noise"  # AUTOMATIC1111's key for s_noise
 _FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
@@ -37,12 +50,61 @@ def parameters_text(request: GenerationRequest, seed: int, loaded, fields: dict[
     ``name`` and ``short_hash``): the fields every task writes, in AUTOMATIC1111's order, then the
     task's own ``fields`` (None values are left out). ``guided``: the guidance scale is one of the
     common fields; ``size``: the image's size when it is not the request's."""
-    common: dict[str, object] = {"Steps": request.steps, "Sampler": request.sampler}
+    schedule = resolve_schedule(request.sampler, request.schedule)
+    common: dict[str, object] = {"Steps": request.steps, "Sampler": request.sampler,
+                                 "Schedule type": None if schedule == "Automatic" else schedule}
     if guided:
         common["CFG scale"] = request.scale
     common.update({"Seed": seed, "Size": size or f"{request.width}x{request.height}", "Model hash": loaded.short_hash,
-                   "Model": loaded.name, get_sampler(request.sampler).eta_field: request.eta})
+                   "Model": loaded.name, **noise_fields(request)})
     return format_parameters(request.prompt, request.negative_prompt, {**common, **(fields or {})})
+
+
+def noise_fields(request: GenerationRequest) -> dict[str, object]:
+    """The eta under its sampler's key, and "Sigma noise", for the samplers that take them."""
+    sampler = get_sampler(request.sampler)
+    fields: dict[str, object] = {} if sampler.eta_field is None else {sampler.eta_field: request.eta}
+    if sampler.s_noise and request.s_noise != 1.0:
+        fields[S_NOISE] = request.s_noise
+    return fields
+
+
+class SamplerSettings(NamedTuple):
+    """What a parameters text says of its sampler (``read_sampler``)."""
+
+    sampler: str
+    schedule: str
+    eta: float | None  # None: the sampler takes no eta
+    s_noise: float
+
+
+def read_sampler(fields: dict[str, str]) -> SamplerSettings | None:
+    """The sampler, schedule, eta and s_noise of parsed parameters (``parse_parameters``), or None when
+    they name no sampler. Reads AUTOMATIC1111 1.9+'s "Sampler" and "Schedule type" and the fused names
+    of earlier versions ("DPM++ 2M Karras"; a name with no schedule meant "Uniform" there), where a
+    fused schedule that is the sampler's default reads as "Automatic", as AUTOMATIC1111 reads it. A missing eta is
+    the sampler's default (AUTOMATIC1111 writes it only when it differs). Raises ValueError naming the
+    known samplers (or schedules) for one it does not know."""
+    label = fields.get("Sampler", "").strip()
+    if not label:
+        return None
+    sampler, fused = split_sampler_name(label)
+    entry = get_sampler(sampler)
+    written = fields.get("Schedule type", "").strip()
+    if written:
+        schedule = get_schedule(written).name
+    else:  # up to 1.8: the fused schedule, or the k-diffusion default; the sampler's own default is "Automatic"
+        schedule = fused or ("Automatic" if entry.automatic is None else "Uniform")
+        schedule = "Automatic" if schedule == entry.automatic else schedule
+    return SamplerSettings(sampler, schedule, None if entry.eta_field is None else
+                           _number(fields, entry.eta_field, entry.eta_default), _number(fields, S_NOISE, 1.0))
+
+
+def _number(fields: dict[str, str], key: str, default: float) -> float:
+    try:
+        return float(fields[key])
+    except (KeyError, ValueError):
+        return default
 
 
 def canvas_fields(request: GenerationRequest) -> dict[str, object]:

@@ -6,12 +6,15 @@ import math
 import random
 from dataclasses import dataclass, replace
 
+from ldm.sampling.lcm import ORIGINAL_STEPS as LCM_STEPS
 from ldm.sampling.samplers import SAMPLERS
+from ldm.sampling.sigmas import SCHEDULES
 
 MAX_STEPS = 1000
 MAX_SIDE = 4096
 MAX_BATCH = 16
 MAX_SCALE = 50.0
+MAX_S_NOISE = 2.0
 MAX_SEED = 2**32 - 1
 MAX_REGIONS = 16
 MAX_BUDGET_MB = 1 << 20
@@ -50,6 +53,8 @@ class GenerationRequest:
     scale: float = 7.5
     eta: float = 0.0
     sampler: str = "DDIM"  # a name of ldm.sampling.samplers.SAMPLERS
+    schedule: str = "Automatic"  # a name of ldm.sampling.sigmas.SCHEDULES; "Automatic": the sampler's own
+    s_noise: float = 1.0  # the scale of the noise the ancestral and SDE samplers add
     seed: int = -1  # -1: a random seed, chosen when the request is resolved
     width: int = 512
     height: int = 512
@@ -147,16 +152,27 @@ def check_model(serves, loaded) -> None:
         raise ValueError(f"{loaded.name} {reason}")
 
 
+def check_sampler(sampler, schedule, steps: int) -> None:
+    """A known sampler and schedule, by name, and a number of steps the sampler's own timesteps have."""
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is not known; use one of {', '.join(SAMPLERS)}")
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not known; use one of {', '.join(SCHEDULES)}")
+    if sampler == "LCM" and schedule == "Automatic" and steps > LCM_STEPS:
+        raise ValueError(f"LCM's own schedule has 1 to {LCM_STEPS} steps, got {steps}; use fewer steps or another "
+                         "schedule")
+
+
 def resolve_request(request: GenerationRequest, size_multiple: int) -> tuple[GenerationRequest, list[str]]:
     """Check every field and return the request as it will run (sides rounded, seed chosen),
     with notices for what was changed. Raises ValueError naming the field, value and range."""
     if not isinstance(request.prompt, str) or not isinstance(request.negative_prompt, str):
         raise ValueError("prompt and negative prompt must be text")
     _number("steps", request.steps, 1, MAX_STEPS, integer=True)
-    if request.sampler not in SAMPLERS:
-        raise ValueError(f"sampler {request.sampler!r} is not known; use one of {', '.join(SAMPLERS)}")
+    check_sampler(request.sampler, request.schedule, request.steps)
     _number("guidance scale", request.scale, 0.0, MAX_SCALE)
     _number("eta", request.eta, 0.0, 1.0)
+    _number("s_noise (sigma noise)", request.s_noise, 0.0, MAX_S_NOISE)
     _number("batch size", request.batch_size, 1, MAX_BATCH, integer=True)
     _number("seed", request.seed, -1, MAX_SEED, integer=True)
     boxes = tuple(check_box(i, b) for i, b in enumerate(request.boxes))
@@ -169,7 +185,8 @@ def resolve_request(request: GenerationRequest, size_multiple: int) -> tuple[Gen
     height = round_side("height", request.height, size_multiple, notices)
     seed = random.randrange(MAX_SEED) if request.seed == -1 else int(request.seed)
     resolved = replace(
-        request, steps=int(request.steps), scale=float(request.scale), eta=float(request.eta), width=width, height=height, seed=seed, batch_size=int(request.batch_size),
+        request, steps=int(request.steps), scale=float(request.scale), eta=float(request.eta),
+        s_noise=float(request.s_noise), width=width, height=height, seed=seed, batch_size=int(request.batch_size),
         boxes=boxes, regions=regions, tiling=tiling,
     )
     return resolved, notices
