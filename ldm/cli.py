@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ldm.checkpoints.errors import CheckpointError
-from ldm.options import add_device_arguments, add_tiling_arguments
+from ldm.options import add_device_arguments, add_sampler_arguments, add_tiling_arguments
 from ldm.text.lookup import TokenizerNotFoundError
 
 log = logging.getLogger("ldm")
@@ -37,8 +37,11 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, out: str, *, prompt
         parser.add_argument("--negative", default="", help="negative prompt (the unconditional branch of guidance)")
         parser.add_argument("--scale", type=float, help="classifier-free guidance scale; 1 disables guidance")
         parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's preset)")
-    parser.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like")
+    add_sampler_arguments(parser)
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the model's preset)")
+    parser.add_argument("--eta", type=float, help="eta, 0 to 1, of DDIM (0 deterministic, 1 DDPM-like; default: the "
+                        "model's preset) and of Euler a, DPM++ 2M SDE and DPM++ SDE (the noise added at each step; "
+                        "default 1); the other samplers take none")
     parser.add_argument("--seed", type=int, default=-1, help="seed; -1 picks one (it is printed and saved in the PNG)")
     parser.add_argument("--out", default=out, help=f"output PNG (default {out}); a batch writes NAME-1.png, NAME-2.png, ...")
 
@@ -167,6 +170,19 @@ def _box_label(label) -> str:
     return str(label)
 
 
+def sampler_options(args: argparse.Namespace, defaults) -> dict:
+    """The request's sampler, schedule, eta and s_noise: the options given, else the model preset's
+    ``defaults`` (``SamplerDefaults``) for its own sampler, else the named sampler's Automatic
+    schedule and default eta."""
+    from ldm.sampling.samplers import get_sampler
+
+    sampler = args.sampler or defaults.sampler
+    own = sampler == defaults.sampler
+    eta = args.eta if args.eta is not None else defaults.eta if own else get_sampler(sampler).eta_default
+    schedule = args.schedule or (defaults.schedule if own else "Automatic")
+    return {"sampler": sampler, "schedule": schedule, "eta": eta, "s_noise": args.s_noise}
+
+
 def make_request(args: argparse.Namespace, loaded, **overrides):
     from ldm.tasks.request import GenerationRequest
 
@@ -177,8 +193,8 @@ def make_request(args: argparse.Namespace, loaded, **overrides):
         negative_prompt=getattr(args, "negative", ""),
         steps=args.steps if args.steps is not None else preset.sampler.steps,
         scale=getattr(args, "scale", None) if getattr(args, "scale", None) is not None else preset.sampler.scale,
-        eta=args.eta if args.eta is not None else preset.sampler.eta,
         seed=args.seed,
+        **sampler_options(args, preset.sampler),
         width=getattr(args, "width", None) or size,
         height=getattr(args, "height", None) or size,
         batch_size=getattr(args, "batch_size", 1),

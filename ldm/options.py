@@ -34,10 +34,51 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         "Winograd's data transforms through ours, built once with g++)")
 
 
-# ldm.tasks.request's TILING_MODES and DEFAULT_BUDGET_MB, repeated here so that declaring the options
-# imports no torch; tests/test_cli.py pins them to the originals.
+# ldm.tasks.request's TILING_MODES and DEFAULT_BUDGET_MB, and the names of ldm.sampling.samplers.SAMPLERS
+# and ldm.sampling.sigmas.SCHEDULES, repeated here so that declaring the options imports no torch;
+# tests/test_cli.py pins them to the originals.
 TILING_MODES = ("auto", "always", "off")
 DEFAULT_BUDGET_MB = 2048
+SAMPLER_NAMES = ("DDIM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "LCM")
+SCHEDULE_NAMES = ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "Simple")
+
+
+def named(choices: tuple[str, ...]):
+    """An argparse ``type`` that spells a name as ``choices`` do, whatever its case ("dpm++ 2m" is
+    "DPM++ 2M"); a name that is none of them is left for ``choices`` to refuse with the list."""
+    by_case = {c.casefold(): c for c in choices}
+
+    def spelled(text: str) -> str:
+        return by_case.get(" ".join(text.split()).casefold(), text)
+
+    return spelled
+
+
+def sampler_name(text: str) -> str:
+    """--sampler's ``type``: a name as ``named`` spells it; an old fused name ("DPM++ 2M Karras") is
+    refused with the two options it stands for."""
+    name = named(SAMPLER_NAMES)(text)
+    for schedule in SCHEDULE_NAMES[1:]:
+        base = named(SAMPLER_NAMES)(name[: -len(schedule)]) if name.casefold().endswith(" " + schedule.casefold()) else ""
+        if base in SAMPLER_NAMES:
+            raise argparse.ArgumentTypeError(f"{text!r} fuses a sampler and a schedule as AUTOMATIC1111 up to 1.8 named "
+                                             f"them: use --sampler {base!r} --schedule {schedule!r}")
+    return name
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """--sampler, --schedule, --s-noise: the request's sampler (AUTOMATIC1111's 1.9+ names), its noise
+    schedule and the scale of the noise the ancestral and SDE samplers add."""
+    parser.add_argument("--sampler", type=sampler_name, choices=SAMPLER_NAMES, metavar="NAME",
+                        help=f"sampler, one of {', '.join(SAMPLER_NAMES)} (default: the model preset's; DDIM for "
+                        "the original models)")
+    parser.add_argument("--schedule", type=named(SCHEDULE_NAMES), choices=SCHEDULE_NAMES, metavar="NAME",
+                        help=f"noise schedule, one of {', '.join(SCHEDULE_NAMES)}. Automatic (default) is the "
+                        "sampler's own: Karras for DPM++ 2M and DPM++ SDE, Exponential for DPM++ 2M SDE, Uniform "
+                        "for Euler, Euler a and Heun, their own timesteps for DDIM, UniPC and LCM")
+    parser.add_argument("--s-noise", type=float, default=1.0, metavar="X",
+                        help="scale of the noise Euler a, DPM++ 2M SDE and DPM++ SDE add at each step, 0 to 2 "
+                        "(default 1); the other samplers ignore it")
 
 
 def add_memory_budget_argument(parser: argparse.ArgumentParser, note: str = "") -> None:

@@ -253,3 +253,75 @@ def test_training_progress_is_logged_without_verbose(argv, shown, caplog):
     finally:
         trainer.setLevel(level)
     assert ("step 50/1800" in caplog.text) is shown
+
+
+# --- samplers and schedules -------------------------------------------------------------------------
+
+
+def test_the_clis_sampler_and_schedule_names_are_the_registrys():
+    from ldm.sampling.samplers import SAMPLERS
+    from ldm.sampling.sigmas import SCHEDULES
+
+    assert (options.SAMPLER_NAMES, options.SCHEDULE_NAMES) == (tuple(SAMPLERS), tuple(SCHEDULES))
+
+
+@pytest.mark.parametrize("command", [["txt2img"], ["layout", "--boxes", "b.json"], ["inpaint", "--image", "a.png", "--mask", "m.png"],
+                                     ["upscale", "--image", "a.png"], ["semantic", "--segmentation", "s.png"]])
+def test_every_generating_command_takes_a_sampler_a_schedule_and_s_noise_by_any_case(command):
+    args = build_parser().parse_args([*command, "--sampler", "dpm++ 2m sde", "--schedule", "karras", "--s-noise", "0.9"])
+    assert (args.sampler, args.schedule, args.s_noise) == ("DPM++ 2M SDE", "Karras", 0.9)
+    plain = build_parser().parse_args(command)
+    assert (plain.sampler, plain.schedule, plain.s_noise) == (None, None, 1.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sampler", "DPM2 a"], "argument --sampler: invalid choice: 'DPM2 a' (choose from 'DDIM', 'Euler', 'Euler a', 'Heun', "
+                              "'DPM++ 2M', 'DPM++ 2M SDE', 'DPM++ SDE', 'UniPC', 'LCM')"),
+    (["--schedule", "Beta"], "argument --schedule: invalid choice: 'Beta' (choose from 'Automatic', 'Uniform', 'Karras', "
+                             "'Exponential', 'SGM Uniform', 'Simple')"),
+    (["--sampler", "DPM++ 2M Karras"], "'DPM++ 2M Karras' fuses a sampler and a schedule as AUTOMATIC1111 up to 1.8 named "
+                                       "them: use --sampler 'DPM++ 2M' --schedule 'Karras'"),
+])
+def test_an_unknown_sampler_or_schedule_is_refused_with_the_known_names(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["txt2img", *argv])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_help_lists_the_samplers_and_schedules(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["txt2img", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "DDIM, Euler, Euler a, Heun, DPM++ 2M, DPM++ 2M SDE, DPM++ SDE, UniPC, LCM" in text
+    assert "Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple" in text
+
+
+def test_txt2img_with_dpmpp_2m_karras_writes_it_and_reproduces(tiny, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(txt2img_args(tiny, a, "--sampler", "DPM++ 2M", "--schedule", "Karras")) == 0
+    main(txt2img_args(tiny, b, "--sampler", "DPM++ 2M", "--schedule", "Karras"))
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    params = read_png_parameters(a)
+    assert (params["Sampler"], params["Schedule type"]) == ("DPM++ 2M", "Karras") and "Eta DDIM" not in params
+    ddim = tmp_path / "ddim.png"
+    main(txt2img_args(tiny, ddim))
+    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(ddim)))
+
+
+def test_a_named_sampler_takes_its_own_eta_and_schedule_unless_given(tmp_path):
+    loaded = load(build_parser().parse_args(default_txt2img_args(tmp_path / "x.png")), "txt2img")
+
+    def request_of(*extra):
+        return make_request(build_parser().parse_args(default_txt2img_args(tmp_path / "x.png", *extra)), loaded)
+
+    plain = request_of()  # the model preset's: DDIM, Automatic, its eta
+    assert (plain.sampler, plain.schedule, plain.eta, plain.s_noise) == ("DDIM", "Automatic", loaded.preset.sampler.eta, 1.0)
+    ancestral = request_of("--sampler", "Euler a", "--s-noise", "0.8")
+    assert (ancestral.sampler, ancestral.schedule, ancestral.eta, ancestral.s_noise) == ("Euler a", "Automatic", 1.0, 0.8)
+    assert request_of("--sampler", "Euler a", "--eta", "0.3").eta == 0.3
+    assert request_of("--sampler", "DPM++ 2M", "--schedule", "Exponential").schedule == "Exponential"
+
+
+def test_a_bad_s_noise_is_named(tiny, tmp_path, capsys):
+    assert main(txt2img_args(tiny, tmp_path / "x.png", "--sampler", "Euler a", "--s-noise", "3")) == 2
+    assert capsys.readouterr().err.startswith("error: s_noise (sigma noise) must be between 0 and 2, got 3")
