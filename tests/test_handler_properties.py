@@ -3,13 +3,14 @@ widgets bound most, but a script or a tampered request can send anything: None, 
 text, huge numbers, 10,000-character prompts, odd images), each call either saves its images or
 ends with a clear message, never an unexplained failure, a crash or a hang.
 
-The handlers run for real on the embedded default model, except the DDIM loop, replaced by one
+The handlers run for real on the embedded default model, except each sampler's loop, replaced by one
 denoiser call (the request has been validated and encoded by then): a valid request for 1,000 steps
 must not make the test take minutes. Sides are drawn small or invalid for the same reason."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -22,7 +23,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import app
-from ldm.sampling.samplers import SAMPLERS, Sampler
+from ldm.sampling.samplers import SAMPLERS
+from ldm.sampling.sigmas import SCHEDULES
 from ui.errors import message_for
 from ui.studio import build_app
 
@@ -93,6 +95,8 @@ def masked_pictures(draw):
 VALID = {
     "Prompt": st.text(max_size=80), "Negative prompt": st.text(max_size=40), "Global prompt (optional)": st.text(max_size=40),
     "Steps": st.integers(1, 1000), "Guidance scale (CFG)": st.floats(0, 50), "Eta": st.floats(0, 1),
+    "Sampler": st.sampled_from(list(SAMPLERS)), "Schedule type": st.sampled_from(list(SCHEDULES)),
+    "Sigma noise": st.floats(0, 2),
     "Seed": st.integers(-1, 2**32 - 1), "Width": st.integers(16, 160), "Height": st.integers(16, 160),
     "Batch count": st.integers(1, 2), "Batch size": st.integers(1, 2), "Tiling": st.sampled_from(["auto", "always", "off"]),
     "Tile size (px)": st.just(0), "Tile overlap (px)": st.integers(0, 16), "Memory budget (MB)": st.integers(1, 8192),
@@ -135,7 +139,8 @@ def one_step_sampler(monkeypatch):
         denoiser(x_T, t, **(kwargs.get("extra_args") or {}))
         return x_T
 
-    monkeypatch.setitem(SAMPLERS, "DDIM", Sampler("DDIM", one_denoiser_call, "Eta DDIM"))
+    for name, sampler in list(SAMPLERS.items()):  # each keeps its name, eta key and defaults
+        monkeypatch.setitem(SAMPLERS, name, replace(sampler, run=one_denoiser_call))
 
 
 def run(handler, data: dict) -> str:

@@ -1,6 +1,7 @@
 """The studio's scripting API stays as scripts and ``ui.client`` use it: each tab's generate and stop
 endpoint, with its inputs in their order (labels, components, defaults) and its outputs, as pinned in
-``tests/fixtures/studio_api.json`` (recorded before the UI's structure change of issue 25)."""
+``tests/fixtures/studio_api.json`` (recorded before the UI's structure change of issue 25; issue 27 added
+the Sampler and Schedule type menus before Steps and the Sigma noise slider after Eta on every tab)."""
 
 from __future__ import annotations
 

@@ -84,6 +84,13 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Enter")
 
 
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick an option of a dropdown by its exact label."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+    expect(page.locator(f"#{elem_id} input")).to_have_value(option)
+
+
 def edit_cell(page, table, row: int, col: int, text: str) -> None:
     """Type into a cell of a Dataframe: double-click opens its editor (waited for, then filled, so
     the old value is replaced whatever the timing), Enter commits."""
@@ -235,6 +242,32 @@ def test_a_studio_png_restores_its_settings(page, studio):
     page.wait_for_function("document.querySelector('#txt2img-prompt textarea')?.value === 'a yellow star at the top'")
     assert page.locator("#txt2img-seed input").input_value() == "321"
     assert page.locator("#txt2img-steps input[type=number]").input_value() == "4"
+
+
+def test_the_sampler_menus_set_eta_reach_the_image_and_are_restored(page, studio):
+    eta = page.locator("#txt2img-eta input[type=number]")
+    choose(page, "txt2img-sampler", "Euler a")
+    expect(eta).to_have_value("1")  # the ancestral samplers' default eta
+    expect(eta).to_be_enabled()
+    choose(page, "txt2img-sampler", "DPM++ 2M")
+    expect(eta).to_be_disabled()  # DPM++ 2M takes no eta
+    choose(page, "txt2img-sampler", "Euler a")
+    choose(page, "txt2img-schedule", "Karras")
+    page.locator("#txt2img-prompt textarea").fill("a blue square")
+    set_number(page, "txt2img-steps", 4)
+    page.locator("#txt2img-seed input").fill("8")
+    page.locator("#txt2img-generate").click()
+    wait_for_result(page, "txt2img")
+    text = page.locator("#txt2img-parameters textarea").input_value()
+    assert "Sampler: Euler a, Schedule type: Karras," in text and "Eta: 1.0" in text
+    made = saved_outputs(studio)[-1]
+    page.reload()
+    page.wait_for_selector("#txt2img-generate")
+    expect(page.locator("#txt2img-sampler input")).to_have_value("DDIM")
+    page.locator("#txt2img-restore input[type=file]").set_input_files(str(made))
+    expect(page.locator("#txt2img-sampler input")).to_have_value("Euler a", timeout=TIMEOUT)
+    expect(page.locator("#txt2img-schedule input")).to_have_value("Karras")
+    expect(eta).to_be_enabled()
 
 
 def test_inpainting_fills_the_painted_stroke_and_keeps_the_rest(page, studio, shots, tmp_path):

@@ -48,9 +48,30 @@ def test_sampler_presets_are_read_and_checked(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: Bad\nsteps: 0\neta: 0\n")
     with pytest.raises(ValueError, match="steps must be"):
         read_sampler_presets(tmp_path)
-    (tmp_path / "bad.yaml").write_text("name: Bad\nsteps: 5\neta: 0\nsampler: euler\n")
+    (tmp_path / "bad.yaml").write_text("name: Bad\nsteps: 5\neta: 0\nsolver: euler\n")
     with pytest.raises(ValueError, match="unknown sampler preset keys"):
         read_sampler_presets(tmp_path)
+    (tmp_path / "bad.yaml").write_text("name: Bad\nsteps: 5\nsampler: euler\n")
+    with pytest.raises(ValueError, match="sampler 'euler' is not known; use one of DDIM, Euler, Euler a"):
+        read_sampler_presets(tmp_path)
+    (tmp_path / "bad.yaml").write_text("name: Bad\nsteps: 5\nsampler: Euler\nschedule: Beta\n")
+    with pytest.raises(ValueError, match="schedule 'Beta' is not known; use one of Automatic, Uniform, Karras"):
+        read_sampler_presets(tmp_path)
+    (tmp_path / "bad.yaml").write_text("name: Bad\nsteps: 60\nsampler: LCM\n")
+    with pytest.raises(ValueError, match="LCM's own schedule has 1 to 50 steps"):
+        read_sampler_presets(tmp_path)
+
+
+def test_sampler_presets_name_sampler_and_schedule_and_keep_ddim_for_the_old_ones():
+    presets = {p.name: p for p in read_sampler_presets()}
+    for name in ("Fast", "Balanced", "Quality", "Stochastic"):
+        assert (presets[name].sampler, presets[name].schedule) == ("DDIM", "Automatic")
+    assert (presets["DPM++ 2M Karras 20"].sampler, presets["DPM++ 2M Karras 20"].schedule,
+            presets["DPM++ 2M Karras 20"].steps) == ("DPM++ 2M", "Karras", 20)
+    assert (presets["Euler a 20"].sampler, presets["Euler a 20"].eta) == ("Euler a", 1.0)
+    assert (presets["DPM++ 2M SDE Karras 30"].sampler, presets["DPM++ 2M SDE Karras 30"].schedule) == ("DPM++ 2M SDE", "Karras")
+    lcm = presets["LCM 4 steps"]
+    assert (lcm.sampler, lcm.steps) == ("LCM", 4) and 1 <= lcm.scale <= 2
 
 
 def test_outputs_are_numbered_by_day_and_carry_their_settings(tmp_path):

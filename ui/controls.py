@@ -10,7 +10,18 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ldm.tasks.request import MAX_BUDGET_MB, MAX_SCALE, MAX_SEED, MAX_SIDE, TILING_MODES, TilingOptions, checked_number
+from ldm.sampling.samplers import SAMPLERS
+from ldm.sampling.sigmas import SCHEDULES
+from ldm.tasks.request import (
+    MAX_BUDGET_MB,
+    MAX_S_NOISE,
+    MAX_SCALE,
+    MAX_SEED,
+    MAX_SIDE,
+    TILING_MODES,
+    TilingOptions,
+    checked_number,
+)
 from ui.outputs import read_parameters_text
 from ui.services import Studio
 
@@ -72,9 +83,12 @@ def generate_buttons(prefix: str, label: str = "Generate") -> tuple[gr.Button, g
 @dataclass
 class SamplingControls:
     preset: gr.Dropdown
+    sampler: gr.Dropdown
+    schedule: gr.Dropdown
     steps: gr.Slider
     scale: gr.Slider | None
     eta: gr.Slider
+    s_noise: gr.Slider
     seed: gr.Number
     random_seed: gr.Button
     reuse_seed: gr.Button
@@ -82,26 +96,58 @@ class SamplingControls:
     @property
     def components(self) -> set:
         """The inputs a generation reads."""
-        return {self.steps, self.eta, self.seed, *([self.scale] if self.scale is not None else [])}
+        return {self.sampler, self.schedule, self.steps, self.eta, self.s_noise, self.seed,
+                *([self.scale] if self.scale is not None else [])}
 
     @property
     def settings(self) -> list:
-        """The sliders a preset or a model's defaults set."""
-        return [self.steps, self.eta, *([self.scale] if self.scale is not None else [])]
+        """The controls a preset or a model's defaults set."""
+        return [self.sampler, self.schedule, self.steps, self.eta, *([self.scale] if self.scale is not None else [])]
 
     def values(self, data: dict) -> dict:
         # checked, with the other fields, by resolve_request
-        out = {"steps": data[self.steps], "eta": data[self.eta], "seed": seed_value(data[self.seed])}
+        out = {"sampler": data[self.sampler], "schedule": data[self.schedule], "steps": data[self.steps],
+               "eta": data[self.eta], "s_noise": data[self.s_noise], "seed": seed_value(data[self.seed])}
         if self.scale is not None:
             out["scale"] = data[self.scale]
         return out
 
-    def defaults(self, steps: int, eta: float, scale: float | None) -> dict:
-        """Updates that set the sliders (the guidance scale where the tab has one and ``scale`` is given)."""
-        updates = {self.steps: steps, self.eta: eta}
+    def defaults(self, sampler: str, schedule: str, steps: int, eta: float, scale: float | None) -> dict:
+        """Updates that set the controls (the guidance scale where the tab has one and ``scale`` is given)."""
+        updates = {self.sampler: sampler, self.schedule: schedule, self.steps: steps, self.eta: eta}
         if self.scale is not None and scale is not None:
             updates[self.scale] = scale
         return updates
+
+    def noise_controls(self, sampler: str) -> dict:
+        """Eta and s_noise enabled for a sampler that takes them, and saying what they do there."""
+        known = SAMPLERS.get(sampler)
+        takes_eta = known is not None and known.eta_field is not None
+        takes_s_noise = known is not None and known.s_noise
+        return {self.eta: gr.update(interactive=takes_eta, info=eta_info(sampler)),
+                self.s_noise: gr.update(interactive=takes_s_noise, info=s_noise_info(sampler))}
+
+
+def picked_sampler(name: str):
+    """The eta a sampler picked by hand starts with: its default (0 for DDIM, 1 for the ancestral and
+    SDE samplers; unused by the others)."""
+    return SAMPLERS[name].eta_default if name in SAMPLERS else gr.skip()
+
+
+def s_noise_info(sampler: str) -> str:
+    known = SAMPLERS.get(sampler)
+    if known is None or not known.s_noise:
+        return f"not used by {sampler}"
+    return "scale of the noise the sampler adds at each step; 1 is the usual"
+
+
+def eta_info(sampler: str) -> str:
+    known = SAMPLERS.get(sampler)
+    if known is None or known.eta_field is None:
+        return f"not used by {sampler}"
+    if known.eta_field == "Eta DDIM":
+        return "0: deterministic DDIM, 1: DDPM-like"
+    return "noise added at each step: 1 full (the default), 0 none (the deterministic solver)"
 
 
 def seed_value(value) -> int:
@@ -121,26 +167,40 @@ def seed_value(value) -> int:
 def sampling_controls(studio: Studio, prefix: str, steps: int = 20, scale: float | None = 4.0, eta: float = 0.0) -> SamplingControls:
     presets = studio.sampler_presets
     preset = gr.Dropdown([MODEL_DEFAULT, *(p.name for p in presets)], value=MODEL_DEFAULT, label="Sampler preset",
-                         info="DDIM settings from presets/samplers/", elem_id=f"{prefix}-sampler")
+                         info="sampler, schedule and steps from presets/samplers/, or the model's own",
+                         elem_id=f"{prefix}-sampler-preset")
+    with gr.Row():
+        sampler_menu = gr.Dropdown(list(SAMPLERS), value="DDIM", label="Sampler", elem_id=f"{prefix}-sampler",
+                                   info="DDIM: the original models' own; DPM++ 2M: AUTOMATIC1111's default")
+        schedule = gr.Dropdown(list(SCHEDULES), value="Automatic", label="Schedule type", elem_id=f"{prefix}-schedule",
+                               info="Automatic: the sampler's own (Karras for DPM++ 2M)")
     with gr.Row():
         steps_slider = gr.Slider(1, 150, value=steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
         scale_slider = None if scale is None else gr.Slider(0, MAX_SCALE, value=scale, step=0.5, label="Guidance scale (CFG)",
                                                             info="1: no guidance", elem_id=f"{prefix}-scale")
-        eta_slider = gr.Slider(0, 1, value=eta, step=0.05, label="Eta", info="0: deterministic DDIM, 1: DDPM-like", elem_id=f"{prefix}-eta")
+        eta_slider = gr.Slider(0, 1, value=eta, step=0.05, label="Eta", info=eta_info("DDIM"), elem_id=f"{prefix}-eta")
+        s_noise = gr.Slider(0, MAX_S_NOISE, value=1.0, step=0.01, label="Sigma noise", info=s_noise_info("DDIM"),
+                            interactive=False, elem_id=f"{prefix}-s-noise")
     with gr.Row(equal_height=True):
         seed = gr.Number(-1, label="Seed", info="-1: a new random seed each time", precision=0, minimum=-1, maximum=MAX_SEED,
                          scale=6, elem_id=f"{prefix}-seed")
         random_seed = gr.Button("Random", scale=1, min_width=80, elem_id=f"{prefix}-random-seed")
         reuse_seed = gr.Button("Reuse last", scale=1, min_width=80, elem_id=f"{prefix}-reuse-seed")
-    controls = SamplingControls(preset, steps_slider, scale_slider, eta_slider, seed, random_seed, reuse_seed)
+    controls = SamplingControls(preset, sampler_menu, schedule, steps_slider, scale_slider, eta_slider, s_noise, seed,
+                                random_seed, reuse_seed)
     random_seed.click(lambda: -1, None, seed, queue=False)
     by_name = {p.name: p for p in presets}
 
     def apply_preset(name):
         chosen = by_name.get(name)
-        return {} if chosen is None else controls.defaults(chosen.steps, chosen.eta, chosen.scale)
+        return {} if chosen is None else controls.defaults(chosen.sampler, chosen.schedule, chosen.steps, chosen.eta,
+                                                           chosen.scale)
 
     preset.change(apply_preset, preset, controls.settings, queue=False)
+    # A sampler picked by hand brings its default eta; whoever sets it (a preset, a restored PNG, a
+    # model's defaults) leaves eta and s_noise enabled where it takes them.
+    sampler_menu.input(picked_sampler, sampler_menu, eta_slider, queue=False)
+    sampler_menu.change(controls.noise_controls, sampler_menu, [eta_slider, s_noise], queue=False)
     return controls
 
 

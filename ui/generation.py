@@ -166,7 +166,8 @@ def stopper(studio: Studio):
 
 
 def model_changed(studio: Studio, sampling: SamplingControls, size: SizeControls | None):
-    """On a new model: its training size, and its sampler defaults when the preset menu says so."""
+    """On a new model: its training size, and its sampler defaults (sampler, schedule, steps, eta,
+    guidance) when the preset menu says so."""
 
     @friendly
     def changed(path, preset_name):
@@ -180,7 +181,8 @@ def model_changed(studio: Studio, sampling: SamplingControls, size: SizeControls
             updates[size.width] = updates[size.height] = gr.update(value=native, step=step, minimum=step)
         if preset_name == MODEL_DEFAULT:
             defaults = entry.preset.sampler
-            updates.update(sampling.defaults(defaults.steps, defaults.eta, defaults.scale))
+            updates.update(sampling.defaults(defaults.sampler, defaults.schedule, defaults.steps, defaults.eta,
+                                             defaults.scale))
         return updates
 
     return changed

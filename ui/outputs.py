@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from ldm.tasks.parameters import parse_parameters, save_png
+from ldm.tasks.parameters import SamplerSettings, parse_parameters, read_sampler, save_png
 
 _INDEX = re.compile(r"^(\d{5})-")
 
@@ -100,7 +100,8 @@ def restore_box(prefix: str, what: str = "settings") -> gr.File:
 @dataclass
 class Restore:
     """The controls a dropped PNG's parameters set: the prompts, the sampling settings (a
-    ``ui.controls.SamplingControls``) and, where the tab has them, the size sliders."""
+    ``ui.controls.SamplingControls``: sampler, schedule, steps, guidance, eta, s_noise, seed) and,
+    where the tab has them, the size sliders."""
 
     prompt: gr.Textbox
     negative: gr.Textbox | None
@@ -110,21 +111,24 @@ class Restore:
 
     @property
     def fields(self) -> dict:
-        """Parameters-text field -> (component, type) for the numbers restored."""
+        """Parameters-text field -> (component, type) for the numbers restored as they are written."""
         sampling = self.sampling
-        pairs = {"Steps": (sampling.steps, int), "Eta DDIM": (sampling.eta, float), "Seed": (sampling.seed, int),
-                 "CFG scale": (sampling.scale, float)}
+        pairs = {"Steps": (sampling.steps, int), "Seed": (sampling.seed, int), "CFG scale": (sampling.scale, float)}
         return {key: pair for key, pair in pairs.items() if pair[0] is not None}
 
     @property
     def components(self) -> list:
         """Every component ``updates`` may set (the outputs of a restore event)."""
         sizes = [self.width, self.height] if self.width is not None else []
+        sampling = self.sampling
         return [self.prompt, *([self.negative] if self.negative is not None else []),
-                *(component for component, _ in self.fields.values()), *sizes]
+                *(component for component, _ in self.fields.values()),
+                sampling.sampler, sampling.schedule, sampling.eta, sampling.s_noise, *sizes]
 
     def updates(self, path: str | None) -> tuple[dict, Restored | None]:
-        """Control updates from a dropped PNG's parameters, and the parsed record (for tab-specific fields)."""
+        """Control updates from a dropped PNG's parameters, and the parsed record (for tab-specific fields).
+        A sampler or schedule the studio does not have leaves those menus as they are, with a warning
+        that lists the ones it has; the rest is restored."""
         if not path:
             return {}, None
         restored = read_restore(path)
@@ -135,6 +139,20 @@ class Restore:
             value = restored.number(key, kind)
             if value is not None:
                 updates[component] = value
+        try:
+            updates.update(self.sampler_updates(read_sampler(restored.fields)))
+        except ValueError as error:
+            gr.Warning(f"{error}; the sampler settings were not restored")
         if restored.size and self.width is not None:
             updates[self.width], updates[self.height] = restored.size
         return updates, restored
+
+    def sampler_updates(self, settings: SamplerSettings | None) -> dict:
+        if settings is None:
+            return {}
+        sampling = self.sampling
+        updates = {sampling.sampler: settings.sampler, sampling.schedule: settings.schedule,
+                   sampling.s_noise: settings.s_noise}
+        if settings.eta is not None:
+            updates[sampling.eta] = settings.eta
+        return updates
