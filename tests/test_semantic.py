@@ -280,10 +280,12 @@ def test_the_tab_generates_from_an_uploaded_map(tiny_semantic, tmp_path, monkeyp
     assert module.label_colours(module.open_label_map(str(tmp_path / "map.png"))).mode == "RGB"
     generate = module.handler(studio, tab)
     data = {tab.model.dropdown: str(path.resolve()), tab.segmentation: str(tmp_path / "map.png"), tab.sampling.steps: 2,
-            tab.sampling.eta: 1.0, tab.sampling.seed: 3, tab.output.images: []}
+            tab.sampling.eta: 1.0, tab.sampling.seed: 3, tab.sampling.sampler: "DPM++ SDE", tab.sampling.schedule: "Automatic",
+            tab.sampling.s_noise: 1.0, tab.output.images: []}
     updates = list(generate(data, types.SimpleNamespace(session_hash="s"), progress=lambda *a, **k: None))
     (saved,) = updates[-1][tab.output.gallery]
     with Image.open(saved) as image:
         assert image.size == (32, 32)
     assert (Path(saved).parent / f"{Path(saved).stem}-segmentation.png").is_file()
     assert "Seed: 3" in updates[-1][tab.output.parameters]
+    assert "Sampler: DPM++ SDE, Schedule type: Karras," in updates[-1][tab.output.parameters]
