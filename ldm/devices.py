@@ -52,8 +52,8 @@ def cpu_has_amx() -> bool:
 
 # glibc's mallopt parameters and the defaults it is given back after sampling: blocks from 32 MB (its
 # largest dynamic threshold) mapped on their own and returned when freed, the heap trimmed past 64 MB
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-SYSTEM_MMAP_THRESHOLD, SYSTEM_TRIM_THRESHOLD, SYSTEM_MMAP_MAX = 32 * 2**20, 64 * 2**20, 65536
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+SYSTEM_MMAP_THRESHOLD, SYSTEM_TRIM_THRESHOLD = 32 * 2**20, 64 * 2**20
 
 
 @dataclass
@@ -63,6 +63,7 @@ class _FreedMemory:
 
     kept: bool = False
     sampling: int = 0
+    returning: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -85,20 +86,23 @@ def keep_freed_memory(device: torch.device) -> bool:
 
 @contextlib.contextmanager
 def reusing_freed_memory() -> Iterator[None]:
-    """While inside (a sampler's steps), freed memory stays in the process for the next tensors: no
-    block is mapped on its own and the heap is never trimmed. When the last such block ends, the C
-    library's behaviour comes back (large blocks mapped alone, returned when freed) and what was kept
-    is handed back to the system (``malloc_trim``), so that the autoencoder, the next model and the
-    rest of the machine get it, and the process's peak is what its tensors held, not what its heap
-    once held. Does nothing unless ``keep_freed_memory`` opted in."""
+    """While inside (a sampler's steps), freed blocks under 32 MB stay in the process for the next
+    tensors (the heap is never trimmed); larger ones are still mapped alone and returned when freed.
+    When the last such block ends, the C library's behaviour comes back and what was kept is handed
+    back to the system (``malloc_trim``), so that the autoencoder, the next model and the rest of the
+    machine get it. Keeping every block instead (no block mapped alone) left a heap whose free chunks
+    the tiled autoencoder then filled: SD v1's decoder at 1024 px in tiles added 1,578 MB after a
+    guided call of 9 windows against 939 MB so, and the call itself peaked 560 MB higher. Does
+    nothing unless ``keep_freed_memory`` opted in."""
     libc = glibc()
     if not _FREED.kept or libc is None:
         yield
         return
     with _FREED.lock:
         _FREED.sampling += 1
-        if _FREED.sampling == 1:
-            libc.mallopt(M_MMAP_MAX, 0)
+        if _FREED.sampling == 1:  # blocks under 32 MB kept in the heap; larger ones still mapped alone, so
+            # that the heap a sampler leaves does not fragment the large maps of the autoencoder after it
+            libc.mallopt(M_MMAP_THRESHOLD, SYSTEM_MMAP_THRESHOLD)
             libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
     try:
         yield
@@ -106,9 +110,38 @@ def reusing_freed_memory() -> Iterator[None]:
         with _FREED.lock:
             _FREED.sampling -= 1
             if _FREED.sampling == 0:
-                libc.mallopt(M_MMAP_THRESHOLD, SYSTEM_MMAP_THRESHOLD)
-                libc.mallopt(M_MMAP_MAX, SYSTEM_MMAP_MAX)
+                libc.mallopt(M_MMAP_THRESHOLD, RETURNING_MMAP_THRESHOLD if _FREED.returning else SYSTEM_MMAP_THRESHOLD)
                 libc.mallopt(M_TRIM_THRESHOLD, SYSTEM_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
+
+
+# while the tiled autoencoder runs: blocks from 4 MB (its tiles' maps) mapped on their own
+RETURNING_MMAP_THRESHOLD = 4 * 2**20
+
+
+@contextlib.contextmanager
+def returning_freed_memory() -> Iterator[None]:
+    """While inside (the tiled autoencoder), every block of 4 MB or more is mapped on its own and
+    handed back to the system when freed, instead of coming from the heap, where the many freed
+    tile-sized maps of a large canvas would stay resident beside the level's stored maps (SD v1's
+    decoder at 1024 px in tiles of 256: 658 MB added against 805-866 MB, for about 10% of its time).
+    Does nothing unless ``keep_freed_memory`` opted in, or while a sampler keeps freed memory on
+    another thread."""
+    libc = glibc()
+    if not _FREED.kept or libc is None:
+        yield
+        return
+    with _FREED.lock:
+        _FREED.returning += 1
+        if _FREED.sampling == 0:
+            libc.mallopt(M_MMAP_THRESHOLD, RETURNING_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        with _FREED.lock:
+            _FREED.returning -= 1
+            if _FREED.returning == 0 and _FREED.sampling == 0:
+                libc.mallopt(M_MMAP_THRESHOLD, SYSTEM_MMAP_THRESHOLD)
                 libc.malloc_trim(0)
 
 

@@ -2,7 +2,10 @@
 channels-last models, the in-place GEGLU, and the training autocast switch; the kept-memory setting."""
 
 import logging
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,25 +148,55 @@ def test_the_in_place_geglu_of_sampling_gives_the_training_numbers_and_training_
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_sampling_keeps_a_freed_large_tensor_for_the_next_one_and_hands_it_back_after(monkeypatch):
+def test_sampling_keeps_freed_blocks_under_32_mb_maps_larger_ones_alone_and_hands_back_after(monkeypatch):
     assert not keep_freed_memory(torch.device("cuda"))  # a GPU's memory is torch's own business
     monkeypatch.setenv("LDM_STUDIO_MALLOC", "system")
     assert not keep_freed_memory(torch.device("cpu"))
     monkeypatch.delenv("LDM_STUDIO_MALLOC")
     assert keep_freed_memory(torch.device("cpu"))
-    big = 96 * 2**20
+    block, count, large = 16 * 2**20, 8, 96 * 2**20
     with reusing_freed_memory():
         mapped = heap_info().hblkhd
-        tensor = torch.empty(big // 4).fill_(1)  # above glibc's largest mmap threshold (32 MB): mmapped unless kept
-        held = heap_info()
-        assert held.hblkhd - mapped < big  # not in an mmapped block of its own
-        before = free_memory_mb(torch.device("cpu"))
+        tensor = torch.empty(large // 4).fill_(1)  # above 32 MB: mapped alone, so the heap never holds it
+        assert heap_info().hblkhd - mapped >= large
         del tensor
-        assert heap_info().fordblks - held.fordblks >= 0.99 * big  # freed into the process's heap, for the next tensor
+        tensors = [torch.empty(block // 4).fill_(1) for _ in range(count)]
+        held = heap_info()
+        assert held.hblkhd - mapped < block  # in the heap, not in blocks mapped on their own
+        before = free_memory_mb(torch.device("cpu"))
+        del tensors
+        assert heap_info().fordblks - held.fordblks >= 0.99 * block * count  # freed into the heap, for the next tensors
         # and counted as free by the memory check of large canvases (system figures move: a loose bound)
-        assert free_memory_mb(torch.device("cpu")) - before > 0.5 * big / 2**20
+        assert free_memory_mb(torch.device("cpu")) - before > 0.5 * block * count / 2**20
         resident = resident_mb()
-    assert resident - resident_mb() > 0.9 * big / 2**20  # handed back to the system when sampling ends
+    assert resident - resident_mb() > 0.9 * block * count / 2**20  # handed back to the system when sampling ends
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RETURNING_CHECK = """
+import torch
+from ldm.devices import heap_info, keep_freed_memory, returning_freed_memory, reusing_freed_memory
+assert keep_freed_memory(torch.device("cpu"))
+size = 8 * 2**20  # under glibc's 32 MB threshold, over the tiled autoencoder's 4 MB
+with returning_freed_memory():
+    mapped = heap_info().hblkhd
+    tensor = torch.empty(size // 4).fill_(1)
+    assert heap_info().hblkhd - mapped >= size, "not mapped alone"
+    del tensor
+    assert heap_info().hblkhd - mapped < size, "not returned as it is freed"
+with reusing_freed_memory(), returning_freed_memory():  # a sampler on another thread keeps its blocks
+    mapped = heap_info().hblkhd
+    tensor = torch.empty(size // 4).fill_(1)
+    assert heap_info().hblkhd - mapped < size, "mapped alone while a sampler keeps blocks"
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_the_tiled_autoencoder_maps_its_blocks_from_4_mb_alone():
+    # a fresh process: glibc serves a block from any free heap chunk that fits, whatever its threshold
+    env = {k: v for k, v in os.environ.items() if k != "LDM_STUDIO_MALLOC"}
+    done = subprocess.run([sys.executable, "-c", RETURNING_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("amx", [True, False])

@@ -10,7 +10,7 @@ is 0, which is the zero padding the next convolution expects.
 
 Resnet block outputs are stored (one tensor at that level's resolution) so that recomputation stays
 bounded; a block whose input is such a stored tensor of the same width writes its output over it,
-band by band, one band behind its reads, so a level holds one full tensor, not two. The upsampling
+band by band, behind its reads, so a level holds one full tensor and a band, not two. The upsampling
 convolutions are not stored, so the largest tensor of the decoder (the last upsampling's output)
 never exists whole. The self-attention blocks attend over the whole image and
 run on their whole input, which is at the latent's resolution.
@@ -79,16 +79,24 @@ def store(node: Node, tile: int) -> Stored:
 
 def store_over(node: Node, source: Stored, tile: int, halo: int) -> Stored:
     """Compute ``node`` whole into the tensor of ``source``, which it reads at most ``halo`` rows
-    beyond the rows it computes. Bands of ``tile`` rows are computed top to bottom and each is
-    written one band late, once no later band reads the rows it replaces."""
+    beyond the rows it computes. Bands of ``tile`` rows are computed top to bottom into one band
+    buffer; all but a band's last ``halo`` rows are written at once (no later band reads them), and
+    those last rows once the next band is computed."""
     assert source.owned and halo <= tile and (node.batch, node.height, node.width) == (source.batch, source.height, source.width)
-    out, pending = source.tensor, None
+    out, band, pending = source.tensor, None, None
     for top in range(0, node.height, tile):
         bottom = min(top + tile, node.height)
-        band = torch.cat([node.region(top, bottom, left, min(left + tile, node.width)) for left in range(0, node.width, tile)], dim=-1)
+        for left in range(0, node.width, tile):
+            part = node.region(top, bottom, left, min(left + tile, node.width))
+            if band is None:
+                band = part.new_empty(node.batch, part.shape[1], tile, node.width)
+            band[..., : bottom - top, left : left + part.shape[-1]] = part
+            del part
         if pending is not None:
             out[..., pending[0] : pending[0] + pending[1].shape[-2], :] = pending[1]
-        pending = (top, band)
+        keep = max(top, bottom - halo)
+        out[..., top:keep, :] = band[..., : keep - top, :]
+        pending = (keep, band[..., keep - top : bottom - top, :].clone())
     out[..., pending[0] :, :] = pending[1]
     return source
 
@@ -132,7 +140,8 @@ class Nearest2x(Node):
     def region(self, top, bottom, left, right):
         t0, l0 = top // 2, left // 2
         x = self.source.region(t0, -(-bottom // 2), l0, -(-right // 2))
-        x = x.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+        b, c, h, w = x.shape
+        x = x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)  # one copy
         return x[..., top - 2 * t0 : top - 2 * t0 + bottom - top, left - 2 * l0 : left - 2 * l0 + right - left]
 
 
@@ -171,9 +180,10 @@ class NormSiLU(Node):
         b, c, h, w = x.shape
         g = self.norm.num_groups
         mean, rstd = self.mean.float()[..., None], self.rstd.float()[..., None]
-        y = ((x.float().reshape(b, g, -1) - mean) * rstd).reshape(b, c, h, w)
-        y = y * self.norm.weight.float().view(1, -1, 1, 1) + self.norm.bias.float().view(1, -1, 1, 1)
-        return _zero_outside(F.silu(y).to(x.dtype), top, left, self.height, self.width)
+        # in place on one float32 copy of the region: a tile's working set is its few widest maps
+        y = x.to(torch.float32, copy=True).reshape(b, g, -1).sub_(mean).mul_(rstd).reshape(b, c, h, w)
+        y = y.mul_(self.norm.weight.float().view(1, -1, 1, 1)).add_(self.norm.bias.float().view(1, -1, 1, 1))
+        return _zero_outside(F.silu(y, inplace=True).to(x.dtype), top, left, self.height, self.width)
 
 
 def resnet_block(x: Node, block: ResnetBlock, tile: int) -> Node:

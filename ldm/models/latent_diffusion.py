@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.devices import returning_freed_memory
 from ldm.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
 from ldm.models.autoencoder_tiling import tiled_decode, tiled_encode
 from ldm.models.clip import CLIPTextEncoder, CLIPTextEncoderConfig, OpenCLIPTextEncoder, OpenCLIPTextEncoderConfig
@@ -201,7 +202,11 @@ class LatentDiffusion(nn.Module):
         tiles with whole-image normalisation."""
         first = self.first_stage_model
         images = images.to(self.device, first.decoder.conv_in.weight.dtype)
-        encoded = tiled_encode(first, images, tile) if tile else first.encode(images)
+        if tile:
+            with returning_freed_memory():
+                encoded = tiled_encode(first, images, tile)
+        else:
+            encoded = first.encode(images)
         latent = encoded.sample(generator) if isinstance(encoded, DiagonalGaussian) else encoded
         return self.config.scale_factor * latent.to(self.dtype)
 
@@ -247,4 +252,7 @@ class LatentDiffusion(nn.Module):
         of the decoder when ``tile`` > 0, with whole-image normalisation (``autoencoder_tiling``)."""
         first = self.first_stage_model
         z = (latents / self.config.scale_factor).to(first.decoder.conv_in.weight.dtype)
-        return tiled_decode(first, z, tile) if tile else first.decode(z)
+        if not tile:
+            return first.decode(z)
+        with returning_freed_memory():
+            return tiled_decode(first, z, tile)

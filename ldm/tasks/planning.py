@@ -23,15 +23,15 @@ log = logging.getLogger(__name__)
 
 # What a generation adds on top of the weights, against the per-pixel counts below, by bytes per
 # element (bf16 2, fp32 4), fitted to the peaks of SD v1 on the CLI's own path (bf16 and fp32 at 512
-# and 1024 px whole, bf16 tiled at 1024 and 2048; bench/large_canvas.py prints them beside the
+# and 1024 px whole, bf16 tiled at 2048; bench/large_canvas.py prints them beside the
 # estimate). The small default model lands within 0.65-1.5x of its figures. A fixed part (what
 # any run adds: oneDNN's primitives and scratch, the image's conversions) and a scale (what the
 # counts miss: allocator slack, temporaries beside a level's working set; fp32 also Winograd's
 # transform buffers, 4x a layer's input).
 SAMPLING = {2: (40, 1.45), 4: (0, 1.82)}  # (fixed MB, scale of unet_bytes_per_latent_pixel)
 WHOLE_FIRST_STAGE = {2: (190, 3.1), 4: (0, 3.42)}  # (fixed MB, full-resolution maps of the widest level)
-TILED_FIRST_STAGE = {2: (190, 1.32), 4: (0, 1.32)}  # (fixed MB, scale of the two stored maps)
-TILE_WORKING_MAPS = 22.3  # a tile's working set, in tile-sized maps of the widest level (recomputed regions, statistics)
+TILED_FIRST_STAGE = {2: (190, 1.0), 4: (0, 1.32)}  # (fixed MB, scale of the two stored maps)
+TILE_WORKING_MAPS = 14.2  # a tile's working set, in tile-sized maps of the widest level (recomputed regions, statistics)
 
 
 def _calibration(table: dict, model: LatentDiffusion) -> tuple[float, float]:
