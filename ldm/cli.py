@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from ldm.checkpoints.errors import CheckpointError
-from ldm.options import add_device_arguments, add_sampler_arguments, add_tiling_arguments
+from ldm.options import (SAMPLER_NAMES, SCHEDULE_NAMES, add_device_arguments, add_sampler_arguments, add_tiling_arguments, named,
+                         sampler_name)
 from ldm.text.lookup import TokenizerNotFoundError
 
 log = logging.getLogger("ldm")
@@ -127,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="measure the embedded default model on held-out scenes")
     evaluate.add_argument("--count", type=int, default=100, help="held-out samples per task")
-    evaluate.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    evaluate.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    evaluate.add_argument("--sampler", type=sampler_name, choices=SAMPLER_NAMES, default="DDIM", metavar="NAME",
+                          help=f"sampler, one of {', '.join(SAMPLER_NAMES)} (default DDIM), at its default eta")
+    evaluate.add_argument("--schedule", type=named(SCHEDULE_NAMES), choices=SCHEDULE_NAMES, default="Automatic",
+                          metavar="NAME", help=f"noise schedule, one of {', '.join(SCHEDULE_NAMES)} (default Automatic)")
     evaluate.add_argument("--json", help="also write the figures to this JSON file")
     return parser
 
@@ -367,7 +372,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from ldm.train.evaluate import evaluate_default, format_table
 
-    figures = evaluate_default(count=args.count, steps=args.steps)
+    figures = evaluate_default(count=args.count, steps=args.steps, sampler=args.sampler, schedule=args.schedule)
     print(format_table(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

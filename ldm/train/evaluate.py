@@ -28,6 +28,7 @@ from ldm.data.batches import HELD_OUT_SEED
 from ldm.data.detector import detect
 from ldm.data.scoring import caption_score, coloured_in_place, layout_iou, psnr
 from ldm.data.world import render, scene_from_seed
+from ldm.sampling.samplers import get_sampler, resolve_schedule
 from ldm.tasks.images import from_pil, to_pil
 from ldm.tasks.inpaint import inpaint
 from ldm.tasks.request import GenerationRequest
@@ -44,6 +45,13 @@ class EvalSettings:
     count: int = 100
     steps: int = 20
     scale: float = 4.0
+    sampler: str = "DDIM"  # a name of ldm.sampling.samplers.SAMPLERS, at its default eta
+    schedule: str = "Automatic"
+
+    def request(self, prompt: str, **fields) -> GenerationRequest:
+        eta = get_sampler(self.sampler).eta_default
+        return GenerationRequest(prompt, **{"steps": self.steps, "scale": self.scale, "sampler": self.sampler,
+                                            "schedule": self.schedule, "eta": eta, **fields})
 
 
 def held_out_scenes(count: int, offset: int = 0):
@@ -62,7 +70,7 @@ def autoencoder_psnr(loaded: LoadedModel, count: int) -> float:
 
 
 def _generate(loaded: LoadedModel, settings: EvalSettings, seed: int, prompt: str = "", boxes=()) -> np.ndarray:
-    request = GenerationRequest(prompt, steps=settings.steps, scale=settings.scale, seed=seed, width=SIZE, height=SIZE, boxes=tuple(boxes))
+    request = settings.request(prompt, seed=seed, width=SIZE, height=SIZE, boxes=tuple(boxes))
     return np.asarray(txt2img(loaded, request).images[0])
 
 
@@ -100,7 +108,7 @@ def inpainting_rate(loaded: LoadedModel, settings: EvalSettings) -> tuple[float,
         pad = 3
         mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
         mask[max(0, y0 - pad) : y1 + pad, max(0, x0 - pad) : x1 + pad] = 255
-        request = GenerationRequest(scene.caption, steps=settings.steps, scale=settings.scale, seed=i, width=SIZE, height=SIZE)
+        request = settings.request(scene.caption, seed=i, width=SIZE, height=SIZE)
         out = np.asarray(inpaint(loaded, request, image, Image.fromarray(mask)).images[0])
         kept &= bool(np.array_equal(out[mask == 0], np.asarray(image)[mask == 0]))
         found = [
@@ -118,14 +126,14 @@ def super_resolution_psnr(loaded: LoadedModel, settings: EvalSettings) -> tuple[
     for i, scene in enumerate(held_out_scenes(settings.count, offset=40_000)):
         high = render(scene, SIZE)
         low = render(scene, SIZE // 4)
-        request = GenerationRequest("", steps=settings.steps, scale=1.0, seed=i)
+        request = settings.request("", scale=1.0, seed=i)
         ours.append(psnr(np.asarray(high), np.asarray(upscale(loaded, low, request).images[0])))
         bicubic.append(psnr(np.asarray(high), np.asarray(low.resize((SIZE, SIZE), Image.Resampling.BICUBIC))))
     return float(np.mean(ours)), float(np.mean(bicubic))
 
 
-def evaluate_default(count: int = 100, steps: int = 20) -> dict[str, float]:
-    settings = EvalSettings(count=count, steps=steps)
+def evaluate_default(count: int = 100, steps: int = 20, sampler: str = "DDIM", schedule: str = "Automatic") -> dict:
+    settings = EvalSettings(count=count, steps=steps, sampler=sampler, schedule=schedule)
     txt = load_model(DEFAULT_TXT2IMG)
     figures: dict[str, float] = {"autoencoder_psnr_db": autoencoder_psnr(txt, count)}
     figures.update(caption_measures(txt, settings))
@@ -134,7 +142,7 @@ def evaluate_default(count: int = 100, steps: int = 20) -> dict[str, float]:
     figures["inpainting_unmasked_identical"] = float(kept)
     if DEFAULT_UPSCALE.is_file():
         figures["sr_psnr_db"], figures["bicubic_psnr_db"] = super_resolution_psnr(load_model(DEFAULT_UPSCALE), settings)
-    figures.update(samples_per_task=count, ddim_steps=steps)
+    figures.update(samples_per_task=count, steps=steps, sampler=sampler, schedule=resolve_schedule(sampler, schedule))
     return figures
 
 
@@ -156,5 +164,6 @@ def format_table(figures: dict[str, float]) -> str:
     for key, target in TARGETS.items():
         if key in figures:
             lines.append(f"| {key} | {figures[key]:.3f} | {target} |")
-    lines.append(f"\n{figures.get('samples_per_task')} held-out samples per task, {figures.get('ddim_steps')} DDIM steps")
+    lines.append(f"\n{figures.get('samples_per_task')} held-out samples per task, {figures.get('steps')} steps of "
+                 f"{figures.get('sampler')} ({figures.get('schedule')})")
     return "\n".join(lines)
