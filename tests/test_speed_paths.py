@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.checkpoints.loader import build_model
-from ldm.devices import (cpu_has_bf16, free_memory_mb, heap_info, keep_freed_memory, resident_mb, reusing_freed_memory,
-                         training_autocast)
+from ldm.devices import cpu_has_bf16, keep_freed_memory, training_autocast
 from ldm.kernels.memory_format import choose_memory_format, memory_format_of
 from ldm.kernels import paths
 from ldm.kernels.paths import SpeedPaths
@@ -147,32 +146,46 @@ def test_the_in_place_geglu_of_sampling_gives_the_training_numbers_and_training_
     assert sampled.shape == (2, 10, 32)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+KEEPING_CHECK = """
+import torch
+from ldm.devices import free_memory_mb, heap_info, keep_freed_memory, resident_mb, reusing_freed_memory
+assert keep_freed_memory(torch.device("cpu"))
+block, count, large = 16 * 2**20, 8, 96 * 2**20
+with reusing_freed_memory():
+    mapped = heap_info().hblkhd
+    tensor = torch.empty(large // 4).fill_(1)  # above 32 MB: mapped alone, so the heap never holds it
+    assert heap_info().hblkhd - mapped >= large, "a large block not mapped alone"
+    del tensor
+    tensors = [torch.empty(block // 4).fill_(1) for _ in range(count)]
+    held = heap_info()
+    assert held.hblkhd - mapped < block, "blocks under 32 MB mapped alone"
+    before = free_memory_mb(torch.device("cpu"))
+    del tensors
+    assert heap_info().fordblks - held.fordblks >= 0.99 * block * count, "not freed into the heap"
+    # and counted as free by the memory check of large canvases (system figures move: a loose bound)
+    assert free_memory_mb(torch.device("cpu")) - before > 0.5 * block * count / 2**20, "not counted as free"
+    resident = resident_mb()
+assert resident - resident_mb() > 0.9 * block * count / 2**20, "not handed back when sampling ends"
+"""
+
+
+def run_fresh(script: str) -> None:
+    """``script`` in a fresh process: glibc serves a block from any free heap chunk that fits, whatever
+    its threshold, so what earlier tests freed would decide where a block goes."""
+    env = {k: v for k, v in os.environ.items() if k != "LDM_STUDIO_MALLOC"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_sampling_keeps_freed_blocks_under_32_mb_maps_larger_ones_alone_and_hands_back_after(monkeypatch):
     assert not keep_freed_memory(torch.device("cuda"))  # a GPU's memory is torch's own business
     monkeypatch.setenv("LDM_STUDIO_MALLOC", "system")
     assert not keep_freed_memory(torch.device("cpu"))
-    monkeypatch.delenv("LDM_STUDIO_MALLOC")
-    assert keep_freed_memory(torch.device("cpu"))
-    block, count, large = 16 * 2**20, 8, 96 * 2**20
-    with reusing_freed_memory():
-        mapped = heap_info().hblkhd
-        tensor = torch.empty(large // 4).fill_(1)  # above 32 MB: mapped alone, so the heap never holds it
-        assert heap_info().hblkhd - mapped >= large
-        del tensor
-        tensors = [torch.empty(block // 4).fill_(1) for _ in range(count)]
-        held = heap_info()
-        assert held.hblkhd - mapped < block  # in the heap, not in blocks mapped on their own
-        before = free_memory_mb(torch.device("cpu"))
-        del tensors
-        assert heap_info().fordblks - held.fordblks >= 0.99 * block * count  # freed into the heap, for the next tensors
-        # and counted as free by the memory check of large canvases (system figures move: a loose bound)
-        assert free_memory_mb(torch.device("cpu")) - before > 0.5 * block * count / 2**20
-        resident = resident_mb()
-    assert resident - resident_mb() > 0.9 * block * count / 2**20  # handed back to the system when sampling ends
+    run_fresh(KEEPING_CHECK)
 
 
-ROOT = Path(__file__).resolve().parents[1]
 RETURNING_CHECK = """
 import torch
 from ldm.devices import heap_info, keep_freed_memory, returning_freed_memory, reusing_freed_memory
@@ -193,10 +206,7 @@ with reusing_freed_memory(), returning_freed_memory():  # a sampler on another t
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_the_tiled_autoencoder_maps_its_blocks_from_4_mb_alone():
-    # a fresh process: glibc serves a block from any free heap chunk that fits, whatever its threshold
-    env = {k: v for k, v in os.environ.items() if k != "LDM_STUDIO_MALLOC"}
-    done = subprocess.run([sys.executable, "-c", RETURNING_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    run_fresh(RETURNING_CHECK)
 
 
 @pytest.mark.parametrize("amx", [True, False])
