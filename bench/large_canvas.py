@@ -40,34 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CACHE = Path.home() / ".cache" / "ldm-studio" / "bench"
-RANDOM_MODELS = {"sd-v1": "v1-inference", "sd-v2": "v2-inference-v"}
+from bench.sd_files import RANDOM_MODELS, diffusers_pipeline, random_model_file  # noqa: E402
+
 PROMPT = "a lighthouse on a cliff at dusk"
 PLANNED = re.compile(r"memory: about ([\d,]+) MB on top of ([\d,]+) MB resident")
-
-
-def random_model_file(name: str) -> Path:
-    """The random-weight checkpoint of ``name`` in its original layout (fp16 safetensors), made once."""
-    path = CACHE / f"{name}-random-fp16.safetensors"
-    if path.is_file():
-        return path
-    import torch
-    from safetensors.torch import save_file
-
-    from ldm.checkpoints.loader import build_model
-    from ldm.checkpoints.presets import find_preset
-
-    print(f"writing {path} (random weights, once)", flush=True)
-    torch.manual_seed(0)
-    model = build_model(find_preset(RANDOM_MODELS[name]).model, device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():  # zero-initialised output layers would make the UNet trivial
-            p.normal_(0, 0.02) if p.dim() > 1 else p.zero_()
-    state = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in model.state_dict().items()}
-    CACHE.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path.with_suffix(".part")))
-    path.with_suffix(".part").rename(path)
-    return path
 
 
 def run_child(command: list[str]) -> tuple[float, str, float]:
@@ -105,71 +81,17 @@ def theirs(model: str, side: int, dtype: str, steps: int, out: Path) -> dict:
 
 
 def diffusers_child(model: str, side: int, dtype_name: str, steps: int, out: str) -> None:
-    """Build diffusers' StableDiffusionPipeline from ``model`` (an original-layout file) and run it."""
+    """diffusers' StableDiffusionPipeline from ``model`` (an original-layout file) with DDIM, run once."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-    from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from ldm.checkpoints.detect import detect_file
-    from ldm.checkpoints.original_config import original_config
-    from ldm.checkpoints.presets import list_presets
     from ldm.devices import choose_dtype, resident_mb
-    from ldm.text.clip_tokenizer import open_clip_vocab_folder
 
-    preset = detect_file(Path(model), list_presets()).preset
-    dtype = choose_dtype(None if dtype_name == "auto" else dtype_name, torch.device("cpu"))
-    checkpoint = load_file(model)
-    config = original_config(preset.model)
-
-    def built(model_class, model_config, state):  # as from_single_file(torch_dtype=...): no float32 copy first
-        with torch.device("meta"):
-            module = model_class(**model_config)
-        module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-        return module
-
-    unet_config = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)
-    unet = built(UNet2DConditionModel, unet_config, sfu.convert_ldm_unet_checkpoint(checkpoint, unet_config))
-    vae_config = sfu.create_vae_diffusers_config_from_ldm(config, checkpoint, scaling_factor=preset.model.scale_factor)
-    vae = built(AutoencoderKL, vae_config, sfu.convert_ldm_vae_checkpoint(checkpoint, vae_config))
-    text = text_encoder(preset, checkpoint, sfu, CLIPTextConfig, CLIPTextModel).to(dtype)
-    del checkpoint
-    s = preset.model.schedule
-    scheduler = DDIMScheduler(beta_start=s.linear_start, beta_end=s.linear_end, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              prediction_type="v_prediction" if preset.model.parameterization == "v" else "epsilon")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=CLIPTokenizer.from_pretrained(open_clip_vocab_folder(), model_max_length=77),
-                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False).to(dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(model, choose_dtype(None if dtype_name == "auto" else dtype_name, torch.device("cpu")))
     print(f"resident after building: {resident_mb():.0f} MB", file=sys.stderr, flush=True)
     with torch.inference_mode():
         image = pipe(PROMPT, height=side, width=side, num_inference_steps=steps, guidance_scale=7.5,
                      generator=torch.Generator().manual_seed(1)).images[0]
     image.save(out)
-
-
-def text_encoder(preset, checkpoint, sfu, config_class, model_class):
-    """diffusers' CLIP text model of an SD v1 file (transformers' CLIPTextModel) or of an SD 2 file
-    (OpenCLIP's layers converted to it, the penultimate layer's output as SD 2 reads it)."""
-    clip = preset.model.cond_stage
-    config = config_class(vocab_size=clip.vocab_size, hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
-                          num_hidden_layers=clip.num_layers, num_attention_heads=clip.num_heads,
-                          max_position_embeddings=clip.max_positions, hidden_act=clip.hidden_act,
-                          projection_dim=getattr(clip, "projection_dim", None) or clip.hidden_size)
-    if any(k.startswith("cond_stage_model.model.") for k in checkpoint):
-        config.num_hidden_layers = clip.num_layers - 1  # SD 2 reads the penultimate layer
-        text = model_class(config)
-        converted = sfu.convert_open_clip_checkpoint(text, checkpoint)
-        text.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items()
-                              if not k.endswith("position_ids")}, strict=False)
-        return text.eval()
-    text = model_class(config)
-    converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
-    text.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")},
-                         strict=True)
-    return text.eval()
 
 
 def memory(args: argparse.Namespace, extra: list[str]) -> None:

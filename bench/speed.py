@@ -13,6 +13,16 @@ alternating, and checked for agreement. Also the embedded default model's whole 
     .venv/bin/python -m ldm bench --parts unet --no-winograd        # our 3x3 convolutions direct (as diffusers')
     .venv/bin/python -m ldm bench --device cuda --no-cuda-graphs    # our UNet's kernels launched one by one
     .venv/bin/python -m ldm bench --parts unet --no-cpu-kernels     # torch's kernels only (ldm.kernels.cpu_kernels)
+    .venv/bin/python -m ldm bench --parts txt2img --dtypes bf16 --rounds 2   # end to end, see below
+
+``txt2img`` is the whole text to image at 512x512 on the full SD v1 architecture with random
+weights, from its original-layout fp16 file (``bench/sd_files.py``): ours is the CLI's path
+(``load_model`` as ``python -m ldm txt2img`` calls it, then ``txt2img`` with DPM++ 2M Karras, 20
+steps, guidance 7.5); diffusers' is StableDiffusionPipeline with DPMSolverMultistepScheduler
+(second order, Karras sigmas, final sigma 0) on the same file through its converters. Beside the
+times it prints each call's peak: on a CPU the most resident memory during the call over what was
+resident before it (the process's high-water mark, reset before each call), on a GPU
+``torch.cuda.max_memory_allocated`` over what was allocated before.
 
 Each figure is the median of ``--rounds`` timed calls after one warm-up. "ratio" is our time over
 diffusers' (below 1: faster). TFLOP/s counts the part's floating-point work as diffusers does it
@@ -43,14 +53,17 @@ from ldm.checkpoints.loader import build_model  # noqa: E402
 from ldm.checkpoints.original_config import original_config  # noqa: E402
 from ldm.checkpoints.presets import find_preset  # noqa: E402
 from ldm.data.scoring import psnr  # noqa: E402
-from ldm.devices import choose_device, cpu_has_bf16, keep_freed_memory, reusing_freed_memory  # noqa: E402
+from ldm.devices import (choose_device, cpu_has_bf16, keep_freed_memory, peak_resident_mb, resident_mb,  # noqa: E402
+                         reusing_freed_memory)
 from ldm.kernels.cuda_graphs import set_cuda_graphs  # noqa: E402
 from ldm.kernels.paths import SpeedPaths, set_speed_paths  # noqa: E402
 from ldm.kernels.winograd import set_winograd  # noqa: E402
 from ldm.options import add_speed_arguments  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PARTS = ("unet", "vae", "text", "default", "fidelity")
+PARTS = ("unet", "vae", "text", "default", "fidelity", "txt2img")
+DEFAULT_PARTS = ("unet", "vae", "text", "default", "fidelity")  # txt2img: minutes a round, asked for by name
+E2E_PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
 @dataclass(frozen=True)
@@ -305,6 +318,71 @@ def fidelity_lines(dtype_name: str, device: torch.device, count: int) -> list[st
     return lines
 
 
+def reset_peak(device: torch.device) -> float:
+    """Reset the peak memory counter; what is held now (MB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from VmRSS
+    return resident_mb()
+
+
+def peak_since(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_resident_mb()
+
+
+def end_to_end(dtype_name: str, device: torch.device, rounds: int, speed: SpeedPaths) -> Figure:
+    """512x512 text to image, DPM++ 2M Karras 20 steps with guidance, ours (the CLI's path) and
+    diffusers' alternating; prints times and each call's added peak memory."""
+    from bench.sd_files import diffusers_pipeline, random_model_file
+    from ldm.checkpoints.loader import load_model
+    from ldm.tasks.request import GenerationRequest
+    from ldm.tasks.txt2img import txt2img
+
+    dtype = DTYPES[dtype_name]
+    path = random_model_file("sd-v1")
+    loaded = load_model(path, device=device, dtype=dtype, memory_format="auto", speed=speed)  # as the CLI's defaults
+    request = GenerationRequest(E2E_PROMPT, steps=20, scale=7.5, seed=1, width=512, height=512,
+                                sampler="DPM++ 2M", schedule="Karras")
+    their_dtype = torch.float32 if device.type == "cpu" else dtype  # CPU: bf16 autocast over fp32 weights, as the UNet part
+    pipe = diffusers_pipeline(path, their_dtype, "DPM++ 2M Karras").to(device)
+    peaks = {"ours": [], "theirs": []}
+
+    def with_peak(name, call):
+        def measured():
+            before = reset_peak(device)
+            out = call()
+            peaks[name].append(peak_since(device) - before)
+            return out
+        return measured
+
+    def ours_call():
+        return torch.tensor(np.array(txt2img(loaded, request).images[0]))
+
+    def theirs_call():
+        with autocast(device, dtype):
+            image = pipe(E2E_PROMPT, height=512, width=512, num_inference_steps=20, guidance_scale=7.5,
+                         generator=torch.Generator().manual_seed(1)).images[0]
+        return torch.tensor(np.array(image))
+
+    ours_s, theirs_s, _, _ = alternate(with_peak("ours", ours_call), with_peak("theirs", theirs_call), rounds, device)
+    figure = Figure("text to image 512x512, DPM++ 2M Karras 20 steps", dtype_name, ours_s, theirs_s, 0.0, None)
+    print(format_figure(figure, None), flush=True)
+    unit = "allocated" if device.type == "cuda" else "resident"
+    print(f"{'':55s} {dtype_name:5s} peak {unit} added a call: ours {max(peaks['ours']):,.0f} MB, diffusers "
+          f"{max(peaks['theirs']):,.0f} MB (ratio {max(peaks['ours']) / max(peaks['theirs']):.2f}); weights held: ours "
+          f"{weights_mb(loaded.model):,.0f} MB, diffusers {sum(weights_mb(m) for m in (pipe.unet, pipe.vae, pipe.text_encoder)):,.0f} MB",
+          flush=True)
+    return figure
+
+
+def weights_mb(module: torch.nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in module.parameters()) / 2**20
+
+
 def format_figure(f: Figure, peaks: dict[str, float] | None) -> str:
     rate = f.flop / f.ours_s / 1e12 if f.flop else 0.0
     theirs = f"{f.theirs_s:8.3f} s" if f.theirs_s is not None else "       -  "
@@ -319,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES),
                         help="default: fp32 and, on a CPU with bf16 units, bf16; fp16 and bf16 on a GPU")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(DEFAULT_PARTS),
+                        help=f"default: {' '.join(DEFAULT_PARTS)}; txt2img (end to end) when named")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fidelity-images", type=int, default=8, help="images per model for the low-precision PSNR check")
     parser.add_argument("--channels-last", action="store_true", help="run our models in channels-last memory format (the default on a CPU: "
@@ -344,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     figures, fidelity = [], []
     with reusing_freed_memory():  # kept as in the CLI's sampling steps (here the VAE's and the text encoder's calls too)
         for dtype_name in dtypes:
-            pair_parts = [p for p in args.parts if p not in ("default", "fidelity")]
+            pair_parts = [p for p in args.parts if p in ("unet", "vae", "text")]
             if pair_parts:
                 figures += run_pair_parts(pair_parts, dtype_name, device, args.rounds, args.channels_last, speed)
             if "default" in args.parts:
@@ -353,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
                                                     replace(speed, compile=False)))
             if "fidelity" in args.parts and DTYPES[dtype_name] != torch.float32:
                 fidelity += fidelity_lines(dtype_name, device, args.fidelity_images)
+    if "txt2img" in args.parts:  # the CLI's own memory policy (kept freed memory while sampling only), both pipelines under it
+        for dtype_name in dtypes:
+            figures.append(end_to_end(dtype_name, device, args.rounds, speed))
     print("\nsummary")
     for f in figures:
         print(format_figure(f, peaks))

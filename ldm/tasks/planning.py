@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 # counts miss: allocator slack, temporaries beside a level's working set; fp32 also Winograd's
 # transform buffers, 4x a layer's input).
 SAMPLING = {2: (40, 1.45), 4: (0, 1.82)}  # (fixed MB, scale of unet_bytes_per_latent_pixel)
-WHOLE_FIRST_STAGE = {2: (190, 3.1), 4: (0, 3.42)}  # (fixed MB, full-resolution maps of the widest level)
+# (fixed MB, full-resolution maps of the widest level, bytes a pixel whatever the decoder's width:
+# the image's float32 conversions, the 3-channel outputs), fitted to the whole decodes of SD v1
+# (widest level 256 channels) and the default model (64) at 512-2048 px
+WHOLE_FIRST_STAGE = {2: (80, 3.0, 208), 4: (17, 2.49, 385)}
 TILED_FIRST_STAGE = {2: (190, 1.0), 4: (0, 1.32)}  # (fixed MB, scale of the two stored maps)
 TILE_WORKING_MAPS = 14.2  # a tile's working set, in tile-sized maps of the widest level (recomputed regions, statistics)
 
@@ -119,12 +122,13 @@ FIRST_STAGE_TILE = 256
 def estimate_first_stage_bytes(model: LatentDiffusion, batch: int, height: int, width: int) -> int:
     """Estimated peak bytes of decoding (or encoding) a ``height`` x ``width`` pixel image whole: at
     full resolution the decoder holds about three tensors as wide as its last upsampling's output
-    (``WHOLE_FIRST_STAGE``), plus what every run adds."""
+    and a few bytes a pixel that do not depend on its width (``WHOLE_FIRST_STAGE``), plus what every
+    run adds."""
     c = model.config.first_stage
     size = torch.finfo(model.dtype).bits // 8
     widest = c.ch * c.ch_mult[min(1, len(c.ch_mult) - 1)]
-    fixed, maps = _calibration(WHOLE_FIRST_STAGE, model)
-    return int(fixed * 2**20 + size * batch * height * width * maps * widest)
+    fixed, maps, per_pixel = _calibration(WHOLE_FIRST_STAGE, model)
+    return int(fixed * 2**20 + batch * height * width * (size * maps * widest + per_pixel))
 
 
 def estimate_tiled_first_stage_bytes(model: LatentDiffusion, batch: int, height: int, width: int) -> int:
