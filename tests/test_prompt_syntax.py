@@ -257,3 +257,14 @@ def test_a_model_reading_no_emphasis_gets_plain_words_and_a_notice(loaded_defaul
     assert np.array_equal(np.asarray(weighted.images[0]), np.asarray(plain.images[0]))
     assert any("reads no emphasis" in n for n in weighted.notices)
     assert not any("reads no emphasis" in n for n in plain.notices)
+
+
+def test_the_parameters_text_names_an_emphasis_other_than_original(loaded_sd_v1):
+    from ldm.tasks.parameters import parse_parameters
+
+    request = GenerationRequest("a (red:1.3) cat", steps=2, scale=3.0, seed=1, width=32, height=32)
+    assert "Emphasis" not in parse_parameters(txt2img(loaded_sd_v1, request).parameters[0])
+    no_norm = txt2img(loaded_sd_v1, GenerationRequest(**{**request.__dict__, "emphasis": "No norm"}))
+    assert parse_parameters(no_norm.parameters[0])["Emphasis"] == "No norm"
+    with pytest.raises(ValueError, match="Original, No norm"):
+        txt2img(loaded_sd_v1, GenerationRequest(**{**request.__dict__, "emphasis": "Loud"}))
