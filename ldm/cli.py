@@ -16,6 +16,7 @@ from ldm.checkpoints.errors import CheckpointError
 from ldm.options import (SAMPLER_NAMES, SCHEDULE_NAMES, add_device_arguments, add_sampler_arguments, add_tiling_arguments, named,
                          sampler_name)
 from ldm.text.lookup import TokenizerNotFoundError
+from ldm.text.prompt_syntax import EMPHASIS_MODES
 
 log = logging.getLogger("ldm")
 
@@ -36,6 +37,9 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, out: str, *, prompt
     if prompt:
         parser.add_argument("--prompt", default="", help="what to draw")
         parser.add_argument("--negative", default="", help="negative prompt (the unconditional branch of guidance)")
+        parser.add_argument("--emphasis", type=named(EMPHASIS_MODES), choices=EMPHASIS_MODES, default="Original",
+                            metavar="MODE", help="how (word:1.3) weights are applied on CLIP models: Original (weights, "
+                            "then each chunk's mean restored; default) or 'No norm' (weights only)")
         parser.add_argument("--scale", type=float, help="classifier-free guidance scale; 1 disables guidance")
         parser.add_argument("--batch-size", type=int, default=1)
     add_sampler_arguments(parser)
@@ -203,6 +207,7 @@ def make_request(args: argparse.Namespace, loaded, **overrides):
         width=getattr(args, "width", None) or size,
         height=getattr(args, "height", None) or size,
         batch_size=getattr(args, "batch_size", 1),
+        emphasis=getattr(args, "emphasis", "Original"),
         **({"tiling": tiling_options(args, size)} if hasattr(args, "tiling") else {}),
         **overrides,
     )

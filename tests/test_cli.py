@@ -325,3 +325,18 @@ def test_a_named_sampler_takes_its_own_eta_and_schedule_unless_given(tmp_path):
 def test_a_bad_s_noise_is_named(tiny, tmp_path, capsys):
     assert main(txt2img_args(tiny, tmp_path / "x.png", "--sampler", "Euler a", "--s-noise", "3")) == 2
     assert capsys.readouterr().err.startswith("error: s_noise (sigma noise) must be between 0 and 2, got 3")
+
+
+def test_txt2img_reads_the_prompt_syntax_and_the_emphasis_option(tiny, tmp_path):
+    plain, weighted, no_norm = tmp_path / "plain.png", tmp_path / "weighted.png", tmp_path / "no-norm.png"
+    assert main(txt2img_args(tiny, plain)) == 0
+    assert main(txt2img_args(tiny, weighted, "--prompt", "a (red:1.6) [cat]")) == 0
+    assert main(txt2img_args(tiny, no_norm, "--prompt", "a (red:1.6) [cat]", "--emphasis", "no norm")) == 0
+    images = [np.asarray(Image.open(p)) for p in (plain, weighted, no_norm)]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+
+
+def test_an_absurd_prompt_weight_is_a_message_naming_the_range(tiny, tmp_path, capsys):
+    assert main(txt2img_args(tiny, tmp_path / "x.png", "--prompt", "a (red:1e9) cat")) == 2
+    err = capsys.readouterr().err
+    assert "allowed range -10 to 10" in err and "Traceback" not in err

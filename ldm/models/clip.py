@@ -13,15 +13,30 @@ Both use the CLIP BPE tokenizer (``ldm.text.clip_tokenizer``). Prompts longer th
 split into chunks of 75, each wrapped in start/end tokens and padded to 77, encoded separately and
 concatenated along the sequence (as AUTOMATIC1111 does). CLIP pads with its end token, OpenCLIP with
 token 0.
+
+``encode`` reads AUTOMATIC1111's emphasis syntax (``ldm.text.prompt_syntax``), as its
+``sd_hijack_clip`` does: each weighted piece is tokenized on its own, ``BREAK`` starts a new chunk,
+and a chunk that would overflow is cut after its last comma when that comma is within
+``COMMA_BACKTRACK`` tokens of the end (the rest moves to the next chunk). After the encoder each
+token's embedding is multiplied by its weight and, in the "Original" emphasis, each chunk's mean is
+restored. A1111 takes that mean over the whole batch of texts encoded together; here it is each
+prompt's own chunk mean, so a prompt's conditioning does not depend on the others in the batch (the
+same number for A1111's usual batch of one prompt). A chunk whose weights are all 1 is left as
+encoded, so a prompt with no syntax encodes exactly as the literal text does.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from ldm.text.prompt_syntax import Piece, check_emphasis, parse_emphasis
+
+COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 
 
 @dataclass(frozen=True)
@@ -46,9 +61,64 @@ class CLIPTextEncoderConfig:
         return self.max_positions - 2
 
 
+class WeightedTokens(NamedTuple):
+    ids: torch.Tensor  # (B, chunks, size + 2) token ids
+    weights: torch.Tensor  # (B, chunks, size + 2) float32 emphasis; start, end and padding are 1
+
+
+def _piece_chunks(tokenizer, pieces: list[Piece], size: int, backtrack: int) -> list[tuple[list[int], list[float]]]:
+    """One prompt's (tokens, weights) chunks of at most ``size`` tokens, as A1111's ``tokenize_line``."""
+    comma = tokenizer(",", add_special_tokens=False, verbose=False)["input_ids"]
+    comma = comma[0] if len(comma) == 1 else None
+    chunks: list[tuple[list[int], list[float]]] = []
+    tokens: list[int] = []
+    weights: list[float] = []
+    last_comma = -1
+    for piece in pieces:
+        if piece.is_break:
+            chunks.append((tokens, weights))
+            tokens, weights, last_comma = [], [], -1
+            continue
+        for token in tokenizer(piece.text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]:
+            if token == comma:
+                last_comma = len(tokens)
+            elif backtrack and len(tokens) == size and last_comma != -1 and size - last_comma <= backtrack:
+                cut = last_comma + 1  # the tokens after the comma start the next chunk
+                chunks.append((tokens[:cut], weights[:cut]))
+                tokens, weights, last_comma = tokens[cut:], weights[cut:], -1
+            if len(tokens) == size:
+                chunks.append((tokens, weights))
+                tokens, weights, last_comma = [], [], -1
+            tokens.append(token)
+            weights.append(piece.weight)
+    if tokens or not chunks:
+        chunks.append((tokens, weights))
+    return chunks
+
+
+def weighted_token_chunks(tokenizer, prompts: list[list[Piece]], size: int, pad_id: int, min_chunks: int = 1,
+                          backtrack: int = COMMA_BACKTRACK) -> WeightedTokens:
+    """Token ids and weights of parsed prompts: each chunk of at most ``size`` tokens is wrapped in the
+    start and end tokens and padded with ``pad_id``; every prompt gets the same number of chunks (an
+    added chunk is an empty prompt's)."""
+    tok = tokenizer
+    per_prompt = [_piece_chunks(tok, pieces, size, backtrack) for pieces in prompts]
+    count = max([min_chunks] + [len(c) for c in per_prompt])
+    ids, weights = [], []
+    for chunks in per_prompt:
+        chunks = chunks + [([], [])] * (count - len(chunks))
+        for tokens, multipliers in chunks:
+            pad = size - len(tokens)
+            ids.append([tok.bos_token_id, *tokens, tok.eos_token_id] + [pad_id] * pad)
+            weights.append([1.0, *multipliers, 1.0] + [1.0] * pad)
+    shape = (len(prompts), count, size + 2)
+    return WeightedTokens(torch.tensor(ids, dtype=torch.long).view(shape), torch.tensor(weights).view(shape))
+
+
 def bpe_token_chunks(tokenizer, prompts: list[str], size: int, pad_id: int, min_chunks: int = 1) -> torch.Tensor:
-    """Token ids (B, chunks, size + 2) of CLIP BPE prompts: each chunk of ``size`` tokens is wrapped in the
-    start and end tokens and padded with ``pad_id``; every prompt gets the same number of chunks."""
+    """Token ids (B, chunks, size + 2) of CLIP BPE prompts read literally: each chunk of ``size`` tokens
+    is wrapped in the start and end tokens and padded with ``pad_id``; every prompt gets the same
+    number of chunks."""
     tok = tokenizer
     ids = [tok(p, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for p in prompts]
     chunks = max([min_chunks] + [math.ceil(len(i) / size) for i in ids])
@@ -58,6 +128,27 @@ def bpe_token_chunks(tokenizer, prompts: list[str], size: int, pad_id: int, min_
             part = prompt_ids[c * size : (c + 1) * size]
             rows.append([tok.bos_token_id, *part, tok.eos_token_id] + [pad_id] * (size - len(part)))
     return torch.tensor(rows, dtype=torch.long).view(len(prompts), chunks, size + 2)
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor, mode: str = "Original") -> torch.Tensor:
+    """Token embeddings ``z`` (B, chunks * N, C) times their ``weights`` (B, chunks, N); "Original"
+    then rescales each prompt's chunk to its mean before weighting, "No norm" does not. A chunk whose
+    weights are all 1 is returned as it was."""
+    check_emphasis(mode)
+    b, chunks, n = weights.shape
+    z_chunks = z.view(b, chunks, n, -1)  # (B, chunks, N, C)
+    weights = weights.to(z.device)
+    weighted = (weights != 1).any(dim=-1)  # (B, chunks)
+    if not weighted.any():
+        return z
+    out = z_chunks.clone()
+    for i, k in weighted.nonzero().tolist():
+        chunk = z_chunks[i, k].float()  # (N, C)
+        scaled = chunk * weights[i, k, :, None]
+        if mode == "Original":
+            scaled = scaled * (chunk.mean() / scaled.mean())
+        out[i, k] = scaled.to(z.dtype)
+    return out.view(b, chunks * n, -1)
 
 
 class _TextTransformer(nn.Module):
@@ -115,8 +206,17 @@ class CLIPTextEncoder(nn.Module):
         out = self.transformer.text_model(input_ids=token_chunks.view(b * chunks, n).to(device)).last_hidden_state
         return out.reshape(b, chunks * n, -1)  # (B, chunks*77, hidden)
 
-    def encode(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
-        return self(self.token_chunks(prompts, min_chunks))
+    def weighted_chunks(self, prompts: list[str], min_chunks: int = 1) -> WeightedTokens:
+        """Token ids and emphasis weights (B, chunks, 77) of prompts in A1111's syntax."""
+        if self.tokenizer is None:
+            raise RuntimeError("CLIPTextEncoder has no tokenizer attached; load the model through ldm.checkpoints")
+        return weighted_token_chunks(self.tokenizer, [parse_emphasis(p) for p in prompts], self.config.chunk_tokens,
+                                     self.tokenizer.pad_token_id, min_chunks)
+
+    def encode(self, prompts: list[str], min_chunks: int = 1, emphasis: str = "Original") -> torch.Tensor:
+        """Prompts in A1111's syntax to (B, 77 * chunks, hidden), weights applied as ``emphasis`` says."""
+        tokens = self.weighted_chunks(prompts, min_chunks)
+        return apply_emphasis(self(tokens.ids), tokens.weights, emphasis)
 
 
 OPEN_CLIP_LAYERS = ("last", "penultimate")
@@ -256,5 +356,14 @@ class OpenCLIPTextEncoder(nn.Module):
             x = block(x)
         return m.ln_final(x).reshape(b, chunks * n, -1)  # (B, chunks*77, width)
 
-    def encode(self, prompts: list[str], min_chunks: int = 1) -> torch.Tensor:
-        return self(self.token_chunks(prompts, min_chunks))
+    def weighted_chunks(self, prompts: list[str], min_chunks: int = 1) -> WeightedTokens:
+        """Token ids and emphasis weights (B, chunks, 77) of prompts in A1111's syntax, padded with 0."""
+        if self.tokenizer is None:
+            raise RuntimeError("OpenCLIPTextEncoder has no tokenizer attached; load the model through ldm.checkpoints")
+        return weighted_token_chunks(self.tokenizer, [parse_emphasis(p) for p in prompts], self.config.chunk_tokens,
+                                     0, min_chunks)
+
+    def encode(self, prompts: list[str], min_chunks: int = 1, emphasis: str = "Original") -> torch.Tensor:
+        """Prompts in A1111's syntax to (B, 77 * chunks, width), weights applied as ``emphasis`` says."""
+        tokens = self.weighted_chunks(prompts, min_chunks)
+        return apply_emphasis(self(tokens.ids), tokens.weights, emphasis)

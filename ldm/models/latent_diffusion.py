@@ -22,6 +22,7 @@ from ldm.models.spatial_rescaler import SpatialRescaler, SpatialRescalerConfig
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.sampling.denoiser import EpsDenoiser, check_parameterization
 from ldm.sampling.schedules import ScheduleConfig, make_alphas_cumprod
+from ldm.text.prompt_syntax import strip_syntax
 
 CONDITIONING_KEYS = ("crossattn", "concat", "hybrid", "none")
 # What a concat/hybrid model's extra UNet input channels carry, after x (the original's c_concat):
@@ -185,16 +186,25 @@ class LatentDiffusion(nn.Module):
             raise ValueError("this model takes no segmentation map (its conditioning stage is not a spatial rescaler)")
         return self.cond_stage_model.encode_labels(labels).to(self.dtype)
 
-    def encode_prompts(self, prompts: list[str], min_chunks: int = 1, layouts: list | None = None) -> torch.Tensor:
-        """Conditioning tokens (B, N, context_dim) for prompts, and for layouts (lists of
-        (label, x0, y0, x1, y1) boxes) on models that take them."""
+    @property
+    def reads_emphasis(self) -> bool:
+        """Whether the text encoder applies A1111's emphasis weights (CLIP and OpenCLIP); the others get
+        the prompt's text with the syntax removed."""
+        return isinstance(self.cond_stage_model, (CLIPTextEncoder, OpenCLIPTextEncoder))
+
+    def encode_prompts(self, prompts: list[str], min_chunks: int = 1, layouts: list | None = None,
+                       emphasis: str = "Original") -> torch.Tensor:
+        """Conditioning tokens (B, N, context_dim) for prompts in A1111's emphasis syntax (weights applied
+        as ``emphasis`` says where the encoder reads them, the syntax removed where it does not), and for
+        layouts (lists of (label, x0, y0, x1, y1) boxes) on models that take them."""
         if not self.encodes_tokens:
             raise ValueError("this model takes no text prompt (it has no text conditioning stage)")
         if layouts is not None and any(layouts) and not self.takes_layout:
             raise ValueError("this model takes no layout boxes; use region prompts instead")
         if isinstance(self.cond_stage_model, TransformerEmbedder):
-            return self.cond_stage_model.encode(prompts, layouts=layouts).to(self.dtype)
-        return self.cond_stage_model.encode(prompts, min_chunks).to(self.dtype)
+            plain = [strip_syntax(p) for p in prompts]
+            return self.cond_stage_model.encode(plain, layouts=layouts).to(self.dtype)
+        return self.cond_stage_model.encode(prompts, min_chunks, emphasis).to(self.dtype)
 
     def encode_first_stage(self, images: torch.Tensor, generator: torch.Generator | None = None, tile: int = 0) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) to scaled latents. A KL posterior is sampled with ``generator``

@@ -19,11 +19,13 @@ from ldm.sampling.guidance import ClassifierFreeGuidance
 from ldm.sampling.noise import randn, seeded_generators
 from ldm.sampling.regions import Region, RegionFusion, box_weight, context_window
 from ldm.sampling.samplers import get_sampler
+from ldm.sampling.scheduled import ScheduledConditioning, ScheduledExtra
 from ldm.sampling.steps import Callback
 from ldm.sampling.tiling import TiledDenoiser, Window
 from ldm.tasks import planning
 from ldm.tasks.planning import CanvasPlan, first_stage_tile
 from ldm.tasks.request import GenerationRequest, RegionPrompt, TilingOptions
+from ldm.text.prompt_syntax import has_emphasis, parse_emphasis, prompt_schedule, strip_syntax, text_at_step
 
 
 @dataclass(frozen=True)
@@ -34,29 +36,67 @@ class Blend:
     x0: torch.Tensor
 
 
-def conditioning(model: LatentDiffusion, request: GenerationRequest, concat: torch.Tensor | None) -> tuple[dict, dict | None]:
-    """(cond, uncond) denoiser arguments. The negative prompt is the unconditional branch; both are
-    encoded together so that long prompts give both the same number of chunks. Concat channels and
-    layout boxes are the same for both branches (the layout only conditions the positive one)."""
+def _context(model: LatentDiffusion, request: GenerationRequest, keys: list[tuple[str, str]]) -> dict:
+    """The encoded context of each distinct (role, text), "negative" or "positive", encoded in one
+    batch so that long prompts all get the same number of chunks; the layout boxes go with the
+    positive texts only."""
+    layouts = [list(request.boxes) if role == "positive" else [] for role, _ in keys] if request.boxes else None
+    context = model.encode_prompts([text for _, text in keys], layouts=layouts, emphasis=request.emphasis)
+    return {key: context[i : i + 1] for i, key in enumerate(keys)}
+
+
+def conditioning_schedule(model: LatentDiffusion, request: GenerationRequest,
+                          concat: torch.Tensor | None) -> list[ScheduledExtra]:
+    """The (cond, uncond) denoiser arguments over the steps: a new entry wherever the prompt or the
+    negative prompt changes (prompt editing, alternation), each distinct text encoded once. The
+    negative prompt is the unconditional branch. Concat channels and layout boxes are the same for
+    both branches (the layout only conditions the positive one)."""
     batch = request.batch_size
     extra = {} if concat is None else {"concat": concat.expand(batch, -1, -1, -1)}
     if not model.encodes_tokens:
-        return extra, None
-    layouts = [[], list(request.boxes)] if request.boxes else None
-    context = model.encode_prompts([request.negative_prompt, request.prompt], layouts=layouts)
-    uncond = {"context": context[:1].expand(batch, -1, -1), **extra}
-    cond = {"context": context[1:].expand(batch, -1, -1), **extra}
-    return cond, uncond
+        return [ScheduledExtra(request.steps, {"cond": extra, "uncond": None})]
+    positive = prompt_schedule(request.prompt, request.steps)
+    negative = prompt_schedule(request.negative_prompt, request.steps)
+    ends = sorted({entry.until_step for entry in positive + negative})
+    pairs = [(end, ("negative", text_at_step(negative, end)), ("positive", text_at_step(positive, end))) for end in ends]
+    keys = list(dict.fromkeys([n for _, n, _ in pairs] + [p for _, _, p in pairs]))  # [negative, prompt] when fixed
+    context = _context(model, request, keys)
+    return [ScheduledExtra(end, {"cond": {"context": context[p].expand(batch, -1, -1), **extra},
+                                 "uncond": {"context": context[n].expand(batch, -1, -1), **extra}})
+            for end, n, p in pairs]
+
+
+def conditioning(model: LatentDiffusion, request: GenerationRequest, concat: torch.Tensor | None) -> tuple[dict, dict | None]:
+    """(cond, uncond) denoiser arguments of the first step."""
+    first = conditioning_schedule(model, request, concat)[0].extra
+    return first["cond"], first["uncond"]
 
 
 def tokenizer_notices(model: LatentDiffusion, request: GenerationRequest) -> list[str]:
     """What the model's tokenizer does not take of the prompts (LDM BERT cuts a prompt to 77 tokens; a
-    layout-only model reads no prompt), for the user to see, from its ``notices`` where it has one."""
+    layout-only model reads no prompt), for the user to see, from its ``notices`` where it has one;
+    and what of the prompt syntax is not used (``prompt_notices``)."""
+    prompts = [request.prompt, request.negative_prompt, *(p for r in request.regions
+                                                          for p in (r.prompt, r.negative_prompt))]
     notices = getattr(getattr(model.cond_stage_model, "tokenizer", None), "notices", None)
-    if notices is None:
+    plain = prompts if model.reads_emphasis else [strip_syntax(p) for p in prompts]
+    return ([] if notices is None else notices(plain)) + prompt_notices(model, request, prompts)
+
+
+def prompt_notices(model: LatentDiffusion, request: GenerationRequest, prompts: list[str]) -> list[str]:
+    """Emphasis on a model whose encoder reads none; prompt editing in a request with region prompts."""
+    if not model.encodes_tokens:
         return []
-    return notices([request.prompt, request.negative_prompt, *(p for r in request.regions
-                                                              for p in (r.prompt, r.negative_prompt))])
+    notices = []
+    steps = request.steps
+    texts = [entry.text for p in prompts for entry in prompt_schedule(p, steps)]
+    if not model.reads_emphasis and any(has_emphasis(parse_emphasis(t)) for t in texts):
+        notices.append("this model's text encoder reads no emphasis: the brackets and BREAK are removed from the "
+                       "prompt and its weights are ignored")
+    if request.regions and any(len(prompt_schedule(p, steps)) > 1 for p in prompts):
+        notices.append("prompt editing and alternation ([a:b:when], [a|b]) are not applied with region prompts: "
+                       "each prompt is used as it reads at the first step")
+    return notices
 
 
 def default_concat(model: LatentDiffusion, height: int, width: int, options: TilingOptions) -> torch.Tensor | None:
@@ -108,12 +148,15 @@ def build_denoiser(model: LatentDiffusion, request: GenerationRequest, plan: Can
     """The guided (tiled, region-fused) denoiser of a request on a ``height`` x ``width`` latent canvas,
     and the keyword arguments the sampler passes it at every step."""
     denoiser = guided_denoiser(model, request.scale, plan)
-    cond, uncond = conditioning(model, request, concat)
+    schedule = conditioning_schedule(model, request, concat)
     if label is not None:
         y = torch.full((request.batch_size,), label, dtype=torch.long, device=model.device)
-        cond, uncond = {**cond, "y": y}, None if uncond is None else {**uncond, "y": y}
-    extra_args = {"cond": cond, "uncond": uncond}
+        schedule = [ScheduledExtra(end, {"cond": {**e["cond"], "y": y}, "uncond": None if e["uncond"] is None
+                                         else {**e["uncond"], "y": y}}) for end, e in schedule]
+    extra_args = schedule[0].extra
     if not request.regions:
+        if len(schedule) > 1:
+            return ScheduledConditioning(denoiser, schedule), {}
         return denoiser, extra_args
     regions = [(r, dict(zip(("cond", "uncond"), conditioning(model, replace_prompts(request, r), concat))))
                for r in request.regions]
@@ -151,6 +194,8 @@ def sample(
             concat = concat(generators)
         denoiser, extra_args = build_denoiser(model, request, chosen, concat, label, height, width)
         before_step = None if blend is None else LatentBlend(blend.keep, blend.x0, generators)
+        if isinstance(denoiser, ScheduledConditioning):
+            callback = denoiser.callback(callback)
         with reusing_freed_memory():  # the steps' activations are reused, and handed back at the end
             return get_sampler(request.sampler).run(
                 denoiser, x_T, model.alphas_cumprod, request.steps, eta=request.eta, generator=generators,

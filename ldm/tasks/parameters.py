@@ -56,8 +56,15 @@ def parameters_text(request: GenerationRequest, seed: int, loaded, fields: dict[
     if guided:
         common["CFG scale"] = request.scale
     common.update({"Seed": seed, "Size": size or f"{request.width}x{request.height}", "Model hash": loaded.short_hash,
-                   "Model": loaded.name, **noise_fields(request)})
+                   "Model": loaded.name, **noise_fields(request), "Emphasis": emphasis_field(request)})
     return format_parameters(request.prompt, request.negative_prompt, {**common, **(fields or {})})
+
+
+def emphasis_field(request: GenerationRequest) -> str | None:
+    """The emphasis mode, written as AUTOMATIC1111 writes it: only when it is not "Original" and a
+    prompt has a bracket."""
+    texts = (request.prompt, request.negative_prompt)
+    return request.emphasis if request.emphasis != "Original" and any(c in t for t in texts for c in "([") else None
 
 
 def noise_fields(request: GenerationRequest) -> dict[str, object]:

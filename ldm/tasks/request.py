@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from ldm.sampling.lcm import ORIGINAL_STEPS as LCM_STEPS
 from ldm.sampling.samplers import SAMPLERS
 from ldm.sampling.sigmas import SCHEDULES
+from ldm.text.prompt_syntax import check_emphasis, parse_emphasis, prompt_schedule
 
 MAX_STEPS = 1000
 MAX_SIDE = 4096
@@ -62,6 +63,7 @@ class GenerationRequest:
     boxes: tuple = ()  # layout: (label, x0, y0, x1, y1) with coordinates normalised to [0, 1]
     regions: tuple[RegionPrompt, ...] = ()
     tiling: TilingOptions = TilingOptions()
+    emphasis: str = "Original"  # how prompt weights are applied: ldm.models.clip.EMPHASIS_MODES
 
 
 def _number(name: str, value, low: float, high: float, integer: bool = False) -> None:
@@ -163,6 +165,15 @@ def check_sampler(sampler, schedule, steps: int) -> None:
                          "schedule")
 
 
+def check_prompt_syntax(request: GenerationRequest, regions: tuple[RegionPrompt, ...]) -> None:
+    """Every prompt's emphasis weights within range, at every step of its schedule (a
+    ``PromptWeightError``, a ValueError naming the range, otherwise)."""
+    prompts = [request.prompt, request.negative_prompt, *(p for r in regions for p in (r.prompt, r.negative_prompt))]
+    for prompt in prompts:
+        for entry in prompt_schedule(prompt, int(request.steps)):
+            parse_emphasis(entry.text)
+
+
 def resolve_request(request: GenerationRequest, size_multiple: int) -> tuple[GenerationRequest, list[str]]:
     """Check every field and return the request as it will run (sides rounded, seed chosen),
     with notices for what was changed. Raises ValueError naming the field, value and range."""
@@ -180,6 +191,8 @@ def resolve_request(request: GenerationRequest, size_multiple: int) -> tuple[Gen
         raise ValueError(f"{len(request.regions)} region prompts given; at most {MAX_REGIONS} are allowed")
     regions = tuple(check_region(i, r) for i, r in enumerate(request.regions))
     tiling = check_tiling(request.tiling)
+    check_emphasis(request.emphasis)
+    check_prompt_syntax(request, regions)
     notices: list[str] = []
     width = round_side("width", request.width, size_multiple, notices)
     height = round_side("height", request.height, size_multiple, notices)
