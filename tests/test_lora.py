@@ -322,3 +322,36 @@ def test_prompt_loras_reads_each_name_once(sd1, tmp_path):
     write(tmp_path / "ink.safetensors", random_lora({Q_PROJ: Q_SHAPE}, 2))
     loras = prompt_loras(sd1.model, ["<lora:ink:0.5> cat", "<lora:ink:1> dog"], [tmp_path])
     assert loras.prompts == [" cat", " dog"] and len(loras.applied) == 1 and loras.applied[0].te == 0.5
+
+
+def test_the_cli_finds_loras_in_lora_dir_and_writes_their_hashes(tiny_sd_v1, sd1, tmp_path, capsys):
+    from ldm.cli import main
+    from ldm.tasks.parameters import read_png_parameters
+    from tests.builders import sd_v1
+    from tests.builders.clip_tokenizer import tiny_vocab_size
+
+    folder = write(tmp_path / "loras" / "ink.safetensors", random_lora(kohya_names(sd1.model), 4)).parent
+    preset = sd_v1.write_preset_yaml(tmp_path / "tiny-v1.yaml", tiny_vocab_size(tiny_sd_v1.tokenizer_dir))
+    args = ["txt2img", "--model", str(tiny_sd_v1.path), "--preset", str(preset), "--tokenizer", str(tiny_sd_v1.tokenizer_dir),
+            "--steps", "2", "--seed", "1", "--width", "32", "--height", "32", "--lora-dir", str(folder)]
+    out = tmp_path / "cat.png"
+    assert main([*args, "--prompt", "a cat <lora:ink:0.7>", "--out", str(out)]) == 0
+    params = read_png_parameters(out)
+    assert params["Prompt"] == "a cat <lora:ink:0.7>" and params["Lora hashes"] == f"ink: {lora_hash(folder / 'ink.safetensors')}"
+    capsys.readouterr()
+    assert main([*args, "--prompt", "a cat <lora:gone:1>", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no LoRA named 'gone'" in err and str(folder) in err and "Traceback" not in err
+    assert main([*args, "--prompt", "a cat <lora:ink:1e9>", "--out", str(out)]) == 2
+    assert "outside the allowed range -5 to 5" in capsys.readouterr().err
+
+
+def test_the_studio_searches_lora_dir_then_lora_beside_its_models_folders(tmp_path):
+    from app import make_studio, parse_args
+
+    models = tmp_path / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    studio = make_studio(parse_args(["--models-dir", str(models), "--lora-dir", str(tmp_path / "mine"),
+                                     "--outputs", str(tmp_path / "out"), "--device", "cpu"]))
+    dirs = studio.lora_dirs()
+    assert dirs[0] == tmp_path / "mine" and tmp_path / "models" / "Lora" in dirs
