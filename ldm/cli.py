@@ -42,6 +42,9 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, out: str, *, prompt
                             "then each chunk's mean restored; default) or 'No norm' (weights only)")
         parser.add_argument("--scale", type=float, help="classifier-free guidance scale; 1 disables guidance")
         parser.add_argument("--batch-size", type=int, default=1)
+        parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                            help="a folder of LoRA files that <lora:NAME:WEIGHT> tags in the prompts name (repeatable; "
+                            "models/Lora beside the model's folder and in the project are always searched)")
     add_sampler_arguments(parser)
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's preset)")
     parser.add_argument("--eta", type=float, help="eta, 0 to 1, of DDIM (0 deterministic, 1 DDPM-like; default: the "
@@ -209,8 +212,17 @@ def make_request(args: argparse.Namespace, loaded, **overrides):
         batch_size=getattr(args, "batch_size", 1),
         emphasis=getattr(args, "emphasis", "Original"),
         **({"tiling": tiling_options(args, size)} if hasattr(args, "tiling") else {}),
+        lora_dirs=lora_dirs(args, loaded),
         **overrides,
     )
+
+
+def lora_dirs(args: argparse.Namespace, loaded) -> tuple[Path, ...]:
+    """The --lora-dir folders first, then the defaults beside the model (``ldm.addons.library``)."""
+    from ldm.addons.library import default_lora_dirs
+
+    given = [Path(d).expanduser() for d in getattr(args, "lora_dir", [])]
+    return tuple(dict.fromkeys([*given, *default_lora_dirs([loaded.path])]))
 
 
 def tiling_options(args: argparse.Namespace, size: int):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.addons.library import default_lora_dirs
 from ldm.checkpoints.catalog import CatalogEntry, scan
 from ldm.checkpoints.loaded import LoadedModel
 from ldm.checkpoints.loader import load_model
@@ -60,6 +61,7 @@ class Studio:
     models: ModelCache
     sampler_presets: list[SamplerPreset] = field(default_factory=read_sampler_presets)
     memory_budget_mb: int = DEFAULT_BUDGET_MB  # the tiling section's default
+    extra_lora_dirs: Sequence[Path] = ()  # --lora-dir
     _stops: dict[str, threading.Event] = field(default_factory=dict)
     _catalog: list[CatalogEntry] | None = None
 
@@ -67,6 +69,10 @@ class Studio:
         if self._catalog is None or refresh:
             self._catalog = scan([WEIGHTS_DIR, *self.model_dirs])
         return self._catalog
+
+    def lora_dirs(self) -> tuple[Path, ...]:
+        """Where <lora:NAME> tags are looked up: --lora-dir, then models/Lora beside each models folder."""
+        return tuple(dict.fromkeys([*self.extra_lora_dirs, *default_lora_dirs([WEIGHTS_DIR, *self.model_dirs])]))
 
     def entries_for(self, task: str) -> list[CatalogEntry]:
         """Recognised models that serve ``task`` (a name of ``ldm.tasks.registry.TASKS``)."""

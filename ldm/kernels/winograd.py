@@ -17,9 +17,9 @@ Used for the 3x3 convolutions of the UNet and of the autoencoder (a tiled decode
 
 The transformed kernels (16/9 the size of the kernel) are kept on the module, made at load by
 ``set_winograd`` (or at the first Winograd call), and made again when the module is moved or cast or
-its weights change. Training, every device but the CPU, and layers narrower than ``MIN_CHANNELS`` run
-the direct convolution (``torch.nn.functional.conv2d``); fp32 images larger than ``FP32_MAX_PIXELS``
-too, where the transforms' memory traffic outweighs the saving.
+its weights change (``weights_changed``, which LoRA merging calls). Training, every device but the
+CPU, and layers narrower than ``MIN_CHANNELS`` run the direct convolution (``torch.nn.functional.conv2d``);
+fp32 images larger than ``FP32_MAX_PIXELS`` too, where the transforms' memory traffic outweighs the saving.
 """
 
 from __future__ import annotations
@@ -131,6 +131,12 @@ class Conv3x3(nn.Conv2d):
         if self._transformed is None or self._transformed[0] != identity:
             self._transformed = (identity, winograd_weight(w))
         return self._transformed[1]
+
+    def weights_changed(self) -> None:
+        """The weights were written in place (a LoRA merged or restored, ``ldm.addons.lora``): the kept
+        kernel is dropped and made again at the next Winograd call (an inference tensor's writes are
+        not counted in its version, so ``transformed_weight`` alone could not tell)."""
+        self._transformed = None
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cpu(): a kept kernel would be stale
         self._transformed = None

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ldm.addons.library import prompt_loras
+from ldm.addons.lora import merged_loras
 from ldm.devices import free_memory_mb, reusing_freed_memory
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.sampling.blending import LatentBlend
@@ -163,6 +165,13 @@ def build_denoiser(model: LatentDiffusion, request: GenerationRequest, plan: Can
     return region_fusion(model, denoiser, extra_args, regions, height, width, plan), {}
 
 
+def without_tags(request: GenerationRequest, prompts: list[str]) -> GenerationRequest:
+    """The request with its prompts replaced, in ``GenerationRequest.prompts`` order."""
+    regions = tuple(replace(r, prompt=prompts[2 + 2 * i], negative_prompt=prompts[3 + 2 * i])
+                    for i, r in enumerate(request.regions))
+    return replace(request, prompt=prompts[0], negative_prompt=prompts[1], regions=regions)
+
+
 def sample(
     model: LatentDiffusion,
     request: GenerationRequest,
@@ -180,7 +189,19 @@ def sample(
     ``concat`` may be a function of the seeds' generators, drawn from after the initial noise (a
     noise-augmented low-resolution image); ``label`` is a class label ``y`` given to both guidance
     branches (the noise level); ``blend`` inpaints by latent blending, its noise from the same
-    generators."""
+    generators.
+    The prompts' ``<lora:NAME:WEIGHT>`` tags are taken out, and those LoRAs (looked up in
+    ``request.lora_dirs``) are merged into the weights for the sampling only: the weights are
+    restored when it ends, stopped or failed included."""
+    prompts = request.prompts()
+    if not any("<lora:" in p for p in prompts):
+        return _sample(model, request, concat, label, blend, callback, should_stop, x_T)
+    loras = prompt_loras(model, prompts, list(request.lora_dirs))
+    with merged_loras(loras.applied):
+        return _sample(model, without_tags(request, loras.prompts), concat, label, blend, callback, should_stop, x_T)
+
+
+def _sample(model, request, concat, label, blend, callback, should_stop, x_T) -> torch.Tensor:
     config = model.config
     generators = seeded_generators([request.seed + i for i in range(request.batch_size)])
     f = config.downsampling_factor

@@ -27,6 +27,7 @@ from PIL import Image, PngImagePlugin
 
 from typing import NamedTuple
 
+from ldm.addons.library import lora_hashes
 from ldm.sampling.samplers import get_sampler, resolve_schedule, split_sampler_name
 from ldm.sampling.sigmas import get_schedule
 from ldm.tasks.request import GenerationRequest, TilingOptions
@@ -57,7 +58,15 @@ def parameters_text(request: GenerationRequest, seed: int, loaded, fields: dict[
         common["CFG scale"] = request.scale
     common.update({"Seed": seed, "Size": size or f"{request.width}x{request.height}", "Model hash": loaded.short_hash,
                    "Model": loaded.name, **noise_fields(request), "Emphasis": emphasis_field(request)})
-    return format_parameters(request.prompt, request.negative_prompt, {**common, **(fields or {})})
+    return format_parameters(request.prompt, request.negative_prompt, {**common, **(fields or {}), **lora_fields(request)})
+
+
+def lora_fields(request: GenerationRequest) -> dict[str, object]:
+    """AUTOMATIC1111's "Lora hashes" of the LoRAs the prompts' tags apply (none without tags)."""
+    prompts = request.prompts()
+    if not any("<lora:" in p for p in prompts):
+        return {}
+    return {"Lora hashes": lora_hashes(prompts, list(request.lora_dirs))}
 
 
 def emphasis_field(request: GenerationRequest) -> str | None:

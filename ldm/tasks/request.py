@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ldm.addons.tags import extract_lora_tags
 
 from ldm.sampling.lcm import ORIGINAL_STEPS as LCM_STEPS
 from ldm.sampling.samplers import SAMPLERS
@@ -64,6 +67,11 @@ class GenerationRequest:
     regions: tuple[RegionPrompt, ...] = ()
     tiling: TilingOptions = TilingOptions()
     emphasis: str = "Original"  # how prompt weights are applied: ldm.models.clip.EMPHASIS_MODES
+    lora_dirs: tuple[Path, ...] = ()  # where the prompts' <lora:NAME> tags are looked up (ldm.addons.library)
+
+    def prompts(self) -> list[str]:
+        """Every prompt of the request: the prompt, the negative prompt, then each region's."""
+        return [self.prompt, self.negative_prompt, *(p for r in self.regions for p in (r.prompt, r.negative_prompt))]
 
 
 def _number(name: str, value, low: float, high: float, integer: bool = False) -> None:
@@ -190,6 +198,8 @@ def resolve_request(request: GenerationRequest, size_multiple: int) -> tuple[Gen
     if len(request.regions) > MAX_REGIONS:
         raise ValueError(f"{len(request.regions)} region prompts given; at most {MAX_REGIONS} are allowed")
     regions = tuple(check_region(i, r) for i, r in enumerate(request.regions))
+    for prompt in request.prompts():
+        extract_lora_tags(prompt)  # a malformed <lora:...> tag is refused here, before any work
     tiling = check_tiling(request.tiling)
     check_emphasis(request.emphasis)
     check_prompt_syntax(request, regions)

@@ -1,0 +1,90 @@
+"""Where LoRA files live, and the LoRAs a request's prompts name.
+
+The folders are ``--lora-dir DIR`` (repeatable) and, by default, ``models/Lora`` as AUTOMATIC1111
+lays it out: beside each models folder (``models/Stable-diffusion/x.safetensors`` ->
+``models/Lora``) and under the project root. A LoRA is named by its file's stem; the first folder
+that holds a name wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm.addons.lora import LORA_SUFFIXES, Applied, lora_hash, read_lora
+from ldm.checkpoints.io import read_metadata
+from ldm.addons.tags import LoraTag, extract_lora_tags
+
+PROJECT_LORA_DIR = Path(__file__).resolve().parents[2] / "models" / "Lora"
+
+
+def default_lora_dirs(model_paths: Iterable[str | Path] = ()) -> list[Path]:
+    """``models/Lora`` of the project, and the ``Lora`` folder beside the folder of each model path."""
+    found = {PROJECT_LORA_DIR: None}
+    for path in model_paths:
+        path = Path(path).expanduser()
+        folder = path if path.is_dir() and not (path / "model_index.json").exists() else path.parent
+        found[folder.parent / "Lora"] = None
+    return list(found)
+
+
+def lora_files(folders: Iterable[str | Path]) -> dict[str, Path]:
+    """Each LoRA name (file stem) -> its file, searched recursively, the first folder first."""
+    found: dict[str, Path] = {}
+    for folder in folders:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in LORA_SUFFIXES and path.is_file() and not path.name.startswith("."):
+                found.setdefault(path.stem, path)
+    return found
+
+
+def find_lora(name: str, folders: list[Path]) -> Path:
+    files = lora_files(folders)
+    if name in files:
+        return files[name]
+    where = ", ".join(str(f) for f in folders) or "(no LoRA folder given)"
+    known = ", ".join(sorted(files)[:10]) or "none"
+    raise ValueError(f"<lora:{name}>: no LoRA named {name!r} in {where}; found: {known}. "
+                     "Put the file there or pass --lora-dir DIR")
+
+
+@dataclass(frozen=True)
+class PromptLoras:
+    """A request's prompts without their tags, and the LoRAs they apply."""
+
+    prompts: list[str]
+    applied: list[Applied]
+
+
+def tags_of(prompts: Iterable[str]) -> tuple[list[str], list[LoraTag]]:
+    """The prompts without their tags, and the tags of all (a name given twice: its first tag)."""
+    texts, tags = [], {}
+    for prompt in prompts:
+        tagged = extract_lora_tags(prompt)
+        texts.append(tagged.text)
+        for tag in tagged.tags:
+            tags.setdefault(tag.name, tag)
+    return texts, list(tags.values())
+
+
+def prompt_loras(model, prompts: list[str], folders: list[Path]) -> PromptLoras:
+    """Read every LoRA the prompts name, mapped onto ``model``. Raises ValueError (a tag, a missing
+    name) or ``LoraError`` (a file that does not fit) before any weight is changed."""
+    texts, tags = tags_of(prompts)
+    applied = [Applied(read_lora(find_lora(tag.name, folders), model), tag.te, tag.unet) for tag in tags]
+    return PromptLoras(texts, applied)
+
+
+def lora_hashes(prompts: list[str], folders: list[Path]) -> str | None:
+    """AUTOMATIC1111's "Lora hashes" value of the LoRAs the prompts' tags name, ``name: 12hex, ...`` (the
+    name without ``:`` and ``,``); None when the prompts have no tag."""
+    _, tags = tags_of(prompts)
+    parts = []
+    for tag in tags:
+        path = find_lora(tag.name, folders)
+        parts.append(f"{tag.name.replace(':', '').replace(',', '')}: {lora_hash(path, read_metadata(path))}")
+    return ", ".join(parts) or None
