@@ -78,8 +78,9 @@ def tokenizer_notices(model: LatentDiffusion, request: GenerationRequest) -> lis
     """What the model's tokenizer does not take of the prompts (LDM BERT cuts a prompt to 77 tokens; a
     layout-only model reads no prompt), for the user to see, from its ``notices`` where it has one;
     and what of the prompt syntax is not used (``prompt_notices``)."""
-    prompts = [request.prompt, request.negative_prompt, *(p for r in request.regions
-                                                          for p in (r.prompt, r.negative_prompt))]
+    prompts = [p for p in (request.prompt, request.negative_prompt, *(q for r in request.regions
+                                                                      for q in (r.prompt, r.negative_prompt)))
+               if isinstance(p, str)]  # anything else is refused with its message when the request is resolved
     notices = getattr(getattr(model.cond_stage_model, "tokenizer", None), "notices", None)
     plain = prompts if model.reads_emphasis else [strip_syntax(p) for p in prompts]
     return ([] if notices is None else notices(plain)) + prompt_notices(model, request, prompts)
@@ -90,7 +91,8 @@ def prompt_notices(model: LatentDiffusion, request: GenerationRequest, prompts: 
     if not model.encodes_tokens:
         return []
     notices = []
-    steps = request.steps
+    # called before the request is resolved: a step count that is not one is refused there, with its message
+    steps = request.steps if isinstance(request.steps, int) and not isinstance(request.steps, bool) and request.steps > 0 else 1
     texts = [entry.text for p in prompts for entry in prompt_schedule(p, steps)]
     if not model.reads_emphasis and any(has_emphasis(parse_emphasis(t)) for t in texts):
         notices.append("this model's text encoder reads no emphasis: the brackets and BREAK are removed from the "
