@@ -179,3 +179,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def diffusers_clip_text_model(ours, checkpoint: dict):
+    """transformers' CLIPTextModel of a tiny SD v1 checkpoint, through diffusers' single-file converter
+    (``ours``: our loaded model, whose text encoder's config it copies)."""
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    clip = ours.model.cond_stage_model.config
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=clip.vocab_size, hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
+        num_hidden_layers=clip.num_layers, num_attention_heads=clip.num_heads, max_position_embeddings=77,
+        hidden_act="quick_gelu", bos_token_id=clip.vocab_size - 2, eos_token_id=clip.vocab_size - 1,
+    ))
+    converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
+    text.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")},
+                         strict=True)
+    return text

@@ -26,7 +26,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders import single_file_utils as sfu
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from ldm.checkpoints.catalog import checkpoint_files, scan
 from ldm.checkpoints.detect import detect, detect_file
@@ -54,6 +54,7 @@ from tests.builders.sd_v1 import SCALE_FACTOR, original_config
 from tests.builders.x4 import MAX_NOISE_LEVEL, original_x4_config
 from tests.builders.x4 import SCALE_FACTOR as X4_SCALE_FACTOR
 from tests.builders.x4 import SCHEDULE as X4_SCHEDULE
+from tests.helpers import diffusers_clip_text_model
 
 pytestmark = pytest.mark.parity
 
@@ -67,19 +68,6 @@ UNUSED_TEXT = {"cond_stage_model.model.text_projection", "cond_stage_model.model
 # ---------------------------------------------------------------- tiny pipelines from tiny single files
 
 
-def clip_text_model(ours, checkpoint: dict) -> CLIPTextModel:
-    clip = ours.model.cond_stage_model.config
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=clip.vocab_size, hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
-        num_hidden_layers=clip.num_layers, num_attention_heads=clip.num_heads, max_position_embeddings=77,
-        hidden_act="quick_gelu", bos_token_id=clip.vocab_size - 2, eos_token_id=clip.vocab_size - 1,
-    ))
-    converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
-    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")}
-    text.load_state_dict(converted, strict=True)
-    return text
-
-
 def diffusers_parts(path: Path, ours, config: dict, scale_factor: float, text_kind: str) -> dict:
     """diffusers' UNet, VAE and transformers' text model made from a single file by diffusers' converters."""
     checkpoint = read_state_dict(path)
@@ -89,7 +77,7 @@ def diffusers_parts(path: Path, ours, config: dict, scale_factor: float, text_ki
     vae_config = sfu.create_vae_diffusers_config_from_ldm(config, checkpoint, scaling_factor=scale_factor)
     vae = AutoencoderKL(**vae_config)
     vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
-    text = clip_text_model(ours, checkpoint) if text_kind == "clip" else converted_text_model(ours, checkpoint)
+    text = diffusers_clip_text_model(ours, checkpoint) if text_kind == "clip" else converted_text_model(ours, checkpoint)
     return {"unet": unet, "vae": vae, "text_encoder": text}
 
 

@@ -12,14 +12,13 @@ pytest.importorskip("peft")
 
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from ldm.addons.lora import Applied, merged_loras, read_lora  # noqa: E402
 from ldm.checkpoints.io import read_state_dict  # noqa: E402
 from tests.builders.lora import kohya_names, random_lora, write  # noqa: E402
 from tests.builders.sd2 import TEXT, converted_models, original_v2_config  # noqa: E402
 from tests.builders.sd_v1 import original_config  # noqa: E402
-from tests.helpers import max_error, reference_embeddings as open_clip_embeddings  # noqa: E402
+from tests.helpers import diffusers_clip_text_model, max_error, reference_embeddings as open_clip_embeddings  # noqa: E402
 
 pytestmark = pytest.mark.parity
 TOL = 1e-4
@@ -32,15 +31,7 @@ def sd1_reference(files, ours):
     unet_config = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)
     unet = UNet2DConditionModel(**unet_config)
     unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
-    clip = ours.model.cond_stage_model.config
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=clip.vocab_size, hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
-        num_hidden_layers=clip.num_layers, num_attention_heads=clip.num_heads, max_position_embeddings=77,
-        hidden_act="quick_gelu", bos_token_id=clip.vocab_size - 2, eos_token_id=clip.vocab_size - 1,
-    ))
-    converted = sfu.convert_ldm_clip_checkpoint(checkpoint)
-    text.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")},
-                         strict=True)
+    text = diffusers_clip_text_model(ours, checkpoint)
     return unet.eval(), text.eval()
 
 
