@@ -193,6 +193,19 @@ class LoraModule:
         """scale * dW in float32, in the target weight's shape."""
         return self.raw_delta().reshape(self.target.weight.shape) * self.scale
 
+    def add_to(self, weight: torch.Tensor, multiplier: float) -> None:
+        """weight += multiplier * scale * dW, in place (``weight``: float32, the target's shape). A plain
+        LoRA's product is added by one ``addmm_`` into the flattened weight (a conv's (out, in, kh, kw)
+        flattens as up @ down does), with no dW tensor made."""
+        t = self.tensors
+        if self.kind == "lora" and "lora_mid.weight" not in t:
+            up, down = t["lora_up.weight"], t["lora_down.weight"]
+            weight.view(weight.shape[0], -1).addmm_(up.reshape(up.shape[0], -1).float(),
+                                                   down.reshape(down.shape[0], -1).float(),
+                                                   alpha=multiplier * self.scale)
+        else:
+            weight.add_(self.delta().to(weight.device), alpha=multiplier)
+
     def raw_delta(self) -> torch.Tensor:
         """dW in float32 in the shape its factors give (a 1x1 conv's may lack the kernel's dims)."""
         t = {k: v.float() for k, v in self.tensors.items()}
@@ -486,8 +499,9 @@ def merged_loras(applied: Iterable[Applied]) -> Iterator[int]:
     backups: list[tuple[nn.Module, str, torch.Tensor]] = []
     try:
         with torch.no_grad():
+            scratch = _Scratch()
             for changes in groups.values():
-                backups.append(_merge(changes))
+                backups.append(_merge(changes, scratch))
         yield len(backups)
     finally:
         with torch.no_grad():
@@ -496,21 +510,37 @@ def merged_loras(applied: Iterable[Applied]) -> Iterator[int]:
                 _weights_changed(module)
 
 
-def _merge(changes: list[tuple[LoraModule, float]]) -> tuple[nn.Module, str, torch.Tensor]:
-    """Add every change of one weight; returns (module, param, the CPU copy of the weight before)."""
+class _Scratch:
+    """One float32 buffer per device, grown to the largest weight and reused for every weight of a
+    merge: a fresh buffer per weight would be mapped and faulted in anew each time (most of a merge's
+    time on a CPU)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.device, torch.Tensor] = {}
+
+    def like(self, weight: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers.get(weight.device)
+        if buffer is None or buffer.numel() < weight.numel():
+            buffer = self.buffers[weight.device] = torch.empty(weight.numel(), dtype=torch.float32, device=weight.device)
+        return buffer[:weight.numel()].view(weight.shape)
+
+
+def _merge(changes: list[tuple[LoraModule, float]], scratch: _Scratch) -> tuple[nn.Module, str, torch.Tensor]:
+    """Add every change of one weight (in float32, rounded once to the weight's dtype); returns (module,
+    param, the CPU copy of the weight before)."""
     first = changes[0][0].target
     weight = getattr(first.module, first.param)
     copy = weight.detach().to("cpu", copy=True)
-    total = weight.detach().float()
+    total = scratch.like(weight).copy_(weight)
     for module, mult in changes:
         rows = module.target.rows
-        part = total if rows is None else total[rows[0]:rows[1]]
-        part.add_(module.delta().to(total.device), alpha=mult)
-    merged = total.to(weight.dtype)
-    if not torch.isfinite(merged).all():
+        module.add_to(total if rows is None else total[rows[0]:rows[1]], mult)
+    weight.copy_(total)
+    low, high = torch.aminmax(weight)  # one pass; both are finite exactly when every element is (NaN propagates)
+    if not (torch.isfinite(low) and torch.isfinite(high)):
+        weight.copy_(copy)
         raise ValueError(f"merging LoRA {changes[0][0].key} into {first.name} gives values outside what "
                          f"{weight.dtype} holds; use a smaller weight in the <lora:...> tag")
-    weight.copy_(merged)
     _weights_changed(first.module)
     return first.module, first.param, copy
 
