@@ -40,7 +40,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 TILING_MODES = ("auto", "always", "off")
 DEFAULT_BUDGET_MB = 2048
 SAMPLER_NAMES = ("DDIM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "LCM")
-SCHEDULE_NAMES = ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "Simple")
+SCHEDULE_NAMES = ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "Simple", "Normal", "KL Optimal",
+                  "Align Your Steps", "Beta")
 
 
 def named(choices: tuple[str, ...]):

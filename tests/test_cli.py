@@ -277,8 +277,9 @@ def test_every_generating_command_takes_a_sampler_a_schedule_and_s_noise_by_any_
 @pytest.mark.parametrize("argv, message", [
     (["--sampler", "DPM2 a"], "argument --sampler: invalid choice: 'DPM2 a' (choose from 'DDIM', 'Euler', 'Euler a', 'Heun', "
                               "'DPM++ 2M', 'DPM++ 2M SDE', 'DPM++ SDE', 'UniPC', 'LCM')"),
-    (["--schedule", "Beta"], "argument --schedule: invalid choice: 'Beta' (choose from 'Automatic', 'Uniform', 'Karras', "
-                             "'Exponential', 'SGM Uniform', 'Simple')"),
+    (["--schedule", "Polyexponential"], "argument --schedule: invalid choice: 'Polyexponential' (choose from 'Automatic', "
+                                        "'Uniform', 'Karras', 'Exponential', 'SGM Uniform', 'Simple', 'Normal', 'KL Optimal', "
+                                        "'Align Your Steps', 'Beta')"),
     (["--sampler", "DPM++ 2M Karras"], "'DPM++ 2M Karras' fuses a sampler and a schedule as AUTOMATIC1111 up to 1.8 named "
                                        "them: use --sampler 'DPM++ 2M' --schedule 'Karras'"),
 ])
@@ -293,7 +294,7 @@ def test_the_help_lists_the_samplers_and_schedules(capsys):
         build_parser().parse_args(["txt2img", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "DDIM, Euler, Euler a, Heun, DPM++ 2M, DPM++ 2M SDE, DPM++ SDE, UniPC, LCM" in text
-    assert "Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple" in text
+    assert "Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple, Normal, KL Optimal, Align Your Steps, Beta" in text
 
 
 def test_txt2img_with_dpmpp_2m_karras_writes_it_and_reproduces(tiny, tmp_path):

@@ -37,10 +37,13 @@ from ldm.sampling.samplers import (
 )
 from ldm.sampling.schedules import ddim_schedule
 from ldm.sampling.sigmas import (
+    ALIGN_YOUR_STEPS_SD1,
     SCHEDULES,
     DiscreteSigmas,
     alpha_bar_at,
+    beta_quantile,
     get_schedule,
+    incomplete_beta,
     schedule_sigmas,
     spaced_timesteps,
 )
@@ -196,12 +199,37 @@ def test_schedules_give_the_reference_sd_numbers():
     assert simple == [999 - 50 * i for i in range(20)]  # 999, 949, ..., 49
 
 
+def test_a1111_schedules_follow_their_formulas():
+    normal, uniform = schedule_sigmas("Normal", TABLE, 20), schedule_sigmas("Uniform", TABLE, 20)
+    assert normal == pytest.approx(uniform, rel=1e-9)  # t(smax) = 999 and t(smin) = 0 on SD's table
+    kl = schedule_sigmas("KL Optimal", TABLE, 10)[:-1]
+    assert np.diff(np.arctan(kl)) == pytest.approx([(math.atan(TABLE.sigma_min) - math.atan(TABLE.sigma_max)) / 9] * 9)
+    assert kl[-1] == pytest.approx(TABLE.sigma_min)
+    assert schedule_sigmas("Align Your Steps", TABLE, 11) == pytest.approx([*ALIGN_YOUR_STEPS_SD1, 0.0])
+    five = schedule_sigmas("Align Your Steps", TABLE, 6)[:-1]  # every second of the 11 published levels
+    assert five == pytest.approx(ALIGN_YOUR_STEPS_SD1[::2])
+    beta = schedule_sigmas("Beta", TABLE, 21)
+    # Beta(0.6, 0.6) is symmetric: the middle step is halfway in sigma, and the steps mirror each other
+    assert beta[10] == pytest.approx((TABLE.sigma_min + TABLE.sigma_max) / 2, rel=1e-9)
+    assert beta[3] - TABLE.sigma_min == pytest.approx(TABLE.sigma_max - beta[17], rel=1e-9)
+
+
+def test_the_beta_quantile_inverts_known_distributions():
+    assert incomplete_beta(0.3, 2, 3) == pytest.approx(0.3483, abs=1e-12)  # the binomial sum of I_x(2, 3)
+    assert beta_quantile(0.3, 1, 1) == pytest.approx(0.3, abs=1e-10)  # uniform
+    assert beta_quantile(0.25, 2, 1) == pytest.approx(0.5, abs=1e-10)  # I_x(2, 1) = x^2
+    assert beta_quantile(0.9, 1, 3) == pytest.approx(1 - 0.1 ** (1 / 3), abs=1e-10)  # I_x(1, 3) = 1 - (1 - x)^3
+    for p in (0.01, 0.2, 0.5, 0.77, 0.99):
+        assert incomplete_beta(beta_quantile(p, 0.6, 0.6), 0.6, 0.6) == pytest.approx(p, abs=1e-9)
+
+
 @pytest.mark.parametrize("name", [n for n in SCHEDULES if n != "Automatic"])
 @pytest.mark.parametrize("steps", [1, 2, 7, 50])
 def test_every_schedule_decreases_from_sigma_max_to_zero(name, steps):
     sigmas = schedule_sigmas(name, TABLE, steps)
     assert len(sigmas) == steps + 1 and sigmas[-1] == 0.0
-    assert sigmas[0] == pytest.approx(TABLE.sigma_max, rel=1e-9)
+    start = ALIGN_YOUR_STEPS_SD1[0] if name == "Align Your Steps" else TABLE.sigma_max  # the published list's
+    assert sigmas[0] == pytest.approx(start, rel=1e-9)
     assert all(a > b for a, b in itertools.pairwise(sigmas))
 
 
@@ -240,11 +268,11 @@ def test_unknown_names_are_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="'DPM\\+\\+ 3M'") as info:
         get_sampler("DPM++ 3M")
     assert all(name in str(info.value) for name in SAMPLERS)
-    with pytest.raises(ValueError, match="'Beta'") as info:
-        get_schedule("Beta")
+    with pytest.raises(ValueError, match="'Polyexponential'") as info:
+        get_schedule("Polyexponential")
     assert all(name in str(info.value) for name in SCHEDULES)
-    with pytest.raises(ValueError, match="'Beta'"):
-        ours("Euler", "eps", 3, schedule="Beta")
+    with pytest.raises(ValueError, match="'Polyexponential'"):
+        ours("Euler", "eps", 3, schedule="Polyexponential")
     with pytest.raises(ValueError, match="'uniform'.*leading, linspace, trailing"):
         spaced_timesteps(1000, 10, "uniform")
     with pytest.raises(ValueError, match="steps"):
@@ -254,7 +282,8 @@ def test_unknown_names_are_refused_with_the_known_ones():
 def test_registry_names_keys_and_defaults():
     assert list(SAMPLERS) == ["DDIM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "UniPC",
                               "LCM"]
-    assert list(SCHEDULES) == ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "Simple"]
+    assert list(SCHEDULES) == ["Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "Simple", "Normal",
+                               "KL Optimal", "Align Your Steps", "Beta"]
     fields = {name: (s.eta_field, s.eta_default) for name, s in SAMPLERS.items() if s.eta_field}
     assert fields == {"DDIM": ("Eta DDIM", 0.0), "Euler a": ("Eta", 1.0), "DPM++ 2M SDE": ("Eta", 1.0),
                       "DPM++ SDE": ("Eta", 1.0)}

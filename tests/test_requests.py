@@ -28,7 +28,7 @@ from ldm.tasks.request import GenerationRequest, resolve_request
         ({"steps": "20"}, ["steps", "number"]),
         ({"sampler": "DPM++ 2M Karras"}, ["sampler 'DPM++ 2M Karras' is not known", "DDIM, Euler, Euler a, Heun, DPM++ 2M"]),
         ({"sampler": None}, ["sampler None is not known", "LCM"]),
-        ({"schedule": "karras"}, ["schedule 'karras' is not known", "Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple"]),
+        ({"schedule": "karras"}, ["schedule 'karras' is not known", "Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple, Normal, KL Optimal, Align Your Steps, Beta"]),
         ({"sampler": "LCM", "steps": 51}, ["LCM's own schedule has 1 to 50 steps", "51", "another schedule"]),
         ({"s_noise": -0.1}, ["s_noise", "between 0 and 2"]),
         ({"s_noise": math.nan}, ["s_noise", "finite"]),

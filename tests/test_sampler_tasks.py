@@ -107,7 +107,7 @@ def test_image_i_of_a_batch_is_its_seed_alone(task, sampler, schedule, request):
 def test_automatic_is_the_samplers_own_schedule_and_another_schedule_changes_the_image(loaded_sd_v1):
     karras = pixels(txt2img(loaded_sd_v1, with_sampler("DPM++ 2M", "Karras")))
     assert np.array_equal(karras, pixels(txt2img(loaded_sd_v1, with_sampler("DPM++ 2M", "Automatic"))))
-    for schedule in ("Uniform", "Exponential", "SGM Uniform", "Simple"):
+    for schedule in ("Uniform", "Exponential", "SGM Uniform", "Simple", "KL Optimal", "Align Your Steps", "Beta"):
         assert not np.array_equal(karras, pixels(txt2img(loaded_sd_v1, with_sampler("DPM++ 2M", schedule)))), schedule
 
 

@@ -22,6 +22,12 @@ levels sigma_0 > ... > sigma_{n-1} and a final 0, n = steps:
     Exponential  exp(linspace(log smax, log smin, n))
     SGM Uniform  t = linspace(t(smax), t(smin), n + 1)[:-1], sigma(t)    (999, 949.05, ..., 49.95 at n 20)
     Simple       the table's sigma at t = T - 1 - int(i T / n)           (999, 949, ..., 49 at n 20)
+    Normal       t = linspace(t(smax), t(smin), n), sigma(t)           (A1111's; Uniform on SD's tables)
+    KL Optimal   tan(u atan(smin) + (1 - u) atan(smax)), u = i/(n-1)    (Sabour et al. 2024; as ComfyUI:
+                 A1111 takes u = i/n for i up to n and ends at smin instead of 0)
+    Align Your Steps  the published 10-step SD 1.5 list, log-linearly interpolated for other n
+    Beta         smin + q_i (smax - smin), q_i the Beta(0.6, 0.6) quantile of 1 - i/(n-1)  (A1111's,
+                 linear in sigma; ComfyUI's looks timesteps up instead)
 
 smin and smax are the model's sigma_0 and sigma_{T-1}. "Automatic" is no schedule of its own: each
 sampler resolves it to its default (``ldm.sampling.samplers``), as AUTOMATIC1111 does.
@@ -124,6 +130,74 @@ def simple_sigmas(table: DiscreteSigmas, steps: int) -> list[float]:
     return [float(table.sigmas[T - 1 - int(i * T / steps)]) for i in range(steps)] + [0.0]
 
 
+def normal_sigmas(table: DiscreteSigmas, steps: int) -> list[float]:
+    t = torch.linspace(table.timestep(table.sigma_max), table.timestep(table.sigma_min), steps, dtype=torch.float64)
+    return table.sigma(t).tolist() + [0.0]
+
+
+def kl_optimal_sigmas(table: DiscreteSigmas, steps: int) -> list[float]:
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    angles = ramp * math.atan(table.sigma_min) + (1 - ramp) * math.atan(table.sigma_max)
+    return angles.tan().tolist() + [0.0]
+
+
+# Sabour et al. 2024's noise levels for SD 1.5 at 10 steps (AUTOMATIC1111 uses them for SD 2 too)
+ALIGN_YOUR_STEPS_SD1 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+
+
+def align_your_steps_sigmas(table: DiscreteSigmas, steps: int) -> list[float]:
+    """The published list, interpolated linearly in log sigma for another number of steps."""
+    levels = np.log(ALIGN_YOUR_STEPS_SD1)  # decreasing; one step starts at the first
+    known, wanted = np.linspace(0, 1, len(levels)), np.linspace(0, 1, steps)
+    return np.exp(np.interp(wanted, known, levels)).tolist() + [0.0]
+
+
+BETA_SHAPE = 0.6  # AUTOMATIC1111's Beta schedule alpha and beta
+
+
+def beta_sigmas(table: DiscreteSigmas, steps: int) -> list[float]:
+    quantiles = [beta_quantile(1 - i / max(steps - 1, 1), BETA_SHAPE, BETA_SHAPE) for i in range(steps)]
+    return [table.sigma_min + q * (table.sigma_max - table.sigma_min) for q in quantiles] + [0.0]
+
+
+def beta_quantile(p: float, a: float, b: float) -> float:
+    """The x with I_x(a, b) = p (the Beta(a, b) distribution's quantile), by bisection to 1e-12."""
+    low, high = 0.0, 1.0
+    if p <= 0 or p >= 1:
+        return float(p >= 1)
+    while high - low > 1e-12:
+        middle = (low + high) / 2
+        low, high = (middle, high) if incomplete_beta(middle, a, b) < p else (low, middle)
+    return (low + high) / 2
+
+
+def incomplete_beta(x: float, a: float, b: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified Lentz),
+    on the side of x where it converges fast (I_x(a, b) = 1 - I_{1-x}(b, a))."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - incomplete_beta(1 - x, b, a)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))) / a
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            numerator = 1.0
+        elif i % 2 == 0:
+            numerator = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            numerator = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 + numerator * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + numerator / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1 - c * d) < 1e-15:
+            break
+    return front * (f - 1)
+
+
 @dataclass(frozen=True)
 class Schedule:
     name: str  # AUTOMATIC1111's "Schedule type" label
@@ -137,6 +211,10 @@ SCHEDULES = {schedule.name: schedule for schedule in (
     Schedule("Exponential", exponential_sigmas),
     Schedule("SGM Uniform", sgm_uniform_sigmas),
     Schedule("Simple", simple_sigmas),
+    Schedule("Normal", normal_sigmas),
+    Schedule("KL Optimal", kl_optimal_sigmas),
+    Schedule("Align Your Steps", align_your_steps_sigmas),
+    Schedule("Beta", beta_sigmas),
 )}
 
 
