@@ -207,6 +207,18 @@ def test_an_embedding_that_would_not_fit_starts_the_next_chunk(loaded_sd_v1):
     assert fits.ids.shape[1] == 1 and [(f.row, f.offset) for f in fits.fixes] == [(0, 72)]
 
 
+def test_break_and_the_comma_backtrack_carry_the_embedding_into_the_next_chunk(loaded_sd_v1):
+    encoder = loaded_sd_v1.model.cond_stage_model
+    emb = {NAME: vectors(3, width_of(loaded_sd_v1))}
+    broken = encoder.weighted_chunks([f"cat BREAK {NAME}"], embeddings=emb)
+    assert [(f.row, f.offset) for f in broken.fixes] == [(1, 0)]
+    # 60 cats, a comma, 10 dogs, the 3 placeholders and a red fill the chunk; the next red moves all after the comma
+    prompt = " ".join(["cat"] * 60) + ", " + " ".join(["dog"] * 10) + f" {NAME} " + " ".join(["red"] * 5)
+    moved = encoder.weighted_chunks([prompt], embeddings=emb)
+    assert [(f.row, f.offset) for f in moved.fixes] == [(1, 10)]
+    assert moved.ids[0, 1, 11:14].tolist() == [PLACEHOLDER] * 3 and moved.ids[0, 0, 62].item() != PLACEHOLDER
+
+
 def test_the_longest_name_wins_and_other_tokens_stay(loaded_sd_v1):
     encoder = loaded_sd_v1.model.cond_stage_model
     width = width_of(loaded_sd_v1)
