@@ -74,6 +74,8 @@ def test_each_format_is_read_with_its_file_stem_as_the_name(tmp_path):
     assert torch.equal(read_embedding(tmp_path / "kohya_pt.pt").vectors, t)
     one = read_embedding(tmp_path / "learned_embeds.bin")
     assert one.name == "learned_embeds" and one.vectors.shape == (1, 768) and torch.equal(one.vectors[0], t[0])
+    a1111_pt(tmp_path / "trained.pt", torch.nn.Parameter(t.clone()))  # A1111 saves the trained parameter
+    assert torch.equal(read_embedding(tmp_path / "trained.pt").vectors, t)
     sd2 = read_embedding(safetensors(tmp_path / "wide.safetensors", {"emb_params": vectors(2, 1024)}))
     assert sd2.family == "SD 2" and sd2.width == 1024
 
@@ -125,8 +127,11 @@ def test_truncated_lying_and_foreign_files_are_refused_by_name(tmp_path):
     safetensors(tmp_path / "lora.safetensors", {"lora_unet_x.lora_up.weight": vectors(4, 4),
                                                 "lora_unet_x.lora_down.weight": vectors(4, 4)})
     torch.save([1, 2], tmp_path / "list.pt")
+    with open(tmp_path / "model.safetensors", "wb") as f:  # a model put in the wrong folder: never read
+        f.truncate(17 * 2**20)
     for name, message in [("cut.safetensors", "truncated or corrupt"), ("cut.pt", "truncated or corrupt"), ("lying.safetensors", "header"),
-                          ("two.pt", "2 terms"), ("lora.safetensors", "not an embedding layout"), ("list.pt", "holds a list")]:
+                          ("two.pt", "2 terms"), ("lora.safetensors", "not an embedding layout"), ("list.pt", "holds a list"),
+                          ("model.safetensors", "too big for an embedding")]:
         with pytest.raises(CheckpointError, match=message) as caught:
             read_embedding(tmp_path / name)
         assert str(tmp_path / name) in str(caught.value)

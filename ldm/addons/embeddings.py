@@ -40,6 +40,7 @@ from ldm.text.prompt_syntax import prompt_schedule
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
 EMBEDDINGS_FOLDER = "embeddings"
 MAX_VECTORS = 75  # one chunk: an embedding is never split between chunks
+MAX_FILE_BYTES = 16 * 1024 * 1024  # 75 SDXL vectors in fp32 are 0.6 MB; a bigger file is a model or a LoRA
 FAMILIES = {768: "SD 1", 1024: "SD 2"}
 SDXL = "SDXL"
 SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
@@ -79,6 +80,10 @@ def read_embedding(path: str | Path) -> Embedding:
     path = Path(path)
     if path.suffix.lower() not in EMBEDDING_SUFFIXES:
         raise _fail(path, f"has suffix {path.suffix!r}", f"Embeddings are {', '.join(EMBEDDING_SUFFIXES)} files")
+    size = path.stat().st_size if path.is_file() else 0
+    if size > MAX_FILE_BYTES:
+        raise _fail(path, f"is {size / 2**20:.0f} MB, too big for an embedding (at most {MAX_FILE_BYTES // 2**20} MB)",
+                    "Is it a model or a LoRA? Those go in their own folders")
     data = read_state_dict(path) if path.suffix.lower() == ".safetensors" else read_pickle(path)
     if not isinstance(data, dict):
         raise _fail(path, f"holds a {type(data).__name__}, not an embedding's dict of tensors")
