@@ -1,6 +1,6 @@
 """LDM Studio: the composition root. ``./launch.sh`` runs this; it serves http://127.0.0.1:7860.
 
-    python app.py [--listen] [--auth USER:PASSWORD | --auth-file FILE] [--port 7860] [--models-dir DIR ...] [--lora-dir DIR ...]
+    python app.py [--listen] [--auth USER:PASSWORD | --auth-file FILE] [--port 7860] [--models-dir DIR ...] [--lora-dir DIR ...] [--embeddings-dir DIR ...]
                   [--outputs outputs] [--device auto] [--dtype auto] [--memory-format auto] [--compile] [--no-winograd]
                   [--no-cuda-graphs] [--no-cpu-kernels] [--concurrency 1]
 
@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models-dir", action="append", default=[], help="another folder of checkpoints (repeatable)")
     parser.add_argument("--lora-dir", action="append", default=[], help="a folder of LoRA files for <lora:NAME:WEIGHT> "
                         "prompt tags (repeatable; models/Lora beside each models folder is always searched)")
+    parser.add_argument("--embeddings-dir", action="append", default=[], help="a folder of textual-inversion "
+                        "embeddings, used where a prompt names one (repeatable; models/embeddings beside each models "
+                        "folder is always searched)")
     parser.add_argument("--outputs", default=str(ROOT / "outputs"), help="where images are saved, in one folder per day")
     add_device_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=1, help="generations that may run at once (one per model at most)")
@@ -78,7 +81,8 @@ def make_studio(args: argparse.Namespace):
     keep_freed_memory(device)
     return Studio([Path(f).expanduser() for f in folders], OutputWriter(Path(args.outputs)),
                   ModelCache(device, choose_dtype(args.dtype, device), args.memory_format, SpeedPaths.from_arguments(args)),
-                  memory_budget_mb=args.memory_budget, extra_lora_dirs=[Path(d).expanduser() for d in args.lora_dir])
+                  memory_budget_mb=args.memory_budget, extra_lora_dirs=[Path(d).expanduser() for d in args.lora_dir],
+                  extra_embedding_dirs=[Path(d).expanduser() for d in args.embeddings_dir])
 
 
 def launch(studio, host: str, port: int, concurrency: int = 1, block: bool = True, logins=None):

@@ -45,6 +45,10 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, out: str, *, prompt
         parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                             help="a folder of LoRA files that <lora:NAME:WEIGHT> tags in the prompts name (repeatable; "
                             "models/Lora beside the model's folder and in the project are always searched)")
+        parser.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
+                            help="a folder of textual-inversion embeddings, used where a prompt names one by its file "
+                            "name (repeatable; models/embeddings beside the model's folder and in the project are "
+                            "always searched)")
     add_sampler_arguments(parser)
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's preset)")
     parser.add_argument("--eta", type=float, help="eta, 0 to 1, of DDIM (0 deterministic, 1 DDPM-like; default: the "
@@ -213,6 +217,7 @@ def make_request(args: argparse.Namespace, loaded, **overrides):
         emphasis=getattr(args, "emphasis", "Original"),
         **({"tiling": tiling_options(args, size)} if hasattr(args, "tiling") else {}),
         lora_dirs=lora_dirs(args, loaded),
+        embedding_dirs=embedding_dirs(args, loaded),
         **overrides,
     )
 
@@ -223,6 +228,14 @@ def lora_dirs(args: argparse.Namespace, loaded) -> tuple[Path, ...]:
 
     given = [Path(d).expanduser() for d in getattr(args, "lora_dir", [])]
     return tuple(dict.fromkeys([*given, *default_lora_dirs([loaded.path])]))
+
+
+def embedding_dirs(args: argparse.Namespace, loaded) -> tuple[Path, ...]:
+    """The --embeddings-dir folders first, then the defaults beside the model (``ldm.addons.embeddings``)."""
+    from ldm.addons.embeddings import default_embedding_dirs
+
+    given = [Path(d).expanduser() for d in getattr(args, "embeddings_dir", [])]
+    return tuple(dict.fromkeys([*given, *default_embedding_dirs([loaded.path])]))
 
 
 def tiling_options(args: argparse.Namespace, size: int):

@@ -72,7 +72,8 @@ def generation_handler(studio: Studio, task: str, model: ModelMenu, output: Outp
         job = prepare(data, loaded)
 
         def one_batch(seed: int, callback, should_stop) -> tuple[list[Path], list[str]]:
-            result = job.run(replace(job.request, seed=seed, lora_dirs=studio.lora_dirs()), callback, should_stop)
+            result = job.run(replace(job.request, seed=seed, lora_dirs=studio.lora_dirs(),
+                                     embedding_dirs=studio.embedding_dirs()), callback, should_stop)
             return save_result(studio, result, {"task": task, "model": loaded.name, **job.record}, job.attachments)
 
         yield from run_batches(studio, output, loaded, stop=studio.stop_flag(request.session_hash),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.addons.embeddings import default_embedding_dirs
 from ldm.addons.library import default_lora_dirs
 from ldm.checkpoints.catalog import CatalogEntry, scan
 from ldm.checkpoints.loaded import LoadedModel
@@ -62,6 +63,7 @@ class Studio:
     sampler_presets: list[SamplerPreset] = field(default_factory=read_sampler_presets)
     memory_budget_mb: int = DEFAULT_BUDGET_MB  # the tiling section's default
     extra_lora_dirs: Sequence[Path] = ()  # --lora-dir
+    extra_embedding_dirs: Sequence[Path] = ()  # --embeddings-dir
     _stops: dict[str, threading.Event] = field(default_factory=dict)
     _catalog: list[CatalogEntry] | None = None
 
@@ -73,6 +75,12 @@ class Studio:
     def lora_dirs(self) -> tuple[Path, ...]:
         """Where <lora:NAME> tags are looked up: --lora-dir, then models/Lora beside each models folder."""
         return tuple(dict.fromkeys([*self.extra_lora_dirs, *default_lora_dirs([WEIGHTS_DIR, *self.model_dirs])]))
+
+    def embedding_dirs(self) -> tuple[Path, ...]:
+        """Where textual-inversion embeddings are looked up: --embeddings-dir, then models/embeddings beside
+        each models folder."""
+        folders = default_embedding_dirs([WEIGHTS_DIR, *self.model_dirs])
+        return tuple(dict.fromkeys([*self.extra_embedding_dirs, *folders]))
 
     def entries_for(self, task: str) -> list[CatalogEntry]:
         """Recognised models that serve ``task`` (a name of ``ldm.tasks.registry.TASKS``)."""

@@ -1,6 +1,7 @@
-"""Where LoRA files live, and the LoRAs a request's prompts name.
+"""Where add-on files live (LoRA here, textual-inversion embeddings in ``ldm.addons.embeddings``), and
+the LoRAs a request's prompts name.
 
-The folders are ``--lora-dir DIR`` (repeatable) and, by default, ``models/Lora`` as AUTOMATIC1111
+The LoRA folders are ``--lora-dir DIR`` (repeatable) and, by default, ``models/Lora`` as AUTOMATIC1111
 lays it out: beside each models folder (``models/Stable-diffusion/x.safetensors`` ->
 ``models/Lora``) and under the project root. A LoRA is named by its file's stem; the first folder
 that holds a name wins.
@@ -16,30 +17,44 @@ from ldm.addons.lora import LORA_SUFFIXES, Applied, lora_hash, read_lora
 from ldm.checkpoints.io import read_metadata
 from ldm.addons.tags import LoraTag, extract_lora_tags
 
-PROJECT_LORA_DIR = Path(__file__).resolve().parents[2] / "models" / "Lora"
+PROJECT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+PROJECT_LORA_DIR = PROJECT_MODELS_DIR / "Lora"
 
 
-def default_lora_dirs(model_paths: Iterable[str | Path] = ()) -> list[Path]:
-    """``models/Lora`` of the project, and the ``Lora`` folder beside the folder of each model path."""
-    found = {PROJECT_LORA_DIR: None}
+def default_addon_dirs(folder: str, model_paths: Iterable[str | Path] = ()) -> list[Path]:
+    """``models/<folder>`` of the project, and ``<folder>`` beside the folder of each model path (A1111's
+    ``models/Stable-diffusion`` beside ``models/Lora`` and ``models/embeddings``)."""
+    found = {PROJECT_MODELS_DIR / folder: None}
     for path in model_paths:
         path = Path(path).expanduser()
-        folder = path if path.is_dir() and not (path / "model_index.json").exists() else path.parent
-        found[folder.parent / "Lora"] = None
+        parent = path if path.is_dir() and not (path / "model_index.json").exists() else path.parent
+        found[parent.parent / folder] = None
     return list(found)
 
 
-def lora_files(folders: Iterable[str | Path]) -> dict[str, Path]:
-    """Each LoRA name (file stem) -> its file, searched recursively, the first folder first."""
+def addon_files(folders: Iterable[str | Path], suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """Each name (file stem) -> its file with one of ``suffixes``, searched recursively, the first folder
+    first; hidden files and folders are skipped."""
     found: dict[str, Path] = {}
     for folder in folders:
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             continue
         for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in LORA_SUFFIXES and path.is_file() and not path.name.startswith("."):
+            hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
+            if path.suffix.lower() in suffixes and not hidden and path.is_file():
                 found.setdefault(path.stem, path)
     return found
+
+
+def default_lora_dirs(model_paths: Iterable[str | Path] = ()) -> list[Path]:
+    """``models/Lora`` of the project, and the ``Lora`` folder beside the folder of each model path."""
+    return default_addon_dirs("Lora", model_paths)
+
+
+def lora_files(folders: Iterable[str | Path]) -> dict[str, Path]:
+    """Each LoRA name (file stem) -> its file, searched recursively, the first folder first."""
+    return addon_files(folders, LORA_SUFFIXES)
 
 
 def find_lora(name: str, folders: list[Path]) -> Path:

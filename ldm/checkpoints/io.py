@@ -186,6 +186,13 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, object]:
     return _pickle_metadata(_torch_load(path))
 
 
+def read_pickle(path: str | os.PathLike[str]) -> object:
+    """The whole unpickled contents of a torch file (nested dicts, lists, tensors, numbers, strings), through
+    the same safe unpickler as every other read: a file whose pickle would call code is refused, never run.
+    For small files whose layout is not a flat state dict (a textual-inversion embedding)."""
+    return _torch_load(_checked_path(path))
+
+
 def _pickle_metadata(loaded: object) -> dict[str, object]:
     if not isinstance(loaded, dict):
         return {}

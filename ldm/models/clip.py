@@ -23,12 +23,22 @@ restored. A1111 takes that mean over the whole batch of texts encoded together; 
 prompt's own chunk mean, so a prompt's conditioning does not depend on the others in the batch (the
 same number for A1111's usual batch of one prompt). A chunk whose weights are all 1 is left as
 encoded, so a prompt with no syntax encodes exactly as the literal text does.
+
+Textual-inversion embeddings are inserted as A1111 inserts them: ``encode(..., embeddings={name:
+vectors})`` looks for each name's token sequence in the prompt's tokens (the longest name first);
+where one appears its tokens are dropped and ``n_vec`` placeholder positions take their place,
+carrying the current emphasis weight. An embedding never straddles two chunks: one that would not
+fit in the current chunk starts the next. After the token-embedding lookup the placeholders' rows
+are replaced with the embedding's vectors; the position embeddings and the transformer run as usual.
+(A1111 leaves an embedding behind when the comma backtrack moves it to the next chunk; here it moves
+with its placeholders.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -61,58 +71,152 @@ class CLIPTextEncoderConfig:
         return self.max_positions - 2
 
 
+PLACEHOLDER = 0  # the token id an embedding's positions carry until its vectors replace them (A1111's)
+
+
+class EmbeddingFix(NamedTuple):
+    """One embedding's place in the encoded rows: its vectors replace the placeholders' token vectors."""
+
+    row: int  # the chunk's row among the B * chunks rows encoded
+    offset: int  # its first position among the chunk's prompt tokens (the start token not counted)
+    name: str
+    vectors: torch.Tensor  # (n_vec, width)
+
+
 class WeightedTokens(NamedTuple):
     ids: torch.Tensor  # (B, chunks, size + 2) token ids
     weights: torch.Tensor  # (B, chunks, size + 2) float32 emphasis; start, end and padding are 1
+    fixes: tuple[EmbeddingFix, ...] = ()
 
 
-def _piece_chunks(tokenizer, pieces: list[Piece], size: int, backtrack: int) -> list[tuple[list[int], list[float]]]:
-    """One prompt's (tokens, weights) chunks of at most ``size`` tokens, as A1111's ``tokenize_line``."""
-    comma = tokenizer(",", add_special_tokens=False, verbose=False)["input_ids"]
+def _token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+
+class _NameIndex:
+    """Embedding names by the first of their tokens, the longest first (A1111's ``register_embedding_by_name``)."""
+
+    def __init__(self, tokenizer, names: Iterable[str]):
+        self.by_first: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+        for name in names:
+            ids = tuple(_token_ids(tokenizer, name))
+            if ids:
+                self.by_first.setdefault(ids[0], []).append((ids, name))
+        for entries in self.by_first.values():
+            entries.sort(key=lambda entry: len(entry[0]), reverse=True)
+
+    def at(self, tokens: list[int], position: int) -> tuple[int, str] | None:
+        """(the name's token count, the name) of the embedding whose tokens start at ``position``, or None."""
+        for ids, name in self.by_first.get(tokens[position], ()):
+            if tuple(tokens[position : position + len(ids)]) == ids:
+                return len(ids), name
+        return None
+
+
+@dataclass
+class _Chunk:
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, str]] = field(default_factory=list)  # (offset, embedding name)
+
+    def split(self, cut: int) -> tuple[_Chunk, _Chunk]:
+        """The tokens before ``cut`` and those from it, each with its embeddings."""
+        head = _Chunk(self.tokens[:cut], self.weights[:cut], [(o, n) for o, n in self.fixes if o < cut])
+        tail = _Chunk(self.tokens[cut:], self.weights[cut:], [(o - cut, n) for o, n in self.fixes if o >= cut])
+        return head, tail
+
+
+def _piece_chunks(tokenizer, pieces: list[Piece], size: int, backtrack: int,
+                  embeddings: Mapping[str, torch.Tensor] | None = None, names: _NameIndex | None = None) -> list[_Chunk]:
+    """One prompt's chunks of at most ``size`` tokens, as A1111's ``tokenize_line``; where the tokens of a
+    name in ``names`` appear, that embedding's ``n_vec`` placeholders instead (``embeddings``: name -> vectors)."""
+    comma = _token_ids(tokenizer, ",")
     comma = comma[0] if len(comma) == 1 else None
-    chunks: list[tuple[list[int], list[float]]] = []
-    tokens: list[int] = []
-    weights: list[float] = []
-    last_comma = -1
+    chunks: list[_Chunk] = []
+    chunk, last_comma = _Chunk(), -1
     for piece in pieces:
         if piece.is_break:
-            chunks.append((tokens, weights))
-            tokens, weights, last_comma = [], [], -1
+            chunks.append(chunk)
+            chunk, last_comma = _Chunk(), -1
             continue
-        for token in tokenizer(piece.text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]:
+        tokens, position = _token_ids(tokenizer, piece.text), 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma:
-                last_comma = len(tokens)
-            elif backtrack and len(tokens) == size and last_comma != -1 and size - last_comma <= backtrack:
-                cut = last_comma + 1  # the tokens after the comma start the next chunk
-                chunks.append((tokens[:cut], weights[:cut]))
-                tokens, weights, last_comma = tokens[cut:], weights[cut:], -1
-            if len(tokens) == size:
-                chunks.append((tokens, weights))
-                tokens, weights, last_comma = [], [], -1
-            tokens.append(token)
-            weights.append(piece.weight)
-    if tokens or not chunks:
-        chunks.append((tokens, weights))
+                last_comma = len(chunk.tokens)
+            elif backtrack and len(chunk.tokens) == size and last_comma != -1 and size - last_comma <= backtrack:
+                head, chunk = chunk.split(last_comma + 1)  # the tokens after the comma start the next chunk
+                chunks.append(head)
+                last_comma = -1
+            if len(chunk.tokens) == size:
+                chunks.append(chunk)
+                chunk, last_comma = _Chunk(), -1
+            found = names.at(tokens, position) if names is not None else None
+            if found is None:
+                chunk.tokens.append(token)
+                chunk.weights.append(piece.weight)
+                position += 1
+                continue
+            name_tokens, name = found
+            count = len(embeddings[name])
+            if len(chunk.tokens) + count > size:  # an embedding is never split between chunks
+                chunks.append(chunk)
+                chunk, last_comma = _Chunk(), -1
+            chunk.fixes.append((len(chunk.tokens), name))
+            chunk.tokens += [PLACEHOLDER] * count
+            chunk.weights += [piece.weight] * count
+            position += name_tokens
+    if chunk.tokens or not chunks:
+        chunks.append(chunk)
     return chunks
 
 
 def weighted_token_chunks(tokenizer, prompts: list[list[Piece]], size: int, pad_id: int, min_chunks: int = 1,
-                          backtrack: int = COMMA_BACKTRACK) -> WeightedTokens:
+                          backtrack: int = COMMA_BACKTRACK,
+                          embeddings: Mapping[str, torch.Tensor] | None = None) -> WeightedTokens:
     """Token ids and weights of parsed prompts: each chunk of at most ``size`` tokens is wrapped in the
     start and end tokens and padded with ``pad_id``; every prompt gets the same number of chunks (an
-    added chunk is an empty prompt's)."""
+    added chunk is an empty prompt's). ``embeddings`` (name -> (n_vec, width) vectors) are found by
+    their names' tokens and placed as ``fixes``."""
     tok = tokenizer
-    per_prompt = [_piece_chunks(tok, pieces, size, backtrack) for pieces in prompts]
+    names = _NameIndex(tok, embeddings) if embeddings else None
+    per_prompt = [_piece_chunks(tok, pieces, size, backtrack, embeddings, names) for pieces in prompts]
     count = max([min_chunks] + [len(c) for c in per_prompt])
-    ids, weights = [], []
-    for chunks in per_prompt:
-        chunks = chunks + [([], [])] * (count - len(chunks))
-        for tokens, multipliers in chunks:
-            pad = size - len(tokens)
-            ids.append([tok.bos_token_id, *tokens, tok.eos_token_id] + [pad_id] * pad)
-            weights.append([1.0, *multipliers, 1.0] + [1.0] * pad)
+    ids, weights, fixes = [], [], []
+    for i, chunks in enumerate(per_prompt):
+        chunks = chunks + [_Chunk() for _ in range(count - len(chunks))]
+        for k, chunk in enumerate(chunks):
+            pad = size - len(chunk.tokens)
+            ids.append([tok.bos_token_id, *chunk.tokens, tok.eos_token_id] + [pad_id] * pad)
+            weights.append([1.0, *chunk.weights, 1.0] + [1.0] * pad)
+            fixes += [EmbeddingFix(i * count + k, offset, name, embeddings[name]) for offset, name in chunk.fixes]
     shape = (len(prompts), count, size + 2)
-    return WeightedTokens(torch.tensor(ids, dtype=torch.long).view(shape), torch.tensor(weights).view(shape))
+    return WeightedTokens(torch.tensor(ids, dtype=torch.long).view(shape), torch.tensor(weights).view(shape), tuple(fixes))
+
+
+def embedding_names_in(tokenizer, texts: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The ``names`` whose tokens appear in the texts (A1111 syntax), matched as ``encode`` matches them,
+    in the order they first appear."""
+    index, found = _NameIndex(tokenizer, names), {}
+    for text in texts:
+        for piece in parse_emphasis(text):
+            tokens, position = ([] if piece.is_break else _token_ids(tokenizer, piece.text)), 0
+            while position < len(tokens):
+                match = index.at(tokens, position)
+                if match is not None:
+                    found[match[1]] = None
+                position += match[0] if match is not None else 1
+    return list(found)
+
+
+def put_vectors(token_vectors: torch.Tensor, fixes: Iterable[EmbeddingFix]) -> torch.Tensor:
+    """Token vectors (rows, N, C) with each embedding's vectors in place of its placeholders, in place
+    (A1111's ``EmbeddingsWithFixes``)."""
+    for fix in fixes:
+        start = fix.offset + 1  # after the start token
+        count = min(token_vectors.shape[1] - start - 1, len(fix.vectors))
+        token_vectors[fix.row, start : start + count] = fix.vectors[:count].to(token_vectors.device, token_vectors.dtype)
+    return token_vectors
 
 
 def bpe_token_chunks(tokenizer, prompts: list[str], size: int, pad_id: int, min_chunks: int = 1) -> torch.Tensor:
@@ -200,23 +304,39 @@ class CLIPTextEncoder(nn.Module):
             raise RuntimeError("CLIPTextEncoder has no tokenizer attached; load the model through ldm.checkpoints")
         return bpe_token_chunks(self.tokenizer, prompts, self.config.chunk_tokens, self.tokenizer.pad_token_id, min_chunks)
 
-    def forward(self, token_chunks: torch.Tensor) -> torch.Tensor:
+    def forward(self, token_chunks: torch.Tensor, fixes: tuple[EmbeddingFix, ...] = ()) -> torch.Tensor:
         b, chunks, n = token_chunks.shape
-        device = self.transformer.text_model.embeddings.token_embedding.weight.device
-        out = self.transformer.text_model(input_ids=token_chunks.view(b * chunks, n).to(device)).last_hidden_state
+        text = self.transformer.text_model
+        ids = token_chunks.view(b * chunks, n).to(text.embeddings.token_embedding.weight.device)
+        out = _run_with_vectors(text, ids, fixes) if fixes else text(input_ids=ids).last_hidden_state
         return out.reshape(b, chunks * n, -1)  # (B, chunks*77, hidden)
 
-    def weighted_chunks(self, prompts: list[str], min_chunks: int = 1) -> WeightedTokens:
-        """Token ids and emphasis weights (B, chunks, 77) of prompts in A1111's syntax."""
+    def weighted_chunks(self, prompts: list[str], min_chunks: int = 1,
+                        embeddings: Mapping[str, torch.Tensor] | None = None) -> WeightedTokens:
+        """Token ids and emphasis weights (B, chunks, 77) of prompts in A1111's syntax, and where the
+        ``embeddings`` (name -> (n_vec, hidden) vectors) named in them go."""
         if self.tokenizer is None:
             raise RuntimeError("CLIPTextEncoder has no tokenizer attached; load the model through ldm.checkpoints")
         return weighted_token_chunks(self.tokenizer, [parse_emphasis(p) for p in prompts], self.config.chunk_tokens,
-                                     self.tokenizer.pad_token_id, min_chunks)
+                                     self.tokenizer.pad_token_id, min_chunks, embeddings=embeddings)
 
-    def encode(self, prompts: list[str], min_chunks: int = 1, emphasis: str = "Original") -> torch.Tensor:
-        """Prompts in A1111's syntax to (B, 77 * chunks, hidden), weights applied as ``emphasis`` says."""
-        tokens = self.weighted_chunks(prompts, min_chunks)
-        return apply_emphasis(self(tokens.ids), tokens.weights, emphasis)
+    def encode(self, prompts: list[str], min_chunks: int = 1, emphasis: str = "Original",
+               embeddings: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Prompts in A1111's syntax to (B, 77 * chunks, hidden), weights applied as ``emphasis`` says; the
+        names of ``embeddings`` in them stand for those vectors."""
+        tokens = self.weighted_chunks(prompts, min_chunks, embeddings)
+        return apply_emphasis(self(tokens.ids, tokens.fixes), tokens.weights, emphasis)
+
+
+def _run_with_vectors(text, ids: torch.Tensor, fixes: tuple[EmbeddingFix, ...]) -> torch.Tensor:
+    """transformers' ``CLIPTextModel.forward`` (its last hidden state) from token vectors rather than ids,
+    the embeddings' vectors put in: the same steps, position embeddings, causal mask, encoder, final norm."""
+    from transformers.masking_utils import create_causal_mask
+
+    x = text.embeddings(inputs_embeds=put_vectors(text.embeddings.token_embedding(ids), fixes))
+    mask = create_causal_mask(config=text.config, inputs_embeds=x, attention_mask=None, past_key_values=None)
+    x = text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
+    return text.final_layer_norm(x)
 
 
 OPEN_CLIP_LAYERS = ("last", "penultimate")
@@ -347,23 +467,27 @@ class OpenCLIPTextEncoder(nn.Module):
             raise RuntimeError("OpenCLIPTextEncoder has no tokenizer attached; load the model through ldm.checkpoints")
         return bpe_token_chunks(self.tokenizer, prompts, self.config.chunk_tokens, 0, min_chunks)
 
-    def forward(self, token_chunks: torch.Tensor) -> torch.Tensor:
+    def forward(self, token_chunks: torch.Tensor, fixes: tuple[EmbeddingFix, ...] = ()) -> torch.Tensor:
         b, chunks, n = token_chunks.shape
         m = self.model
         ids = token_chunks.view(b * chunks, n).to(m.token_embedding.weight.device)
-        x = m.token_embedding(ids) + m.positional_embedding[:n]  # (B*chunks, N, width)
+        x = put_vectors(m.token_embedding(ids), fixes) + m.positional_embedding[:n]  # (B*chunks, N, width)
         for block in m.transformer.resblocks[: self.config.blocks_run]:
             x = block(x)
         return m.ln_final(x).reshape(b, chunks * n, -1)  # (B, chunks*77, width)
 
-    def weighted_chunks(self, prompts: list[str], min_chunks: int = 1) -> WeightedTokens:
-        """Token ids and emphasis weights (B, chunks, 77) of prompts in A1111's syntax, padded with 0."""
+    def weighted_chunks(self, prompts: list[str], min_chunks: int = 1,
+                        embeddings: Mapping[str, torch.Tensor] | None = None) -> WeightedTokens:
+        """Token ids and emphasis weights (B, chunks, 77) of prompts in A1111's syntax, padded with 0, and
+        where the ``embeddings`` (name -> (n_vec, width) vectors) named in them go."""
         if self.tokenizer is None:
             raise RuntimeError("OpenCLIPTextEncoder has no tokenizer attached; load the model through ldm.checkpoints")
         return weighted_token_chunks(self.tokenizer, [parse_emphasis(p) for p in prompts], self.config.chunk_tokens,
-                                     0, min_chunks)
+                                     0, min_chunks, embeddings=embeddings)
 
-    def encode(self, prompts: list[str], min_chunks: int = 1, emphasis: str = "Original") -> torch.Tensor:
-        """Prompts in A1111's syntax to (B, 77 * chunks, width), weights applied as ``emphasis`` says."""
-        tokens = self.weighted_chunks(prompts, min_chunks)
-        return apply_emphasis(self(tokens.ids), tokens.weights, emphasis)
+    def encode(self, prompts: list[str], min_chunks: int = 1, emphasis: str = "Original",
+               embeddings: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Prompts in A1111's syntax to (B, 77 * chunks, width), weights applied as ``emphasis`` says; the
+        names of ``embeddings`` in them stand for those vectors."""
+        tokens = self.weighted_chunks(prompts, min_chunks, embeddings)
+        return apply_emphasis(self(tokens.ids, tokens.fixes), tokens.weights, emphasis)

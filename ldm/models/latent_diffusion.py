@@ -7,6 +7,7 @@ state here: prompts, seeds and scales are arguments of the methods and of the sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -193,10 +194,12 @@ class LatentDiffusion(nn.Module):
         return isinstance(self.cond_stage_model, (CLIPTextEncoder, OpenCLIPTextEncoder))
 
     def encode_prompts(self, prompts: list[str], min_chunks: int = 1, layouts: list | None = None,
-                       emphasis: str = "Original") -> torch.Tensor:
+                       emphasis: str = "Original", embeddings: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Conditioning tokens (B, N, context_dim) for prompts in A1111's emphasis syntax (weights applied
         as ``emphasis`` says where the encoder reads them, the syntax removed where it does not), and for
-        layouts (lists of (label, x0, y0, x1, y1) boxes) on models that take them."""
+        layouts (lists of (label, x0, y0, x1, y1) boxes) on models that take them. ``embeddings`` (name ->
+        (n_vec, context_dim) vectors, ``ldm.addons.embeddings``) stand for their names on CLIP and OpenCLIP
+        encoders; other encoders read the names as words."""
         if not self.encodes_tokens:
             raise ValueError("this model takes no text prompt (it has no text conditioning stage)")
         if layouts is not None and any(layouts) and not self.takes_layout:
@@ -204,6 +207,8 @@ class LatentDiffusion(nn.Module):
         if isinstance(self.cond_stage_model, TransformerEmbedder):
             plain = [strip_syntax(p) for p in prompts]
             return self.cond_stage_model.encode(plain, layouts=layouts).to(self.dtype)
+        if embeddings and self.reads_emphasis:
+            return self.cond_stage_model.encode(prompts, min_chunks, emphasis, embeddings=embeddings).to(self.dtype)
         return self.cond_stage_model.encode(prompts, min_chunks, emphasis).to(self.dtype)
 
     def encode_first_stage(self, images: torch.Tensor, generator: torch.Generator | None = None, tile: int = 0) -> torch.Tensor:

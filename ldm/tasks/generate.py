@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ldm.addons.embeddings import embedding_notices, prompt_vectors
 from ldm.addons.library import prompt_loras
 from ldm.addons.lora import merged_loras
 from ldm.devices import free_memory_mb, reusing_freed_memory
@@ -41,9 +42,12 @@ class Blend:
 def _context(model: LatentDiffusion, request: GenerationRequest, keys: list[tuple[str, str]]) -> dict:
     """The encoded context of each distinct (role, text), "negative" or "positive", encoded in one
     batch so that long prompts all get the same number of chunks; the layout boxes go with the
-    positive texts only."""
+    positive texts only. The textual-inversion embeddings in ``request.embedding_dirs`` that fit the
+    model's text encoder stand for their names."""
     layouts = [list(request.boxes) if role == "positive" else [] for role, _ in keys] if request.boxes else None
-    context = model.encode_prompts([text for _, text in keys], layouts=layouts, emphasis=request.emphasis)
+    embeddings = prompt_vectors(model, request.embedding_dirs) if request.embedding_dirs else None
+    context = model.encode_prompts([text for _, text in keys], layouts=layouts, emphasis=request.emphasis,
+                                   embeddings=embeddings)
     return {key: context[i : i + 1] for i, key in enumerate(keys)}
 
 
@@ -87,7 +91,8 @@ def tokenizer_notices(model: LatentDiffusion, request: GenerationRequest) -> lis
 
 
 def prompt_notices(model: LatentDiffusion, request: GenerationRequest, prompts: list[str]) -> list[str]:
-    """Emphasis on a model whose encoder reads none; prompt editing in a request with region prompts."""
+    """Emphasis on a model whose encoder reads none; prompt editing in a request with region prompts;
+    embeddings the prompts name that the model cannot take (another width, SDXL, a bad file)."""
     if not model.encodes_tokens:
         return []
     notices = []
@@ -100,6 +105,8 @@ def prompt_notices(model: LatentDiffusion, request: GenerationRequest, prompts: 
     if request.regions and any(len(prompt_schedule(p, steps)) > 1 for p in prompts):
         notices.append("prompt editing and alternation ([a:b:when], [a|b]) are not applied with region prompts: "
                        "each prompt is used as it reads at the first step")
+    if request.embedding_dirs:
+        notices += embedding_notices(model, prompts, steps, request.embedding_dirs)
     return notices
 
 

@@ -27,6 +27,7 @@ from PIL import Image, PngImagePlugin
 
 from typing import NamedTuple
 
+from ldm.addons.embeddings import embedding_hashes
 from ldm.addons.library import lora_hashes
 from ldm.sampling.samplers import get_sampler, resolve_schedule, split_sampler_name
 from ldm.sampling.sigmas import get_schedule
@@ -58,7 +59,8 @@ def parameters_text(request: GenerationRequest, seed: int, loaded, fields: dict[
         common["CFG scale"] = request.scale
     common.update({"Seed": seed, "Size": size or f"{request.width}x{request.height}", "Model hash": loaded.short_hash,
                    "Model": loaded.name, **noise_fields(request), "Emphasis": emphasis_field(request)})
-    return format_parameters(request.prompt, request.negative_prompt, {**common, **(fields or {}), **lora_fields(request)})
+    return format_parameters(request.prompt, request.negative_prompt,
+                             {**common, **(fields or {}), **lora_fields(request), **embedding_fields(request, loaded)})
 
 
 def lora_fields(request: GenerationRequest) -> dict[str, object]:
@@ -67,6 +69,15 @@ def lora_fields(request: GenerationRequest) -> dict[str, object]:
     if not any("<lora:" in p for p in prompts):
         return {}
     return {"Lora hashes": lora_hashes(prompts, list(request.lora_dirs))}
+
+
+def embedding_fields(request: GenerationRequest, loaded) -> dict[str, object]:
+    """AUTOMATIC1111's "TI hashes" of the textual-inversion embeddings the prompts use on ``loaded.model``
+    (none without embedding folders, or on a model that reads no CLIP tokens)."""
+    model = getattr(loaded, "model", None)
+    if not request.embedding_dirs or model is None:
+        return {}
+    return {"TI hashes": embedding_hashes(model, request.prompts(), request.steps, list(request.embedding_dirs))}
 
 
 def emphasis_field(request: GenerationRequest) -> str | None:

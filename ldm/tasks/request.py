@@ -68,6 +68,7 @@ class GenerationRequest:
     tiling: TilingOptions = TilingOptions()
     emphasis: str = "Original"  # how prompt weights are applied: ldm.models.clip.EMPHASIS_MODES
     lora_dirs: tuple[Path, ...] = ()  # where the prompts' <lora:NAME> tags are looked up (ldm.addons.library)
+    embedding_dirs: tuple[Path, ...] = ()  # where the textual-inversion embeddings the prompts name are (ldm.addons.embeddings)
 
     def prompts(self) -> list[str]:
         """Every prompt of the request: the prompt, the negative prompt, then each region's."""
