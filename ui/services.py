@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ldm.addons.library import default_lora_dirs
+from ldm.addons.listing import AddonEntry, list_loras
 from ldm.checkpoints.catalog import CatalogEntry, scan
 from ldm.checkpoints.loaded import LoadedModel
 from ldm.checkpoints.loader import load_model
@@ -64,6 +65,7 @@ class Studio:
     extra_lora_dirs: Sequence[Path] = ()  # --lora-dir
     _stops: dict[str, threading.Event] = field(default_factory=dict)
     _catalog: list[CatalogEntry] | None = None
+    _addons: list[AddonEntry] | None = None
 
     def catalog(self, refresh: bool = False) -> list[CatalogEntry]:
         if self._catalog is None or refresh:
@@ -73,6 +75,17 @@ class Studio:
     def lora_dirs(self) -> tuple[Path, ...]:
         """Where <lora:NAME> tags are looked up: --lora-dir, then models/Lora beside each models folder."""
         return tuple(dict.fromkeys([*self.extra_lora_dirs, *default_lora_dirs([WEIGHTS_DIR, *self.model_dirs])]))
+
+    def addon_folders(self) -> dict[str, tuple[Path, ...]]:
+        """Where each kind of add-on is looked for, by kind ("lora"; embeddings add theirs here)."""
+        return {"lora": self.lora_dirs()}
+
+    def addons(self, refresh: bool = False) -> list[AddonEntry]:
+        """The add-ons of the folders (``ldm.addons.listing``), read once and again on ``refresh``;
+        embeddings join the list here, each kind listed by its own function."""
+        if self._addons is None or refresh:
+            self._addons = list_loras(self.lora_dirs())
+        return self._addons
 
     def entries_for(self, task: str) -> list[CatalogEntry]:
         """Recognised models that serve ``task`` (a name of ``ldm.tasks.registry.TASKS``)."""
