@@ -73,6 +73,7 @@ def test_a_click_on_a_row_adds_its_tag_to_the_prompt(studio, tab):
     assert pick("a cat", texts, click(1)) == "a cat <lora:InkWash:1>"
     assert pick("", texts, click(2)) == "<lora:watercolor:1>"
     assert pick("a cat <lora:InkWash:1>", texts, click(1)) == "a cat <lora:InkWash:1>"  # not twice
+    assert pick("<lora:InkWash:0.4> a cat", texts, click(1)) == "<lora:InkWash:0.4> a cat"  # at any weight
     assert pick("a cat, ", texts, click(1)) == "a cat, <lora:InkWash:1>"
     assert isinstance(pick("a cat", texts, click(7)), type(gr.skip()))
     assert addons.insert("a cat", "bad-hands") == "a cat bad-hands"  # an embedding's text is its name

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from ldm.addons.library import named_loras
 from ldm.addons.listing import AddonEntry, fits, matches, model_family_name
 from ui.services import Studio
 
@@ -73,9 +74,10 @@ def where_to_put_files(studio: Studio) -> str:
 
 
 def insert(prompt: str | None, text: str) -> str:
-    """The prompt with ``text`` added at its end after a space; unchanged where it already has it."""
+    """The prompt with ``text`` added at its end after a space; unchanged where it already has it (a
+    LoRA's tag at any weight)."""
     prompt = prompt or ""
-    if text in prompt:
+    if text in prompt or set(named_loras([text])) & set(named_loras([prompt])):
         return prompt
     if not prompt.strip():
         return text
