@@ -55,9 +55,9 @@ def test_the_list_shows_each_file_and_a_search_keeps_the_names_that_contain_it(s
     assert ink[1:5] == ["LoRA", "SD 1", 4, round((studio.lora_folder / "InkWash.safetensors").stat().st_size / 1e6, 1)]
     assert shown.rows[0][5].startswith("cannot be read: ")
     found = addons.shower(studio, tab.addons)("INK")
-    assert [r[0] for r in found[tab.addons.table]] == ["InkWash"] and found[tab.addons.shown] == ["<lora:InkWash:1>"]
+    assert [r[0] for r in found[tab.addons.table]["value"]] == ["InkWash"] and found[tab.addons.shown] == ["<lora:InkWash:1>"]
     none = addons.shower(studio, tab.addons)("oil")
-    assert none[tab.addons.table] == [] and "oil" in none[tab.addons.note]
+    assert none[tab.addons.table]["value"] == [] and none[tab.addons.table]["visible"] and "oil" in none[tab.addons.note]
 
 
 def test_an_entry_for_another_family_says_so():
@@ -81,8 +81,8 @@ def test_a_click_on_a_row_adds_its_tag_to_the_prompt(studio, tab):
 
 def test_rescan_reads_the_folders_again(studio, tab):
     lora(studio.lora_folder, "charcoal")
-    assert "charcoal" not in [r[0] for r in addons.shower(studio, tab.addons)("")[tab.addons.table]]  # read once
-    rows = addons.shower(studio, tab.addons, refresh=True)("")[tab.addons.table]
+    assert "charcoal" not in [r[0] for r in addons.shower(studio, tab.addons)("")[tab.addons.table]["value"]]  # read once
+    rows = addons.shower(studio, tab.addons, refresh=True)("")[tab.addons.table]["value"]
     assert "charcoal" in [r[0] for r in rows]
 
 
@@ -91,7 +91,7 @@ def test_empty_folders_say_where_to_put_files(tmp_path):
                                              "--lora-dir", str(tmp_path / "empty")]))
     studio.addons = lambda refresh=False: []  # the project's own models/Lora may hold files
     shown = addons.listing(studio, "")
-    assert shown.rows == [] and "No add-ons found" in shown.note
+    assert shown.rows == [] and not shown.any and "No add-ons found" in shown.note
     assert str(tmp_path / "empty") in shown.note and all(f"`{f}`" in shown.note for f in studio.lora_dirs())
 
 

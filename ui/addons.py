@@ -2,7 +2,10 @@
 lists) of the folders, searchable by name; a click on a row puts the entry's text in the prompt
 (``<lora:NAME:1>``), and Rescan reads the folders again. Entries come from ``Studio.addons()``;
 with no add-on at all the list says where to put files. An entry made for another family than the
-tab's model says so in its note."""
+tab's model says so in its note.
+
+Embeddings join by ``Studio.addons()`` listing them too (entries of kind "embedding", inserted by
+name) and ``Studio.addon_folders()`` naming their folders; nothing here changes."""
 
 from __future__ import annotations
 
@@ -34,12 +37,13 @@ class Listing:
     rows: list[list]
     texts: list[str]
     note: str
+    any: bool = True  # whether the folders hold any add-on: the table shows only then
 
 
 def listing(studio: Studio, search: str | None, model_path: str | None = None) -> Listing:
     entries = studio.addons()
     if not entries:
-        return Listing([], [], where_to_put_files(studio))
+        return Listing([], [], where_to_put_files(studio), any=False)
     family = model_family(studio, model_path)
     kept = [e for e in entries if matches(e, search or "")]
     note = "" if kept else f"No add-on name contains “{(search or '').strip()}”."
@@ -93,7 +97,7 @@ def addons_panel(studio: Studio, prefix: str, prompt: gr.Textbox, model: gr.Drop
             search = gr.Textbox(label="Search", placeholder="part of a name", scale=8, elem_id=f"{prefix}-addons-search")
             rescan = gr.Button("↻ Rescan", scale=1, min_width=80, elem_id=f"{prefix}-addons-rescan")
         table = gr.Dataframe(value=first.rows, headers=HEADERS, datatype=["str", "str", "str", "number", "number", "str"],
-                             type="array", interactive=False, wrap=True, max_height=320,
+                             type="array", interactive=False, wrap=True, max_height=320, visible=first.any,
                              label="Click a row to add it to the prompt", elem_id=f"{prefix}-addons-table")
         note = gr.Markdown(first.note, elem_id=f"{prefix}-addons-note")
     panel = AddonsPanel(search, table, note, rescan, gr.State(first.texts))
@@ -119,7 +123,8 @@ def shower(studio: Studio, panel: AddonsPanel, refresh: bool = False):
         if refresh:
             studio.addons(refresh=True)
         shown = listing(studio, search, model_path)
-        return {panel.table: shown.rows, panel.shown: shown.texts, panel.note: shown.note}
+        return {panel.table: gr.update(value=shown.rows, visible=shown.any), panel.shown: shown.texts,
+                panel.note: shown.note}
 
     return show
 
