@@ -13,7 +13,9 @@ from PIL import Image
 import app
 from ldm.addons.listing import AddonEntry
 from ldm.sampling.steps import SamplingCancelled
-from ldm.tasks.parameters import save_png
+from ldm.addons.lora import lora_hash
+from ldm.tasks.parameters import format_parameters, lora_fields, parse_parameters, save_png
+from ldm.tasks.result import GenerationResult
 from tests.builders.lora import random_lora, write
 from ui import addons
 from ui.tabs import txt2img as txt2img_tab
@@ -108,6 +110,28 @@ def test_restoring_a_prompt_with_a_missing_lora_warns_and_keeps_the_tags(studio,
     assert updates[tab.prompt] == "a cat <lora:InkWash:0.8> <lora:gone:1>" and updates[tab.negative] == "<lora:lost:1> blur"
 
 
+def page_values(tab, values: dict) -> dict:
+    components = [tab.model.dropdown, tab.prompt, tab.negative, tab.size.width, tab.size.height, tab.batch_count,
+                  tab.batch_size, *tab.tiling.components, *tab.sampling.components]
+    data = {c: "" if isinstance(c, gr.Textbox) and c.value is None else c.value for c in components}
+    return {**data, tab.output.images: [], **values}
+
+
+def generate(studio, tab, data) -> list[dict]:
+    return list(txt2img_tab.handler(studio, tab)(data, types.SimpleNamespace(session_hash="s"), progress=lambda *a, **k: None))
+
+
+def test_the_parameters_of_a_picked_image_show_its_lora_hashes(studio, tab, monkeypatch):
+    def fake_txt2img(loaded, request, callback=None, should_stop=None):  # the engine's own "Lora hashes" field
+        text = format_parameters(request.prompt, "", {"Steps": request.steps, "Seed": request.seed, **lora_fields(request)})
+        return GenerationResult([Image.new("RGB", (8, 8))], [request.seed], [text])
+
+    monkeypatch.setattr(txt2img_tab, "txt2img", fake_txt2img)
+    updates = generate(studio, tab, page_values(tab, {tab.prompt: "a cat <lora:InkWash:0.7>"}))
+    fields = parse_parameters(updates[-1][tab.output.parameters])
+    assert fields["Lora hashes"] == f"InkWash: {lora_hash(studio.lora_folder / 'InkWash.safetensors')}"
+
+
 def test_the_emphasis_menu_reaches_the_request_and_is_restored(studio, tab, tmp_path, monkeypatch):
     assert tab.sampling.emphasis.value == "Original" and [c[0] for c in tab.sampling.emphasis.choices] == ["Original", "No norm"]
     seen = []
@@ -117,11 +141,7 @@ def test_the_emphasis_menu_reaches_the_request_and_is_restored(studio, tab, tmp_
         raise SamplingCancelled(0, 1)
 
     monkeypatch.setattr(txt2img_tab, "txt2img", fake_txt2img)
-    components = [tab.model.dropdown, tab.prompt, tab.negative, tab.size.width, tab.size.height, tab.batch_count,
-                  tab.batch_size, *tab.tiling.components, *tab.sampling.components]
-    data = {c: "" if isinstance(c, gr.Textbox) and c.value is None else c.value for c in components}
-    data.update({tab.output.images: [], tab.prompt: "a (red:1.3) circle", tab.sampling.emphasis: "No norm"})
-    list(txt2img_tab.handler(studio, tab)(data, types.SimpleNamespace(session_hash="s"), progress=lambda *a, **k: None))
+    generate(studio, tab, page_values(tab, {tab.prompt: "a (red:1.3) circle", tab.sampling.emphasis: "No norm"}))
     assert seen[0].emphasis == "No norm"
 
     restore = txt2img_tab.Restore(tab.prompt, tab.negative, tab.sampling, tab.size.width, tab.size.height)
