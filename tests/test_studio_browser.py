@@ -400,3 +400,23 @@ def test_send_to_inpainting_carries_the_image_and_prompt(page, studio):
     page.wait_for_function("document.querySelector('#inpaint-prompt textarea')?.value === 'a purple ring on the right'")
     assert page.get_by_role("tab", name="Inpainting").get_attribute("aria-selected") == "true"
     page.locator("#inpaint-editor canvas").first.wait_for()
+
+
+def test_a_click_on_an_add_on_puts_its_tag_in_the_prompt(page, studio, tmp_path):
+    from tests.builders.lora import random_lora, write
+
+    write(tmp_path / "Lora" / "inkwash.safetensors",
+          random_lora({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (32, 768)}, 4))
+    studio.extra_lora_dirs = (tmp_path / "Lora",)
+    try:
+        page.locator("#txt2img-prompt textarea").fill("a red circle")
+        page.locator("#txt2img-addons").get_by_text("Add-ons").first.click()
+        page.locator("#txt2img-addons-rescan").click()
+        page.locator("#txt2img-addons-search textarea").fill("INKW")  # the only row, whatever models/Lora holds
+        table = page.locator("#txt2img-addons-table")
+        expect(table.locator("[data-row='0'][data-col='0']")).to_have_text("inkwash", timeout=TIMEOUT)
+        table.locator("[data-row='0'][data-col='0']").click()
+        page.wait_for_function("document.querySelector('#txt2img-prompt textarea')?.value === 'a red circle <lora:inkwash:1>'")
+    finally:
+        studio.extra_lora_dirs = ()
+        studio.addons(refresh=True)

@@ -82,7 +82,7 @@ def test_the_inpainting_tab_takes_no_prompt_for_inpainting_big_and_fills(studio,
             tab.prompt: "a door", tab.negative: "", tab.feather: 0, tab.only_masked: False, tab.padding: 32,
             tab.sampling.steps: 2, tab.sampling.scale: 7.5, tab.sampling.eta: 0.0, tab.sampling.seed: 5, tab.batch_size: 1,
             tab.sampling.sampler: "DDIM", tab.sampling.schedule: "Automatic", tab.sampling.s_noise: 1.0,
-            tab.output.images: []}
+            tab.sampling.emphasis: "Original", tab.output.images: []}
     with pytest.warns(UserWarning, match="no text stage: the prompt and the guidance scale are not used"):
         updates = run(inpaint_tab.handler(studio, tab), data)  # the notice reaches the page as a gr.Warning
     (saved,) = updates[-1][tab.output.gallery]
@@ -102,7 +102,7 @@ def test_the_upscale_tab_runs_bsr_sr(studio, folder):
     data = {tab.model.dropdown: path, tab.image: picture(1, 12), tab.sampling.steps: 2, tab.sampling.eta: 1.0,
             tab.sampling.seed: 2, tab.sampling.scale: 1.0, tab.prompt: "", tab.negative: "", tab.noise_level: 20,
             tab.sampling.sampler: "DDIM", tab.sampling.schedule: "Automatic", tab.sampling.s_noise: 1.0,
-            tab.tile: 0, tab.overlap: 0, tab.output.images: []}
+            tab.sampling.emphasis: "Original", tab.tile: 0, tab.overlap: 0, tab.output.images: []}
     updates = run(upscale_tab.handler(studio, tab), data)
     (saved,) = updates[-1][tab.output.gallery]
     with Image.open(saved) as image:

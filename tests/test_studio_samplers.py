@@ -136,7 +136,7 @@ def test_the_upscale_tab_samples_with_the_chosen_sampler(studio):
         tab = upscale_tab.build(studio, TITLES)
     s = tab.sampling
     data = {tab.model.dropdown: studio.default_for("upscale"), tab.image: picture(16, 3), s.steps: 2, s.seed: 2,
-            s.scale: 1.0, s.eta: 1.0, s.sampler: "Euler a", s.schedule: "Automatic", s.s_noise: 1.0, tab.prompt: "",
+            s.scale: 1.0, s.eta: 1.0, s.sampler: "Euler a", s.schedule: "Automatic", s.s_noise: 1.0, s.emphasis: "Original", tab.prompt: "",
             tab.negative: "", tab.noise_level: 20, tab.tile: 0, tab.overlap: 0, tab.output.images: []}
     fields = parse_parameters(run(upscale_tab.handler(studio, tab), data)[-1][tab.output.parameters])
     assert (fields["Sampler"], fields["Schedule type"], fields["Eta"]) == ("Euler a", "Uniform", "1.0")

@@ -22,6 +22,7 @@ from ldm.tasks.request import (
     TilingOptions,
     checked_number,
 )
+from ldm.text.prompt_syntax import EMPHASIS_MODES
 from ui.outputs import read_parameters_text
 from ui.services import Studio
 
@@ -92,12 +93,13 @@ class SamplingControls:
     seed: gr.Number
     random_seed: gr.Button
     reuse_seed: gr.Button
+    emphasis: gr.Dropdown | None = None  # on the tabs with a prompt
 
     @property
     def components(self) -> set:
         """The inputs a generation reads."""
         return {self.sampler, self.schedule, self.steps, self.eta, self.s_noise, self.seed,
-                *([self.scale] if self.scale is not None else [])}
+                *([self.scale] if self.scale is not None else []), *([self.emphasis] if self.emphasis is not None else [])}
 
     @property
     def settings(self) -> list:
@@ -110,6 +112,8 @@ class SamplingControls:
                "eta": data[self.eta], "s_noise": data[self.s_noise], "seed": seed_value(data[self.seed])}
         if self.scale is not None:
             out["scale"] = data[self.scale]
+        if self.emphasis is not None:
+            out["emphasis"] = data[self.emphasis]
         return out
 
     def defaults(self, sampler: str, schedule: str, steps: int, eta: float, scale: float | None) -> dict:
@@ -164,7 +168,9 @@ def seed_value(value) -> int:
     return int(checked_number("seed", seed, -1, MAX_SEED, integer=True))
 
 
-def sampling_controls(studio: Studio, prefix: str, steps: int = 20, scale: float | None = 4.0, eta: float = 0.0) -> SamplingControls:
+def sampling_controls(studio: Studio, prefix: str, steps: int = 20, scale: float | None = 4.0, eta: float = 0.0,
+                      emphasis: bool = True) -> SamplingControls:
+    """The sampling settings of a tab; ``emphasis``: the Emphasis menu, on the tabs with a prompt."""
     presets = studio.sampler_presets
     preset = gr.Dropdown([MODEL_DEFAULT, *(p.name for p in presets)], value=MODEL_DEFAULT, label="Sampler preset",
                          info="sampler, schedule and steps from presets/samplers/, or the model's own",
@@ -174,6 +180,9 @@ def sampling_controls(studio: Studio, prefix: str, steps: int = 20, scale: float
                                    info="DDIM: the original models' own; DPM++ 2M: AUTOMATIC1111's default")
         schedule = gr.Dropdown(list(SCHEDULES), value="Automatic", label="Schedule type", elem_id=f"{prefix}-schedule",
                                info="Automatic: the sampler's own (Karras for DPM++ 2M)")
+        emphasis_menu = None if not emphasis else gr.Dropdown(
+            list(EMPHASIS_MODES), value=EMPHASIS_MODES[0], label="Emphasis", elem_id=f"{prefix}-emphasis",
+            info="how (word:1.2) weights apply: Original keeps the prompt's mean, No norm only multiplies")
     with gr.Row():
         steps_slider = gr.Slider(1, 150, value=steps, step=1, label="Steps", elem_id=f"{prefix}-steps")
         scale_slider = None if scale is None else gr.Slider(0, MAX_SCALE, value=scale, step=0.5, label="Guidance scale (CFG)",
@@ -187,7 +196,7 @@ def sampling_controls(studio: Studio, prefix: str, steps: int = 20, scale: float
         random_seed = gr.Button("Random", scale=1, min_width=80, elem_id=f"{prefix}-random-seed")
         reuse_seed = gr.Button("Reuse last", scale=1, min_width=80, elem_id=f"{prefix}-reuse-seed")
     controls = SamplingControls(preset, sampler_menu, schedule, steps_slider, scale_slider, eta_slider, s_noise, seed,
-                                random_seed, reuse_seed)
+                                random_seed, reuse_seed, emphasis_menu)
     random_seed.click(lambda: -1, None, seed, queue=False)
     by_name = {p.name: p for p in presets}
 

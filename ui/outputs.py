@@ -9,13 +9,16 @@ import datetime as dt
 import json
 import re
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 from PIL import Image
 
+from ldm.addons.library import missing_loras
 from ldm.tasks.parameters import SamplerSettings, parse_parameters, read_sampler, save_png
+from ldm.text.prompt_syntax import EMPHASIS_MODES
 
 _INDEX = re.compile(r"^(\d{5})-")
 
@@ -101,13 +104,15 @@ def restore_box(prefix: str, what: str = "settings") -> gr.File:
 class Restore:
     """The controls a dropped PNG's parameters set: the prompts, the sampling settings (a
     ``ui.controls.SamplingControls``: sampler, schedule, steps, guidance, eta, s_noise, seed) and,
-    where the tab has them, the size sliders."""
+    where the tab has them, the size sliders and the emphasis menu. ``lora_dirs``: where the
+    prompt's LoRAs are looked for (a restored prompt naming one that is not there warns)."""
 
     prompt: gr.Textbox
     negative: gr.Textbox | None
     sampling: object
     width: gr.Slider | None = None
     height: gr.Slider | None = None
+    lora_dirs: Callable[[], Sequence[Path]] | None = None
 
     @property
     def fields(self) -> dict:
@@ -121,9 +126,10 @@ class Restore:
         """Every component ``updates`` may set (the outputs of a restore event)."""
         sizes = [self.width, self.height] if self.width is not None else []
         sampling = self.sampling
+        emphasis = [sampling.emphasis] if getattr(sampling, "emphasis", None) is not None else []
         return [self.prompt, *([self.negative] if self.negative is not None else []),
                 *(component for component, _ in self.fields.values()),
-                sampling.sampler, sampling.schedule, sampling.eta, sampling.s_noise, *sizes]
+                sampling.sampler, sampling.schedule, sampling.eta, sampling.s_noise, *sizes, *emphasis]
 
     def updates(self, path: str | None) -> tuple[dict, Restored | None]:
         """Control updates from a dropped PNG's parameters, and the parsed record (for tab-specific fields).
@@ -145,7 +151,33 @@ class Restore:
             gr.Warning(f"{error}; the sampler settings were not restored")
         if restored.size and self.width is not None:
             updates[self.width], updates[self.height] = restored.size
+        updates.update(self.emphasis_update(restored.fields))
+        self.warn_missing_loras(restored.fields)
         return updates, restored
+
+    def emphasis_update(self, fields: dict[str, str]) -> dict:
+        """The emphasis menu: the text's "Emphasis", "Original" where it has none (AUTOMATIC1111 writes
+        it only when it is not the default); a mode the studio does not know leaves it, with a warning."""
+        menu = getattr(self.sampling, "emphasis", None)
+        if menu is None:
+            return {}
+        mode = fields.get("Emphasis", EMPHASIS_MODES[0]).strip()
+        if mode not in EMPHASIS_MODES:
+            gr.Warning(f"emphasis {mode!r} is not known; use one of {', '.join(EMPHASIS_MODES)}; it was not restored")
+            return {}
+        return {menu: mode}
+
+    def warn_missing_loras(self, fields: dict[str, str]) -> None:
+        """A warning naming the LoRAs the restored prompts name that are not in the folders (the
+        prompts keep their tags)."""
+        if self.lora_dirs is None:
+            return
+        folders = list(self.lora_dirs())
+        missing = missing_loras([fields.get("Prompt", ""), fields.get("Negative prompt", "")], folders)
+        if missing:
+            where = ", ".join(str(f) for f in folders) or "(no LoRA folder)"
+            gr.Warning(f"the prompt names LoRAs that are not in the LoRA folders: {', '.join(missing)} (searched {where}). "
+                       "The prompt keeps their tags; put the files there, or pass --lora-dir DIR")
 
     def sampler_updates(self, settings: SamplerSettings | None) -> dict:
         if settings is None:

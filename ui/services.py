@@ -13,6 +13,7 @@ import torch
 
 from ldm.addons.embeddings import default_embedding_dirs
 from ldm.addons.library import default_lora_dirs
+from ldm.addons.listing import AddonEntry, list_embedding_entries, list_loras
 from ldm.checkpoints.catalog import CatalogEntry, scan
 from ldm.checkpoints.loaded import LoadedModel
 from ldm.checkpoints.loader import load_model
@@ -66,6 +67,7 @@ class Studio:
     extra_embedding_dirs: Sequence[Path] = ()  # --embeddings-dir
     _stops: dict[str, threading.Event] = field(default_factory=dict)
     _catalog: list[CatalogEntry] | None = None
+    _addons: list[AddonEntry] | None = None
 
     def catalog(self, refresh: bool = False) -> list[CatalogEntry]:
         if self._catalog is None or refresh:
@@ -81,6 +83,16 @@ class Studio:
         each models folder."""
         folders = default_embedding_dirs([WEIGHTS_DIR, *self.model_dirs])
         return tuple(dict.fromkeys([*self.extra_embedding_dirs, *folders]))
+
+    def addon_folders(self) -> dict[str, tuple[Path, ...]]:
+        """Where each kind of add-on is looked for, by kind."""
+        return {"lora": self.lora_dirs(), "embedding": self.embedding_dirs()}
+
+    def addons(self, refresh: bool = False) -> list[AddonEntry]:
+        """The LoRAs and embeddings of the folders (``ldm.addons.listing``), read once and again on ``refresh``."""
+        if self._addons is None or refresh:
+            self._addons = list_loras(self.lora_dirs()) + list_embedding_entries(self.embedding_dirs())
+        return self._addons
 
     def entries_for(self, task: str) -> list[CatalogEntry]:
         """Recognised models that serve ``task`` (a name of ``ldm.tasks.registry.TASKS``)."""

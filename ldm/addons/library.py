@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ldm.addons.lora import LORA_SUFFIXES, Applied, lora_hash, read_lora
 from ldm.checkpoints.io import read_metadata
-from ldm.addons.tags import LoraTag, extract_lora_tags
+from ldm.addons.tags import TAG, LoraTag, extract_lora_tags
 
 PROJECT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 PROJECT_LORA_DIR = PROJECT_MODELS_DIR / "Lora"
@@ -65,6 +65,24 @@ def find_lora(name: str, folders: list[Path]) -> Path:
     known = ", ".join(sorted(files)[:10]) or "none"
     raise ValueError(f"<lora:{name}>: no LoRA named {name!r} in {where}; found: {known}. "
                      "Put the file there or pass --lora-dir DIR")
+
+
+def named_loras(prompts: Iterable[str]) -> list[str]:
+    """The names the prompts' ``<lora:...>`` tags give, once each, in order; a tag whose weights are
+    malformed still names its LoRA (for messages, not for applying)."""
+    names: dict[str, None] = {}
+    for prompt in prompts:
+        for match in TAG.finditer(prompt or ""):
+            name = match.group(1).split(":")[0].strip()
+            if name:
+                names.setdefault(name)
+    return list(names)
+
+
+def missing_loras(prompts: Iterable[str], folders: Iterable[str | Path]) -> list[str]:
+    """The LoRA names of the prompts' tags that no file of ``folders`` has."""
+    files = lora_files(folders)
+    return [name for name in named_loras(prompts) if name not in files]
 
 
 @dataclass(frozen=True)

@@ -299,17 +299,23 @@ def _fail(path: Path, problem: str, hint: str = "") -> LoraError:
     return LoraError.for_file(path, problem, hint)
 
 
+def stated_family(metadata: dict[str, object]) -> str | None:
+    """The family kohya's metadata says a file was made for ("sd_v1", "sd_v2", "sdxl"), or None."""
+    stated = str(metadata.get("ss_base_model_version") or "")
+    if stated.startswith("sdxl"):
+        return "sdxl"
+    if stated.startswith("sd_v2") or str(metadata.get("ss_v2", "")).lower() == "true":
+        return "sd_v2"
+    if stated.startswith("sd_v1"):
+        return "sd_v1"
+    return None
+
+
 def check_family(path: Path, metadata: dict[str, object], family: str) -> None:
     """Refuse a file whose metadata says it was made for another family than the model's."""
-    stated = str(metadata.get("ss_base_model_version") or "")
-    made_for = None
-    if stated.startswith("sdxl"):
-        made_for = "sdxl"
-    elif stated.startswith("sd_v2") or str(metadata.get("ss_v2", "")).lower() == "true":
-        made_for = "sd_v2"
-    elif stated.startswith("sd_v1"):
-        made_for = "sd_v1"
+    made_for = stated_family(metadata)
     if made_for is not None and made_for != family:
+        stated = str(metadata.get("ss_base_model_version") or "")
         raise _fail(path, f"is a LoRA made for {FAMILIES[made_for]} (its metadata: ss_base_model_version "
                           f"{stated or '?'}, ss_v2 {metadata.get('ss_v2', '?')}), but the model is {FAMILIES[family]}",
                     "Choose a LoRA made for this model's family")

@@ -16,6 +16,7 @@ from ldm.tasks.images import as_rgb
 from ldm.tasks.inpaint import MAX_FEATHER, MAX_PADDING, InpaintOptions, inpaint
 from ldm.tasks.request import checked_number
 from ui.controls import ModelMenu, OutputArea, SamplingControls, generate_buttons, model_menu, output_area, sampling_controls
+from ui.addons import AddonsPanel, addons_panel
 from ui.errors import friendly
 from ui.generation import Job, batch_request, connect_generation, generation_handler
 from ui.outputs import Restore, restore_box
@@ -35,6 +36,7 @@ class InpaintTab:
     editor: gr.ImageMask
     prompt: gr.Textbox
     negative: gr.Textbox
+    addons: AddonsPanel
     feather: gr.Slider
     only_masked: gr.Checkbox
     padding: gr.Slider
@@ -58,6 +60,7 @@ def build(studio: Studio, titles: dict[str, str]) -> InpaintTab:
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder=PROMPT_PLACEHOLDER if text else NO_PROMPT,
                                 info="Ctrl+Enter generates", interactive=text, elem_id=f"{TAB}-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, interactive=text)
+            addons = addons_panel(studio, TAB, prompt, model.dropdown)
             with gr.Row():
                 generate, stop = generate_buttons(TAB, "Inpaint")
             with gr.Row():
@@ -72,7 +75,7 @@ def build(studio: Studio, titles: dict[str, str]) -> InpaintTab:
             restore = restore_box(TAB)
         with gr.Column(scale=6):
             output = output_area(TAB, {name: titles[name] for name in SEND_TO})
-    tab = InpaintTab(model=model, editor=editor, prompt=prompt, negative=negative, feather=feather, only_masked=only_masked,
+    tab = InpaintTab(model=model, editor=editor, prompt=prompt, negative=negative, addons=addons, feather=feather, only_masked=only_masked,
                      padding=padding, sampling=sampling, batch_size=batch_size, generate=generate, stop=stop, restore=restore,
                      output=output)
     wire(studio, tab)
@@ -137,7 +140,7 @@ def wire(studio: Studio, tab: InpaintTab) -> None:
     connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop,
                        sampling=tab.sampling, output=tab.output)
     tab.model.dropdown.change(prompt_boxes(studio, tab), tab.model.dropdown, [tab.prompt, tab.negative], queue=False)
-    restored = Restore(tab.prompt, tab.negative, tab.sampling)
+    restored = Restore(tab.prompt, tab.negative, tab.sampling, lora_dirs=studio.lora_dirs)
     mask_settings = {"feather": tab.feather, "only_masked": tab.only_masked, "padding": tab.padding}
 
     @friendly

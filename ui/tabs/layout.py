@@ -31,6 +31,7 @@ from ui.controls import (
     size_controls,
     tiling_controls,
 )
+from ui.addons import AddonsPanel, addons_panel
 from ui.errors import friendly
 from ui.generation import Job, batch_request, connect_generation, generation_handler
 from ui.outputs import Restore, read_restore, restore_box
@@ -49,6 +50,7 @@ class LayoutTab:
     canvas: image_annotator
     prompt: gr.Textbox
     negative: gr.Textbox
+    addons: AddonsPanel
     sampling: SamplingControls
     size: SizeControls
     tiling: TilingControls
@@ -112,6 +114,7 @@ def build(studio: Studio, titles: dict[str, str]) -> LayoutTab:
                                      elem_id="layout-canvas")
             prompt = gr.Textbox(label="Global prompt (optional)", lines=1, info="Ctrl+Enter generates", elem_id=f"{TAB}-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1)
+            addons = addons_panel(studio, TAB, prompt, model.dropdown)
             with gr.Row():
                 generate, stop = generate_buttons(TAB, "Generate from layout")
                 clear = gr.Button("Clear boxes")
@@ -128,7 +131,7 @@ def build(studio: Studio, titles: dict[str, str]) -> LayoutTab:
             restore = restore_box(TAB, "layout and settings")
         with gr.Column(scale=6):
             output = output_area(TAB, {name: titles[name] for name in SEND_TO})
-    tab = LayoutTab(model=model, canvas=canvas, prompt=prompt, negative=negative, sampling=sampling, size=size, tiling=tiling,
+    tab = LayoutTab(model=model, canvas=canvas, prompt=prompt, negative=negative, addons=addons, sampling=sampling, size=size, tiling=tiling,
                     boxes_as=boxes_as, regions=regions, batch_size=batch_size, generate=generate, stop=stop, restore=restore,
                     output=output)
     wire(studio, tab)
@@ -260,7 +263,7 @@ def wire(studio: Studio, tab: LayoutTab) -> None:
 
     tab.canvas.change(canvas_regions, [tab.canvas, tab.regions], tab.regions, queue=False)
 
-    restored = Restore(tab.prompt, tab.negative, tab.sampling, tab.size.width, tab.size.height)
+    restored = Restore(tab.prompt, tab.negative, tab.sampling, tab.size.width, tab.size.height, studio.lora_dirs)
 
     @friendly
     def restore(path, width, height):

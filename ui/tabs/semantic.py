@@ -77,7 +77,7 @@ def build(studio: Studio, titles: dict[str, str]) -> SemanticTab:
             preview = gr.Image(label="Its regions", type="pil", interactive=False, height=240, elem_id=f"{TAB}-map-preview")
             with gr.Row():
                 generate, stop = generate_buttons(TAB)
-            sampling = sampling_controls(studio, TAB, steps=100, scale=None, eta=1.0)
+            sampling = sampling_controls(studio, TAB, steps=100, scale=None, eta=1.0, emphasis=False)
             gr.Markdown("The picture has the map's size (rounded to a multiple of 16); larger maps than the training "
                         "size work, the model being convolutional. No prompt and no guidance.")
         with gr.Column(scale=6):

@@ -20,6 +20,7 @@ from ui.controls import (
     size_controls,
     tiling_controls,
 )
+from ui.addons import AddonsPanel, addons_panel
 from ui.errors import friendly
 from ui.generation import Job, batch_request, connect_generation, generation_handler
 from ui.outputs import Restore, restore_box
@@ -35,6 +36,7 @@ class Txt2ImgTab:
     model: ModelMenu
     prompt: gr.Textbox
     negative: gr.Textbox
+    addons: AddonsPanel
     sampling: SamplingControls
     size: SizeControls
     tiling: TilingControls
@@ -53,6 +55,7 @@ def build(studio: Studio, titles: dict[str, str]) -> Txt2ImgTab:
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle in the top left and a small blue square at the bottom",
                                 info="Ctrl+Enter generates", elem_id=f"{TAB}-prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, placeholder="what the image should not have")
+            addons = addons_panel(studio, TAB, prompt, model.dropdown)
             with gr.Row():
                 generate, stop = generate_buttons(TAB)
             sampling = sampling_controls(studio, TAB)
@@ -66,7 +69,7 @@ def build(studio: Studio, titles: dict[str, str]) -> Txt2ImgTab:
             restore = restore_box(TAB)
         with gr.Column(scale=6):
             output = output_area(TAB, {name: titles[name] for name in SEND_TO})
-    tab = Txt2ImgTab(model=model, prompt=prompt, negative=negative, sampling=sampling, size=size, tiling=tiling,
+    tab = Txt2ImgTab(model=model, prompt=prompt, negative=negative, addons=addons, sampling=sampling, size=size, tiling=tiling,
                      batch_count=batch_count, batch_size=batch_size, generate=generate, stop=stop, restore=restore,
                      output=output)
     wire(studio, tab)
@@ -88,7 +91,7 @@ def wire(studio: Studio, tab: Txt2ImgTab) -> None:
     inputs = {tab.prompt, tab.negative, tab.size.width, tab.size.height, tab.batch_count, tab.batch_size, *tab.tiling.components}
     connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop,
                        sampling=tab.sampling, output=tab.output, size=tab.size, submit=tab.prompt)
-    restored = Restore(tab.prompt, tab.negative, tab.sampling, tab.size.width, tab.size.height)
+    restored = Restore(tab.prompt, tab.negative, tab.sampling, tab.size.width, tab.size.height, studio.lora_dirs)
 
     @friendly
     def restore(path):

@@ -10,6 +10,7 @@ from PIL import Image
 from ldm.tasks.request import GenerationRequest, checked_number
 from ldm.tasks.upscale import DEFAULT_NOISE_LEVEL, MAX_INPUT_SIDE, MAX_TILE, InputTiles, check_noise_level, upscale
 from ui.controls import ModelMenu, OutputArea, SamplingControls, generate_buttons, model_menu, output_area, sampling_controls
+from ui.addons import AddonsPanel, addons_panel
 from ui.generation import Job, connect_generation, generation_handler
 from ui.services import Studio
 
@@ -26,6 +27,7 @@ class UpscaleTab:
     sampling: SamplingControls
     prompt: gr.Textbox
     negative: gr.Textbox
+    addons: AddonsPanel
     noise_level: gr.Slider
     tile: gr.Slider
     overlap: gr.Slider
@@ -47,6 +49,7 @@ def build(studio: Studio, titles: dict[str, str]) -> UpscaleTab:
             with gr.Accordion("Text-guided upscalers (SD x4)", open=False):
                 prompt = gr.Textbox(label="Prompt", placeholder="what the picture shows", lines=2, elem_id=f"{TAB}-prompt")
                 negative = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{TAB}-negative")
+                addons = addons_panel(studio, TAB, prompt, model.dropdown)
                 noise_level = gr.Slider(0, MAX_NOISE_LEVEL, value=DEFAULT_NOISE_LEVEL, step=1, label="Noise level",
                                         info="noise added to the input first: higher lets the prompt invent more detail, "
                                         "lower stays closer to the input", elem_id=f"{TAB}-noise-level")
@@ -56,8 +59,8 @@ def build(studio: Studio, titles: dict[str, str]) -> UpscaleTab:
                 overlap = gr.Slider(0, 128, value=16, step=4, label="Tile overlap (input px)", info="tiles blend across it", elem_id="upscale-overlap")
         with gr.Column(scale=6):
             output = output_area(TAB, {name: titles[name] for name in SEND_TO})
-    tab = UpscaleTab(model=model, image=image, sampling=sampling, prompt=prompt, negative=negative, noise_level=noise_level,
-                     tile=tile, overlap=overlap, generate=generate, stop=stop, output=output)
+    tab = UpscaleTab(model=model, image=image, sampling=sampling, prompt=prompt, negative=negative, addons=addons,
+                     noise_level=noise_level, tile=tile, overlap=overlap, generate=generate, stop=stop, output=output)
     wire(studio, tab)
     return tab
 
