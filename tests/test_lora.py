@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.addons.library import default_lora_dirs, find_lora, lora_files, prompt_loras
-from ldm.addons.lora import Applied, LoraError, lora_hash, lora_targets, merged_loras, read_lora, unet_diffusers_name
+from ldm.addons.lora import Applied, lora_hash, lora_targets, merged_loras, read_lora, unet_diffusers_name
 from ldm.addons.tags import LoraTag, extract_lora_tags
 from ldm.checkpoints.diffusers_folder import _unet_module
 from ldm.checkpoints.errors import CheckpointError
@@ -316,6 +316,20 @@ def test_stop_and_a_missing_lora_leave_the_model_as_it_was(sd1, tmp_path):
     with pytest.raises(ValueError, match="no LoRA named 'nowhere'"):
         txt2img(sd1, replace(small_request("a cat", folder), negative_prompt="<lora:nowhere:1>"))
     assert_same(sd1.model, before)
+
+
+def test_a_lora_file_removed_while_the_images_are_made_leaves_them_finished(sd1, tmp_path):
+    folder = tmp_path / "Lora"
+    path = write(folder / "ink.safetensors", random_lora(kohya_names(sd1.model), 4))
+
+    def delete_at_the_last_step(info):
+        if info.step == info.total - 1:
+            path.unlink()
+
+    result = txt2img(sd1, small_request("a red cat <lora:ink:1>", folder), callback=delete_at_the_last_step)
+    assert not path.exists() and len(result.images) == 1
+    fields = parse_parameters(result.parameters[0])
+    assert fields["Prompt"] == "a red cat <lora:ink:1>" and "Lora hashes" not in fields
 
 
 def test_prompt_loras_reads_each_name_once(sd1, tmp_path):

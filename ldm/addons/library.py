@@ -9,6 +9,7 @@ that holds a name wins.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 from ldm.addons.lora import LORA_SUFFIXES, Applied, lora_hash, read_lora
 from ldm.checkpoints.io import read_metadata
 from ldm.addons.tags import TAG, LoraTag, extract_lora_tags
+
+log = logging.getLogger(__name__)
 
 PROJECT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 PROJECT_LORA_DIR = PROJECT_MODELS_DIR / "Lora"
@@ -114,10 +117,14 @@ def prompt_loras(model, prompts: list[str], folders: list[Path]) -> PromptLoras:
 
 def lora_hashes(prompts: list[str], folders: list[Path]) -> str | None:
     """AUTOMATIC1111's "Lora hashes" value of the LoRAs the prompts' tags name, ``name: 12hex, ...`` (the
-    name without ``:`` and ``,``); None when the prompts have no tag."""
+    name without ``:`` and ``,``); None when the prompts have no tag. Written after the images are made, so a
+    file moved or deleted meanwhile is left out (and logged) rather than failing finished images."""
     _, tags = tags_of(prompts)
     parts = []
     for tag in tags:
-        path = find_lora(tag.name, folders)
-        parts.append(f"{tag.name.replace(':', '').replace(',', '')}: {lora_hash(path, read_metadata(path))}")
+        try:
+            path = find_lora(tag.name, folders)
+            parts.append(f"{tag.name.replace(':', '').replace(',', '')}: {lora_hash(path, read_metadata(path))}")
+        except (ValueError, OSError) as error:
+            log.warning("Lora hashes: %s left out (%s)", tag.name, error)
     return ", ".join(parts) or None
