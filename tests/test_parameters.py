@@ -146,5 +146,5 @@ def test_a_missing_eta_is_the_samplers_default_as_automatic1111_leaves_it_out():
 def test_an_unknown_sampler_or_schedule_is_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="sampler 'DPM2 a Karras' is not known; use one of DDIM, Euler, Euler a, Heun"):
         read_sampler({"Sampler": "DPM2 a Karras"})
-    with pytest.raises(ValueError, match="schedule 'Align Your Steps' is not known; use one of Automatic, Uniform"):
-        read_sampler({"Sampler": "Euler", "Schedule type": "Align Your Steps"})
+    with pytest.raises(ValueError, match="schedule 'Polyexponential' is not known; use one of Automatic, Uniform"):
+        read_sampler({"Sampler": "Euler", "Schedule type": "Polyexponential"})

@@ -54,8 +54,8 @@ def test_sampler_presets_are_read_and_checked(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: Bad\nsteps: 5\nsampler: euler\n")
     with pytest.raises(ValueError, match="sampler 'euler' is not known; use one of DDIM, Euler, Euler a"):
         read_sampler_presets(tmp_path)
-    (tmp_path / "bad.yaml").write_text("name: Bad\nsteps: 5\nsampler: Euler\nschedule: Beta\n")
-    with pytest.raises(ValueError, match="schedule 'Beta' is not known; use one of Automatic, Uniform, Karras"):
+    (tmp_path / "bad.yaml").write_text("name: Bad\nsteps: 5\nsampler: Euler\nschedule: Polyexponential\n")
+    with pytest.raises(ValueError, match="schedule 'Polyexponential' is not known; use one of Automatic, Uniform, Karras"):
         read_sampler_presets(tmp_path)
     (tmp_path / "bad.yaml").write_text("name: Bad\nsteps: 60\nsampler: LCM\n")
     with pytest.raises(ValueError, match="LCM's own schedule has 1 to 50 steps"):
