@@ -179,8 +179,8 @@ def test_stop_cancels_a_sigma_space_sampler_between_steps(loaded_sd_v1):
 def test_unknown_names_are_refused_before_sampling(loaded_sd_v1):
     with pytest.raises(ValueError, match="sampler 'DPM\\+\\+ 2M Karras' is not known; use one of DDIM, Euler"):
         txt2img(loaded_sd_v1, ask(sampler="DPM++ 2M Karras"))
-    with pytest.raises(ValueError, match=f"schedule 'Beta' is not known; use one of {', '.join(SCHEDULES)}"):
-        txt2img(loaded_sd_v1, ask(sampler="Euler", schedule="Beta"))
+    with pytest.raises(ValueError, match=f"schedule 'Polyexponential' is not known; use one of {', '.join(SCHEDULES)}"):
+        txt2img(loaded_sd_v1, ask(sampler="Euler", schedule="Polyexponential"))
 
 
 def test_the_original_models_keep_ddim_and_a_preset_names_a_known_sampler():
