@@ -4,7 +4,7 @@ function over a denoiser, and the schedules they can walk (``ldm.sampling.sigmas
 Every sampler has one seam:
 
     run(denoiser, x_T, alphas_cumprod, steps, *, eta, generator, extra_args=None, callback=None,
-        should_stop=None, before_step=None, schedule="Automatic", s_noise=1.0) -> x_0
+        should_stop=None, before_step=None, schedule="Automatic", s_noise=1.0, init=None, skip=0) -> x_0
 
 ``denoiser(x_t, t, **extra_args) -> epsilon`` is the (guided, tiled) epsilon denoiser; ``x_T`` is
 unit Gaussian noise drawn from ``generator`` (one generator per image), which the sampler draws its
@@ -12,6 +12,13 @@ own noise from too; the hooks are those of ``ldm.sampling.steps``. Samplers othe
 denoiser through ``ldm.sampling.denoiser.SigmaDenoiser``. ``eta`` is ignored by samplers with no
 ``eta_field``; ``s_noise`` (the scale of the noise added, 1 by default) is used by those with
 ``s_noise`` True.
+
+Image to image starts part-way down the schedule: ``init`` is the clean latent of the image and
+``skip`` the number of leading steps of the ``steps``-step schedule left out; the run starts from
+``init`` noised with ``x_T`` to the level of the first step it takes (``noised``: x0 + sigma x_T in
+sigma space, sqrt(abar) x0 + sqrt(1 - abar) x_T for DDIM), as diffusers' ``add_noise`` and
+AUTOMATIC1111's img2img do, and runs the remaining ``steps - skip``. ``skip`` equal to ``steps``
+runs none and returns ``init``.
 
     Sampler       Automatic schedule         eta key    eta default  starts from
     DDIM          its own (T // n, + 1)      Eta DDIM   0            x_T (the DDPM state)
@@ -46,7 +53,7 @@ from ldm.sampling import k_samplers
 from ldm.sampling.ddim import ddim_sample
 from ldm.sampling.denoiser import SigmaDenoiser
 from ldm.sampling.lcm import ConsistencyBoundary, lcm, lcm_timesteps
-from ldm.sampling.schedules import ddim_schedule, ddim_schedule_from_sigmas
+from ldm.sampling.schedules import DDIMSchedule, ddim_schedule, ddim_schedule_from_sigmas
 from ldm.sampling.sigmas import (
     SCHEDULES,
     DiscreteSigmas,
@@ -71,89 +78,144 @@ class Sampler:
 
 
 def sigma_space(denoiser, alphas_cumprod: torch.Tensor, steps: int, schedule: str,
-                automatic: str) -> tuple[SigmaDenoiser, list[float]]:
+                automatic: str, skip: int = 0) -> tuple[SigmaDenoiser, list[float]]:
     table = DiscreteSigmas(alphas_cumprod)
     sigmas = schedule_sigmas(automatic if schedule == "Automatic" else schedule, table, steps)
-    return SigmaDenoiser(denoiser, table), sigmas
+    return SigmaDenoiser(denoiser, table), part_way(sigmas, skip)
 
 
-def ve_start(x_T: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
-    """Unit noise scaled to sigma_0 (k-diffusion's start), in float32 or wider."""
-    return k_samplers.state(x_T) * sigmas[0]
+def check_skip(skip: int, steps: int) -> None:
+    if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip <= steps:
+        raise ValueError(f"the steps to skip must be a whole number from 0 to the {steps} steps, got {skip!r}")
 
 
-def vp_start(x_T: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
-    """Unit noise as the DDPM state at sigma_0, in sigma space: sqrt(1 + sigma_0^2) x_T."""
-    return k_samplers.state(x_T) * (1 + sigmas[0] ** 2) ** 0.5
+def noised(init: torch.Tensor, x_T: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The clean latent ``init`` noised with unit noise ``x_T`` to level ``sigma``, in sigma space
+    (x0 + sigma eps), in float32 or wider: the forward process at any step of any schedule."""
+    return k_samplers.state(init) + k_samplers.state(x_T) * sigma
+
+
+def part_way(sigmas: list[float], skip: int) -> list[float]:
+    """The levels left after ``skip`` steps of a schedule (one step fewer per level dropped)."""
+    check_skip(skip, len(sigmas) - 1)
+    return sigmas[skip:]
+
+
+def ve_start(x_T: torch.Tensor, sigmas: list[float], init: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit noise scaled to sigma_0 (k-diffusion's start), in float32 or wider; or ``init`` noised to sigma_0."""
+    return k_samplers.state(x_T) * sigmas[0] if init is None else noised(init, x_T, sigmas[0])
+
+
+def vp_start(x_T: torch.Tensor, sigmas: list[float], init: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit noise as the DDPM state at sigma_0, in sigma space: sqrt(1 + sigma_0^2) x_T; or ``init``
+    noised to sigma_0."""
+    return k_samplers.state(x_T) * (1 + sigmas[0] ** 2) ** 0.5 if init is None else noised(init, x_T, sigmas[0])
+
+
+def finished(init: torch.Tensor, sigmas: list[float]) -> bool:
+    """Whether a part-way run has no step left (strength 0): it returns its image's latent."""
+    return init is not None and len(sigmas) < 2
 
 
 def run_ddim(denoiser, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, *, schedule: str = "Automatic",
-             s_noise: float = 1.0, **options) -> torch.Tensor:
-    """DDIM over the original's uniform discretisation of ``steps`` timesteps, or over a sigma schedule."""
+             s_noise: float = 1.0, init: torch.Tensor | None = None, skip: int = 0, **options) -> torch.Tensor:
+    """DDIM over the original's uniform discretisation of ``steps`` timesteps, or over a sigma schedule;
+    part-way, the highest ``skip`` timesteps are left out and ``init`` is noised to the first one run."""
     if get_schedule(schedule).sigmas is None:
-        return ddim_sample(denoiser, x_T, ddim_schedule(alphas_cumprod, steps), **options)
-    table = DiscreteSigmas(alphas_cumprod)
-    return ddim_sample(denoiser, x_T, ddim_schedule_from_sigmas(table, schedule_sigmas(schedule, table, steps)),
-                       **options)
+        full = ddim_schedule(alphas_cumprod, steps)
+    else:
+        table = DiscreteSigmas(alphas_cumprod)
+        full = ddim_schedule_from_sigmas(table, schedule_sigmas(schedule, table, steps))
+    check_skip(skip, len(full))
+    kept = DDIMSchedule(full.timesteps[: len(full) - skip], full.alphas[: len(full) - skip],
+                        full.alphas_prev[: len(full) - skip])
+    if init is None:
+        return ddim_sample(denoiser, x_T, kept, **options)
+    if len(kept) == 0:
+        return init
+    a = float(kept.alphas[-1])
+    start = a**0.5 * k_samplers.state(init) + (1 - a) ** 0.5 * k_samplers.state(x_T)  # the DDPM forward process
+    return ddim_sample(denoiser, start.to(x_T.dtype), kept, **options)
 
 
-def run_euler(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0, **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform")
-    return k_samplers.euler(model, ve_start(x_T, sigmas), sigmas, **hooks).to(x_T.dtype)
+def run_euler(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
+              init=None, skip=0, **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform", skip)
+    if finished(init, sigmas):
+        return init
+    return k_samplers.euler(model, ve_start(x_T, sigmas, init), sigmas, **hooks).to(x_T.dtype)
 
 
 def run_euler_ancestral(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=1.0,
-                        s_noise=1.0, **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform")
-    return k_samplers.euler_ancestral(model, ve_start(x_T, sigmas), sigmas, generator=generator, eta=eta,
+                        s_noise=1.0, init=None, skip=0, **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform", skip)
+    if finished(init, sigmas):
+        return init
+    return k_samplers.euler_ancestral(model, ve_start(x_T, sigmas, init), sigmas, generator=generator, eta=eta,
                                       s_noise=s_noise, **hooks).to(x_T.dtype)
 
 
-def run_heun(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0, **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform")
-    return k_samplers.heun(model, ve_start(x_T, sigmas), sigmas, **hooks).to(x_T.dtype)
+def run_heun(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
+             init=None, skip=0, **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform", skip)
+    if finished(init, sigmas):
+        return init
+    return k_samplers.heun(model, ve_start(x_T, sigmas, init), sigmas, **hooks).to(x_T.dtype)
 
 
 def run_dpmpp_2m(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
-                 **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Karras")
-    return k_samplers.dpmpp_2m(model, ve_start(x_T, sigmas), sigmas, **hooks).to(x_T.dtype)
+                 init=None, skip=0, **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Karras", skip)
+    if finished(init, sigmas):
+        return init
+    return k_samplers.dpmpp_2m(model, ve_start(x_T, sigmas, init), sigmas, **hooks).to(x_T.dtype)
 
 
 def run_dpmpp_2m_sde(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=1.0, s_noise=1.0,
-                     **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Exponential")
-    return k_samplers.dpmpp_2m_sde(model, ve_start(x_T, sigmas), sigmas, generator=generator, eta=eta, s_noise=s_noise,
-                                   **hooks).to(x_T.dtype)
+                     init=None, skip=0, **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Exponential", skip)
+    if finished(init, sigmas):
+        return init
+    return k_samplers.dpmpp_2m_sde(model, ve_start(x_T, sigmas, init), sigmas, generator=generator, eta=eta,
+                                   s_noise=s_noise, **hooks).to(x_T.dtype)
 
 
 def run_dpmpp_sde(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=1.0, s_noise=1.0,
-                  **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Karras")
-    return k_samplers.dpmpp_sde(model, ve_start(x_T, sigmas), sigmas, generator=generator, eta=eta, s_noise=s_noise,
-                                **hooks).to(x_T.dtype)
+                  init=None, skip=0, **hooks):
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Karras", skip)
+    if finished(init, sigmas):
+        return init
+    return k_samplers.dpmpp_sde(model, ve_start(x_T, sigmas, init), sigmas, generator=generator, eta=eta,
+                                s_noise=s_noise, **hooks).to(x_T.dtype)
 
 
 def run_unipc(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
-              spacing: str = "linspace", **hooks):
+              spacing: str = "linspace", init=None, skip=0, **hooks):
     """UniPC bh2 of order 2 (diffusers' defaults); "Automatic" is the integer grid of ``spacing``."""
     table = DiscreteSigmas(alphas_cumprod)
     if get_schedule(schedule).sigmas is None:
         sigmas = timestep_sigmas(table, spaced_timesteps(len(table), steps, spacing))
     else:
         sigmas = schedule_sigmas(schedule, table, steps)
-    return unipc(SigmaDenoiser(denoiser, table), vp_start(x_T, sigmas), sigmas, **hooks).to(x_T.dtype)
+    sigmas = part_way(sigmas, skip)
+    if finished(init, sigmas):
+        return init
+    return unipc(SigmaDenoiser(denoiser, table), vp_start(x_T, sigmas, init), sigmas, **hooks).to(x_T.dtype)
 
 
-def run_lcm(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0, **hooks):
+def run_lcm(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
+            init=None, skip=0, **hooks):
     """LCM; "Automatic" is LCM's own grid of at most 50 steps."""
     table = DiscreteSigmas(alphas_cumprod)
     if get_schedule(schedule).sigmas is None:
         sigmas = timestep_sigmas(table, lcm_timesteps(len(table), steps))
     else:
         sigmas = schedule_sigmas(schedule, table, steps)
+    sigmas = part_way(sigmas, skip)
+    if finished(init, sigmas):
+        return init
     model = ConsistencyBoundary(SigmaDenoiser(denoiser, table), table.timestep)
-    return lcm(model, vp_start(x_T, sigmas), sigmas, generator=generator, **hooks).to(x_T.dtype)
+    return lcm(model, vp_start(x_T, sigmas, init), sigmas, generator=generator, **hooks).to(x_T.dtype)
 
 
 SAMPLERS = {sampler.name: sampler for sampler in (

@@ -191,10 +191,14 @@ def sample(
     callback: Callback | None = None,
     should_stop: Callable[[], bool] | None = None,
     x_T: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    skip: int = 0,
 ) -> torch.Tensor:
     """Latents for a resolved request: noise from seeds request.seed + i (or the given ``x_T``, e.g.
     a window of a larger canvas's noise), then the request's sampler, on its schedule, over the guided
-    denoiser.
+    denoiser. Image to image: ``init`` is the image's latent (one, or one per image), noised with that
+    noise to the schedule's level after ``skip`` of its ``request.steps`` steps, from where the
+    sampler runs the rest (``ldm.sampling.samplers``); the canvas is the latent's.
     ``concat`` may be a function of the seeds' generators, drawn from after the initial noise (a
     noise-augmented low-resolution image); ``label`` is a class label ``y`` given to both guidance
     branches (the noise level); ``blend`` inpaints by latent blending, its noise from the same
@@ -204,17 +208,21 @@ def sample(
     restored when it ends, stopped or failed included."""
     prompts = request.prompts()
     if not any("<lora:" in p for p in prompts):
-        return _sample(model, request, concat, label, blend, callback, should_stop, x_T)
+        return _sample(model, request, concat, label, blend, callback, should_stop, x_T, init, skip)
     loras = prompt_loras(model, prompts, list(request.lora_dirs))
     with merged_loras(loras.applied):
-        return _sample(model, without_tags(request, loras.prompts), concat, label, blend, callback, should_stop, x_T)
+        return _sample(model, without_tags(request, loras.prompts), concat, label, blend, callback, should_stop, x_T,
+                       init, skip)
 
 
-def _sample(model, request, concat, label, blend, callback, should_stop, x_T) -> torch.Tensor:
+def _sample(model, request, concat, label, blend, callback, should_stop, x_T, init, skip) -> torch.Tensor:
     config = model.config
     generators = seeded_generators([request.seed + i for i in range(request.batch_size)])
     f = config.downsampling_factor
     shape = (request.batch_size, config.latent_channels, request.height // f, request.width // f)
+    if init is not None:
+        shape = (request.batch_size, *init.shape[1:])
+        init = init.to(model.device, model.dtype).expand(shape)
     with torch.inference_mode():
         if x_T is None:
             x_T = randn(shape, generators, device=model.device, dtype=model.dtype)
@@ -222,7 +230,9 @@ def _sample(model, request, concat, label, blend, callback, should_stop, x_T) ->
         chosen = planning.plan(model, request, height, width, free_memory_mb(model.device))
         if callable(concat):
             concat = concat(generators)
-        denoiser, extra_args = build_denoiser(model, request, chosen, concat, label, height, width)
+        # prompt editing counts the steps that run: [a:b:0.5] is halfway through a part-way run too
+        conditioned = request if not skip else replace(request, steps=max(1, request.steps - skip))
+        denoiser, extra_args = build_denoiser(model, conditioned, chosen, concat, label, height, width)
         before_step = None if blend is None else LatentBlend(blend.keep, blend.x0, generators)
         if isinstance(denoiser, ScheduledConditioning):
             callback = denoiser.callback(callback)
@@ -230,7 +240,7 @@ def _sample(model, request, concat, label, blend, callback, should_stop, x_T) ->
             return get_sampler(request.sampler).run(
                 denoiser, x_T, model.alphas_cumprod, request.steps, eta=request.eta, generator=generators,
                 extra_args=extra_args, callback=callback, should_stop=should_stop, before_step=before_step,
-                schedule=request.schedule, s_noise=request.s_noise)
+                schedule=request.schedule, s_noise=request.s_noise, init=init, skip=skip)
 
 
 def decode(model: LatentDiffusion, latents: torch.Tensor, options: TilingOptions) -> torch.Tensor:
