@@ -1,6 +1,6 @@
 """Command line: ``python -m ldm COMMAND``.
 
-txt2img, layout, inpaint, upscale and semantic generate PNGs that carry their parameters; inspect names a
+txt2img, img2img, layout, inpaint, upscale and semantic generate PNGs that carry their parameters; inspect names a
 checkpoint's family; train and eval build and measure the embedded default model.
 """
 
@@ -17,6 +17,8 @@ from ldm.options import (SAMPLER_NAMES, SCHEDULE_NAMES, add_device_arguments, ad
                          sampler_name)
 from ldm.text.lookup import TokenizerNotFoundError
 from ldm.text.prompt_syntax import EMPHASIS_MODES
+
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")  # ldm.tasks.img2img's, without importing torch
 
 log = logging.getLogger("ldm")
 
@@ -99,6 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(inpaint, "inpaint.png")
     inpaint.add_argument("--image", required=True)
     inpaint.add_argument("--mask", required=True, help="mask image: white where the image is to be filled")
+
+    i2i = commands.add_parser("img2img", help="re-draw an image under a prompt (image to image)",
+                              description="Re-draw an image under a prompt: it is noised part-way down the sampler's "
+                              "schedule by the denoising strength and denoised from there, keeping its composition.")
+    _add_model_arguments(i2i, "txt2img")
+    _add_sampling_arguments(i2i, "img2img.png")
+    i2i.add_argument("--image", required=True, help="the picture (any size and mode: 16-bit, transparent, palette)")
+    i2i.add_argument("--strength", type=float, default=0.75,
+                     help="denoising strength, 0 (keep the picture) to 1 (redraw it); default 0.75")
+    i2i.add_argument("--resize-mode", type=named(RESIZE_MODES), choices=RESIZE_MODES, default=RESIZE_MODES[0],
+                     metavar="MODE", help="how the picture meets --width/--height: 'Just resize' (stretch; default), "
+                     "'Crop and resize' (cover and crop the centre) or 'Resize and fill' (fit inside, edges stretched)")
+    i2i.add_argument("--exact-steps", action="store_true",
+                     help="run exactly --steps steps (AUTOMATIC1111's option, ComfyUI's denoise) instead of about "
+                     "steps x strength of a --steps schedule (diffusers' arithmetic, the default)")
+    i2i.add_argument("--sketch", help="an RGBA PNG of colour strokes (transparent elsewhere) laid over the picture first")
+    i2i.add_argument("--width", type=int, help="working width in pixels (default: the picture's, within 4096)")
+    i2i.add_argument("--height", type=int, help="working height in pixels (default: the picture's)")
+    add_tiling_arguments(i2i)
 
     upscale = commands.add_parser("upscale", help="4x super-resolution of an image")
     _add_model_arguments(upscale, "upscale")
@@ -291,14 +312,17 @@ def run_generation(args: argparse.Namespace) -> int:
     from ldm.tasks.registry import task
     from ldm.tasks.request import check_model, resolve_request
 
+    pictures = img2img_pictures(args) if args.command == "img2img" else {}
     loaded = load(args, "upscale" if args.command == "upscale" else "txt2img")
     check_model(task(args.command).serves, loaded)  # a model the command cannot use is refused by name here
     if args.command == "layout":
         request = make_request(args, loaded, boxes=read_boxes(args.boxes))
+    elif args.command == "img2img":
+        request = img2img_request(args, loaded, pictures["image"])
     else:
         request = make_request(args, loaded)
     resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
-    images, tiles = {}, None
+    images, tiles = pictures, None
     if args.command == "upscale":
         from ldm.tasks.upscale import check_noise_level
 
@@ -326,7 +350,51 @@ def run_generation(args: argparse.Namespace) -> int:
     return 0
 
 
+def img2img_pictures(args: argparse.Namespace) -> dict:
+    """The picture (and sketch) of ``img2img``, read and checked before the model loads."""
+    from ldm.tasks.img2img import check_picture
+
+    images = {"image": open_image(args.image)}
+    if args.sketch:
+        images["sketch"] = open_image(args.sketch)
+    check_picture(images["image"])
+    img2img_options(args)  # a strength out of range is refused here, before any work
+    return images
+
+
+def img2img_request(args: argparse.Namespace, loaded, picture):
+    """The request of ``img2img``: its size the picture's unless --width/--height say otherwise, the
+    other side following the picture's aspect when only one is given."""
+    from dataclasses import replace
+
+    from ldm.tasks.img2img import default_size
+
+    (width, height), notices = default_size(picture)
+    if args.width and not args.height:
+        width, height = args.width, max(1, round(args.width * height / width))
+    elif args.height and not args.width:
+        width, height = max(1, round(args.height * width / height)), args.height
+    elif args.width and args.height:
+        width, height = args.width, args.height
+    else:
+        for notice in notices:
+            print(f"note: {notice}", file=sys.stderr)
+    return replace(make_request(args, loaded), width=width, height=height)
+
+
+def img2img_options(args: argparse.Namespace):
+    from ldm.sampling.strength import STEP_MODES
+    from ldm.tasks.img2img import Img2ImgOptions
+
+    return Img2ImgOptions(args.strength, args.resize_mode, STEP_MODES[1] if args.exact_steps else STEP_MODES[0]).check()
+
+
 def run_task(args, loaded, request, images, progress, tiles=None):
+    if args.command == "img2img":
+        from ldm.tasks.img2img import img2img
+
+        return img2img(loaded, request, images["image"], options=img2img_options(args), sketch=images.get("sketch"),
+                       callback=progress)
     if args.command == "inpaint":
         from ldm.tasks.inpaint import inpaint
 
@@ -412,6 +480,7 @@ def run_eval(args: argparse.Namespace) -> int:
 COMMANDS = {
     "txt2img": run_generation,
     "layout": run_generation,
+    "img2img": run_generation,
     "inpaint": run_generation,
     "upscale": run_generation,
     "semantic": run_semantic,

@@ -120,17 +120,17 @@ def finished(init: torch.Tensor, sigmas: list[float]) -> bool:
 def run_ddim(denoiser, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, *, schedule: str = "Automatic",
              s_noise: float = 1.0, init: torch.Tensor | None = None, skip: int = 0, **options) -> torch.Tensor:
     """DDIM over the original's uniform discretisation of ``steps`` timesteps, or over a sigma schedule;
-    part-way, the highest ``skip`` timesteps are left out and ``init`` is noised to the first one run."""
+    part-way, the lowest ``steps - skip`` timesteps run, from ``init`` noised to the first of them."""
     if get_schedule(schedule).sigmas is None:
         full = ddim_schedule(alphas_cumprod, steps)
     else:
         table = DiscreteSigmas(alphas_cumprod)
         full = ddim_schedule_from_sigmas(table, schedule_sigmas(schedule, table, steps))
-    check_skip(skip, len(full))
-    kept = DDIMSchedule(full.timesteps[: len(full) - skip], full.alphas[: len(full) - skip],
-                        full.alphas_prev[: len(full) - skip])
     if init is None:
-        return ddim_sample(denoiser, x_T, kept, **options)
+        return ddim_sample(denoiser, x_T, full, **options)
+    check_skip(skip, steps)
+    run = min(len(full), steps - skip)  # the original's grid has a step more where steps do not divide T
+    kept = DDIMSchedule(full.timesteps[:run], full.alphas[:run], full.alphas_prev[:run])
     if len(kept) == 0:
         return init
     a = float(kept.alphas[-1])
