@@ -5,9 +5,9 @@ module, its tab (``ui/tabs/<NAME>.py``, found by name) and one line here."""
 from __future__ import annotations
 
 from ldm.models.latent_diffusion import LatentDiffusionConfig
-from ldm.tasks import inpaint, layout, semantic, txt2img, upscale
+from ldm.tasks import img2img, inpaint, layout, semantic, txt2img, upscale
 
-TASKS = {task.NAME: task for task in (txt2img, inpaint, upscale, layout, semantic)}
+TASKS = {task.NAME: task for task in (txt2img, img2img, inpaint, upscale, layout, semantic)}
 
 
 def task(name: str):
