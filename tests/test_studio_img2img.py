@@ -149,8 +149,7 @@ def test_a_dropped_png_restores_strength_resize_and_step_modes(studio, tab, tmp_
                                            "Denoising strength": 0.35, "Resize mode": "Resize and fill",
                                            "Img2img steps": "Exact steps", "Seed": 11, "Prompt": "a green square"})
     restore = Restore(tab.prompt, tab.negative, tab.sampling, tab.size.width, tab.size.height)
-    updates, found = restore.updates(path)
-    updates.update(img2img_tab.img2img_updates(tab, found))
+    updates = img2img_tab.restore_updates(tab, restore, path)
     assert (updates[tab.strength], updates[tab.resize_mode], updates[tab.step_mode]) == (0.35, "Resize and fill", "Exact steps")
     assert (updates[tab.prompt], updates[tab.sampling.seed], updates[tab.size.width]) == ("a green square", 11, 64)
     # AUTOMATIC1111's img2img PNG writes only the strength: the modes go back to their defaults
@@ -160,6 +159,9 @@ def test_a_dropped_png_restores_strength_resize_and_step_modes(studio, tab, tmp_
         tab.strength: 0.6, tab.resize_mode: "Just resize", tab.step_mode: "Strength x steps"}
     txt2img = save_png(Image.new("RGB", (8, 8)), tmp_path / "txt2img.png", "a cat\nSteps: 20, Seed: 1, Size: 8x8")
     assert img2img_tab.img2img_updates(tab, read_restore(txt2img)) == {}  # the tab keeps its own
+    from_text = img2img_tab.restore_updates(tab, restore, str(txt2img))
+    assert from_text[tab.prompt] == "a cat" and from_text[tab.sampling.steps] == 20
+    assert tab.size.width not in from_text and tab.strength not in from_text  # the picture's size stays
     odd = save_png(Image.new("RGB", (8, 8)), tmp_path / "odd.png",
                    "a cat\nSteps: 20, Seed: 1, Size: 8x8, Denoising strength: 3, Resize mode: Stretch")
     assert img2img_tab.img2img_updates(tab, read_restore(odd)) == {tab.step_mode: "Strength x steps"}

@@ -181,6 +181,17 @@ def img2img_updates(tab: Img2ImgTab, restored: Restored | None) -> dict:
     return updates
 
 
+def restore_updates(tab: Img2ImgTab, restored: Restore, path: str | None) -> dict:
+    """A dropped PNG's settings; its size only when it was made from a picture (it has a denoising
+    strength): a text-to-image PNG's size says nothing of the picture in the editor, which keeps its own."""
+    updates, found = restored.updates(path)
+    mine = img2img_updates(tab, found)
+    if tab.strength not in mine:
+        updates.pop(tab.size.width, None)
+        updates.pop(tab.size.height, None)
+    return {**updates, **mine}
+
+
 def wire(studio: Studio, tab: Img2ImgTab) -> None:
     inputs = {tab.editor, tab.sketch, tab.prompt, tab.negative, tab.strength, tab.resize_mode, tab.step_mode,
               tab.size.width, tab.size.height, tab.batch_count, tab.batch_size}
@@ -190,8 +201,7 @@ def wire(studio: Studio, tab: Img2ImgTab) -> None:
 
     @friendly
     def restore(path):
-        updates, found = restored.updates(path)
-        return {**updates, **img2img_updates(tab, found)}
+        return restore_updates(tab, restored, path)
 
     tab.restore.upload(restore, tab.restore, [*restored.components, tab.strength, tab.resize_mode, tab.step_mode],
                        queue=False)
