@@ -151,5 +151,5 @@ def test_on_a_mask_off_the_latent_grid_the_engines_latent_mask_covers_at_least_t
 
 def test_sd2_inpainting_inpaints_natively_and_serves_the_text_tasks():
     config = find_preset("v2-inpainting-inference").model
-    assert config.concat_input == "mask_and_masked_latent" and tasks_for(config) == ("txt2img", "inpaint", "layout")
+    assert config.concat_input == "mask_and_masked_latent" and tasks_for(config) == ("txt2img", "img2img", "inpaint", "layout")
     assert find_preset("v2-inference").model.concat_input == "none"

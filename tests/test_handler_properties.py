@@ -91,6 +91,17 @@ def masked_pictures(draw):
     return value
 
 
+@st.composite
+def pictures_to_redraw(draw):
+    """The image-to-image editor's value with a picture (strokes or none)."""
+    value = draw(editor_values())
+    while not (value and value.get("background") is not None):
+        value = draw(editor_values())
+    return value
+
+
+IMG2IMG_EDITOR = "Image (draw colour strokes on it in sketch mode)"
+
 # What a browser can send for an input (by its label), and what else may arrive.
 VALID = {
     "Prompt": st.text(max_size=80), "Negative prompt": st.text(max_size=40), "Global prompt (optional)": st.text(max_size=40),
@@ -105,6 +116,9 @@ VALID = {
     "Tile size (input px)": st.sampled_from([0, 16, 32]), "Tile overlap (input px)": st.integers(0, 8),
     "Noise level": st.integers(0, 350), "Feather mask edge (px)": st.integers(0, 64),
     "Padding around the mask (px)": st.integers(0, 256), "Inpaint only the masked area": st.booleans(),
+    IMG2IMG_EDITOR: pictures_to_redraw(), "Sketch": st.booleans(), "Denoising strength": st.floats(0, 1),
+    "Resize mode": st.sampled_from(["Just resize", "Crop and resize", "Resize and fill"]),
+    "Img2img steps": st.sampled_from(["Strength x steps", "Exact steps"]),
 }
 JUNK = {
     "Prompt": texts, "Negative prompt": texts, "Global prompt (optional)": texts,
@@ -112,6 +126,7 @@ JUNK = {
     "Width": st.one_of(st.sampled_from([0, 1, 10_000]), anything), "Height": st.one_of(st.sampled_from([0, 1, 10_000]), anything),
     "Image and mask: paint over what to replace": editor_values(),
     "Image to upscale (up to 1024 px a side)": st.one_of(st.none(), pictures(40), st.just(Image.new("RGB", (2000, 8)))),
+    IMG2IMG_EDITOR: editor_values(),
 }
 
 
@@ -188,7 +203,7 @@ PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=list(
 
 
 @pytest.mark.slow  # a hundred examples a tab
-@pytest.mark.parametrize("tab", ["txt2img", "inpaint", "upscale", "layout", "semantic"])
+@pytest.mark.parametrize("tab", ["txt2img", "img2img", "inpaint", "upscale", "layout", "semantic"])
 def test_any_values_save_images_or_end_with_a_clear_message(handlers, tab):
     studio, found = handlers
     handler = found[f"{tab}_generate"]
@@ -206,7 +221,7 @@ def test_any_values_save_images_or_end_with_a_clear_message(handlers, tab):
 
 
 @pytest.mark.parametrize("junk", [None, float("nan"), float("inf"), "x", -(10**12)], ids=["None", "nan", "inf", "text", "huge"])
-@pytest.mark.parametrize("tab", ["txt2img", "inpaint", "upscale", "layout"])
+@pytest.mark.parametrize("tab", ["txt2img", "img2img", "inpaint", "upscale", "layout"])
 def test_each_input_spoiled_alone_ends_with_a_clear_message_or_is_ignored(handlers, tab, junk):
     """Every input in turn (the others valid, as the page starts them) gets each junk value: a
     deterministic sweep beside the random examples above."""
@@ -214,7 +229,7 @@ def test_each_input_spoiled_alone_ends_with_a_clear_message_or_is_ignored(handle
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     valid = {"Image and mask: paint over what to replace": {
                  "background": image, "layers": [Image.new("RGBA", (32, 32), (255, 255, 255, 255))], "composite": image},
-             "Image to upscale (up to 1024 px a side)": image}
+             "Image to upscale (up to 1024 px a side)": image, IMG2IMG_EDITOR: {"background": image, "layers": [], "composite": image}}
     for component in handler.inputs:
         if isinstance(component, gr.State) or getattr(component, "label", None) == "Model":
             continue

@@ -73,7 +73,7 @@ def test_the_presets_carry_the_original_configs_facts():
 
 def test_the_text_models_serve_text_tasks_and_the_layout_model_only_the_layout_tab():
     for name in NAMES[:2]:
-        assert tasks_for(find_preset(name).model) == ("txt2img", "inpaint", "layout")
+        assert tasks_for(find_preset(name).model) == ("txt2img", "img2img", "inpaint", "layout")
     config = find_preset("layout2img-openimages256").model
     assert tasks_for(config) == ("layout",) and takes_layout_tokens(config) and reads_class_ids(config)
 

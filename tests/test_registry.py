@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 
 from ldm.checkpoints.presets import find_preset, list_presets
-from ldm.tasks import inpaint, layout, registry, semantic, txt2img, upscale
+from ldm.tasks import img2img, inpaint, layout, registry, semantic, txt2img, upscale
 from ldm.tasks.request import check_model
 
-TEXT = ("txt2img", "inpaint", "layout")  # in the registry's order
+TEXT = ("txt2img", "img2img", "inpaint", "layout")  # in the registry's order
 SERVED = {
     "default-txt2img": TEXT, "v1-inference": TEXT, "v2-inference": TEXT, "v2-inference-v": TEXT,
     "v2-inpainting-inference": TEXT, "text2img256": TEXT, "txt2img-1p4B-eval": TEXT,
@@ -35,11 +35,11 @@ def test_each_family_is_served_by_the_tasks_made_for_it(name):
 
 
 def test_the_registry_holds_each_task_module_once_by_its_name():
-    assert registry.TASKS == {"txt2img": txt2img, "inpaint": inpaint, "upscale": upscale, "layout": layout,
-                              "semantic": semantic}
-    assert list(registry.TASKS) == ["txt2img", "inpaint", "upscale", "layout", "semantic"]  # the studio's tab order
-    with pytest.raises(ValueError, match="task 'img2img' is not known; tasks: txt2img, inpaint, upscale, layout, semantic"):
-        registry.task("img2img")
+    assert registry.TASKS == {"txt2img": txt2img, "img2img": img2img, "inpaint": inpaint, "upscale": upscale,
+                              "layout": layout, "semantic": semantic}
+    assert list(registry.TASKS) == ["txt2img", "img2img", "inpaint", "upscale", "layout", "semantic"]  # the tab order
+    with pytest.raises(ValueError, match="task 'outpaint' is not known; tasks: txt2img, img2img, inpaint, upscale, layout, semantic"):
+        registry.task("outpaint")
 
 
 @pytest.mark.parametrize("task, preset, reason", [
@@ -47,6 +47,8 @@ def test_the_registry_holds_each_task_module_once_by_its_name():
     (txt2img, "semantic_synthesis256", "generates from a segmentation map"),
     (txt2img, "inpainting_big", "has no text conditioning stage"),
     (txt2img, "layout2img-openimages256", "reads no text: its conditioning stage takes layout boxes only"),
+    (img2img, "x4-upscaling", "is a super-resolution model: use it to upscale, not for image to image"),
+    (img2img, "layout2img-openimages256", "reads no text: its conditioning stage takes layout boxes only"),
     (inpaint, "bsr_sr", "cannot inpaint: its UNet also reads a low res image; use an inpainting model"),
     (inpaint, "layout2img-openimages256", "cannot inpaint: it reads no text prompt"),
     (upscale, "v1-inference", r"is not a super-resolution model \(it does not take a low-resolution image\)"),

@@ -244,7 +244,7 @@ def studio_with(folders, monkeypatch, extra_presets=()):
     return Studio(folders, OutputWriter(folders[0] / "outputs"), ModelCache(torch.device("cpu"), torch.float32))
 
 
-TITLES = {"inpaint": "Inpainting", "upscale": "Upscaling"}
+TITLES = {"img2img": "Image to image", "inpaint": "Inpainting", "upscale": "Upscaling"}
 
 
 def build_tab(studio):

@@ -21,7 +21,7 @@ from ui import addons
 from ui.tabs import txt2img as txt2img_tab
 
 UNET_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-TITLES = {"inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
+TITLES = {"img2img": "Image to image", "inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
 
 
 def lora(folder, name, width=768, rank=4):

@@ -143,7 +143,7 @@ def upload(page, elem_id: str, path: Path) -> None:
     for _ in range(3):
         page.locator(f"#{elem_id} input[type=file]").first.set_input_files(str(path))
         try:
-            if elem_id == "inpaint-editor":
+            if elem_id in ("inpaint-editor", "img2img-editor"):
                 page.locator(f"#{elem_id}").get_by_text("Upload an image").wait_for(state="hidden", timeout=10_000)
             else:
                 page.locator(f"#{elem_id} img").first.wait_for(timeout=10_000)
@@ -309,6 +309,41 @@ def test_inpainting_without_a_mask_says_what_to_do(page, tmp_path):
     message = page.get_by_text("The mask is empty")
     message.first.wait_for(timeout=TIMEOUT)
     assert "Traceback" not in page.content()
+
+
+def test_image_to_image_blends_a_sketched_stroke_and_saves_its_strength(page, studio, shots, tmp_path):
+    source = tmp_path / "scene.png"
+    render(scene_from_seed(5), 64).save(source)
+    page.get_by_role("tab", name="Image to image").click()
+    upload(page, "img2img-editor", source)
+    page.locator("#img2img-sketch input").check()
+    canvas = page.locator("#img2img-editor canvas").first
+    box = canvas.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    side = min(box["width"], box["height"])  # the 64 px picture is drawn centred, as large as fits
+    drag(page, (cx - side * 0.2, cy), (cx + side * 0.2, cy), steps=12)
+    page.locator("#img2img-prompt textarea").fill("a red circle")
+    set_number(page, "img2img-strength", 0.5)
+    set_number(page, "img2img-steps", 8)
+    page.locator("#img2img-seed input").fill("3")
+    page.locator("#img2img-generate").click()
+    shown = wait_for_result(page, "img2img")
+    result = saved_outputs(studio)[-1]
+    record = studio_record(result)
+    assert record["task"] == "img2img" and record["img2img"]["sketch"] is True
+    with Image.open(result) as on_disk:
+        assert shown.size == on_disk.size == (64, 64)
+    fields = parse_parameters(record["parameters"])
+    assert (fields["Denoising strength"], fields["Steps"], fields["Seed"]) == ("0.5", "8", "3")
+    strokes = np.asarray(Image.open(result.parent / record["files"]["sketch"]))
+    assert strokes.shape == (64, 64, 4)
+    drawn = strokes[..., 3] > 0
+    assert drawn[32, 24:40].all(), "the stroke across the centre is not in the sketch the server received"
+    assert not drawn[:8].any() and not drawn[-8:].any(), "the sketch reaches beyond the stroke"
+    assert tuple(strokes[32, 32, :3]) == (0xd6, 0x28, 0x28)  # the brush's default colour
+    original = np.asarray(Image.open(result.parent / record["files"]["input"]))
+    assert np.array_equal(original, np.asarray(Image.open(source).convert("RGB")))
+    page.screenshot(path=str(shots / "img2img.png"), full_page=True)
 
 
 def test_upscaling_multiplies_the_size_by_four_in_tiles(page, studio, shots, tmp_path):

@@ -21,7 +21,7 @@ from ui.tabs import inpaint as inpaint_tab
 from ui.tabs import upscale as upscale_tab
 
 SIZE = 32
-TITLES = {"inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
+TITLES = {"img2img": "Image to image", "inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from ui.outputs import Restore
 from ui.tabs import txt2img as txt2img_tab
 from ui.tabs import upscale as upscale_tab
 
-TITLES = {"inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
+TITLES = {"img2img": "Image to image", "inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The studio's page: a header, the five tabs (each a module of ``ui.tabs``), and the "send to" links
+"""The studio's page: a header, one tab per task (each a module of ``ui.tabs``), and the "send to" links
 between them. ``build_app`` only builds; ``app.py`` launches."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from ui.services import Studio
 
 TAB = "inpaint"
 TITLE = "Inpainting"
-SEND_TO = ("inpaint", "upscale", "layout")
+SEND_TO = ("img2img", "inpaint", "upscale", "layout")
 PROMPT_PLACEHOLDER = "what to paint in the masked area"
 NO_PROMPT = "this model takes no prompt: the fill follows the image around the mask"
 BRUSH = gr.Brush(default_size=12, colors=["#ffffff"], default_color="#ffffff", color_mode="fixed")

@@ -39,7 +39,7 @@ from ui.services import Studio
 
 TAB = "layout"
 TITLE = "Layout"
-SEND_TO = ("inpaint", "upscale")
+SEND_TO = ("img2img", "inpaint", "upscale")
 CANVAS_SIDE = 512  # the drawing canvas's longer side, in screen pixels; boxes are kept normalised
 LABELS_FROM = "default-txt2img"  # the canvas's label list: the classes of this preset's vocabulary
 

@@ -22,7 +22,7 @@ from ui.services import Studio
 
 TAB = "semantic"
 TITLE = "Semantic synthesis"
-SEND_TO = ("inpaint", "upscale")
+SEND_TO = ("img2img", "inpaint", "upscale")
 NO_MODEL = (
     "**No semantic synthesis model is installed.** Download LDM's landscape model (`semantic_synthesis256.zip`, or "
     "`semantic_synthesis.zip` for the one fine-tuned at 512x512, from the CompVis latent-diffusion model zoo), "

@@ -28,7 +28,7 @@ from ui.services import Studio
 
 TAB = "txt2img"
 TITLE = "Text to image"
-SEND_TO = ("inpaint", "upscale", "layout")
+SEND_TO = ("img2img", "inpaint", "upscale", "layout")
 
 
 @dataclass

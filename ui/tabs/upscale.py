@@ -16,7 +16,7 @@ from ui.services import Studio
 
 TAB = "upscale"
 TITLE = "Upscaling"
-SEND_TO = ("inpaint", "layout")
+SEND_TO = ("img2img", "inpaint", "layout")
 MAX_NOISE_LEVEL = 350  # the SD x4 upscaler's max_noise_level; the engine checks each model's own
 
 
