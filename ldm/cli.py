@@ -367,18 +367,11 @@ def img2img_request(args: argparse.Namespace, loaded, picture):
     other side following the picture's aspect when only one is given."""
     from dataclasses import replace
 
-    from ldm.tasks.img2img import default_size
+    from ldm.tasks.img2img import picture_size
 
-    (width, height), notices = default_size(picture)
-    if args.width and not args.height:
-        width, height = args.width, max(1, round(args.width * height / width))
-    elif args.height and not args.width:
-        width, height = max(1, round(args.height * width / height)), args.height
-    elif args.width and args.height:
-        width, height = args.width, args.height
-    else:
-        for notice in notices:
-            print(f"note: {notice}", file=sys.stderr)
+    (width, height), notices = picture_size(picture, args.width or 0, args.height or 0)
+    for notice in notices:
+        print(f"note: {notice}", file=sys.stderr)
     return replace(make_request(args, loaded), width=width, height=height)
 
 

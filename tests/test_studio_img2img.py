@@ -103,8 +103,8 @@ def test_another_size_another_resize_mode_and_exact_steps_reach_the_image(studio
     fields = parse_parameters(image.text["parameters"])
     assert image.size == (48, 48)
     assert (fields["Resize mode"], fields["Img2img steps"]) == ("Crop and resize", "Exact steps")
-    assert img2img_tab.working_size(picture, 96, 0) == ((96, 48), [])  # one side alone keeps the shape
-    assert img2img_tab.working_size(picture, 0, 64) == ((128, 64), [])
+    assert img2img_tab.size_asked(picture, 96, 0) == ((96, 48), [])  # one side alone keeps the shape
+    assert img2img_tab.size_asked(picture, 0, 64) == ((128, 64), [])
 
 
 def test_in_sketch_mode_the_strokes_reach_the_picture_and_without_it_they_are_ignored(studio, tab):

@@ -86,6 +86,18 @@ def default_size(image: Image.Image) -> tuple[tuple[int, int], list[str]]:
                   "to choose)"]
 
 
+def picture_size(image: Image.Image, width: int = 0, height: int = 0) -> tuple[tuple[int, int], list[str]]:
+    """The size a picture is worked at: ``width`` and ``height`` when both are given; one alone (the
+    other 0) with the other following the picture's shape; neither its ``default_size``."""
+    if width and height:
+        return (width, height), []
+    if not width and not height:
+        return default_size(image)
+    if width:
+        return (width, max(1, min(MAX_SIDE, round(width * image.height / image.width)))), []
+    return (max(1, min(MAX_SIDE, round(height * image.width / image.height))), height), []
+
+
 def resize_picture(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
     """``image`` at ``width`` x ``height``, as AUTOMATIC1111's resize modes do it:
     "Just resize" stretches it; "Crop and resize" scales it to cover the size and crops the centre;

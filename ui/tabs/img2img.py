@@ -14,7 +14,7 @@ from PIL import Image
 
 from ldm.sampling.strength import STEP_MODES
 from ldm.tasks.images import as_rgb
-from ldm.tasks.img2img import RESIZE_MODES, Img2ImgOptions, apply_sketch, check_picture, default_size, img2img
+from ldm.tasks.img2img import RESIZE_MODES, Img2ImgOptions, apply_sketch, check_picture, img2img, picture_size
 from ldm.tasks.request import MAX_SIDE, checked_number
 from ui.addons import AddonsPanel, addons_panel
 from ui.controls import (
@@ -124,18 +124,11 @@ def editor_parts(value: dict | None, sketch: bool) -> tuple[Image.Image, Image.I
     return picture, strokes
 
 
-def working_size(picture: Image.Image, width, height) -> tuple[tuple[int, int], list[str]]:
-    """The size to work at: both sliders when set; one alone with the other following the picture's
-    shape; neither (0) the picture's own (``ldm.tasks.img2img.default_size``, with its notice)."""
+def size_asked(picture: Image.Image, width, height) -> tuple[tuple[int, int], list[str]]:
+    """The size to work at from the sliders (0: follow the picture), ``ldm.tasks.img2img.picture_size``."""
     width = checked_number("width", width, 0, MAX_SIDE, integer=True)
     height = checked_number("height", height, 0, MAX_SIDE, integer=True)
-    if width and height:
-        return (width, height), []
-    if not width and not height:
-        return default_size(picture)
-    if width:
-        return (width, max(1, min(MAX_SIDE, round(width * picture.height / picture.width)))), []
-    return (max(1, min(MAX_SIDE, round(height * picture.width / picture.height))), height), []
+    return picture_size(picture, width, height)
 
 
 def handler(studio: Studio, tab: Img2ImgTab):
@@ -145,7 +138,7 @@ def handler(studio: Studio, tab: Img2ImgTab):
         options = Img2ImgOptions(data[tab.strength], data[tab.resize_mode], data[tab.step_mode]).check()
         picture, strokes = editor_parts(data[tab.editor], bool(data[tab.sketch]))
         sketched = picture if strokes is None else apply_sketch(picture, strokes)  # no strokes: its message, before any work
-        (width, height), size_notices = working_size(picture, data[tab.size.width], data[tab.size.height])
+        (width, height), size_notices = size_asked(picture, data[tab.size.width], data[tab.size.height])
         request = batch_request(data[tab.prompt], data[tab.negative], tab.sampling.values(data), width, height,
                                 data[tab.batch_size])
 
