@@ -69,6 +69,55 @@ def _add_upscale_tile_arguments(parser: argparse.ArgumentParser) -> None:
                        "none with --tile 0)")
 
 
+def _add_hires_arguments(parser: argparse.ArgumentParser) -> None:
+    """Text to image's hires fix (``ldm.tasks.hires``): on with a factor other than 1 or a target size. The
+    upscalers' names are written out here (``ldm.tasks.hires.UPSCALERS``; a test keeps them the same), so
+    that --help imports no torch."""
+    group = parser.add_argument_group("hires fix", "generate at --width x --height, upscale, then redraw at the "
+                                      "larger size (image to image with the same seeds); on with --hires-scale "
+                                      "other than 1, or --hires-width/--hires-height")
+    group.add_argument("--hires-scale", type=float, default=1.0, metavar="F",
+                       help="the target is the first pass's size times F, 1 to 4 (e.g. 2)")
+    group.add_argument("--hires-width", type=int, default=0, metavar="PX",
+                       help="target width instead of the factor (0 with --hires-height: keep the aspect ratio)")
+    group.add_argument("--hires-height", type=int, default=0, metavar="PX", help="target height instead of the factor")
+    group.add_argument("--hires-upscaler", default="Latent", metavar="NAME",
+                       help="Latent (bilinear; the default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic "
+                       "antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', Lanczos (decode, resize, encode), "
+                       "or the checkpoint of a super-resolution model (LDM SR, the SD x4 upscaler)")
+    group.add_argument("--hires-steps", type=int, default=0, metavar="N",
+                       help="steps of the second pass (default 0: as many as the first); it runs exactly N")
+    group.add_argument("--hires-strength", type=float, default=0.7, metavar="S",
+                       help="denoising strength of the second pass, 0 (keep) to 1 (redraw; default 0.7)")
+
+
+def hires_options(args: argparse.Namespace):
+    """The HiresOptions and the super-resolution model (or None) of the --hires-* options, None
+    without a hires fix; a --hires-upscaler that is a file or folder is loaded as the model."""
+    from ldm.tasks.hires import UPSCALERS, HiresOptions
+
+    if getattr(args, "hires_scale", 1.0) == 1.0 and not args.hires_width and not args.hires_height:
+        return None, None
+    upscaler, model = args.hires_upscaler, None
+    if upscaler not in UPSCALERS and Path(upscaler).expanduser().exists():
+        model = load_upscaler(args, Path(upscaler).expanduser())
+        upscaler = model.name
+    options = HiresOptions(scale=args.hires_scale, width=args.hires_width, height=args.hires_height, upscaler=upscaler,
+                           steps=args.hires_steps, strength=args.hires_strength)
+    return options.check(model), model
+
+
+def load_upscaler(args: argparse.Namespace, path: Path):
+    """A super-resolution checkpoint, on the device and dtype the options name (detected by its keys)."""
+    from ldm.checkpoints.loader import load_model
+    from ldm.devices import choose_device, choose_dtype
+    from ldm.kernels.paths import SpeedPaths
+
+    device = choose_device(args.device)
+    return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), tokenizer_dir=args.tokenizer,
+                      memory_format=args.memory_format, speed=SpeedPaths.from_arguments(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm", description="LDM Studio engine: latent diffusion on the command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -80,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     t2i.add_argument("--width", type=int, help="image width in pixels (default: the model's training size)")
     t2i.add_argument("--height", type=int, help="image height in pixels")
     add_tiling_arguments(t2i)
+    _add_hires_arguments(t2i)
 
     layout = commands.add_parser("layout", help="generate an image from labelled boxes (and an optional prompt)",
                                  description="Generate from labelled boxes. The default model's labels are class names "
@@ -299,6 +349,8 @@ def run_generation(args: argparse.Namespace) -> int:
         request = make_request(args, loaded)
     resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
     images, tiles = {}, None
+    if args.command == "txt2img":
+        images["hires"], images["hires upscaler"] = hires_options(args)
     if args.command == "upscale":
         from ldm.tasks.upscale import check_noise_level
 
@@ -340,6 +392,10 @@ def run_task(args, loaded, request, images, progress, tiles=None):
         from ldm.tasks.layout import layout
 
         return layout(loaded, request, callback=progress)
+    if images.get("hires") is not None:
+        from ldm.tasks.hires import hires_fix
+
+        return hires_fix(loaded, request, images["hires"], upscaler=images["hires upscaler"], callback=progress)
     from ldm.tasks.txt2img import txt2img
 
     return txt2img(loaded, request, callback=progress)
