@@ -207,3 +207,53 @@ def test_cli_help_names_every_upscaler():
     t2i = build_parser()._subparsers._group_actions[0].choices["txt2img"]
     help_text = next(a.help for a in t2i._actions if a.dest == "hires_upscaler")
     assert all(name in help_text for name in UPSCALERS)
+
+
+# --- the studio's section, without a browser ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    import app
+
+    return app.make_studio(app.parse_args(["--outputs", str(tmp_path_factory.mktemp("outputs")), "--device", "cpu",
+                                           "--dtype", "fp32"]))
+
+
+@pytest.fixture(scope="module")
+def section(studio):
+    import gradio as gr
+
+    from ui.hires import hires_controls
+
+    with gr.Blocks():
+        return hires_controls(studio, "txt2img")
+
+
+def test_the_menu_offers_the_built_in_upscalers_and_the_catalogs_upscaling_models(studio, section):
+    from ui.hires import upscaler_choices
+
+    values = [value for _, value in upscaler_choices(studio)]
+    assert values[: len(LATENT_UPSCALERS) + 1] == [*LATENT_UPSCALERS, LANCZOS]
+    assert studio.default_for("upscale") in values
+    data = {c: c.value for c in section.components}
+    assert section.options(data) is None  # off until its box is ticked
+    data[section.enable] = True
+    assert section.options(data) == HiresOptions()
+
+
+def test_the_studio_runs_a_catalog_upscaler_and_a_png_restores_the_section(studio, section):
+    from ui.hires import hires_job
+
+    loaded = studio.models.get(studio.default_for("txt2img"))
+    path = studio.default_for("upscale")
+    run = hires_job(studio, loaded, HiresOptions(upscaler=path, steps=1, strength=0.3))
+    result = run(GenerationRequest("a red circle", steps=2, seed=3, width=32, height=32), None, None)
+    assert result.images[0].size == (64, 64)
+    fields = parse_parameters(result.parameters[0])
+    assert fields["Hires upscaler"] == "default-upscale"  # the model's name, as the PNG names it
+    updates = section.restore_updates(studio, fields)
+    assert updates[section.enable] is True and updates[section.upscaler] == path and updates[section.steps] == 1
+    assert section.restore_updates(studio, {"Steps": "20"}) == {section.enable: False}
+    with pytest.raises(ValueError, match="cannot do upscale"):
+        hires_job(studio, loaded, HiresOptions(upscaler=studio.default_for("txt2img")))
