@@ -188,6 +188,13 @@ def test_cli_hires_writes_the_target_size_and_the_fields(tiny_sd_v1, tmp_path, c
     from PIL import Image
 
     assert Image.open(out).size == (32, 32)
+    by_model = tmp_path / "sr.png"
+    from ldm.checkpoints.presets import DEFAULT_MODELS
+
+    upscaler = DEFAULT_MODELS["upscale"]
+    assert main([*base, "--hires-scale", "2", "--hires-steps", "1", "--hires-upscaler", str(upscaler),
+                 "--out", str(by_model)]) == 0
+    assert Image.open(by_model).size == (32, 32) and read_png_parameters(by_model)["Hires upscaler"] == upscaler.stem
     sized = tmp_path / "sized.png"
     assert main([*base, "--hires-width", "24", "--hires-steps", "1", "--out", str(sized)]) == 0
     assert Image.open(sized).size == (24, 24) and read_png_parameters(sized)["Hires resize"] == "24x0"
