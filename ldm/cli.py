@@ -97,6 +97,12 @@ def hires_options(args: argparse.Namespace):
     from ldm.tasks.hires import UPSCALERS, HiresOptions
 
     if getattr(args, "hires_scale", 1.0) == 1.0 and not args.hires_width and not args.hires_height:
+        given = [option for option, value, default in (("--hires-upscaler", args.hires_upscaler, "Latent"),
+                                                       ("--hires-steps", args.hires_steps, 0),
+                                                       ("--hires-strength", args.hires_strength, 0.7)) if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} set the hires fix, which runs with --hires-scale F (other than 1) or "
+                             "--hires-width/--hires-height")
         return None, None
     upscaler, model = args.hires_upscaler, None
     if upscaler not in UPSCALERS and Path(upscaler).expanduser().exists():
@@ -347,10 +353,14 @@ def run_generation(args: argparse.Namespace) -> int:
         request = make_request(args, loaded, boxes=read_boxes(args.boxes))
     else:
         request = make_request(args, loaded)
-    resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
+    resolved, _ = resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
     images, tiles = {}, None
     if args.command == "txt2img":
         images["hires"], images["hires upscaler"] = hires_options(args)
+        if images["hires"] is not None:
+            from ldm.tasks.hires import hires_size
+
+            hires_size(resolved.width, resolved.height, images["hires"], loaded.model.config.size_multiple)
     if args.command == "upscale":
         from ldm.tasks.upscale import check_noise_level
 

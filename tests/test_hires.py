@@ -138,6 +138,7 @@ def test_the_default_model_at_twice_512_is_planned_by_the_memory_guard():
     size, _ = hires_size(512, 512, HiresOptions(), model.config.size_multiple)
     second = GenerationRequest("a red circle", width=size.target[0], height=size.target[1], seed=1)
     assert size.target == (1024, 1024)
+    assert canvas_notices(model, second) == []  # about 820 MB whole, within the default 2048
     small = with_(second, tiling=TilingOptions(budget_mb=256))
     assert any("sampled in tiles of 64 px" in n for n in canvas_notices(model, small))
 
@@ -205,6 +206,12 @@ def test_cli_hires_writes_the_target_size_and_the_fields(tiny_sd_v1, tmp_path, c
     assert "sampling" not in err  # refused before the progress bar starts
     assert main([*base, "--hires-scale", "2", "--hires-upscaler", "ESRGAN", "--out", str(tmp_path / "y.png")]) == 2
     assert "hires upscaler 'ESRGAN' is not known; use one of Latent" in capsys.readouterr().err
+    assert main([*base, "--hires-steps", "5", "--out", str(tmp_path / "z.png")]) == 2
+    assert "--hires-steps set the hires fix, which runs with --hires-scale F" in capsys.readouterr().err
+    assert main([*base, "--width", "1200", "--hires-scale", "4", "--out", str(tmp_path / "w.png")]) == 2
+    err = capsys.readouterr().err
+    assert "the hires width would be 4800 px; at most 4096" in err and "sampling" not in err
+    assert not (tmp_path / "z.png").exists() and not (tmp_path / "w.png").exists()
 
 
 def test_cli_help_names_every_upscaler():

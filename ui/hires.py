@@ -112,6 +112,8 @@ def hires_job(studio: Studio, loaded, options: HiresOptions) -> Callable[[Genera
     if options.upscaler in UPSCALERS:
         return lambda r, callback, should_stop: hires_fix(loaded, r, options, callback=callback, should_stop=should_stop)
     path = options.upscaler
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"choose a hires upscaler: one of {', '.join(UPSCALERS)}, or an upscaling model")
     upscaler = chosen_model(studio, path, "upscale")
     named = HiresOptions(**{**options.__dict__, "upscaler": upscaler.name})
 
