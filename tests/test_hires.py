@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ldm.cli import main
+from ldm.tasks import hires as hires_module
 from ldm.sampling.steps import SamplingCancelled
 from ldm.tasks.hires import (LANCZOS, LATENT_UPSCALERS, HiresOptions, crop_latent, hires_fix, hires_size, read_hires,
                              upscale_latent)
@@ -104,7 +105,7 @@ def test_progress_counts_both_passes_and_stopping_in_the_second_says_where(loade
     assert (stop.value.step, stop.value.total) == (4, 5)
 
 
-def test_a_super_resolution_model_upscales_between_the_passes(loaded_sd_v1, tiny_ldm_sr):
+def test_a_super_resolution_model_upscales_between_the_passes(loaded_sd_v1, tiny_ldm_sr, monkeypatch, tmp_path):
     sr = tiny_ldm_sr.load()
     seen = []
     options = HiresOptions(upscaler=sr.name, steps=2, strength=0.5)
@@ -116,6 +117,19 @@ def test_a_super_resolution_model_upscales_between_the_passes(loaded_sd_v1, tiny
     assert all(info.denoised.shape[1] == loaded_sd_v1.model.config.latent_channels for info in seen)
     lanczos = hires_fix(loaded_sd_v1, REQUEST, HiresOptions(upscaler=LANCZOS, steps=2, strength=0.5))
     assert not np.array_equal(pixels(result.images[0]), pixels(lanczos.images[0]))
+    texts = []
+    real_upscale = hires_module.upscale
+
+    def spy(model, image, request, **kwargs):
+        texts.append((request.prompt, request.negative_prompt, request.lora_dirs))
+        return real_upscale(model, image, request, **kwargs)
+
+    monkeypatch.setattr(hires_module, "upscale", spy)
+    from tests.builders.lora import kohya_names, random_lora, write
+
+    write(tmp_path / "ink.safetensors", random_lora(kohya_names(loaded_sd_v1.model, attention_only=True), 2))
+    hires_fix(loaded_sd_v1, with_(prompt="a red cat <lora:ink:0.5>", lora_dirs=(tmp_path,)), options, upscaler=sr)
+    assert texts == [("a red cat ", "a blue dog", ())]  # the LoRA is the generating model's, not the upscaler's
     with pytest.raises(ValueError, match="is not a super-resolution model"):
         hires_fix(loaded_sd_v1, REQUEST, HiresOptions(upscaler="other"), upscaler=loaded_sd_v1)
 

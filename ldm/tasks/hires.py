@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm.addons.tags import extract_lora_tags
 from ldm.checkpoints.loaded import LoadedModel
 from ldm.sampling.steps import Callback, SamplingCancelled, StepInfo
 from ldm.sampling.strength import STEP_MODES, check_strength, part_way_steps
@@ -157,8 +158,7 @@ class PassCounter:
     """One step count over the passes: each pass's steps follow the ones before in a shared total."""
 
     def __init__(self, callback: Callback | None, totals: list[int]):
-        self.callback, self.total, self.done = callback, sum(totals), 0
-        self.totals = totals
+        self.callback, self.totals, self.total = callback, totals, sum(totals)
 
     def run(self, index: int, work: Callable[[Callback | None], object], preview: torch.Tensor | None = None,
             within: int = 0):
@@ -185,8 +185,12 @@ def upscaled_pictures(images: list[Image.Image], size: tuple[int, int], upscaler
     if upscaler is None:
         return [image.resize(size, Image.Resampling.LANCZOS) for image in images]
 
+    # The upscaler reads the prompts without their LoRA tags and embeddings: those are the generating model's.
+    prompt, negative = (extract_lora_tags(p).text for p in (request.prompt, request.negative_prompt))
+
     def one(i: int, callback: Callback | None) -> Image.Image:
-        single = replace(request, seed=seeds[i], batch_size=1, boxes=(), regions=())
+        single = replace(request, prompt=prompt, negative_prompt=negative, seed=seeds[i], batch_size=1, boxes=(),
+                         regions=(), lora_dirs=(), embedding_dirs=())
         return upscale(upscaler, images[i], single, callback=callback, should_stop=should_stop).images[0]
 
     big = [counter.run(1, lambda cb, i=i: one(i, cb), preview=first[i : i + 1], within=i * request.steps)
