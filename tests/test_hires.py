@@ -164,8 +164,8 @@ def test_the_default_model_at_twice_512_is_planned_by_the_memory_guard():
     (HiresOptions(steps=-1), "hires steps must be between 0 and 1000"),
     (HiresOptions(steps=2.5), "hires steps must be a whole number"),
     (HiresOptions(strength=1.5), "denoising strength must be from 0"),
-    (HiresOptions(upscaler="R-ESRGAN 4x"), "hires upscaler 'R-ESRGAN 4x' is not known; use one of Latent, "
-                                            "Latent \\(antialiased\\), .*Lanczos, or a super-resolution model"),
+    (HiresOptions(upscaler="R-ESRGAN 4x"), ("hires upscaler 'R-ESRGAN 4x' is not known; use one of Latent, "
+                                             "Latent \\(antialiased\\), .*Lanczos, or a super-resolution model")),
 ])
 def test_bad_options_are_refused_with_what_is_allowed(loaded_sd_v1, options, message):
     with pytest.raises(ValueError, match=message):
@@ -179,8 +179,8 @@ def test_a_target_beyond_the_largest_side_is_refused(loaded_sd_v1):
 
 def test_the_fields_are_read_back():
     options = HiresOptions(scale=1.5, upscaler="Latent (bicubic)", steps=12, strength=0.45)
-    result_text = "a cat\nSteps: 20, Sampler: DDIM, Seed: 1, Size: 64x64, Denoising strength: 0.45, " \
-                  "Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent (bicubic)"
+    result_text = ("a cat\nSteps: 20, Sampler: DDIM, Seed: 1, Size: 64x64, Denoising strength: 0.45, "
+                   "Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent (bicubic)")
     assert read_hires(parse_parameters(result_text)) == options
     resized = read_hires(parse_parameters("a cat\nSteps: 20, Seed: 1, Hires resize: 1024x0, Hires upscaler: Lanczos"))
     assert resized == HiresOptions(width=1024, height=0, upscaler=LANCZOS)

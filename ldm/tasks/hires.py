@@ -84,7 +84,7 @@ class HiresOptions:
         """Whether a target size is given (instead of the factor)."""
         return bool(self.width or self.height)
 
-    def check(self, upscaler_model: LoadedModel | None = None) -> "HiresOptions":
+    def check(self, upscaler_model: LoadedModel | None = None) -> HiresOptions:
         """The options checked, as numbers of their kinds; a ValueError naming the field otherwise.
         A name outside ``UPSCALERS`` needs ``upscaler_model``."""
         scale = checked_number("hires upscale factor", self.scale, 1.0, MAX_HIRES_SCALE)
@@ -108,7 +108,7 @@ class HiresSize:
 
 
 def _rounded(name: str, value: int, multiple: int, notices: list[str]) -> int:
-    rounded = max(multiple, int(round(value / multiple)) * multiple)
+    rounded = max(multiple, round(value / multiple) * multiple)
     if rounded > MAX_SIDE:
         raise ValueError(f"the hires {name} would be {value} px; at most {MAX_SIDE} px are allowed: use a smaller "
                          "factor or size")
