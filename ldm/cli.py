@@ -71,6 +71,61 @@ def _add_upscale_tile_arguments(parser: argparse.ArgumentParser) -> None:
                        "none with --tile 0)")
 
 
+def _add_hires_arguments(parser: argparse.ArgumentParser) -> None:
+    """Text to image's hires fix (``ldm.tasks.hires``): on with a factor other than 1 or a target size. The
+    upscalers' names are written out here (``ldm.tasks.hires.UPSCALERS``; a test keeps them the same), so
+    that --help imports no torch."""
+    group = parser.add_argument_group("hires fix", "generate at --width x --height, upscale, then redraw at the "
+                                      "larger size (image to image with the same seeds); on with --hires-scale "
+                                      "other than 1, or --hires-width/--hires-height")
+    group.add_argument("--hires-scale", type=float, default=1.0, metavar="F",
+                       help="the target is the first pass's size times F, 1 to 4 (e.g. 2)")
+    group.add_argument("--hires-width", type=int, default=0, metavar="PX",
+                       help="target width instead of the factor (0 with --hires-height: keep the aspect ratio)")
+    group.add_argument("--hires-height", type=int, default=0, metavar="PX", help="target height instead of the factor")
+    group.add_argument("--hires-upscaler", default="Latent", metavar="NAME",
+                       help="Latent (bilinear; the default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic "
+                       "antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', Lanczos (decode, resize, encode), "
+                       "or the checkpoint of a super-resolution model (LDM SR, the SD x4 upscaler)")
+    group.add_argument("--hires-steps", type=int, default=0, metavar="N",
+                       help="steps of the second pass (default 0: as many as the first); it runs exactly N")
+    group.add_argument("--hires-strength", type=float, default=0.7, metavar="S",
+                       help="denoising strength of the second pass, 0 (keep) to 1 (redraw; default 0.7)")
+
+
+def hires_options(args: argparse.Namespace):
+    """The HiresOptions and the super-resolution model (or None) of the --hires-* options, None
+    without a hires fix; a --hires-upscaler that is a file or folder is loaded as the model."""
+    from ldm.tasks.hires import UPSCALERS, HiresOptions
+
+    if getattr(args, "hires_scale", 1.0) == 1.0 and not args.hires_width and not args.hires_height:
+        given = [option for option, value, default in (("--hires-upscaler", args.hires_upscaler, "Latent"),
+                                                       ("--hires-steps", args.hires_steps, 0),
+                                                       ("--hires-strength", args.hires_strength, 0.7)) if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} set the hires fix, which runs with --hires-scale F (other than 1) or "
+                             "--hires-width/--hires-height")
+        return None, None
+    upscaler, model = args.hires_upscaler, None
+    if upscaler not in UPSCALERS and Path(upscaler).expanduser().exists():
+        model = load_upscaler(args, Path(upscaler).expanduser())
+        upscaler = model.name
+    options = HiresOptions(scale=args.hires_scale, width=args.hires_width, height=args.hires_height, upscaler=upscaler,
+                           steps=args.hires_steps, strength=args.hires_strength)
+    return options.check(model), model
+
+
+def load_upscaler(args: argparse.Namespace, path: Path):
+    """A super-resolution checkpoint, on the device and dtype the options name (detected by its keys)."""
+    from ldm.checkpoints.loader import load_model
+    from ldm.devices import choose_device, choose_dtype
+    from ldm.kernels.paths import SpeedPaths
+
+    device = choose_device(args.device)
+    return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), tokenizer_dir=args.tokenizer,
+                      memory_format=args.memory_format, speed=SpeedPaths.from_arguments(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm", description="LDM Studio engine: latent diffusion on the command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -82,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     t2i.add_argument("--width", type=int, help="image width in pixels (default: the model's training size)")
     t2i.add_argument("--height", type=int, help="image height in pixels")
     add_tiling_arguments(t2i)
+    _add_hires_arguments(t2i)
 
     layout = commands.add_parser("layout", help="generate an image from labelled boxes (and an optional prompt)",
                                  description="Generate from labelled boxes. The default model's labels are class names "
@@ -321,30 +377,36 @@ def run_generation(args: argparse.Namespace) -> int:
         request = img2img_request(args, loaded, pictures["image"])
     else:
         request = make_request(args, loaded)
-    resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
-    images, tiles = pictures, None
+    resolved, _ = resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
+    inputs, tiles = pictures, None  # what the task takes beside the request
+    if args.command == "txt2img":
+        inputs["hires"], inputs["hires upscaler"] = hires_options(args)
+        if inputs["hires"] is not None:
+            from ldm.tasks.hires import hires_size
+
+            hires_size(resolved.width, resolved.height, inputs["hires"], loaded.model.config.size_multiple)
     if args.command == "upscale":
         from ldm.tasks.upscale import check_noise_level
 
         check_noise_level(loaded.model, args.noise_level)
         tiles = input_tiles(args, loaded)
-        images["image"] = open_image(args.image)
+        inputs["image"] = open_image(args.image)
     if args.command == "inpaint":
         from ldm.tasks.inpaint import mask_array
 
-        images["image"], images["mask"] = open_image(args.image), open_image(args.mask)
-        mask_array(images["mask"], images["image"].size)  # an empty mask is refused here
+        inputs["image"], inputs["mask"] = open_image(args.image), open_image(args.mask)
+        mask_array(inputs["mask"], inputs["image"].size)  # an empty mask is refused here
     with tqdm(desc="sampling", unit="step") as bar:
         def progress(info):
             bar.total = info.total
             bar.update(1)
 
-        result = run_task(args, loaded, request, images, progress, tiles)
+        result = run_task(args, loaded, request, inputs, progress, tiles)
     for notice in result.notices:
         print(f"note: {notice}", file=sys.stderr)
     out = Path(args.out)
-    for i, (image, seed, text) in enumerate(zip(result.images, result.seeds, result.parameters)):
-        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+    for i, (image, seed, text) in enumerate(zip(result.inputs, result.seeds, result.parameters)):
+        path = out if len(result.inputs) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
         save_png(image, path, text)
         print(f"{path} (seed {seed})")
     return 0
@@ -354,12 +416,12 @@ def img2img_pictures(args: argparse.Namespace) -> dict:
     """The picture (and sketch) of ``img2img``, read and checked before the model loads."""
     from ldm.tasks.img2img import check_picture
 
-    images = {"image": open_image(args.image)}
+    inputs = {"image": open_image(args.image)}
     if args.sketch:
-        images["sketch"] = open_image(args.sketch)
-    check_picture(images["image"])
+        inputs["sketch"] = open_image(args.sketch)
+    check_picture(inputs["image"])
     img2img_options(args)  # a strength out of range is refused here, before any work
-    return images
+    return inputs
 
 
 def img2img_request(args: argparse.Namespace, loaded, picture):
@@ -382,25 +444,29 @@ def img2img_options(args: argparse.Namespace):
     return Img2ImgOptions(args.strength, args.resize_mode, STEP_MODES[1] if args.exact_steps else STEP_MODES[0]).check()
 
 
-def run_task(args, loaded, request, images, progress, tiles=None):
+def run_task(args, loaded, request, inputs, progress, tiles=None):
     if args.command == "img2img":
         from ldm.tasks.img2img import img2img
 
-        return img2img(loaded, request, images["image"], options=img2img_options(args), sketch=images.get("sketch"),
+        return img2img(loaded, request, inputs["image"], options=img2img_options(args), sketch=inputs.get("sketch"),
                        callback=progress)
     if args.command == "inpaint":
         from ldm.tasks.inpaint import inpaint
 
-        return inpaint(loaded, request, images["image"], images["mask"], callback=progress)
+        return inpaint(loaded, request, inputs["image"], inputs["mask"], callback=progress)
     if args.command == "upscale":
         from ldm.tasks.upscale import upscale
 
-        return upscale(loaded, images["image"], request, tiles=tiles, noise_level=args.noise_level,
+        return upscale(loaded, inputs["image"], request, tiles=tiles, noise_level=args.noise_level,
                        callback=progress)
     if args.command == "layout":
         from ldm.tasks.layout import layout
 
         return layout(loaded, request, callback=progress)
+    if inputs.get("hires") is not None:
+        from ldm.tasks.hires import hires_fix
+
+        return hires_fix(loaded, request, inputs["hires"], upscaler=inputs["hires upscaler"], callback=progress)
     from ldm.tasks.txt2img import txt2img
 
     return txt2img(loaded, request, callback=progress)

@@ -426,6 +426,34 @@ def test_text_to_image_beyond_the_training_size_in_tiles(page, studio):
     assert fields["Size"] == "160x64" and fields["Tiling"].startswith("always")
 
 
+def test_hires_fix_doubles_the_size_and_a_dropped_png_restores_it(page, studio):
+    page.locator("#txt2img-prompt textarea").fill("a red circle in the center")
+    set_number(page, "txt2img-steps", 4)
+    page.locator("#txt2img-seed input").fill("9")
+    page.get_by_text("Hires fix").first.click()  # the section is closed until opened
+    page.locator("#txt2img-hires-enable input[type=checkbox]").check()
+    set_number(page, "txt2img-hires-scale", 2)
+    choose(page, "txt2img-hires-upscaler", "Latent (nearest)")
+    set_number(page, "txt2img-hires-steps", 3)
+    set_number(page, "txt2img-hires-strength", 0.5)
+    page.locator("#txt2img-generate").click()
+    shown = wait_for_result(page, "txt2img")
+    assert shown.size == (128, 128) and not_blank(shown)  # the default model's 64 px, twice
+    made = saved_outputs(studio)[-1]
+    fields = parse_parameters(studio_record(made)["parameters"])
+    assert (fields["Size"], fields["Hires upscale"], fields["Hires steps"]) == ("64x64", "2", "3")
+    assert (fields["Hires upscaler"], fields["Denoising strength"]) == ("Latent (nearest)", "0.5")
+    page.reload()
+    page.wait_for_selector("#txt2img-generate")
+    page.locator("#txt2img-restore input[type=file]").set_input_files(str(made))
+    page.wait_for_function("document.querySelector('#txt2img-prompt textarea')?.value === 'a red circle in the center'")
+    page.get_by_text("Hires fix").first.click()
+    expect(page.locator("#txt2img-hires-enable input[type=checkbox]")).to_be_checked()
+    expect(page.locator("#txt2img-hires-steps input[type=number]")).to_have_value("3")
+    expect(page.locator("#txt2img-hires-upscaler input")).to_have_value("Latent (nearest)")
+    expect(page.locator("#txt2img-width input[type=number]")).to_have_value("64")  # the first pass's size
+
+
 def test_send_to_inpainting_carries_the_image_and_prompt(page, studio):
     page.locator("#txt2img-prompt textarea").fill("a purple ring on the right")
     set_number(page, "txt2img-steps", 4)

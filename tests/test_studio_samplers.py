@@ -44,7 +44,7 @@ def run(generate, data: dict) -> list[dict]:
 def page_values(tab, **by_label) -> dict:
     """Every input of the tab's generate event as the page starts it, some set by label."""
     components = [tab.model.dropdown, tab.prompt, tab.negative, tab.size.width, tab.size.height, tab.batch_count,
-                  tab.batch_size, *tab.tiling.components, *tab.sampling.components]
+                  tab.batch_size, *tab.tiling.components, *tab.sampling.components, *tab.hires.components]
     data = {c: by_label.get(c.label, "" if isinstance(c, gr.Textbox) and c.value is None else c.value) for c in components}
     data[tab.output.images] = []
     return data

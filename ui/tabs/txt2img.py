@@ -1,4 +1,5 @@
-"""Text to image: prompt, negative prompt, sampling settings, size, batches; live preview and gallery."""
+"""Text to image: prompt, negative prompt, sampling settings, size, batches, the hires fix (``ui.hires``);
+live preview and gallery."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ui.controls import (
 from ui.addons import AddonsPanel, addons_panel
 from ui.errors import friendly
 from ui.generation import Job, batch_request, connect_generation, generation_handler
+from ui.hires import HiresControls, hires_controls, hires_job, rescan_upscalers
 from ui.outputs import Restore, restore_box
 from ui.services import Studio
 
@@ -42,6 +44,7 @@ class Txt2ImgTab:
     tiling: TilingControls
     batch_count: gr.Slider
     batch_size: gr.Slider
+    hires: HiresControls
     generate: gr.Button
     stop: gr.Button
     restore: gr.File
@@ -66,11 +69,12 @@ def build(studio: Studio, titles: dict[str, str]) -> Txt2ImgTab:
                                         elem_id="txt2img-batch-count")
                 batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size", info="images per batch",
                                        elem_id="txt2img-batch-size")
+            hires = hires_controls(studio, TAB)  # made after the batch sliders: the API's new inputs come last
             restore = restore_box(TAB)
         with gr.Column(scale=6):
             output = output_area(TAB, {name: titles[name] for name in SEND_TO})
     tab = Txt2ImgTab(model=model, prompt=prompt, negative=negative, addons=addons, sampling=sampling, size=size, tiling=tiling,
-                     batch_count=batch_count, batch_size=batch_size, generate=generate, stop=stop, restore=restore,
+                     batch_count=batch_count, batch_size=batch_size, hires=hires, generate=generate, stop=stop, restore=restore,
                      output=output)
     wire(studio, tab)
     return tab
@@ -82,19 +86,25 @@ def handler(studio: Studio, tab: Txt2ImgTab):
     def prepare(data: dict, loaded) -> Job:
         request = batch_request(data[tab.prompt], data[tab.negative], tab.sampling.values(data), data[tab.size.width],
                                 data[tab.size.height], data[tab.batch_size], tiling=tab.tiling.options(data))
+        hires = tab.hires.options(data)
+        if hires is not None:
+            return Job(request, hires_job(studio, loaded, hires))
         return Job(request, lambda r, callback, should_stop: txt2img(loaded, r, callback=callback, should_stop=should_stop))
 
     return generation_handler(studio, TAB, tab.model, tab.output, prepare, batch_count=tab.batch_count)
 
 
 def wire(studio: Studio, tab: Txt2ImgTab) -> None:
-    inputs = {tab.prompt, tab.negative, tab.size.width, tab.size.height, tab.batch_count, tab.batch_size, *tab.tiling.components}
+    inputs = {tab.prompt, tab.negative, tab.size.width, tab.size.height, tab.batch_count, tab.batch_size, *tab.tiling.components,
+              *tab.hires.components}
     connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop,
                        sampling=tab.sampling, output=tab.output, size=tab.size, submit=tab.prompt)
     restored = Restore(tab.prompt, tab.negative, tab.sampling, tab.size.width, tab.size.height, studio.lora_dirs)
 
     @friendly
     def restore(path):
-        return restored.updates(path)[0]
+        updates, found = restored.updates(path)
+        return {**updates, **({} if found is None else tab.hires.restore_updates(studio, found.fields))}
 
-    tab.restore.upload(restore, tab.restore, restored.components, queue=False)
+    tab.restore.upload(restore, tab.restore, [*restored.components, *tab.hires.components], queue=False)
+    tab.model.refresh.click(rescan_upscalers(studio), None, tab.hires.upscaler, queue=False, api_name=False)
