@@ -405,8 +405,8 @@ def run_generation(args: argparse.Namespace) -> int:
     for notice in result.notices:
         print(f"note: {notice}", file=sys.stderr)
     out = Path(args.out)
-    for i, (image, seed, text) in enumerate(zip(result.inputs, result.seeds, result.parameters)):
-        path = out if len(result.inputs) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
+    for i, (image, seed, text) in enumerate(zip(result.images, result.seeds, result.parameters)):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i + 1}{out.suffix}")
         save_png(image, path, text)
         print(f"{path} (seed {seed})")
     return 0
