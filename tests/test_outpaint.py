@@ -204,26 +204,38 @@ def embedded():
     return load_model(DEFAULT_MODELS["txt2img"], device="cpu")
 
 
-def test_a_512_picture_grows_step_by_step_into_a_2048x512_panorama_within_the_memory_guard(embedded, caplog):
-    """The embedded model's training size is 64 px: a 512 px picture is already many tiles. Each call
-    adds 256 px a side; the guard plans every canvas within its budget, sampling in tiles."""
-    budget = 256  # MB: well under what the whole panorama's UNet pass would take
+def test_a_picture_grows_step_by_step_into_a_panorama_sampled_in_tiles(embedded, caplog):
+    """The embedded model's training size is 64 px: a 128 px picture extended by 64 px a side three
+    times becomes a 512x128 panorama, four times the picture's width; under a small budget the guard
+    samples the wider canvases in tiles, each call within the budget."""
+    budget = 16  # MB
     request = GenerationRequest("a red circle", steps=1, scale=1.0, seed=2, width=64, height=64,
                                 tiling=TilingOptions(budget_mb=budget))
-    first = picture(10, 512, 512)
+    first = picture(10, 128, 128)
     image = first
     with caplog.at_level(logging.INFO, logger="ldm"):
         for _ in range(3):
-            result = outpaint(embedded, request, image, options=OutpaintOptions(left=256, right=256))
+            result = outpaint(embedded, request, image, options=OutpaintOptions(left=64, right=64))
             image = result.images[0]
-    assert image.size == (2048, 512)
-    np.testing.assert_array_equal(np.asarray(image)[:, 768:1280], np.asarray(first))  # the first picture, exactly, in the middle
+    assert image.size == (512, 128)
+    np.testing.assert_array_equal(np.asarray(image)[:, 192:320], np.asarray(first))  # the first picture, exactly, in the middle
     assert any("sampled in tiles" in notice for notice in result.notices)
-    model, f = embedded.model, embedded.model.config.downsampling_factor
-    resolved = GenerationRequest(**{**request.__dict__, "width": 2048, "height": 512})
-    chosen = planning.canvas_plan(model, resolved, 512 // f, 2048 // f)
-    parts = planning.estimate_parts(model, chosen, planning.plan_rows(model, resolved), 1, 512 // f, 2048 // f, resolved.tiling)
-    assert chosen.tiled and chosen.estimate_mb > budget and max(parts.values()) <= budget
     planned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory:")]
-    assert len(planned) == 3 and all(float(re.search(r"about ([\d,]+) MB", m).group(1).replace(",", "")) <= budget
-                                     for m in planned)
+    assert len(planned) == 3 and "windows a call" in planned[-1]
+    assert all(float(re.search(r"sampling ([\d,.]+) MB", m).group(1)) <= budget for m in planned)
+
+
+def test_a_2048x512_panorama_of_a_512_picture_stays_within_the_memory_guard(embedded):
+    """At the size a 512 px picture reaches when outpainted to 2048x512, the guard's plan: the UNet in
+    tiles within the budget, the autoencoder in tiles, the whole well within a modest machine's free
+    memory (what ``planning.plan`` checks before a call runs)."""
+    model, f = embedded.model, embedded.model.config.downsampling_factor
+    budget = 256
+    request = GenerationRequest("a red circle", steps=1, scale=1.0, width=2048, height=512, tiling=TilingOptions(budget_mb=budget))
+    chosen = planning.plan(model, request, 512 // f, 2048 // f, free_mb=1024)  # raises NotEnoughMemory if it did not fit
+    parts = planning.estimate_parts(model, chosen, planning.plan_rows(model, request), 1, 512 // f, 2048 // f, request.tiling)
+    whole = planning.estimate_first_stage_bytes(model, 1, 512, 2048) / 2**20
+    assert chosen.tiled and chosen.estimate_mb > budget and parts["sampling"] <= budget
+    assert planning.first_stage_tile(model, request.tiling, 1, 512, 2048) and parts["autoencoder"] < whole
+    with pytest.raises(planning.NotEnoughMemory, match="make the image or the batch smaller"):
+        planning.plan(model, request, 512 // f, 2048 // f, free_mb=100)  # and it would refuse a machine without the room
