@@ -311,6 +311,32 @@ def test_inpainting_without_a_mask_says_what_to_do(page, tmp_path):
     assert "Traceback" not in page.content()
 
 
+def test_outpainting_extends_the_picture_and_keeps_its_middle(page, studio, shots, tmp_path):
+    source = tmp_path / "scene.png"
+    render(scene_from_seed(5), 64).save(source)
+    page.get_by_role("tab", name="Inpainting").click()
+    upload(page, "inpaint-editor", source)
+    page.locator("#inpaint-mode").get_by_label("Outpaint").check()
+    set_number(page, "inpaint-outpaint-left", 64)
+    set_number(page, "inpaint-outpaint-right", 64)
+    # the extended canvas is previewed before anything is generated
+    expect(page.locator("#inpaint-outpaint-preview")).to_contain_text("192x64", timeout=TIMEOUT)
+    page.locator("#inpaint-prompt textarea").fill("a red circle")
+    set_number(page, "inpaint-steps", 10)
+    page.locator("#inpaint-seed input").fill("3")
+    page.locator("#inpaint-generate").click()
+    shown = wait_for_result(page, "inpaint")
+    original = np.asarray(Image.open(source).convert("RGB"))
+    out = np.asarray(shown)
+    assert out.shape == (64, 64 + 128, 3), "the result is not 128 px wider"
+    assert np.array_equal(out[:, 64:128], original), "the original picture's area changed"
+    assert not_blank(Image.fromarray(out[:, :64])) and not_blank(Image.fromarray(out[:, 128:]))
+    record = studio_record(saved_outputs(studio)[-1])
+    assert record["task"] == "inpaint" and record["outpaint"]["left"] == 64 and record["outpaint"]["right"] == 64
+    assert parse_parameters(record["parameters"])["Outpaint"] == "left 64, right 64, top 0, bottom 0"
+    page.screenshot(path=str(shots / "outpaint.png"), full_page=True)
+
+
 def test_upscaling_multiplies_the_size_by_four_in_tiles(page, studio, shots, tmp_path):
     source = tmp_path / "small.png"
     low = render(scene_from_seed(8), 32)
