@@ -239,3 +239,24 @@ def test_a_2048x512_panorama_of_a_512_picture_stays_within_the_memory_guard(embe
     assert planning.first_stage_tile(model, request.tiling, 1, 512, 2048) and parts["autoencoder"] < whole
     with pytest.raises(planning.NotEnoughMemory, match="make the image or the batch smaller"):
         planning.plan(model, request, 512 // f, 2048 // f, free_mb=100)  # and it would refuse a machine without the room
+
+
+# --- the studio's Outpaint mode ------------------------------------------------------------------------
+
+
+def test_the_studio_restores_the_outpaint_settings_and_previews_the_canvas(loaded_default_hybrid):
+    import gradio as gr
+
+    from ui.outpaint import outpaint_controls, preview_update, restored
+
+    with gr.Blocks():
+        controls = outpaint_controls("test")
+    options = OutpaintOptions(left=0, right=24, top=8, bottom=16, fill="latent nothing", mask_blur=3, strength=0.7)
+    fields = parse_parameters(outpaint(loaded_default_hybrid, REQUEST, picture(11), options=options).parameters[0])
+    updates = restored(controls, fields)
+    assert [updates[c] for c in controls.settings] == [0, 24, 8, 16, "latent nothing", 3, 0.7]
+    assert restored(controls, parse_parameters("a cat\nSteps: 20, Sampler: DDIM, Mask blur: 4")) == {}  # inpainted, not outpainted
+    shown = preview_update(picture(11), [8, 8, 0, 0, "fill", 4, 1.0])
+    assert shown["value"].size == (48, 32) and "48x32" in shown["label"]
+    refused = preview_update(picture(11), [0, 0, 0, 0, "fill", 4, 1.0])
+    assert shown["value"] is not None and refused["value"] is None and "nothing to outpaint" in refused["label"]
