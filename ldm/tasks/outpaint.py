@@ -44,8 +44,6 @@ from ldm.tasks.planning import canvas_notices, first_stage_tile
 from ldm.tasks.request import MAX_SIDE, GenerationRequest, check_model, resolve_request
 from ldm.tasks.result import GenerationResult
 
-__all__ = ["FILL_MODES", "OutpaintOptions", "extend_to", "outpaint", "outpaint_fields", "prefilled_canvas", "serves"]
-
 NAME = "outpaint"
 SIDES = ("left", "right", "top", "bottom")
 FILL_MODES = ("fill", "original", "latent noise", "latent nothing")  # AUTOMATIC1111's "Masked content" choices
@@ -197,7 +195,8 @@ def seam_mask(size: tuple[int, int], options: OutpaintOptions) -> np.ndarray:
 
 def outpaint_preview(image: Image.Image, options: OutpaintOptions) -> Image.Image:
     """What the studio shows before generating: the pre-filled canvas, with the seam band (where
-    the model also redraws the picture's edge) tinted."""
+    the model also redraws the picture's edge) tinted. For "latent noise" the border shows pixel
+    noise as a stand-in: the real noise is drawn in the latent, from each image's seed."""
     options = options.check(image.size)
     canvas = np.asarray(prefilled_canvas(image, options)).astype(np.float32)
     if options.fill == "latent noise":
