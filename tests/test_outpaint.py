@@ -44,6 +44,16 @@ def test_the_canvas_grows_and_the_picture_comes_back_exactly(model_name, request
     assert border.std() > 0 and not np.array_equal(border, np.asarray(prefilled_canvas(image, options))[:, :8])
 
 
+def test_ldm_inpainting_big_outpaints_from_the_picture_alone(tiny_ldm_inpainting):
+    """LDM's inpainting_big reads no prompt: the border follows the picture, with the notice saying so."""
+    loaded = tiny_ldm_inpainting.load()
+    image = picture(12)
+    result = outpaint(loaded, REQUEST, image, options=SIDES)
+    assert result.images[0].size == (56, 32)
+    np.testing.assert_array_equal(middle(result.images[0], SIDES, image.size), np.asarray(image))
+    assert any("no text stage" in notice for notice in result.notices)
+
+
 @pytest.mark.parametrize("model_name", ["loaded_default_hybrid", "loaded_sd_v1"])
 def test_each_masked_content_mode_runs_and_starts_the_border_differently(model_name, request):
     loaded = request.getfixturevalue(model_name)
