@@ -319,6 +319,7 @@ def test_outpainting_extends_the_picture_and_keeps_its_middle(page, studio, shot
     page.locator("#inpaint-mode").get_by_label("Outpaint").check()
     set_number(page, "inpaint-outpaint-left", 64)
     set_number(page, "inpaint-outpaint-right", 64)
+    set_number(page, "inpaint-outpaint-mask-blur", 5)
     # the extended canvas is previewed before anything is generated
     expect(page.locator("#inpaint-outpaint-preview")).to_contain_text("192x64", timeout=TIMEOUT)
     page.locator("#inpaint-prompt textarea").fill("a red circle")
@@ -335,6 +336,14 @@ def test_outpainting_extends_the_picture_and_keeps_its_middle(page, studio, shot
     assert record["task"] == "inpaint" and record["outpaint"]["left"] == 64 and record["outpaint"]["right"] == 64
     assert parse_parameters(record["parameters"])["Outpaint"] == "left 64, right 64, top 0, bottom 0"
     page.screenshot(path=str(shots / "outpaint.png"), full_page=True)
+    # its PNG restores the mode and the outpaint settings on a fresh page
+    page.reload()
+    page.wait_for_selector("#txt2img-generate")
+    page.get_by_role("tab", name="Inpainting").click()
+    page.locator("#inpaint-restore input[type=file]").set_input_files(str(saved_outputs(studio)[-1]))
+    expect(page.locator("#inpaint-mode").get_by_label("Outpaint")).to_be_checked(timeout=TIMEOUT)
+    expect(page.locator("#inpaint-outpaint-mask-blur input[type=number]")).to_have_value("5")
+    expect(page.locator("#inpaint-outpaint-right input[type=number]")).to_have_value("64")
 
 
 def test_upscaling_multiplies_the_size_by_four_in_tiles(page, studio, shots, tmp_path):
