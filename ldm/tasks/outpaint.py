@@ -67,7 +67,7 @@ class OutpaintOptions:
     mask_blur: int = 8
     strength: float = 1.0
 
-    def check(self, size: tuple[int, int]) -> "OutpaintOptions":
+    def check(self, size: tuple[int, int]) -> OutpaintOptions:
         """The options, validated for a picture of ``size``; the extended canvas must fit ``MAX_SIDE``."""
         for side in SIDES:
             value = getattr(self, side)
