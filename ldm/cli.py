@@ -1,6 +1,6 @@
 """Command line: ``python -m ldm COMMAND``.
 
-txt2img, img2img, layout, inpaint, upscale and semantic generate PNGs that carry their parameters; inspect names a
+txt2img, img2img, layout, inpaint, outpaint, upscale and semantic generate PNGs that carry their parameters; inspect names a
 checkpoint's family; train and eval build and measure the embedded default model.
 """
 
@@ -126,6 +126,57 @@ def load_upscaler(args: argparse.Namespace, path: Path):
                       memory_format=args.memory_format, speed=SpeedPaths.from_arguments(args))
 
 
+def _add_outpaint_parser(commands) -> None:
+    from ldm.tasks.outpaint import FILL_MODES, MAX_MASK_BLUR
+
+    outpaint = commands.add_parser("outpaint", help="extend an image: the model draws the new border",
+                                   description="Extend an image by some pixels on each side (or to a target size or "
+                                   "aspect ratio, centred); the model draws the new border and the image's own pixels "
+                                   "come back unchanged.")
+    _add_model_arguments(outpaint, "txt2img")
+    _add_sampling_arguments(outpaint, "outpaint.png")
+    outpaint.add_argument("--image", required=True)
+    for side in ("left", "right", "top", "bottom"):
+        outpaint.add_argument(f"--{side}", type=int, default=0, metavar="PX", help=f"pixels added on the {side} (default 0)")
+    outpaint.add_argument("--width", type=int, help="extend to this canvas width, the image centred (instead of --left/--right)")
+    outpaint.add_argument("--height", type=int, help="extend to this canvas height, the image centred (instead of --top/--bottom)")
+    outpaint.add_argument("--aspect", metavar="W:H", help="extend to the smallest canvas of this aspect ratio, e.g. 16:9")
+    outpaint.add_argument("--fill", choices=FILL_MODES, default=FILL_MODES[0], metavar="MODE",
+                          help="what the new border starts from: fill (blurred copies of the image; default), original "
+                          "(its edge pixels stretched), 'latent noise', 'latent nothing'")
+    outpaint.add_argument("--mask-blur", type=int, default=8, metavar="PX",
+                          help=f"how far the soft seam reaches into the image, 0 to {MAX_MASK_BLUR} px (default 8)")
+    outpaint.add_argument("--strength", type=float, default=1.0,
+                          help="denoising strength of the border, 0 to 1 (default 1: drawn anew)")
+    add_tiling_arguments(outpaint)
+
+
+def outpaint_options(args: argparse.Namespace, size: tuple[int, int]):
+    """The OutpaintOptions of the command line for an image of ``size``, checked: the sides given,
+    or those that centre it on --width x --height or on the --aspect ratio."""
+    from ldm.tasks.outpaint import OutpaintOptions, extend_to
+
+    sides = {side: getattr(args, side) for side in ("left", "right", "top", "bottom")}
+    target = args.width is not None or args.height is not None or args.aspect is not None
+    if target and any(sides.values()):
+        given = next(f"--{side}" for side, value in sides.items() if value)
+        raise ValueError(f"give the extensions by side or as --aspect or --width/--height, not with {given}")
+    if target:
+        sides = extend_to(size, args.width, args.height, aspect=None if args.aspect is None else _aspect(args.aspect))
+    options = OutpaintOptions(**sides, fill=args.fill, mask_blur=args.mask_blur, strength=args.strength)
+    return options.check(size)
+
+
+def _aspect(text: str) -> float:
+    try:
+        width, height = (float(part) for part in text.split(":"))
+        if width > 0 and height > 0:
+            return width / height
+    except ValueError:
+        pass
+    raise ValueError(f"--aspect {text!r}: expected two positive numbers as W:H, e.g. 16:9")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm", description="LDM Studio engine: latent diffusion on the command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -176,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     i2i.add_argument("--width", type=int, help="working width in pixels (default: the picture's, within 4096)")
     i2i.add_argument("--height", type=int, help="working height in pixels (default: the picture's)")
     add_tiling_arguments(i2i)
+
+
+    _add_outpaint_parser(commands)
 
     upscale = commands.add_parser("upscale", help="4x super-resolution of an image")
     _add_model_arguments(upscale, "upscale")
@@ -362,6 +416,8 @@ def open_image(path: str):
 
 
 def run_generation(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from tqdm import tqdm
 
     from ldm.tasks.parameters import save_png
@@ -370,15 +426,21 @@ def run_generation(args: argparse.Namespace) -> int:
 
     pictures = img2img_pictures(args) if args.command == "img2img" else {}
     loaded = load(args, "upscale" if args.command == "upscale" else "txt2img")
-    check_model(task(args.command).serves, loaded)  # a model the command cannot use is refused by name here
+    # outpainting is a mode of inpainting (no task of its own): the models that inpaint outpaint
+    check_model(task("inpaint" if args.command == "outpaint" else args.command).serves, loaded)  # refused by name here
+    inputs, tiles = pictures, None  # what the task takes beside the request
     if args.command == "layout":
         request = make_request(args, loaded, boxes=read_boxes(args.boxes))
     elif args.command == "img2img":
         request = img2img_request(args, loaded, pictures["image"])
+    elif args.command == "outpaint":
+        inputs["image"] = open_image(args.image)
+        inputs["options"] = outpaint_options(args, inputs["image"].size)  # bad extensions are refused here
+        width, height = inputs["options"].canvas_size(inputs["image"].size)
+        request = replace(make_request(args, loaded), width=width, height=height)  # --width is the canvas's, if given
     else:
         request = make_request(args, loaded)
     resolved, _ = resolve_request(request, loaded.model.config.size_multiple)  # refuse bad input before the progress bar shows
-    inputs, tiles = pictures, None  # what the task takes beside the request
     if args.command == "txt2img":
         inputs["hires"], inputs["hires upscaler"] = hires_options(args)
         if inputs["hires"] is not None:
@@ -454,6 +516,10 @@ def run_task(args, loaded, request, inputs, progress, tiles=None):
         from ldm.tasks.inpaint import inpaint
 
         return inpaint(loaded, request, inputs["image"], inputs["mask"], callback=progress)
+    if args.command == "outpaint":
+        from ldm.tasks.outpaint import outpaint
+
+        return outpaint(loaded, request, inputs["image"], options=inputs["options"], callback=progress)
     if args.command == "upscale":
         from ldm.tasks.upscale import upscale
 
@@ -541,6 +607,7 @@ COMMANDS = {
     "layout": run_generation,
     "img2img": run_generation,
     "inpaint": run_generation,
+    "outpaint": run_generation,
     "upscale": run_generation,
     "semantic": run_semantic,
     "inspect": run_inspect,

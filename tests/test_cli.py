@@ -266,7 +266,8 @@ def test_the_clis_sampler_and_schedule_names_are_the_registrys():
 
 
 @pytest.mark.parametrize("command", [["txt2img"], ["layout", "--boxes", "b.json"], ["inpaint", "--image", "a.png", "--mask", "m.png"],
-                                     ["upscale", "--image", "a.png"], ["semantic", "--segmentation", "s.png"]])
+                                     ["outpaint", "--image", "a.png", "--left", "64"], ["upscale", "--image", "a.png"],
+                                     ["semantic", "--segmentation", "s.png"]])
 def test_every_generating_command_takes_a_sampler_a_schedule_and_s_noise_by_any_case(command):
     args = build_parser().parse_args([*command, "--sampler", "dpm++ 2m sde", "--schedule", "karras", "--s-noise", "0.9"])
     assert (args.sampler, args.schedule, args.s_noise) == ("DPM++ 2M SDE", "Karras", 0.9)

@@ -153,3 +153,47 @@ def test_sd2_inpainting_inpaints_natively_and_serves_the_text_tasks():
     config = find_preset("v2-inpainting-inference").model
     assert config.concat_input == "mask_and_masked_latent" and tasks_for(config) == ("txt2img", "img2img", "inpaint", "layout")
     assert find_preset("v2-inference").model.concat_input == "none"
+
+
+# --- outpainting: diffusers' own StableDiffusionInpaintPipeline on the extended canvas -----------------
+
+
+@pytest.mark.parametrize("fill", ["fill", "original"])
+@torch.no_grad()
+def test_outpainting_matches_diffusers_inpaint_pipeline_on_the_extended_canvas(loaded_sd2_inpainting, reference, monkeypatch, fill):
+    """Through ``ldm.tasks.outpaint`` at denoising strength 0.75, against StableDiffusionInpaintPipeline
+    given the same pre-filled canvas (the masked-content fill is the engine's own; diffusers has none)
+    and a mask drawn here: white on the new border and ``mask_blur`` pixels into the picture on the
+    extended sides. The pipeline encodes the image with a posterior draw from its generator; the
+    engine takes the posterior's mean, so the test has the pipeline's ``retrieve_latents`` take it too
+    (its "argmax" mode). At strength 1 the pipeline starts from pure noise while the engine, as
+    AUTOMATIC1111, noises the canvas's latent to the first level, hence 0.75 here."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as pipeline_module
+
+    from ldm.tasks.outpaint import OutpaintOptions, outpaint, prefilled_canvas
+
+    ours = loaded_sd2_inpainting
+    unet, vae, text = reference
+    options = OutpaintOptions(left=8, right=0, top=0, bottom=8, fill=fill, mask_blur=4, strength=0.75)
+    request = GenerationRequest("a red cat on a sofa", "", steps=8, scale=7.0, eta=0.0, seed=41, width=SIZE, height=SIZE)
+    steps = []
+    outpaint(ours, request, picture(3), options=options, callback=steps.append)
+
+    canvas = prefilled_canvas(picture(3), options)
+    assert canvas.size == (SIZE + 8, SIZE + 8)
+    mask = np.full((SIZE + 8, SIZE + 8), 255, dtype=np.uint8)
+    mask[0 : SIZE - 4, 8 + 4 :] = 0  # the picture is at x 8.., y 0..SIZE; the seam eats 4 px on its left and bottom
+    monkeypatch.setattr(pipeline_module, "retrieve_latents",
+                        lambda encoded, generator=None, sample_mode="sample": encoded.latent_dist.mode())
+    pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet,
+                                          scheduler=original_ddim("epsilon", request.steps), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    context = reference_embeddings(ours, text, [request.negative_prompt, request.prompt])
+    expected = pipe(prompt_embeds=context[1:], negative_prompt_embeds=context[:1], image=canvas, mask_image=Image.fromarray(mask),
+                    height=canvas.height, width=canvas.width, strength=options.strength, num_inference_steps=request.steps,
+                    guidance_scale=request.scale, eta=0.0, generator=torch.Generator().manual_seed(request.seed),
+                    output_type="latent").images
+    assert len(steps) == 6  # int(8 * 0.75) of the 8 steps run
+    assert max_error(steps[-1].x, expected) < TOL

@@ -346,6 +346,41 @@ def test_image_to_image_blends_a_sketched_stroke_and_saves_its_strength(page, st
     page.screenshot(path=str(shots / "img2img.png"), full_page=True)
 
 
+def test_outpainting_extends_the_picture_and_keeps_its_middle(page, studio, shots, tmp_path):
+    source = tmp_path / "scene.png"
+    render(scene_from_seed(5), 64).save(source)
+    page.get_by_role("tab", name="Inpainting").click()
+    upload(page, "inpaint-editor", source)
+    page.locator("#inpaint-mode").get_by_label("Outpaint").check()
+    set_number(page, "inpaint-outpaint-left", 64)
+    set_number(page, "inpaint-outpaint-right", 64)
+    set_number(page, "inpaint-outpaint-mask-blur", 5)
+    # the extended canvas is previewed before anything is generated
+    expect(page.locator("#inpaint-outpaint-preview")).to_contain_text("192x64", timeout=TIMEOUT)
+    page.locator("#inpaint-prompt textarea").fill("a red circle")
+    set_number(page, "inpaint-steps", 10)
+    page.locator("#inpaint-seed input").fill("3")
+    page.locator("#inpaint-generate").click()
+    shown = wait_for_result(page, "inpaint")
+    original = np.asarray(Image.open(source).convert("RGB"))
+    out = np.asarray(shown)
+    assert out.shape == (64, 64 + 128, 3), "the result is not 128 px wider"
+    assert np.array_equal(out[:, 64:128], original), "the original picture's area changed"
+    assert not_blank(Image.fromarray(out[:, :64])) and not_blank(Image.fromarray(out[:, 128:]))
+    record = studio_record(saved_outputs(studio)[-1])
+    assert record["task"] == "inpaint" and record["outpaint"]["left"] == 64 and record["outpaint"]["right"] == 64
+    assert parse_parameters(record["parameters"])["Outpaint"] == "left 64, right 64, top 0, bottom 0"
+    page.screenshot(path=str(shots / "outpaint.png"), full_page=True)
+    # its PNG restores the mode and the outpaint settings on a fresh page
+    page.reload()
+    page.wait_for_selector("#txt2img-generate")
+    page.get_by_role("tab", name="Inpainting").click()
+    page.locator("#inpaint-restore input[type=file]").set_input_files(str(saved_outputs(studio)[-1]))
+    expect(page.locator("#inpaint-mode").get_by_label("Outpaint")).to_be_checked(timeout=TIMEOUT)
+    expect(page.locator("#inpaint-outpaint-mask-blur input[type=number]")).to_have_value("5")
+    expect(page.locator("#inpaint-outpaint-right input[type=number]")).to_have_value("64")
+
+
 def test_upscaling_multiplies_the_size_by_four_in_tiles(page, studio, shots, tmp_path):
     source = tmp_path / "small.png"
     low = render(scene_from_seed(8), 32)
