@@ -13,12 +13,10 @@ import sys
 from pathlib import Path
 
 from ldm.checkpoints.errors import CheckpointError
-from ldm.options import (SAMPLER_NAMES, SCHEDULE_NAMES, add_device_arguments, add_sampler_arguments, add_tiling_arguments, named,
-                         sampler_name)
+from ldm.options import (FILL_MODES, MAX_MASK_BLUR, RESIZE_MODES, SAMPLER_NAMES, SCHEDULE_NAMES, add_device_arguments,
+                         add_sampler_arguments, add_tiling_arguments, named, sampler_name)
 from ldm.text.lookup import TokenizerNotFoundError
 from ldm.text.prompt_syntax import EMPHASIS_MODES
-
-RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")  # ldm.tasks.img2img's, without importing torch
 
 log = logging.getLogger("ldm")
 
@@ -127,8 +125,6 @@ def load_upscaler(args: argparse.Namespace, path: Path):
 
 
 def _add_outpaint_parser(commands) -> None:
-    from ldm.tasks.outpaint import FILL_MODES, MAX_MASK_BLUR
-
     outpaint = commands.add_parser("outpaint", help="extend an image: the model draws the new border",
                                    description="Extend an image by some pixels on each side (or to a target size or "
                                    "aspect ratio, centred); the model draws the new border and the image's own pixels "

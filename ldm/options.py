@@ -42,6 +42,10 @@ DEFAULT_BUDGET_MB = 2048
 SAMPLER_NAMES = ("DDIM", "Euler", "Euler a", "Heun", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "UniPC", "LCM")
 SCHEDULE_NAMES = ("Automatic", "Uniform", "Karras", "Exponential", "SGM Uniform", "Simple", "Normal", "KL Optimal",
                   "Align Your Steps", "Beta")
+# and ldm.tasks.img2img.RESIZE_MODES, ldm.tasks.outpaint.FILL_MODES and MAX_MASK_BLUR, likewise
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill")
+FILL_MODES = ("fill", "original", "latent noise", "latent nothing")
+MAX_MASK_BLUR = 64
 
 
 def named(choices: tuple[str, ...]):

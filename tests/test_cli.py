@@ -265,6 +265,13 @@ def test_the_clis_sampler_and_schedule_names_are_the_registrys():
     assert (options.SAMPLER_NAMES, options.SCHEDULE_NAMES) == (tuple(SAMPLERS), tuple(SCHEDULES))
 
 
+def test_the_clis_resize_and_fill_modes_are_the_tasks():
+    from ldm.tasks import img2img, outpaint
+
+    assert options.RESIZE_MODES == img2img.RESIZE_MODES
+    assert (options.FILL_MODES, options.MAX_MASK_BLUR) == (outpaint.FILL_MODES, outpaint.MAX_MASK_BLUR)
+
+
 @pytest.mark.parametrize("command", [["txt2img"], ["layout", "--boxes", "b.json"], ["inpaint", "--image", "a.png", "--mask", "m.png"],
                                      ["outpaint", "--image", "a.png", "--left", "64"], ["upscale", "--image", "a.png"],
                                      ["semantic", "--segmentation", "s.png"]])
