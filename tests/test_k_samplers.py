@@ -214,6 +214,20 @@ def test_a1111_schedules_follow_their_formulas():
     assert beta[3] - TABLE.sigma_min == pytest.approx(TABLE.sigma_max - beta[17], rel=1e-9)
 
 
+@pytest.mark.parametrize("start, end, length", [(0.0015, 0.0195, 1000), (1e-4, 2e-2, 1000), (1e-4, 2e-2, 350)])
+def test_align_your_steps_spans_another_table_by_timestep(start, end, length):
+    """Off SD's table (LDM's betas, the default model's, a shorter schedule) the published levels are
+    carried over by their timesteps: from that table's sigma_max to its sigma_min, still decreasing,
+    with the same timesteps (scaled to the table's length) as on SD's."""
+    betas = torch.linspace(start**0.5, end**0.5, length, dtype=torch.float64) ** 2
+    other = DiscreteSigmas(torch.cumprod(1 - betas, 0))
+    sigmas = schedule_sigmas("Align Your Steps", other, 10)
+    assert sigmas[0] == pytest.approx(other.sigma_max, rel=1e-9) and sigmas[-2] == pytest.approx(other.sigma_min, rel=1e-9)
+    assert all(a > b for a, b in itertools.pairwise(sigmas))
+    on_sd = [TABLE.timestep(s) / 999 for s in schedule_sigmas("Align Your Steps", TABLE, 10)[:-1]]
+    assert [other.timestep(s) / (length - 1) for s in sigmas[:-1]] == pytest.approx(on_sd, abs=1e-6)
+
+
 def test_the_beta_quantile_inverts_known_distributions():
     assert incomplete_beta(0.3, 2, 3) == pytest.approx(0.3483, abs=1e-12)  # the binomial sum of I_x(2, 3)
     assert beta_quantile(0.3, 1, 1) == pytest.approx(0.3, abs=1e-10)  # uniform

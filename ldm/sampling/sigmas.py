@@ -145,11 +145,25 @@ def kl_optimal_sigmas(table: DiscreteSigmas, steps: int) -> list[float]:
 ALIGN_YOUR_STEPS_SD1 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
 
 
+# the table the published list was found on: SD's scaled-linear betas, 0.00085 to 0.012 over 1000 steps
+_SD_ALPHAS_CUMPROD = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)
+
+
 def align_your_steps_sigmas(table: DiscreteSigmas, steps: int) -> list[float]:
-    """The published list, interpolated linearly in log sigma for another number of steps."""
+    """The published list, interpolated linearly in log sigma for another number of steps. On SD's
+    own noise table the levels are the list's, as AUTOMATIC1111 and ComfyUI use them; on another
+    table (LDM's, the default model's, the x4 upscaler's) each level is carried over by its place in
+    time: its fractional timestep on SD's table, scaled to the other table's length, is looked up
+    there, so the run starts at that table's sigma_max and ends at its sigma_min, as on SD."""
     levels = np.log(ALIGN_YOUR_STEPS_SD1)  # decreasing; one step starts at the first
     known, wanted = np.linspace(0, 1, len(levels)), np.linspace(0, 1, steps)
-    return np.exp(np.interp(wanted, known, levels)).tolist() + [0.0]
+    sigmas = np.exp(np.interp(wanted, known, levels)).tolist()
+    sd = DiscreteSigmas(_SD_ALPHAS_CUMPROD)
+    if len(table) == len(sd) and torch.allclose(table.sigmas, sd.sigmas, rtol=1e-4):
+        return sigmas + [0.0]
+    scale = (len(table) - 1) / (len(sd) - 1)
+    times = torch.tensor([sd.timestep(s) * scale for s in sigmas], dtype=torch.float64)
+    return table.sigma(times).tolist() + [0.0]
 
 
 BETA_SHAPE = 0.6  # AUTOMATIC1111's Beta schedule alpha and beta
