@@ -138,55 +138,49 @@ def run_ddim(denoiser, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, steps: i
     return ddim_sample(denoiser, start.to(x_T.dtype), kept, **options)
 
 
-def run_euler(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
-              init=None, skip=0, **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform", skip)
+def k_diffusion_run(solver, automatic: str, denoiser, x_T, alphas_cumprod, steps, schedule, init, skip, **solver_args):
+    """A k-diffusion solver over the sampler's schedule ("Automatic": ``automatic``), from sigma_0 x_T
+    or part-way from ``init``."""
+    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, automatic, skip)
     if finished(init, sigmas):
         return init
-    return k_samplers.euler(model, ve_start(x_T, sigmas, init), sigmas, **hooks).to(x_T.dtype)
+    return solver(model, ve_start(x_T, sigmas, init), sigmas, **solver_args).to(x_T.dtype)
+
+
+def run_euler(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
+              init=None, skip=0, **hooks):
+    return k_diffusion_run(k_samplers.euler, "Uniform", denoiser, x_T, alphas_cumprod, steps, schedule, init, skip,
+                           **hooks)
 
 
 def run_euler_ancestral(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=1.0,
                         s_noise=1.0, init=None, skip=0, **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform", skip)
-    if finished(init, sigmas):
-        return init
-    return k_samplers.euler_ancestral(model, ve_start(x_T, sigmas, init), sigmas, generator=generator, eta=eta,
-                                      s_noise=s_noise, **hooks).to(x_T.dtype)
+    return k_diffusion_run(k_samplers.euler_ancestral, "Uniform", denoiser, x_T, alphas_cumprod, steps, schedule, init,
+                           skip, generator=generator, eta=eta, s_noise=s_noise, **hooks)
 
 
 def run_heun(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
              init=None, skip=0, **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Uniform", skip)
-    if finished(init, sigmas):
-        return init
-    return k_samplers.heun(model, ve_start(x_T, sigmas, init), sigmas, **hooks).to(x_T.dtype)
+    return k_diffusion_run(k_samplers.heun, "Uniform", denoiser, x_T, alphas_cumprod, steps, schedule, init, skip,
+                           **hooks)
 
 
 def run_dpmpp_2m(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
                  init=None, skip=0, **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Karras", skip)
-    if finished(init, sigmas):
-        return init
-    return k_samplers.dpmpp_2m(model, ve_start(x_T, sigmas, init), sigmas, **hooks).to(x_T.dtype)
+    return k_diffusion_run(k_samplers.dpmpp_2m, "Karras", denoiser, x_T, alphas_cumprod, steps, schedule, init, skip,
+                           **hooks)
 
 
 def run_dpmpp_2m_sde(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=1.0, s_noise=1.0,
                      init=None, skip=0, **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Exponential", skip)
-    if finished(init, sigmas):
-        return init
-    return k_samplers.dpmpp_2m_sde(model, ve_start(x_T, sigmas, init), sigmas, generator=generator, eta=eta,
-                                   s_noise=s_noise, **hooks).to(x_T.dtype)
+    return k_diffusion_run(k_samplers.dpmpp_2m_sde, "Exponential", denoiser, x_T, alphas_cumprod, steps, schedule, init,
+                           skip, generator=generator, eta=eta, s_noise=s_noise, **hooks)
 
 
 def run_dpmpp_sde(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=1.0, s_noise=1.0,
                   init=None, skip=0, **hooks):
-    model, sigmas = sigma_space(denoiser, alphas_cumprod, steps, schedule, "Karras", skip)
-    if finished(init, sigmas):
-        return init
-    return k_samplers.dpmpp_sde(model, ve_start(x_T, sigmas, init), sigmas, generator=generator, eta=eta,
-                                s_noise=s_noise, **hooks).to(x_T.dtype)
+    return k_diffusion_run(k_samplers.dpmpp_sde, "Karras", denoiser, x_T, alphas_cumprod, steps, schedule, init, skip,
+                           generator=generator, eta=eta, s_noise=s_noise, **hooks)
 
 
 def run_unipc(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
