@@ -112,7 +112,7 @@ def test_restoring_a_prompt_with_a_missing_lora_warns_and_keeps_the_tags(studio,
 
 def page_values(tab, values: dict) -> dict:
     components = [tab.model.dropdown, tab.prompt, tab.negative, tab.size.width, tab.size.height, tab.batch_count,
-                  tab.batch_size, *tab.tiling.components, *tab.sampling.components]
+                  tab.batch_size, *tab.tiling.components, *tab.sampling.components, *tab.hires.components]
     data = {c: "" if isinstance(c, gr.Textbox) and c.value is None else c.value for c in components}
     return {**data, tab.output.images: [], **values}
 
