@@ -67,8 +67,8 @@ def open_image(blob: bytes, what: str) -> Image.Image:
             image.load()
     except ImageInputError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageInputError(f"{what} is too large to decode", status=413) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageInputError(f"{what} is too large to decode ({error})", status=413) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageInputError(f"{what} is not an image this server can read ({error})") from None
     return image
