@@ -90,12 +90,27 @@ def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str, str, 
     return sampler, schedule, notices
 
 
+# The engine's names of request fields, as AUTOMATIC1111's requests name them.
+FIELD_NAMES = {"guidance scale": "cfg_scale", "batch size": "batch_size", "s_noise (sigma noise)": "s_noise",
+               "prompt and negative prompt": "prompt and negative_prompt"}
+
+
+def api_names(message: str) -> str:
+    for ours, theirs in FIELD_NAMES.items():
+        if message.startswith(ours):
+            return theirs + message[len(ours):]
+    return message
+
+
 def unsupported_notices(body: schema.Generation) -> list[str]:
     """What a request asks for that the engine does not do: it runs without, and says so."""
     asked = [("subseed_strength", body.subseed_strength not in (0, None)), ("restore_faces", bool(body.restore_faces)),
              ("tiling (seamless textures)", bool(body.tiling)), ("styles", bool(body.styles)),
              ("script_name", bool(body.script_name)), ("alwayson_scripts", bool(body.alwayson_scripts)),
-             ("refiner_checkpoint", bool(body.refiner_checkpoint)), ("s_churn", bool(body.s_churn))]
+             ("refiner_checkpoint", bool(body.refiner_checkpoint)), ("s_churn", bool(body.s_churn)),
+             ("infotext", bool(body.infotext))]
+    if isinstance(body, schema.Img2Img):
+        asked.append(("initial_noise_multiplier", body.initial_noise_multiplier not in (None, 1, 1.0)))
     if isinstance(body, schema.Txt2Img) and body.enable_hr:
         asked.append(("enable_hr (hires fix)", True))
     return [f"{name} is not supported by this server and was not applied" for name, given in asked if given]
@@ -218,9 +233,10 @@ class ApiEngine:
             fraction = min(fraction, 1.0)
             elapsed = time.monotonic() - p.started
             preview = None if skip_current_image else p.preview
+            textinfo = p.textinfo
         image = codec.encode_png(preview) if preview is not None else None
         return {"progress": fraction, "eta_relative": elapsed / fraction - elapsed, "state": state,
-                "current_image": image, "textinfo": p.textinfo}
+                "current_image": image, "textinfo": textinfo}
 
     def _update(self, **changes) -> None:
         with self._progress_lock:
@@ -247,7 +263,10 @@ class ApiEngine:
             width=body.width, height=body.height, batch_size=body.batch_size,
             tiling=TilingOptions(budget_mb=self.studio.memory_budget_mb),
             lora_dirs=self.studio.lora_dirs(), embedding_dirs=self.studio.embedding_dirs())
-        resolve_request(request, loaded.model.config.size_multiple)  # raises ValueError naming a bad field
+        try:
+            resolve_request(request, loaded.model.config.size_multiple)
+        except ValueError as error:  # the engine's message, with the request's own field names
+            raise ValueError(api_names(str(error))) from None
         n_iter = checked_number("n_iter (batch count)", body.n_iter, 1, MAX_N_ITER, integer=True)
         checked_number("batch_size", body.batch_size, 1, MAX_BATCH, integer=True)
         return request, n_iter, notices + unsupported_notices(body)

@@ -318,3 +318,60 @@ def test_property_bad_extras_and_png_info_bodies(server, body):
             assert reply.status_code == 200  # every key is accepted and kept
         else:
             assert_error_body(reply, (400, 413, 422))
+
+
+def test_extra_batch_images_and_sizes(server):
+    """extra-batch-images takes imageList [{data, name}] (raw base64 or data URLs) and answers {html_info, images}."""
+    first = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 30, 3), np.uint8))
+    second = Image.new("RGBA", (10, 10), (255, 0, 0, 128))
+    body = {"imageList": [{"data": png_b64(first), "name": "a"}, {"data": "data:image/png;base64," + png_b64(second), "name": "b"}],
+            "upscaler_1": "Nearest", "upscaling_resize": 2, "gfpgan_visibility": 0.5}
+    res = requests.post(f"{server.api}/extra-batch-images", json=body).json()
+    sizes = [Image.open(io.BytesIO(base64.b64decode(i))).size for i in res["images"]]
+    assert sizes == [(60, 40), (20, 20)] and "face restoration" in res["html_info"]
+    cropped = requests.post(f"{server.api}/extra-single-image", json={
+        "image": png_b64(first), "upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 16,
+        "upscaling_resize_h": 16, "upscaling_crop": True}).json()
+    assert Image.open(io.BytesIO(base64.b64decode(cropped["image"]))).size == (16, 16)
+    assert "cfg_scale" in assert_error_body(requests.post(f"{server.api}/txt2img", json={"cfg_scale": 99}), 422)["detail"]
+
+
+def test_flags():
+    import app
+
+    args = app.parse_args(["--nowebui", "--api-auth", "ann:pw1,bob:pw2", "--auth", "cat:pw3"])
+    assert args.port == 7861 and args.api_logins == [("ann", "pw1"), ("bob", "pw2"), ("cat", "pw3")]
+    assert app.parse_args(["--api", "--auth", "cat:pw3"]).api_logins == [("cat", "pw3")]  # the studio's login asked of the API
+    assert app.parse_args(["--api"]).port == 7860 and app.parse_args(["--api"]).host == "127.0.0.1"
+    with pytest.raises(SystemExit):
+        app.parse_args(["--api-auth", "nocolon"])
+
+
+def test_nowebui_serves_the_api_alone(tmp_path):
+    """`python app.py --nowebui`: the API and its docs, no studio page."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, "app.py", "--nowebui", "--port", str(port), "--outputs", str(tmp_path),
+                                "--device", "cpu"], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                options = requests.get(f"{base}/sdapi/v1/options", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+        assert options.json()["sd_model_checkpoint"] == "default-txt2img.safetensors"
+        assert requests.get(f"{base}/docs").status_code == 200
+        assert requests.get(base).status_code == 404
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
