@@ -175,7 +175,7 @@ class ApiEngine:
 
     def model_hash(self, path: Path) -> str | None:
         """The short hash of a model already loaded (hashing a large file that is not is left for later)."""
-        loaded = self.studio.models._models.get(path.resolve())
+        loaded = self.studio.models.loaded(path)
         return loaded.short_hash if loaded is not None else None
 
     def find_checkpoint(self, name) -> CatalogEntry:

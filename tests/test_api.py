@@ -253,8 +253,9 @@ def test_skip_ends_the_batch_and_the_job_goes_on(server):
     assert [n.split(" after")[0] for n in info["notices"]] == ["batch skipped", "batch interrupted"]
 
 
-def test_the_studio_serves_the_api_with_api(outputs):
-    """`python app.py --api`: the /sdapi/v1 routes and /docs on the studio's own port, the page beside them."""
+@pytest.fixture(scope="module")
+def studio_with_api(outputs):
+    """`python app.py --api --api-auth ann:pw`: the studio's page and the API on one port."""
     import app
     from tests.helpers import free_port
 
@@ -262,13 +263,50 @@ def test_the_studio_serves_the_api_with_api(outputs):
     port = free_port()
     served = app.launch(engine.studio, "127.0.0.1", port, block=False, api=engine, api_logins=[("ann", "pw")])
     try:
-        base = f"http://127.0.0.1:{port}"
-        assert requests.get(base).status_code == 200
-        assert requests.get(f"{base}/sdapi/v1/options").status_code == 401
-        assert requests.get(f"{base}/sdapi/v1/options", auth=("ann", "pw")).json()["sd_model_checkpoint"]
-        assert requests.get(f"{base}/docs").status_code == 200
+        yield f"http://127.0.0.1:{port}", engine
     finally:
         served.close()
+
+
+def test_the_studio_serves_the_api_with_api(studio_with_api):
+    base, _ = studio_with_api
+    assert requests.get(base).status_code == 200
+    assert requests.get(f"{base}/sdapi/v1/options").status_code == 401
+    assert requests.get(f"{base}/sdapi/v1/options", auth=("ann", "pw")).json()["sd_model_checkpoint"]
+    assert requests.get(f"{base}/docs").status_code == 200
+
+
+def test_a_studio_user_beside_an_api_client(studio_with_api):
+    """A studio session (through the page's own endpoint) and an API client on one model: the API job
+    waits for the studio's, an API interrupt ends only the API's job, the studio's Stop only its own."""
+    from ui.client import StudioClient
+
+    base, engine = studio_with_api
+    api, auth = f"{base}/sdapi/v1", ("ann", "pw")
+    user = StudioClient(base)
+    lock = engine.studio.models.lock(engine.checkpoint)
+    long_job = user.submit("txt2img", Prompt="a studio job", Seed=5, Steps=150, Width=128, Height=128)
+    deadline = time.monotonic() + 60
+    while not lock.locked():
+        assert time.monotonic() < deadline and not long_job.done()
+        time.sleep(0.1)
+    done: dict = {}
+    worker = threading.Thread(target=lambda: done.update(r=requests.post(f"{api}/txt2img", json={"seed": 2, **SMALL}, auth=auth)))
+    worker.start()
+    while "Waiting" not in (requests.get(f"{api}/progress", auth=auth).json()["textinfo"] or ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert requests.post(f"{api}/interrupt", auth=auth).json() == {}
+    worker.join(timeout=30)
+    info = json.loads(done["r"].json()["info"])
+    assert done["r"].json()["images"] == [] and info["notices"] == ["interrupted while waiting for the model: nothing was generated"]
+    time.sleep(0.5)
+    assert not long_job.done()  # the studio's job goes on
+    user.stop("txt2img")
+    assert long_job.result()[1].startswith("Stopped after")
+    # The model is free again: the API generates, and the studio's stop flag did not reach it.
+    res = requests.post(f"{api}/txt2img", json={"seed": 3, **SMALL}, auth=auth).json()
+    assert len(res["images"]) == 1 and json.loads(res["info"])["notices"] == []
 
 
 BAD_VALUES = {

@@ -46,6 +46,10 @@ class ModelCache:
         with self._guard:
             return self._locks.setdefault(Path(path).resolve(), threading.Lock())
 
+    def loaded(self, path: str | Path) -> LoadedModel | None:
+        """The model at ``path`` if it is loaded already, else None (nothing is loaded)."""
+        return self._models.get(Path(path).resolve())
+
     def get(self, path: str | Path) -> LoadedModel:
         path = Path(path).resolve()
         with self._loading:
