@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from api import codec, schema
 from ldm.checkpoints.catalog import CatalogEntry
 from ldm.sampling.samplers import SAMPLERS, split_sampler_name
 from ldm.sampling.sigmas import SCHEDULES
@@ -36,10 +37,15 @@ from ldm.tasks.generate import decode
 from ldm.tasks.images import as_rgb, to_pil
 from ldm.tasks.parameters import parameters_text
 from ldm.tasks.preview import preview_image
-from ldm.tasks.request import MAX_BATCH, MAX_SEED, GenerationRequest, TilingOptions, checked_number, resolve_request
+from ldm.tasks.request import (
+    MAX_BATCH,
+    MAX_SEED,
+    GenerationRequest,
+    TilingOptions,
+    checked_number,
+    resolve_request,
+)
 from ui.services import Studio
-
-from api import codec, schema
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +314,7 @@ class ApiEngine:
                 one = replace(request, seed=seed)
                 last: list[StepInfo] = []
 
-                def callback(info: StepInfo) -> None:
+                def callback(info: StepInfo, last=last) -> None:
                     last[:] = [info]
                     picture = preview_image(loaded.model, info.denoised)
                     self._update(sampling_step=info.step + 1, sampling_steps=info.total, preview=picture)

@@ -22,14 +22,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from api import codec, schema
+from api.engine import SAMPLER_ALIASES, ApiEngine, scheduler_name
 from ldm.sampling.samplers import SAMPLERS
 from ldm.sampling.sigmas import SCHEDULES
 from ldm.tasks.parameters import parse_parameters
 from ui.errors import message_for
 from ui.outputs import OutputError
-
-from api import codec, schema
-from api.engine import SAMPLER_ALIASES, ApiEngine, scheduler_name
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +198,6 @@ def api_router(engine: ApiEngine, logins: Sequence[tuple[str, str]] = (), max_bo
     @router.post("/skip", summary="Stop the running batch; the job goes on with the next")
     def skip():
         engine.skip()
-        return None
 
     @router.get("/options", summary="Settings; sd_model_checkpoint is the model the API uses")
     def get_options():
@@ -212,7 +210,6 @@ def api_router(engine: ApiEngine, logins: Sequence[tuple[str, str]] = (), max_bo
         if wanted is not None and wanted != engine.current_title():
             engine.set_checkpoint(wanted)
         engine.options.update({k: v for k, v in body.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")})
-        return None
 
     @router.get("/cmd-flags", summary="The server's command-line flags")
     def cmd_flags():
@@ -266,24 +263,21 @@ def api_router(engine: ApiEngine, logins: Sequence[tuple[str, str]] = (), max_bo
     @router.post("/refresh-loras")
     def refresh_loras():
         studio.addons(refresh=True)
-        return None
 
     @router.get("/embeddings")
     def embeddings():
         found = [a for a in studio.addons() if a.kind == "embedding"]
-        row = lambda a: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": a.vectors}  # noqa: E731
+        row = lambda a: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": a.vectors}
         return {"loaded": {a.name: row(a) for a in found if a.problem is None},
                 "skipped": {a.name: row(a) for a in found if a.problem is not None}}
 
     @router.post("/refresh-embeddings")
     def refresh_embeddings():
         studio.addons(refresh=True)
-        return None
 
     @router.post("/refresh-checkpoints")
     def refresh_checkpoints():
         studio.catalog(refresh=True)
-        return None
 
     @router.get("/memory")
     def memory_route():

@@ -80,7 +80,7 @@ def test_sillytavern_reads(server, outputs):
     override_settings, save_images: true) and reads data.images[0]; it always sends
     `Authorization: Basic b64("")`."""
     headers = {"Authorization": "Basic " + base64.b64encode(b"").decode()}
-    get = lambda path: requests.get(f"{server.api}/{path}", headers=headers).json()  # noqa: E731
+    get = lambda path: requests.get(f"{server.api}/{path}", headers=headers).json()
     assert "default-upscale" in [u["name"] for u in get("upscalers")]
     assert get("latent-upscale-modes") == [] and get("sd-vae") == []
     assert "Euler a" in [s["name"] for s in get("samplers")] and "karras" in [s["name"] for s in get("schedulers")]

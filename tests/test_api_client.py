@@ -14,9 +14,9 @@ from PIL import Image
 
 webuiapi = pytest.importorskip("webuiapi")
 
-from tests.api_server import make_engine, serving  # noqa: E402
+from tests.api_server import make_engine, serving
 
-SMALL = dict(width=64, height=64, steps=3, cfg_scale=4.0)
+SMALL = {"width": 64, "height": 64, "steps": 3, "cfg_scale": 4.0}
 
 
 @pytest.fixture(scope="module")
