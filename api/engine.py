@@ -11,6 +11,7 @@ its last step. Progress (``progress()``) is kept here for ``/progress``, which a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -29,6 +30,7 @@ from ldm.checkpoints.catalog import CatalogEntry
 from ldm.sampling.samplers import SAMPLERS, split_sampler_name
 from ldm.sampling.sigmas import SCHEDULES
 from ldm.sampling.steps import SamplingCancelled, StepInfo
+from ldm.sampling.strength import check_strength
 from ldm.tasks import img2img as img2img_task
 from ldm.tasks import inpaint as inpaint_task
 from ldm.tasks import txt2img as txt2img_task
@@ -98,14 +100,21 @@ def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str, str, 
 
 # The engine's names of request fields, as AUTOMATIC1111's requests name them.
 FIELD_NAMES = {"guidance scale": "cfg_scale", "batch size": "batch_size", "s_noise (sigma noise)": "s_noise",
-               "prompt and negative prompt": "prompt and negative_prompt"}
+               "prompt and negative prompt": "prompt and negative_prompt", "denoising strength": "denoising_strength",
+               "mask feather": "mask_blur", "masked area padding": "inpaint_full_res_padding"}
 
 
-def api_names(message: str) -> str:
-    for ours, theirs in FIELD_NAMES.items():
-        if message.startswith(ours):
-            return theirs + message[len(ours):]
-    return message
+@contextlib.contextmanager
+def api_field_names():
+    """Re-raise the engine's ValueErrors with the request's own field names ("cfg_scale must be ...")."""
+    try:
+        yield
+    except ValueError as error:
+        message = str(error)
+        for ours, theirs in FIELD_NAMES.items():
+            if message.startswith(ours):
+                raise ValueError(theirs + message[len(ours):]) from None
+        raise
 
 
 def unsupported_notices(body: schema.Generation) -> list[str]:
@@ -269,10 +278,8 @@ class ApiEngine:
             width=body.width, height=body.height, batch_size=body.batch_size,
             tiling=TilingOptions(budget_mb=self.studio.memory_budget_mb),
             lora_dirs=self.studio.lora_dirs(), embedding_dirs=self.studio.embedding_dirs())
-        try:
+        with api_field_names():
             resolve_request(request, loaded.model.config.size_multiple)
-        except ValueError as error:  # the engine's message, with the request's own field names
-            raise ValueError(api_names(str(error))) from None
         n_iter = checked_number("n_iter (batch count)", body.n_iter, 1, MAX_N_ITER, integer=True)
         checked_number("batch_size", body.batch_size, 1, MAX_BATCH, integer=True)
         return request, n_iter, notices + unsupported_notices(body)
@@ -406,7 +413,8 @@ class ApiEngine:
         request, n_iter, notices = self.request_from(body, loaded)
         if len(body.init_images) > 1:
             notices.append("only the first of init_images is used")
-        options = img2img_task.Img2ImgOptions(strength=body.denoising_strength, resize_mode=mode).check()
+        with api_field_names():
+            options = img2img_task.Img2ImgOptions(strength=body.denoising_strength, resize_mode=mode).check()
         outcome = self.run("img2img", loaded, request, n_iter, lambda r, cb, stop: img2img_task.img2img(
             loaded, r, picture, options=options, callback=cb, should_stop=stop))
         outcome.notices[:0] = notices
@@ -425,7 +433,9 @@ class ApiEngine:
         blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
         options = inpaint_task.InpaintOptions(feather=blur, only_masked=body.inpaint_full_res,
                                               padding=body.inpaint_full_res_padding)
-        options.check()
+        with api_field_names():
+            options.check()
+            check_strength(body.denoising_strength)
         picture = img2img_task.resize_picture(as_rgb(picture), body.width, body.height, mode)  # sizes checked above
         mask = img2img_task.resize_picture(mask.convert("RGB"), picture.width, picture.height, mode).convert("L")
         if body.denoising_strength < 1:

@@ -128,6 +128,10 @@ def test_openoutpaint_img2img_with_data_urls(server):
     inverted = requests.post(f"{server.api}/img2img", json={**body, "inpainting_mask_invert": 1}).json()
     out = np.asarray(Image.open(io.BytesIO(base64.b64decode(inverted["images"][0]))).convert("RGB"))
     assert np.array_equal(out[~keep], np.asarray(picture)[~keep])
+    for bad, field in (({"mask_blur": -1}, "mask_blur"), ({"denoising_strength": float("nan")}, "denoising_strength"),
+                       ({"inpaint_full_res_padding": 10**6}, "inpaint_full_res_padding")):
+        reply = requests.post(f"{server.api}/img2img", data=json.dumps({**body, **bad}), headers={"content-type": "application/json"})
+        assert assert_error_body(reply, 422)["detail"].startswith(field)
     # Strength below 1 with a mask is not what our inpainting does: the response says so.
     partial = json.loads(requests.post(f"{server.api}/img2img", json={**body, "denoising_strength": 0.4}).json()["info"])
     assert any("denoising_strength 0.4 with a mask is not supported" in n for n in partial["notices"])
@@ -338,6 +342,9 @@ def test_property_bad_bodies_are_4xx_with_a_message(server, endpoint, field, dat
     if endpoint == "img2img":
         body["init_images"] = data.draw(st.sampled_from([[png_b64(Image.new("RGB", (64, 64)))], ["not base64!"],
                                                          [""], [], None, ["data:image/png,raw"]]))
+        mask = data.draw(st.sampled_from([None, "bad mask", png_b64(Image.new("L", (64, 64), 255))]))
+        if mask is not None:
+            body["mask"] = mask
     text = json.dumps(body, allow_nan=True)  # NaN and Infinity as Python's json writes them
     reply = requests.post(f"{server.api}/{endpoint}", data=text, headers={"content-type": "application/json"})
     assert_error_body(reply, (400, 413, 422))
