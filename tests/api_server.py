@@ -28,8 +28,9 @@ class Running:
         return f"{self.url}/sdapi/v1"
 
 
-def make_engine(outputs) -> ApiEngine:
-    studio = studio_app.make_studio(studio_app.parse_args(["--outputs", str(outputs), "--device", "cpu"]))
+def make_engine(outputs, models_dir=None) -> ApiEngine:
+    more = ["--models-dir", str(models_dir)] if models_dir else []
+    studio = studio_app.make_studio(studio_app.parse_args(["--outputs", str(outputs), "--device", "cpu", *more]))
     return ApiEngine(studio, flags={"api": True})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import threading
 import time
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 webuiapi = pytest.importorskip("webuiapi")
 
+from ldm.checkpoints.presets import DEFAULT_MODELS
 from tests.api_server import make_engine, serving
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "cfg_scale": 4.0}
@@ -21,7 +23,9 @@ SMALL = {"width": 64, "height": 64, "steps": 3, "cfg_scale": 4.0}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with serving(make_engine(tmp_path_factory.mktemp("outputs"))) as running:
+    models = tmp_path_factory.mktemp("models")  # a second model to switch to: the default one under another name
+    shutil.copyfile(DEFAULT_MODELS["txt2img"], models / "second.safetensors")
+    with serving(make_engine(tmp_path_factory.mktemp("outputs"), models)) as running:
         yield running
 
 
@@ -35,12 +39,20 @@ def generated(client):
     return client.txt2img(prompt="a red circle", seed=7, sampler_name="Euler a", **SMALL)
 
 
-def test_models_and_switching(client):
+def test_models_and_switching(client, server):
     titles = [m["title"] for m in client.get_sd_models()]
-    assert titles == ["default-txt2img.safetensors"]
+    assert titles == ["default-txt2img.safetensors", "second.safetensors"]
     assert client.util_get_current_model() == titles[0]
-    client.util_set_model("default-txt2img")  # by its name, matched to the title as webuiapi does
-    assert client.get_options()["sd_model_checkpoint"] == titles[0]
+    client.util_set_model("second")  # by its name, matched to the title as webuiapi does
+    assert client.get_options()["sd_model_checkpoint"] == "second.safetensors"
+    second = next(e.path for e in server.engine.checkpoints() if e.name == "second")
+    assert server.engine.studio.models.loaded(second) is not None  # loaded before the switch returned
+    assert client.txt2img(prompt="x", **SMALL).info["sd_model_name"] == "second"
+    client.util_set_model("default-txt2img")
+    assert client.util_get_current_model() == titles[0]
+    # A request's override_settings picks the model for that request only (SillyTavern does this).
+    once = client.txt2img(prompt="x", override_settings={"sd_model_checkpoint": "second.safetensors"}, **SMALL)
+    assert once.info["sd_model_name"] == "second" and client.util_get_current_model() == titles[0]
 
 
 def test_txt2img_and_png_info(client, generated):
