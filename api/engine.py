@@ -216,6 +216,17 @@ class ApiEngine:
             self.checkpoint = entry.path
             self.options["sd_checkpoint_hash"] = self.model_hash(entry.path)
 
+    def unload(self) -> None:
+        """Free the API's model (AUTOMATIC1111's unload-checkpoint, used to hand the GPU to another program)."""
+        with self.queue:
+            if self.checkpoint is not None:
+                self.studio.models.unload(self.checkpoint)
+
+    def reload(self) -> None:
+        with self.queue:
+            if self.checkpoint is not None:
+                self.studio.models.get(self.checkpoint)
+
     def loaded_for(self, body: schema.Generation, serves: Callable, task: str):
         """The model a generation runs on: its override_settings' checkpoint, else the current one."""
         override = (body.override_settings or {}).get("sd_model_checkpoint")

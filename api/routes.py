@@ -211,6 +211,16 @@ def api_router(engine: ApiEngine, logins: Sequence[tuple[str, str]] = (), max_bo
             engine.set_checkpoint(wanted)
         engine.options.update({k: v for k, v in body.items() if k not in ("sd_model_checkpoint", "sd_checkpoint_hash")})
 
+    @router.post("/unload-checkpoint", summary="Free the API's model (it loads again when next used)")
+    def unload_checkpoint():
+        engine.unload()
+        return {}
+
+    @router.post("/reload-checkpoint", summary="Load the API's model again")
+    def reload_checkpoint():
+        engine.reload()
+        return {}
+
     @router.get("/cmd-flags", summary="The server's command-line flags")
     def cmd_flags():
         return engine.flags

@@ -162,6 +162,19 @@ def test_options_keep_any_key_and_refuse_an_unknown_model(server):
     assert "nope.ckpt" in body["detail"] and "default-txt2img.safetensors" in body["detail"]
 
 
+def test_unload_and_reload_checkpoint(server):
+    """text-generation-webui hands the GPU over with unload-checkpoint, then takes it back with reload-checkpoint."""
+    models, path = server.engine.studio.models, server.engine.checkpoint
+    requests.post(f"{server.api}/txt2img", json=SMALL)
+    assert models.loaded(path) is not None
+    assert requests.post(f"{server.api}/unload-checkpoint").json() == {}
+    assert models.loaded(path) is None
+    assert requests.post(f"{server.api}/reload-checkpoint").json() == {}
+    assert models.loaded(path) is not None
+    requests.post(f"{server.api}/unload-checkpoint")
+    assert len(requests.post(f"{server.api}/txt2img", json=SMALL).json()["images"]) == 1  # loads again when used
+
+
 def test_errors_are_4xx_with_a_message(server):
     api = server.api
     assert "init_images" in assert_error_body(requests.post(f"{api}/img2img", json={"prompt": "x"}), 400)["detail"]
