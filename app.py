@@ -2,10 +2,14 @@
 
     python app.py [--listen] [--auth USER:PASSWORD | --auth-file FILE] [--port 7860] [--models-dir DIR ...] [--lora-dir DIR ...] [--embeddings-dir DIR ...]
                   [--outputs outputs] [--device auto] [--dtype auto] [--memory-format auto] [--compile] [--no-winograd]
-                  [--no-cuda-graphs] [--no-cpu-kernels] [--concurrency 1]
+                  [--no-cuda-graphs] [--no-cpu-kernels] [--concurrency 1] [--api] [--nowebui] [--api-auth U:P[,U:P]]
 
 It serves this machine only (127.0.0.1) unless ``--listen`` is given; ``--auth`` (repeatable) or
 ``--auth-file`` (one USER:PASSWORD a line) asks for a login.
+
+``--api`` also serves the AUTOMATIC1111-compatible API (``/sdapi/v1``, docs at ``/docs``; see ``api/``) on
+the same port; ``--nowebui`` serves the API alone (port 7861 unless ``--port``). ``--api-auth``
+logins, and the studio's own, are asked of API clients by HTTP Basic.
 
 Models are listed from weights/ and from every --models-dir (also the LDM_STUDIO_MODELS variable,
 folders separated by ':'); they load when first used and stay loaded.
@@ -31,7 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=None, help="the address to serve on (default 127.0.0.1; 0.0.0.0 with --listen)")
     parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD", help="ask for this login (repeatable)")
     parser.add_argument("--auth-file", metavar="FILE", help="ask for a login: one USER:PASSWORD a line (# comments)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=None, help="default 7860 (7861 with --nowebui)")
+    parser.add_argument("--api", action="store_true", help="also serve the AUTOMATIC1111-compatible API at /sdapi/v1")
+    parser.add_argument("--nowebui", action="store_true", help="serve the API alone, without the studio (port 7861)")
+    parser.add_argument("--api-auth", metavar="USER:PASSWORD[,USER:PASSWORD]", help="logins API clients must "
+                        "send by HTTP Basic (the studio's --auth logins are also taken)")
     parser.add_argument("--models-dir", action="append", default=[], help="another folder of checkpoints (repeatable)")
     parser.add_argument("--lora-dir", action="append", default=[], help="a folder of LoRA files for <lora:NAME:WEIGHT> "
                         "prompt tags (repeatable; models/Lora beside each models folder is always searched)")
@@ -44,8 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_memory_budget_argument(parser, note="; the tabs' tiling sections start from it")
     args = parser.parse_args(argv)
     args.host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
+    args.port = args.port or (7861 if args.nowebui else 7860)
     try:
         args.logins = logins(args.auth, args.auth_file)
+        api_pairs = [pair for pair in (args.api_auth or "").split(",") if pair.strip()]
+        args.api_logins = [*logins(api_pairs, None), *args.logins] if api_pairs else list(args.logins)
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -85,9 +96,11 @@ def make_studio(args: argparse.Namespace):
                   extra_embedding_dirs=[Path(d).expanduser() for d in args.embeddings_dir])
 
 
-def launch(studio, host: str, port: int, concurrency: int = 1, block: bool = True, logins=None):
+def launch(studio, host: str, port: int, concurrency: int = 1, block: bool = True, logins=None, api=None,
+           api_logins=()):
     """Build the page, warm the default model, and serve (behind a login when ``logins`` are
-    given). Only the outputs folder and Gradio's own temporary files are served. Returns the Gradio
+    given). Only the outputs folder and Gradio's own temporary files are served; ``api`` (an
+    ``api.engine.ApiEngine``) adds the /sdapi/v1 routes, behind ``api_logins``. Returns the Gradio
     app (for tests)."""
     from ui.studio import CSS, SHORTCUTS_JS, build_app
 
@@ -96,9 +109,35 @@ def launch(studio, host: str, port: int, concurrency: int = 1, block: bool = Tru
         studio.models.get(default)  # the embedded model is ready when the page opens
     app = build_app(studio)
     app.queue(default_concurrency_limit=concurrency)
-    app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=False, quiet=not block,
-               allowed_paths=[str(studio.writer.root)], js=SHORTCUTS_JS, css=CSS, footer_links=[], auth=logins or None)
+    server, _, _ = app.launch(server_name=host, server_port=port, prevent_thread_lock=True, show_error=False,
+                              quiet=not block, allowed_paths=[str(studio.writer.root)], js=SHORTCUTS_JS, css=CSS,
+                              footer_links=[], auth=logins or None,
+                              app_kwargs={"docs_url": "/docs"} if api is not None else None)
+    if api is not None:
+        from api.server import mount
+
+        mount(server, api, api_logins)
+    if block:
+        app.block_thread()
     return app
+
+
+def api_engine(studio, args: argparse.Namespace):
+    """The API's engine over the studio; /cmd-flags shows the flags, less the logins."""
+    from api.engine import ApiEngine
+
+    secret = ("auth", "auth_file", "api_auth", "logins", "api_logins")
+    return ApiEngine(studio, flags={k: v for k, v in vars(args).items() if k not in secret})
+
+
+def serve_api_only(studio, args: argparse.Namespace) -> None:
+    """--nowebui: the API alone, the default model warmed first."""
+    from api.server import serve, standalone_app
+
+    default = studio.default_for("txt2img")
+    if default:
+        studio.models.get(default)
+    serve(standalone_app(api_engine(studio, args), args.api_logins), args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,10 +146,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.concurrency < 1:
         raise SystemExit("--concurrency must be at least 1")
     studio = make_studio(args)
-    print(f"LDM Studio: http://{args.host}:{args.port}  (outputs in {studio.writer.root})", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.logins:
-        print("Warning: the studio is open to the network with no login; add --auth USER:PASSWORD", flush=True)
-    launch(studio, args.host, args.port, args.concurrency, logins=args.logins)
+    what = "API" if args.nowebui else "LDM Studio"
+    print(f"{what}: http://{args.host}:{args.port}  (outputs in {studio.writer.root})", flush=True)
+    if args.api or args.nowebui:
+        print(f"AUTOMATIC1111-compatible API: http://{args.host}:{args.port}/sdapi/v1  (docs at /docs)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_logins if args.nowebui else args.logins):
+        print("Warning: the server is open to the network with no login; add --auth (or --api-auth) USER:PASSWORD", flush=True)
+    if args.nowebui:
+        serve_api_only(studio, args)
+        return
+    api = api_engine(studio, args) if args.api else None
+    launch(studio, args.host, args.port, args.concurrency, logins=args.logins, api=api, api_logins=args.api_logins)
 
 
 if __name__ == "__main__":

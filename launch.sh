@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # LDM Studio set-up and launcher.
 #   ./launch.sh          install what is missing, then start the studio at http://127.0.0.1:7860
+#                        (arguments go to app.py: --api adds the AUTOMATIC1111-compatible API, --nowebui serves it alone)
 #   ./launch.sh test     install what is missing, with the test packages and Chromium, then run the whole test suite
 #   ./launch.sh train    train the embedded default model's three stages (see README)
 # Both are idempotent: the second run installs nothing and starts at once.

@@ -3,6 +3,7 @@ and one stop flag per browser session. Built once by ``app.py``; nothing here ru
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Sequence
@@ -45,6 +46,22 @@ class ModelCache:
         """The lock a generation with this model holds while it runs."""
         with self._guard:
             return self._locks.setdefault(Path(path).resolve(), threading.Lock())
+
+    def loaded(self, path: str | Path) -> LoadedModel | None:
+        """The model at ``path`` if it is loaded already, else None (nothing is loaded)."""
+        return self._models.get(Path(path).resolve())
+
+    def unload(self, path: str | Path) -> bool:
+        """Drop a loaded model, once the generation holding its lock ends, and free its memory; it loads
+        again when next used. Whether it was loaded."""
+        path = Path(path).resolve()
+        with self.lock(path), self._loading:
+            dropped = self._models.pop(path, None) is not None
+        if dropped:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return dropped
 
     def get(self, path: str | Path) -> LoadedModel:
         path = Path(path).resolve()
