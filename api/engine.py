@@ -31,6 +31,7 @@ from ldm.sampling.samplers import SAMPLERS, split_sampler_name
 from ldm.sampling.sigmas import SCHEDULES
 from ldm.sampling.steps import SamplingCancelled, StepInfo
 from ldm.sampling.strength import check_strength
+from ldm.tasks import hires as hires_task
 from ldm.tasks import img2img as img2img_task
 from ldm.tasks import inpaint as inpaint_task
 from ldm.tasks import txt2img as txt2img_task
@@ -99,7 +100,8 @@ def resolve_sampler(name: str | None, scheduler: str | None) -> tuple[str, str, 
 
 
 # The engine's names of request fields, as AUTOMATIC1111's requests name them.
-FIELD_NAMES = {"guidance scale": "cfg_scale", "batch size": "batch_size", "s_noise (sigma noise)": "s_noise",
+FIELD_NAMES = {"hires upscale factor": "hr_scale", "hires width": "hr_resize_x", "hires height": "hr_resize_y",
+               "hires steps": "hr_second_pass_steps", "guidance scale": "cfg_scale", "batch size": "batch_size", "s_noise (sigma noise)": "s_noise",
                "prompt and negative prompt": "prompt and negative_prompt", "denoising strength": "denoising_strength",
                "mask feather": "mask_blur", "masked area padding": "inpaint_full_res_padding"}
 
@@ -127,7 +129,9 @@ def unsupported_notices(body: schema.Generation) -> list[str]:
     if isinstance(body, schema.Img2Img):
         asked.append(("initial_noise_multiplier", body.initial_noise_multiplier not in (None, 1, 1.0)))
     if isinstance(body, schema.Txt2Img) and body.enable_hr:
-        asked.append(("enable_hr (hires fix)", True))
+        asked += [("hr_checkpoint_name", bool(body.hr_checkpoint_name)), ("hr_sampler_name", bool(body.hr_sampler_name)),
+                  ("hr_scheduler", bool(body.hr_scheduler)), ("hr_prompt", bool(body.hr_prompt)),
+                  ("hr_negative_prompt", bool(body.hr_negative_prompt))]
     return [f"{name} is not supported by this server and was not applied" for name, given in asked if given]
 
 
@@ -403,12 +407,40 @@ class ApiEngine:
     def txt2img(self, body: schema.Txt2Img) -> dict:
         loaded = self.loaded_for(body, txt2img_task.serves, "text to image")
         request, n_iter, notices = self.request_from(body, loaded)
-        outcome = self.run("txt2img", loaded, request, n_iter,
-                           lambda r, cb, stop: txt2img_task.txt2img(loaded, r, callback=cb, should_stop=stop))
+        work = self.hires_work(body, loaded, request) if body.enable_hr else (
+            lambda r, cb, stop: txt2img_task.txt2img(loaded, r, callback=cb, should_stop=stop))
+        outcome = self.run("txt2img", loaded, request, n_iter, work)
         outcome.notices[:0] = notices
         if body.save_images:
             self.save(outcome, "txt2img", loaded)
-        return self.response(body, outcome, loaded, request)
+        return self.response(body, outcome, loaded, request,
+                             **({"denoising": body.denoising_strength} if body.enable_hr else {}))
+
+    def hires_work(self, body: schema.Txt2Img, loaded, request: GenerationRequest) -> Callable:
+        """txt2img with ``enable_hr``: ``ldm.tasks.hires`` with A1111's fields (hr_upscaler None is "Latent",
+        as A1111's default latent mode; "Lanczos" and our super-resolution models by their /upscalers names),
+        checked before the job is queued. The upscaling model is held by its lock while it runs."""
+        name = body.hr_upscaler or "Latent"
+        entry = None
+        if name not in hires_task.UPSCALERS:
+            entry = next((e for e in self.upscalers() if e.name == name), None)
+            if entry is None:
+                known = [*hires_task.UPSCALERS, *(e.name for e in self.upscalers())]
+                raise ValueError(f"hr_upscaler {name!r} is not known; use one of {', '.join(known)}")
+        upscaler = None if entry is None else self.studio.models.get(entry.path)
+        with api_field_names():
+            options = hires_task.HiresOptions(scale=body.hr_scale, width=body.hr_resize_x, height=body.hr_resize_y,
+                                              upscaler=name, steps=body.hr_second_pass_steps,
+                                              strength=body.denoising_strength).check(upscaler)
+            hires_task.hires_size(request.width, request.height, options, loaded.model.config.size_multiple)
+        if entry is None:
+            return lambda r, cb, stop: hires_task.hires_fix(loaded, r, options, callback=cb, should_stop=stop)
+
+        def work(r, cb, stop):
+            with self.studio.models.lock(entry.path):
+                return hires_task.hires_fix(loaded, r, options, upscaler=upscaler, callback=cb, should_stop=stop)
+
+        return work
 
     def img2img(self, body: schema.Img2Img) -> dict:
         if not body.init_images:

@@ -26,6 +26,7 @@ from api import codec, schema
 from api.engine import SAMPLER_ALIASES, ApiEngine, scheduler_name
 from ldm.sampling.samplers import SAMPLERS
 from ldm.sampling.sigmas import SCHEDULES
+from ldm.tasks.hires import LATENT_UPSCALERS
 from ldm.tasks.parameters import parse_parameters
 from ui.errors import message_for
 from ui.outputs import OutputError
@@ -244,9 +245,9 @@ def api_router(engine: ApiEngine, logins: Sequence[tuple[str, str]] = (), max_bo
                   "scale": e.preset.model.downsampling_factor} for e in engine.upscalers()]
         return rows
 
-    @router.get("/latent-upscale-modes", summary="Empty: the hires fix is not served by this API yet")
+    @router.get("/latent-upscale-modes", summary="The hires fix's latent upscalers (hr_upscaler names)")
     def latent_upscale_modes():
-        return []
+        return [{"name": name} for name in LATENT_UPSCALERS]
 
     @router.get("/sd-models")
     def sd_models():

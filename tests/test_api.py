@@ -82,7 +82,7 @@ def test_sillytavern_reads(server, outputs):
     headers = {"Authorization": "Basic " + base64.b64encode(b"").decode()}
     get = lambda path: requests.get(f"{server.api}/{path}", headers=headers).json()
     assert "default-upscale" in [u["name"] for u in get("upscalers")]
-    assert get("latent-upscale-modes") == [] and get("sd-vae") == []
+    assert "Latent (bicubic)" in [m["name"] for m in get("latent-upscale-modes")] and get("sd-vae") == []
     assert "Euler a" in [s["name"] for s in get("samplers")] and "karras" in [s["name"] for s in get("schedulers")]
     progress = get("progress")
     assert progress["progress"] == 0 and progress["state"]["job_count"] == 0
@@ -97,6 +97,24 @@ def test_sillytavern_reads(server, outputs):
     assert "Seed: 11" in image.text["parameters"] and "Schedule type: Karras" in image.text["parameters"]
     saved = set(outputs.rglob("*.png")) - before
     assert len(saved) == 1 and next(iter(saved)).name.endswith("-11.png")  # save_images: true, as the tabs save
+
+
+def test_enable_hr_runs_the_hires_fix(server):
+    """text-generation-webui and SillyTavern send enable_hr, hr_scale, hr_upscaler and denoising_strength:
+    the image comes back at hr_scale times the size, with A1111's hires fields in its infotext."""
+    body = {"prompt": "a red circle", "seed": 4, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent (bicubic)",
+            "hr_second_pass_steps": 2, "denoising_strength": 0.6, **SMALL}
+    data = requests.post(f"{server.api}/txt2img", json=body).json()
+    image = Image.open(io.BytesIO(base64.b64decode(data["images"][0])))
+    assert image.size == (2 * SMALL["width"], 2 * SMALL["height"])
+    info = json.loads(data["info"])
+    text = info["infotexts"][0]
+    assert "Hires upscale: 2" in text and "Hires upscaler: Latent (bicubic)" in text and "Denoising strength: 0.6" in text
+    assert not any("enable_hr" in n for n in info["notices"])
+    bad = requests.post(f"{server.api}/txt2img", json={**body, "hr_upscaler": "R-ESRGAN 4x+"})
+    assert "hr_upscaler 'R-ESRGAN 4x+' is not known" in assert_error_body(bad, 422)["detail"]
+    far = requests.post(f"{server.api}/txt2img", json={**body, "hr_scale": 9})
+    assert "hr_scale must be between 1 and 4" in assert_error_body(far, 422)["detail"]
 
 
 def test_no_save_without_save_images_and_legacy_names(server, outputs):
