@@ -30,7 +30,6 @@ from ldm.checkpoints.catalog import CatalogEntry
 from ldm.sampling.samplers import SAMPLERS, split_sampler_name
 from ldm.sampling.sigmas import SCHEDULES
 from ldm.sampling.steps import SamplingCancelled, StepInfo
-from ldm.sampling.strength import check_strength
 from ldm.tasks import hires as hires_task
 from ldm.tasks import img2img as img2img_task
 from ldm.tasks import inpaint as inpaint_task
@@ -38,6 +37,7 @@ from ldm.tasks import txt2img as txt2img_task
 from ldm.tasks import upscale as upscale_task
 from ldm.tasks.generate import decode
 from ldm.tasks.images import as_rgb, to_pil
+from ldm.tasks.masked import FILL_MODES
 from ldm.tasks.parameters import parameters_text
 from ldm.tasks.preview import preview_image
 from ldm.tasks.request import (
@@ -474,19 +474,16 @@ class ApiEngine:
         if body.inpainting_mask_invert:
             mask = mask.point(lambda v: 255 - v)
         blur = body.mask_blur if body.mask_blur is not None else max(body.mask_blur_x, body.mask_blur_y)
+        if not 0 <= body.inpainting_fill < len(FILL_MODES):
+            raise ValueError(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
+                             f"got {body.inpainting_fill}")
         options = inpaint_task.InpaintOptions(feather=blur, only_masked=body.inpaint_full_res,
-                                              padding=body.inpaint_full_res_padding)
+                                              padding=body.inpaint_full_res_padding, strength=body.denoising_strength,
+                                              fill=FILL_MODES[body.inpainting_fill])
         with api_field_names():
             options.check()
-            check_strength(body.denoising_strength)
         picture = img2img_task.resize_picture(as_rgb(picture), body.width, body.height, mode)  # sizes checked above
         mask = img2img_task.resize_picture(mask.convert("RGB"), picture.width, picture.height, mode).convert("L")
-        if body.denoising_strength < 1:
-            notices.append(f"denoising_strength {body.denoising_strength:g} with a mask is not supported: the masked "
-                           "area is redrawn from noise (strength 1)")
-        if body.inpainting_fill != 2:
-            notices.append("inpainting_fill is not supported: the masked area always starts from latent noise "
-                           "(inpainting_fill 2)")
         outcome = self.run("img2img", loaded, request, n_iter, lambda r, cb, stop: inpaint_task.inpaint(
             loaded, r, picture, mask, options=options, callback=cb, should_stop=stop))
         outcome.notices[:0] = notices

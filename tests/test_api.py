@@ -150,9 +150,21 @@ def test_openoutpaint_img2img_with_data_urls(server):
                        ({"inpaint_full_res_padding": 10**6}, "inpaint_full_res_padding")):
         reply = requests.post(f"{server.api}/img2img", data=json.dumps({**body, **bad}), headers={"content-type": "application/json"})
         assert assert_error_body(reply, 422)["detail"].startswith(field)
-    # Strength below 1 with a mask is not what our inpainting does: the response says so.
-    partial = json.loads(requests.post(f"{server.api}/img2img", json={**body, "denoising_strength": 0.4}).json()["info"])
-    assert any("denoising_strength 0.4 with a mask is not supported" in n for n in partial["notices"])
+    # A1111's default masked request (inpainting_fill 0 "fill", strength 0.75) redraws from the masked
+    # content; each fill mode is written as A1111 writes "Masked content" ("original" left out).
+    for fill, written in ((0, "Masked content: fill"), (1, None), (3, "Masked content: latent nothing")):
+        partial = requests.post(f"{server.api}/img2img", json={**body, "inpainting_fill": fill,
+                                                                "denoising_strength": 0.4}).json()
+        info = json.loads(partial["info"])
+        assert "Denoising strength: 0.4" in info["infotexts"][0] and not info["notices"]
+        if written:
+            assert written in info["infotexts"][0]
+        else:
+            assert "Masked content" not in info["infotexts"][0]
+        out = np.asarray(Image.open(io.BytesIO(base64.b64decode(partial["images"][0]))).convert("RGB"))
+        assert np.array_equal(out[keep], np.asarray(picture)[keep])
+    unknown = requests.post(f"{server.api}/img2img", json={**body, "inpainting_fill": 4})
+    assert "inpainting_fill must be 0 (fill), 1 (original)" in assert_error_body(unknown, 422)["detail"]
 
 
 def test_void_posts_answer_json_and_lists(server):

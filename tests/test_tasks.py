@@ -155,6 +155,36 @@ def test_inpainting_parameters_name_the_mask_settings(loaded_default_hybrid):
     assert fields["Prompt"] == REQUEST.prompt
 
 
+@pytest.mark.parametrize("model_name", ["loaded_default_hybrid", "loaded_sd_v1"])
+def test_inpainting_at_a_strength_redraws_from_the_masked_content(model_name, request):
+    """Below strength 1 (or from another masked content) the masked part is redrawn from what the mode
+    puts there, in strength x steps steps; the unmasked pixels stay exact; each mode starts elsewhere."""
+    loaded = request.getfixturevalue(model_name)
+    image, mask = picture(3, 48), box_mask(48, (12, 8, 36, 30))
+    keep = np.asarray(mask) == 0
+    ask = GenerationRequest(**{**REQUEST.__dict__, "width": 48, "height": 48, "steps": 10})
+    outs = {}
+    for fill in ("fill", "original", "latent noise", "latent nothing"):
+        steps = []
+        result = inpaint(loaded, ask, image, mask, options=InpaintOptions(strength=0.4, fill=fill),
+                         callback=lambda info: steps.append(info.step))
+        outs[fill] = np.asarray(result.images[0])
+        assert len(steps) == 4 and np.array_equal(outs[fill][keep], np.asarray(image)[keep])
+        fields = parse_parameters(result.parameters[0])
+        assert fields["Denoising strength"] == "0.4" and fields.get("Masked content") == (None if fill == "original" else fill)
+    assert len({o[~keep].tobytes() for o in outs.values()}) == 4
+    drawn = []
+    inpaint(loaded, ask, image, mask, callback=lambda info: drawn.append(info.step))
+    assert len(drawn) == 10  # the default: from noise, every step
+
+
+def test_an_unknown_masked_content_lists_the_modes(loaded_default_hybrid):
+    with pytest.raises(ValueError, match="masked content 'blur' is not known; use one of fill, original, latent noise"):
+        inpaint(loaded_default_hybrid, REQUEST, picture(), half_mask(), options=InpaintOptions(fill="blur"))
+    with pytest.raises(ValueError, match="denoising strength must be"):
+        inpaint(loaded_default_hybrid, REQUEST, picture(), half_mask(), options=InpaintOptions(strength=1.5))
+
+
 # --- tiled upscaling ---------------------------------------------------------------------------------
 
 def test_one_tile_covering_the_image_equals_no_tiling(loaded_default_upscale):

@@ -23,6 +23,7 @@ from ldm.models.latent_diffusion import LatentDiffusionConfig
 from ldm.sampling.steps import Callback
 from ldm.tasks.generate import Blend, decode, sample, tokenizer_notices
 from ldm.tasks.images import as_rgb, from_pil, to_pil
+from ldm.tasks.masked import check_masked, prefill, redraw_masked
 from ldm.tasks.parameters import canvas_fields, parameters_text
 from ldm.tasks.planning import canvas_notices, first_stage_tile
 from ldm.tasks.request import GenerationRequest, check_model, resolve_request
@@ -40,16 +41,28 @@ class InpaintOptions:
     """How the fill meets the image. ``feather``: the fill fades in over this many pixels inside the
     mask's edge (the unmasked pixels stay exact either way). ``only_masked``: work on a crop around
     the mask, ``padding`` pixels wider on each side, resized to the model's own resolution, and
-    stitch the result back; small fills in large images get the model's full detail."""
+    stitch the result back; small fills in large images get the model's full detail. ``strength``
+    and ``fill`` (AUTOMATIC1111's denoising strength and "masked content"): by default the masked part
+    is drawn from noise; below strength 1, or from another masked content, it is redrawn from what
+    the mode puts there (``ldm.tasks.masked``), so 0.4 from "original" retouches it."""
 
     feather: int = 0
     only_masked: bool = False
     padding: int = 32
+    strength: float = 1.0
+    fill: str = "latent noise"
 
     def check(self) -> None:
         for name, value, high in (("mask feather", self.feather, MAX_FEATHER), ("masked area padding", self.padding, MAX_PADDING)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
                 raise ValueError(f"{name} must be a whole number of pixels from 0 to {high}, got {value!r}")
+        check_masked(self.strength, self.fill)
+
+    @property
+    def from_noise(self) -> bool:
+        """Whether the masked part is drawn from noise alone, as text to image draws (strength 1 from
+        latent noise, the default); otherwise it is redrawn from its masked content (``ldm.tasks.masked``)."""
+        return self.strength == 1.0 and self.fill == "latent noise"
 
 
 def mask_array(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
@@ -160,7 +173,13 @@ def inpaint(
         config = loaded.model.config
         size = working_size(crop.width, crop.height, config.latent_size * config.downsampling_factor)
         crop, crop_mask = crop.resize(size, Image.Resampling.LANCZOS), crop_mask.resize(size, Image.Resampling.NEAREST)
-    generated, request, notices = fill(loaded, request, crop, crop_mask, callback, should_stop)
+    if options.from_noise:
+        generated, request, notices = fill(loaded, request, crop, crop_mask, callback, should_stop)
+    else:
+        known = np.asarray(crop_mask) < 128
+        canvas = prefill(np.asarray(crop), known, options.fill)
+        generated, request, notices = redraw_masked(loaded, request, canvas, (~known).astype(np.float32), options.strength,
+                                                    options.fill, callback, should_stop)
     original = np.asarray(image).astype(np.float32)
     alpha = feather_alpha(masked, options.feather)[..., None]
     images = []
@@ -177,5 +196,7 @@ def inpaint(
 
 def mask_fields(options: InpaintOptions) -> dict[str, object]:
     """The inpainting settings in the field names AUTOMATIC1111 uses."""
-    return {"Mask blur": options.feather, "Inpaint area": "Only masked" if options.only_masked else "Whole picture",
+    return {"Denoising strength": options.strength, "Mask blur": options.feather,
+            "Masked content": None if options.fill == "original" else options.fill,  # AUTOMATIC1111 leaves "original" out
+            "Inpaint area": "Only masked" if options.only_masked else "Whole picture",
             "Masked area padding": options.padding if options.only_masked else None}

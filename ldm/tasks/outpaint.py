@@ -27,27 +27,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ldm.checkpoints.loaded import LoadedModel
-from ldm.sampling.noise import randn, seeded_generators
 from ldm.sampling.steps import Callback
-from ldm.sampling.strength import check_strength, part_way_steps
-from ldm.tasks.generate import Blend, decode, sample, tokenizer_notices
-from ldm.tasks.images import as_rgb, from_pil, to_pil
-from ldm.tasks.img2img import Img2ImgOptions, check_picture, encode_picture, strength_notices
+from ldm.sampling.strength import check_strength
+from ldm.tasks.generate import tokenizer_notices
+from ldm.tasks.images import as_rgb
+from ldm.tasks.img2img import check_picture
 from ldm.tasks.inpaint import serves, without_text
+from ldm.tasks.masked import FILL_MODES, blurred_fill, check_fill, redraw_masked
 from ldm.tasks.parameters import canvas_fields, parameters_text
-from ldm.tasks.planning import canvas_notices, first_stage_tile
-from ldm.tasks.request import MAX_SIDE, GenerationRequest, check_model, resolve_request
+from ldm.tasks.request import MAX_SIDE, GenerationRequest, check_model
 from ldm.tasks.result import GenerationResult
 
 NAME = "outpaint"
 SIDES = ("left", "right", "top", "bottom")
-FILL_MODES = ("fill", "original", "latent noise", "latent nothing")  # AUTOMATIC1111's "Masked content" choices
-FILL_RADII = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2))  # (blur radius, times laid over) of "fill"; radius 0 is the picture
 MAX_MASK_BLUR = 64
 MIN_PICTURE = 8  # pixels a side: a smaller picture gives the model nothing to continue
 _EXTENSIONS = re.compile(r"\s*(left|right|top|bottom)\s+(\d+)\s*")
@@ -76,8 +71,7 @@ class OutpaintOptions:
         if not any(getattr(self, side) for side in SIDES):
             raise ValueError("nothing to outpaint: extend the picture by some pixels on at least one side "
                              "(left, right, top or bottom)")
-        if self.fill not in FILL_MODES:
-            raise ValueError(f"masked content {self.fill!r} is not known; use one of {', '.join(FILL_MODES)}")
+        check_fill(self.fill)
         if isinstance(self.mask_blur, bool) or not isinstance(self.mask_blur, int) or not 0 <= self.mask_blur <= MAX_MASK_BLUR:
             raise ValueError(f"mask blur must be a whole number of pixels from 0 to {MAX_MASK_BLUR}, got {self.mask_blur!r}")
         width, height = self.canvas_size(size)
@@ -126,37 +120,6 @@ def extend_to(size: tuple[int, int], width: int | None = None, height: int | Non
 
 
 # --- the canvas and its mask -------------------------------------------------------------------------
-
-
-def _box_blur(array: np.ndarray, radius: int) -> np.ndarray:
-    """Sums over a (2r+1)-wide box along both axes, zero outside the array (cumulative sums)."""
-    for axis in (0, 1):
-        padded = np.concatenate([np.zeros_like(array.take([0], axis=axis)), array], axis=axis).cumsum(axis=axis)
-        n = array.shape[axis]
-        upper = padded.take(np.minimum(np.arange(n) + radius + 1, n), axis=axis)
-        lower = padded.take(np.maximum(np.arange(n) - radius, 0), axis=axis)
-        array = upper - lower
-    return array
-
-
-def blurred_fill(pixels: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """(H, W, 3) float pixels whose unknown part is filled from the known part: the known pixels'
-    mean, then copies of the known pixels blurred over ``FILL_RADII`` (each a blur weighted by where
-    the pixels are known, as a Gaussian: three box passes) laid over it with their coverage as alpha;
-    the known pixels themselves on top."""
-    weight = known.astype(np.float64)
-    colour = pixels.astype(np.float64) * weight[..., None]
-    result = np.broadcast_to(colour.sum(axis=(0, 1)) / weight.sum(), pixels.shape).copy()
-    for radius, times in FILL_RADII:
-        spread_colour, spread_weight = colour, weight
-        for _ in range(3):
-            spread_colour, spread_weight = _box_blur(spread_colour, radius), _box_blur(spread_weight, radius)
-        covered = spread_weight > 1e-9
-        blurred = np.where(covered[..., None], spread_colour / np.where(covered, spread_weight, 1)[..., None], 0)
-        alpha = np.clip(spread_weight / (2 * radius + 1) ** 6, 0, 1)[..., None]  # the box's whole mass = fully known
-        for _ in range(times):
-            result = blurred * alpha + result * (1 - alpha)
-    return np.where(known[..., None], pixels, result)
 
 
 def prefilled_canvas(image: Image.Image, options: OutpaintOptions) -> Image.Image:
@@ -212,58 +175,6 @@ def outpaint_preview(image: Image.Image, options: OutpaintOptions) -> Image.Imag
 # --- the task ----------------------------------------------------------------------------------------
 
 
-def latent_start(model, request: GenerationRequest, init: torch.Tensor, fill_mask: torch.Tensor, fill: str) -> torch.Tensor:
-    """The latent the border is denoised from: the canvas's own, or, for the latent modes, with the
-    masked part set to zero ("latent nothing") or to noise ("latent noise", each image's next draw
-    from its seed's generator after the sampler's starting noise), one per image."""
-    if fill not in ("latent noise", "latent nothing"):
-        return init
-    keep = 1 - fill_mask
-    if fill == "latent nothing":
-        return init * keep
-    generators = seeded_generators([request.seed + i for i in range(request.batch_size)])
-    shape = (request.batch_size, *init.shape[1:])
-    randn(shape, generators, device=model.device, dtype=init.dtype)  # the sampler's x_T: the noise is the draw after it
-    return init * keep + randn(shape, generators, device=model.device, dtype=init.dtype) * fill_mask
-
-
-def fill_canvas(
-    loaded: LoadedModel,
-    request: GenerationRequest,
-    canvas: Image.Image,
-    mask: np.ndarray,
-    options: OutpaintOptions,
-    callback: Callback | None,
-    should_stop: Callable[[], bool] | None,
-) -> tuple[list[Image.Image], GenerationRequest, list[str]]:
-    """Generated canvases at the size of ``canvas`` (before the picture is pasted back), the resolved
-    request and its notices. ``mask``: the soft seam mask (``seam_mask``)."""
-    model = loaded.model
-    request, notices = resolve_request(replace(request, width=canvas.width, height=canvas.height), model.config.size_multiple)
-    step = Img2ImgOptions(strength=options.strength)
-    notices += canvas_notices(model, request) + strength_notices(request, step)
-    work = canvas.resize((request.width, request.height), Image.Resampling.LANCZOS)
-    soft = torch.from_numpy(mask)[None, None]
-    soft = F.interpolate(soft, (request.height, request.width), mode="bilinear", align_corners=False).to(model.device)
-    hard = (soft > 0).float()
-    f = model.config.downsampling_factor
-    init = encode_picture(model, work, request)
-    with torch.inference_mode():
-        latent_mask = F.max_pool2d(hard, f).to(init)
-        start = latent_start(model, request, init, latent_mask, options.fill)
-        concat, blend = None, None
-        if model.inpaints_natively:
-            tile = first_stage_tile(model, request.tiling, 1, request.height, request.width)
-            concat = model.inpainting_concat(from_pil(work).to(model.device), hard, tile)
-        else:
-            blend = Blend((1 - F.max_pool2d(soft, f)).to(init), init)
-        part = part_way_steps(request.steps, options.strength)
-        latents = sample(model, replace(request, steps=part.total), concat=concat, blend=blend, init=start, skip=part.skip,
-                         callback=callback, should_stop=should_stop)
-        generated = to_pil(decode(model, latents, request.tiling))
-    return [g.resize(canvas.size, Image.Resampling.LANCZOS) for g in generated], request, notices
-
-
 def outpaint_fields(options: OutpaintOptions) -> dict[str, object]:
     """AUTOMATIC1111's "Denoising strength", "Mask blur" and "Masked content" (left out for "original",
     its default), and the studio's "Outpaint" extensions."""
@@ -294,8 +205,8 @@ def outpaint(
     text_notices += tokenizer_notices(loaded.model, request)
     picture = as_rgb(image)
     canvas = prefilled_canvas(picture, options)
-    generated, request, notices = fill_canvas(loaded, request, canvas, seam_mask(picture.size, options), options,
-                                              callback, should_stop)
+    generated, request, notices = redraw_masked(loaded, request, canvas, seam_mask(picture.size, options),
+                                                options.strength, options.fill, callback, should_stop)
     images = []
     for result in generated:
         result.paste(picture, (options.left, options.top))

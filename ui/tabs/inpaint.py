@@ -16,6 +16,7 @@ from PIL import Image
 from ldm.tasks import txt2img
 from ldm.tasks.images import as_rgb
 from ldm.tasks.inpaint import MAX_FEATHER, MAX_PADDING, InpaintOptions, inpaint
+from ldm.tasks.masked import FILL_MODES
 from ldm.tasks.outpaint import outpaint
 from ldm.tasks.request import checked_number
 from ui.controls import ModelMenu, OutputArea, SamplingControls, generate_buttons, model_menu, output_area, sampling_controls
@@ -45,7 +46,10 @@ class InpaintTab:
     feather: gr.Slider
     only_masked: gr.Checkbox
     padding: gr.Slider
+    fill: gr.Radio
+    strength: gr.Slider
     mask_row: gr.Row
+    content_row: gr.Row
     outpaint: OutpaintControls
     sampling: SamplingControls
     batch_size: gr.Slider
@@ -79,6 +83,13 @@ def build(studio: Studio, titles: dict[str, str]) -> InpaintTab:
                                           info="crop around the mask, work at the model's resolution, stitch back",
                                           elem_id="inpaint-only-masked")
                 padding = gr.Slider(0, 256, value=32, step=4, label="Padding around the mask (px)", elem_id="inpaint-padding")
+            with gr.Row() as content_row:
+                fill = gr.Radio(list(FILL_MODES), value=InpaintOptions.fill, label="Masked content", elem_id="inpaint-fill",
+                                info="what the masked part starts from: latent noise at strength 1 draws it anew; "
+                                     "original at 0.3-0.6 retouches what is there; fill: blurred copies of its surroundings")
+                strength = gr.Slider(0, 1, value=InpaintOptions.strength, step=0.01, label="Denoising strength",
+                                     info="1 redraws the masked part; lower keeps more of its masked content",
+                                     elem_id="inpaint-strength")
             outpainting = outpaint_controls(TAB)
             sampling = sampling_controls(studio, TAB)
             batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size")
@@ -86,7 +97,8 @@ def build(studio: Studio, titles: dict[str, str]) -> InpaintTab:
         with gr.Column(scale=6):
             output = output_area(TAB, {name: titles[name] for name in SEND_TO})
     tab = InpaintTab(model=model, editor=editor, mode=mode, prompt=prompt, negative=negative, addons=addons, feather=feather, only_masked=only_masked,
-                     padding=padding, mask_row=mask_row, outpaint=outpainting, sampling=sampling, batch_size=batch_size, generate=generate, stop=stop, restore=restore,
+                     padding=padding, fill=fill, strength=strength, mask_row=mask_row, content_row=content_row,
+                     outpaint=outpainting, sampling=sampling, batch_size=batch_size, generate=generate, stop=stop, restore=restore,
                      output=output)
     wire(studio, tab)
     return tab
@@ -140,11 +152,14 @@ def handler(studio: Studio, tab: InpaintTab):
         image, mask = editor_parts(data[tab.editor])
         options = InpaintOptions(checked_number("mask feather", data[tab.feather], 0, MAX_FEATHER, integer=True),
                                  bool(data[tab.only_masked]),
-                                 checked_number("masked area padding", data[tab.padding], 0, MAX_PADDING, integer=True))
+                                 checked_number("masked area padding", data[tab.padding], 0, MAX_PADDING, integer=True),
+                                 # a caller that gives neither draws the mask from noise, as before they existed
+                                 checked_number("denoising strength", data.get(tab.strength, 1.0), 0.0, 1.0),
+                                 data.get(tab.fill, InpaintOptions.fill))
         request = batch_request(data[tab.prompt], data[tab.negative], tab.sampling.values(data), image.width, image.height,
                                 data[tab.batch_size])
         record = {"mask": {"feather": options.feather, "only_masked": options.only_masked, "padding": options.padding,
-                           "coverage": round(float(np.asarray(mask).mean() / 255), 4)}}
+                           "strength": options.strength, "fill": options.fill, "coverage": round(float(np.asarray(mask).mean() / 255), 4)}}
         return Job(request, lambda r, callback, should_stop: inpaint(loaded, r, image, mask, options=options, callback=callback,
                                                                      should_stop=should_stop),
                    record, {"mask": mask, "input": image})
@@ -173,10 +188,11 @@ def wire_mode(tab: InpaintTab) -> None:
 
     def switched(mode):
         out = mode == "Outpaint"
-        return {tab.mask_row: gr.update(visible=not out), tab.outpaint.group: gr.update(visible=out),
+        return {tab.mask_row: gr.update(visible=not out), tab.content_row: gr.update(visible=not out),
+                tab.outpaint.group: gr.update(visible=out),
                 tab.generate: gr.update(value="Outpaint" if out else "Inpaint")}
 
-    tab.mode.change(switched, tab.mode, [tab.mask_row, tab.outpaint.group, tab.generate], queue=False)
+    tab.mode.change(switched, tab.mode, [tab.mask_row, tab.content_row, tab.outpaint.group, tab.generate], queue=False)
 
     def preview(mode, value, *values):
         if mode != "Outpaint":
@@ -190,14 +206,15 @@ def wire_mode(tab: InpaintTab) -> None:
 
 
 def wire(studio: Studio, tab: InpaintTab) -> None:
-    inputs = {tab.editor, tab.prompt, tab.negative, tab.feather, tab.only_masked, tab.padding, tab.batch_size,
-              tab.mode, *tab.outpaint.settings}
+    inputs = {tab.editor, tab.prompt, tab.negative, tab.feather, tab.only_masked, tab.padding, tab.fill, tab.strength,
+              tab.batch_size, tab.mode, *tab.outpaint.settings}
     connect_generation(studio, handler(studio, tab), inputs, model=tab.model, generate=tab.generate, stop=tab.stop,
                        sampling=tab.sampling, output=tab.output)
     tab.model.dropdown.change(prompt_boxes(studio, tab), tab.model.dropdown, [tab.prompt, tab.negative], queue=False)
     wire_mode(tab)
     restored = Restore(tab.prompt, tab.negative, tab.sampling, lora_dirs=studio.lora_dirs)
-    mask_settings = {"feather": tab.feather, "only_masked": tab.only_masked, "padding": tab.padding}
+    mask_settings = {"feather": tab.feather, "only_masked": tab.only_masked, "padding": tab.padding, "fill": tab.fill,
+                     "strength": tab.strength}
 
     @friendly
     def restore(path):
