@@ -303,6 +303,10 @@ def test_inpainting_fills_the_painted_stroke_and_keeps_the_rest(page, studio, sh
 def test_inpainting_without_a_mask_says_what_to_do(page, tmp_path):
     source = tmp_path / "scene.png"
     render(scene_from_seed(4), 64).save(source)
+    # a fresh page: over the last test's picture, the editor shows the new one before its value is
+    # sent, and a click in between would send no picture at all
+    page.reload()
+    page.wait_for_selector("#txt2img-generate")
     page.get_by_role("tab", name="Inpainting").click()
     upload(page, "inpaint-editor", source)
     page.locator("#inpaint-generate").click()
