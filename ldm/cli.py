@@ -115,13 +115,7 @@ def hires_options(args: argparse.Namespace):
 
 def load_upscaler(args: argparse.Namespace, path: Path):
     """A super-resolution checkpoint, on the device and dtype the options name (detected by its keys)."""
-    from ldm.checkpoints.loader import load_model
-    from ldm.devices import choose_device, choose_dtype
-    from ldm.kernels.paths import SpeedPaths
-
-    device = choose_device(args.device)
-    return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), tokenizer_dir=args.tokenizer,
-                      memory_format=args.memory_format, speed=SpeedPaths.from_arguments(args))
+    return load_file(args, path, preset=None, ema=None)
 
 
 def _add_outpaint_parser(commands) -> None:
@@ -276,19 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace, task: str):
-    from ldm.checkpoints.loader import load_model
     from ldm.checkpoints.presets import DEFAULT_MODELS
-    from ldm.devices import choose_device, choose_dtype, keep_freed_memory
-    from ldm.kernels.paths import SpeedPaths
+    from ldm.devices import choose_device, keep_freed_memory
 
     path = args.model or DEFAULT_MODELS[task]
     if args.model is None and not Path(path).is_file():
         raise ValueError(f"no --model given and the embedded default model {path} is missing; pass --model FILE_OR_FOLDER")
+    keep_freed_memory(choose_device(args.device))
+    return load_file(args, path, preset=args.preset, ema=args.ema)
+
+
+def load_file(args: argparse.Namespace, path, *, preset, ema):
+    """``path`` loaded on the device, dtype, memory format and speed paths the options name."""
+    from ldm.checkpoints.loader import load_model
+    from ldm.devices import choose_device, choose_dtype
+    from ldm.kernels.paths import SpeedPaths
+
     device = choose_device(args.device)
-    keep_freed_memory(device)
-    return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), preset=args.preset,
-                      ema=args.ema, tokenizer_dir=args.tokenizer,
-                      memory_format=args.memory_format, speed=SpeedPaths.from_arguments(args))
+    return load_model(path, device=device, dtype=choose_dtype(args.dtype, device), preset=preset, ema=ema,
+                      tokenizer_dir=args.tokenizer, memory_format=args.memory_format, speed=SpeedPaths.from_arguments(args))
 
 
 def read_boxes(path: str) -> tuple:
