@@ -183,15 +183,20 @@ def run_dpmpp_sde(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="
                            generator=generator, eta=eta, s_noise=s_noise, **hooks)
 
 
+def own_or_scheduled(table: DiscreteSigmas, schedule: str, steps: int, skip: int,
+                     own_timesteps: Callable[[], list[int]]) -> list[float]:
+    """The levels of a sampler with timesteps of its own: those on "Automatic", the schedule's otherwise;
+    ``skip`` of them left out."""
+    if get_schedule(schedule).sigmas is None:
+        return part_way(timestep_sigmas(table, own_timesteps()), skip)
+    return part_way(schedule_sigmas(schedule, table, steps), skip)
+
+
 def run_unipc(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automatic", eta=0.0, s_noise=1.0,
               spacing: str = "linspace", init=None, skip=0, **hooks):
     """UniPC bh2 of order 2 (diffusers' defaults); "Automatic" is the integer grid of ``spacing``."""
     table = DiscreteSigmas(alphas_cumprod)
-    if get_schedule(schedule).sigmas is None:
-        sigmas = timestep_sigmas(table, spaced_timesteps(len(table), steps, spacing))
-    else:
-        sigmas = schedule_sigmas(schedule, table, steps)
-    sigmas = part_way(sigmas, skip)
+    sigmas = own_or_scheduled(table, schedule, steps, skip, lambda: spaced_timesteps(len(table), steps, spacing))
     if finished(init, sigmas):
         return init
     return unipc(SigmaDenoiser(denoiser, table), vp_start(x_T, sigmas, init), sigmas, **hooks).to(x_T.dtype)
@@ -201,11 +206,7 @@ def run_lcm(denoiser, x_T, alphas_cumprod, steps, *, generator, schedule="Automa
             init=None, skip=0, **hooks):
     """LCM; "Automatic" is LCM's own grid of at most 50 steps."""
     table = DiscreteSigmas(alphas_cumprod)
-    if get_schedule(schedule).sigmas is None:
-        sigmas = timestep_sigmas(table, lcm_timesteps(len(table), steps))
-    else:
-        sigmas = schedule_sigmas(schedule, table, steps)
-    sigmas = part_way(sigmas, skip)
+    sigmas = own_or_scheduled(table, schedule, steps, skip, lambda: lcm_timesteps(len(table), steps))
     if finished(init, sigmas):
         return init
     model = ConsistencyBoundary(SigmaDenoiser(denoiser, table), table.timestep)

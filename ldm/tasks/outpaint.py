@@ -36,7 +36,7 @@ from ldm.tasks.generate import tokenizer_notices
 from ldm.tasks.images import as_rgb
 from ldm.tasks.img2img import check_picture
 from ldm.tasks.inpaint import serves, without_text
-from ldm.tasks.masked import FILL_MODES, blurred_fill, check_fill, redraw_masked
+from ldm.tasks.masked import FILL_MODES, check_fill, prefill, redraw_masked
 from ldm.tasks.parameters import canvas_fields, parameters_text
 from ldm.tasks.request import MAX_SIDE, GenerationRequest, check_model
 from ldm.tasks.result import GenerationResult
@@ -129,13 +129,8 @@ def prefilled_canvas(image: Image.Image, options: OutpaintOptions) -> Image.Imag
     picture = np.asarray(as_rgb(image))
     o = options
     pad = ((o.top, o.bottom), (o.left, o.right), (0, 0))
-    if o.fill == "original":
-        return Image.fromarray(np.pad(picture, pad, mode="edge"))
-    if o.fill != "fill":
-        return Image.fromarray(np.pad(picture, pad, constant_values=128))
     known = np.pad(np.ones(picture.shape[:2], dtype=bool), pad[:2])
-    filled = blurred_fill(np.pad(picture, pad).astype(np.float32), known)
-    return Image.fromarray(filled.round().clip(0, 255).astype(np.uint8))
+    return prefill(np.pad(picture, pad, mode="edge" if o.fill == "original" else "constant"), known, o.fill)
 
 
 def seam_mask(size: tuple[int, int], options: OutpaintOptions) -> np.ndarray:
