@@ -110,3 +110,16 @@ def loaded_sd2_v(tiny_sd2_v):
 @pytest.fixture(scope="session")
 def loaded_semantic(tiny_semantic):
     return tiny_semantic.load()
+
+
+# --- the studio, for tests of its tabs' handlers ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    """A studio on the CPU in fp32 with its own outputs folder, one per test module (a module that needs
+    other options defines its own ``studio``)."""
+    import app
+
+    return app.make_studio(app.parse_args(["--outputs", str(tmp_path_factory.mktemp("outputs")), "--device", "cpu",
+                                           "--dtype", "fp32"]))

@@ -241,14 +241,6 @@ def test_cli_help_names_every_upscaler():
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory):
-    import app
-
-    return app.make_studio(app.parse_args(["--outputs", str(tmp_path_factory.mktemp("outputs")), "--device", "cpu",
-                                           "--dtype", "fp32"]))
-
-
-@pytest.fixture(scope="module")
 def section(studio):
     import gradio as gr
 

@@ -13,19 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app
 from ldm.tasks.parameters import parse_parameters, save_png
 from ui.outputs import Restore, read_restore
 from ui.studio import TABS
 from ui.tabs import img2img as img2img_tab
 
 BLUE = (40, 60, 200)
-
-
-@pytest.fixture(scope="module")
-def studio(tmp_path_factory):
-    return app.make_studio(app.parse_args(["--outputs", str(tmp_path_factory.mktemp("outputs")), "--device", "cpu",
-                                           "--dtype", "fp32"]))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-import app
 from ldm.sampling.samplers import SAMPLERS
 from ldm.sampling.sigmas import SCHEDULES
 from ldm.tasks.parameters import parse_parameters, save_png
@@ -23,12 +22,6 @@ from ui.tabs import txt2img as txt2img_tab
 from ui.tabs import upscale as upscale_tab
 
 TITLES = {"img2img": "Image to image", "inpaint": "Inpainting", "upscale": "Upscaling", "layout": "Layout"}
-
-
-@pytest.fixture(scope="module")
-def studio(tmp_path_factory):
-    return app.make_studio(app.parse_args(["--outputs", str(tmp_path_factory.mktemp("outputs")), "--device", "cpu",
-                                           "--dtype", "fp32"]))
 
 
 @pytest.fixture(scope="module")
