@@ -81,3 +81,11 @@ def test_any_input_is_either_resolved_to_a_valid_request_or_refused_with_a_messa
     assert 0 <= resolved.scale <= 50 and 0 <= resolved.eta <= 1
     assert resolved.width % 64 == 0 and resolved.height % 64 == 0 and 64 <= resolved.width <= 4096
     assert 0 <= resolved.seed < 2**32 and 1 <= resolved.batch_size <= 16
+
+
+def test_a_whole_number_beyond_a_floats_range_is_refused_by_its_size():
+    """A JSON seed of 10^400 (hypothesis found it through the API) is a message, not an OverflowError."""
+    from ldm.tasks.request import checked_number
+
+    with pytest.raises(ValueError, match=r"seed must be between -1 and .*, got a number of about 10\^400"):
+        checked_number("seed", 10**400, -1, 2**32 - 1, integer=True)

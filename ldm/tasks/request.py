@@ -78,12 +78,14 @@ class GenerationRequest:
 def _number(name: str, value, low: float, high: float, integer: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number from {low:g} to {high:g}, got {value}")
     if integer and value != int(value):
         raise ValueError(f"{name} must be a whole number, got {value}")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
+        # an int beyond a float's range (or too long to print) is named by its size
+        shown = f"{value:g}" if isinstance(value, float) or abs(value) < 1e300 else f"a number of about 10^{int(value.bit_length() * 0.30103)}"
+        raise ValueError(f"{name} must be between {low:g} and {high:g}, got {shown}")
 
 
 def checked_number(name: str, value, low: float, high: float, integer: bool = False) -> int | float:
