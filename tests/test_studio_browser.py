@@ -309,6 +309,10 @@ def test_inpainting_without_a_mask_says_what_to_do(page, tmp_path):
     page.wait_for_selector("#txt2img-generate")
     page.get_by_role("tab", name="Inpainting").click()
     upload(page, "inpaint-editor", source)
+    # the editor draws the picture on its canvas a moment after showing it; a click before then sends
+    # nothing (the outputs turn to "Error" with no message), as a painted stroke's test never meets
+    page.locator("#inpaint-editor canvas").first.wait_for()
+    page.wait_for_timeout(2000)
     page.locator("#inpaint-generate").click()
     message = page.get_by_text("The mask is empty")
     message.first.wait_for(timeout=TIMEOUT)
