@@ -226,3 +226,31 @@ def test_on_a_cpu_with_amx_bf16_takes_torchs_kernels_and_says_so_once(tiny_sd_v1
     assert said == ([paths.AMX_NOTICE] if amx else [])
     convs = [m for m in model.modules() if isinstance(m, Conv3x3)]
     assert convs and all(conv.winograd != amx for conv in convs)
+
+def test_winograd_turns_itself_off_where_its_kernels_and_a_generation_do_not_fit_and_says_so(tiny_sd_v1, monkeypatch, caplog):
+    from ldm.kernels import winograd
+    from ldm.kernels.winograd import Conv3x3, winograd_kernel_bytes
+    from ldm.tasks.planning import own_size_estimate_mb
+
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)  # the tiny model's layers count as wide
+    paths.say_once.cache_clear()
+    model = tiny_sd_v1.load().model  # fp32: every paying layer keeps its kernel
+    kernel_layers = [m for m in model.modules() if isinstance(m, Conv3x3) and winograd.winograd_can_pay(m)]
+    kernels_mb = winograd_kernel_bytes(model) / 2**20
+    assert kernels_mb == pytest.approx(sum(16 / 9 * m.weight.numel() * 4 for m in kernel_layers) / 2**20)
+    assert all(m._transformed is not None for m in kernel_layers)
+    reserve = own_size_estimate_mb(model)
+    assert reserve > 0
+    cpu = torch.device("cpu")
+    roomy = (kernels_mb + reserve) / 0.9 + 1
+    with caplog.at_level(logging.WARNING, logger="ldm.kernels.paths"):
+        paths.set_speed_paths(model, cpu, SpeedPaths(), free_mb=roomy, reserve_mb=reserve)
+        assert all(m.winograd and m._transformed is not None for m in kernel_layers)
+        assert not [r for r in caplog.records if "Winograd's transformed kernels" in r.getMessage()]
+        paths.set_speed_paths(model, cpu, SpeedPaths(), free_mb=roomy - 2, reserve_mb=reserve)
+    assert all(not m.winograd and m._transformed is None for m in kernel_layers), "the kernels were kept"
+    said = [r.getMessage() for r in caplog.records if "Winograd's transformed kernels" in r.getMessage()]
+    assert len(said) == 1 and f"{roomy - 2:,.0f} MB of memory that is free" in said[0]
+    # turned off by hand, nothing is said; an unknown free memory keeps it on
+    assert paths.winograd_fits(model, SpeedPaths(winograd=False), 0.0, reserve) == (SpeedPaths(winograd=False), None)
+    assert paths.winograd_fits(model, SpeedPaths(), None, reserve) == (SpeedPaths(), None)

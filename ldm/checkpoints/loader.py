@@ -25,9 +25,11 @@ from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import LazyState, open_state_dict
 from ldm.checkpoints.loaded import LoadedModel, LoadReport
 from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_presets
+from ldm.devices import free_memory_mb
 from ldm.kernels.memory_format import choose_memory_format
 from ldm.kernels.paths import SpeedPaths, set_speed_paths
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.tasks.planning import own_size_estimate_mb
 from ldm.text.lookup import tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -189,7 +191,9 @@ def load_model(
                                                          vocabulary_root=PRESET_DIR.parent)
     layout = choose_memory_format(memory_format, torch.device(device), chosen.model.unet.model_channels)
     model = model.to(device=device, dtype=dtype, memory_format=layout).eval().requires_grad_(False)
-    set_speed_paths(model, torch.device(device), speed)
+    # Winograd's kernels only where they leave room for a generation beside them
+    set_speed_paths(model, torch.device(device), speed, free_mb=free_memory_mb(torch.device(device)),
+                    reserve_mb=own_size_estimate_mb(model))
     report = LoadReport(chosen.name, selection.used_ema, selection.ignored, count, filled)
     log.info("%s: %s", path, report.summary())
     return LoadedModel(model, chosen, path, report, torch.device(device), dtype)

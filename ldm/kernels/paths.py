@@ -20,7 +20,7 @@ import torch
 from ldm.devices import cpu_has_amx
 from ldm.kernels.cpu_attention import set_attention_kernel
 from ldm.kernels.cuda_graphs import set_cuda_graphs
-from ldm.kernels.winograd import set_winograd
+from ldm.kernels.winograd import set_winograd, winograd_kernel_bytes
 
 INDUCTOR_CACHE = Path.home() / ".cache" / "ldm-studio" / "inductor"
 log = logging.getLogger(__name__)
@@ -68,7 +68,24 @@ def say_once(notice: str) -> None:
     log.warning("%s", notice)
 
 
-def set_speed_paths(model, device: torch.device, paths: SpeedPaths = SpeedPaths()) -> None:
+def winograd_fits(model, paths: SpeedPaths, free_mb: float | None, reserve_mb: float) -> tuple[SpeedPaths, str | None]:
+    """``paths`` without Winograd when its transformed kernels and a generation (``reserve_mb``, the
+    memory guard's estimate of one at the model's own size) would not fit in 90% of the ``free_mb`` left
+    after the weights (the guard's rule), and why; unchanged when they fit or ``free_mb`` is unknown."""
+    if not paths.winograd or free_mb is None:
+        return paths, None
+    kernels_mb = sum(winograd_kernel_bytes(part) for part in model.children()
+                     if not (paths.compile and part is model.model)) / 2**20  # a compiled UNet makes none
+    if not kernels_mb or kernels_mb + reserve_mb <= 0.9 * free_mb:
+        return paths, None
+    return replace(paths, winograd=False), (
+        f"Winograd's transformed kernels ({kernels_mb:,.0f} MB beside the weights) and a generation at the model's "
+        f"own size (about {reserve_mb:,.0f} MB) would not fit the {free_mb:,.0f} MB of memory that is free: Winograd "
+        "is off for this model, its 3x3 convolutions run direct (slower; --no-winograd turns it off without this notice)")
+
+
+def set_speed_paths(model, device: torch.device, paths: SpeedPaths = SpeedPaths(), *, free_mb: float | None = None,
+                    reserve_mb: float = 0.0) -> None:
     """Apply ``paths`` to a loaded ``LatentDiffusion`` on ``device`` where they pay (``fitted_paths``;
     a path turned off is said once): Winograd 3x3 convolutions on a CPU, our C++ kernels on a CPU with
     AVX512-BF16 (bf16 attention, Winograd's data transforms), the UNet's steps replayed as CUDA graphs
@@ -76,6 +93,9 @@ def set_speed_paths(model, device: torch.device, paths: SpeedPaths = SpeedPaths(
     our kernels)."""
     dtype = next(model.parameters()).dtype
     paths, notice = fitted_paths(paths, device, dtype)
+    if notice:
+        say_once(notice)
+    paths, notice = winograd_fits(model, paths, free_mb, reserve_mb)
     if notice:
         say_once(notice)
     bf16_cpu = device.type == "cpu" and dtype == torch.bfloat16

@@ -143,6 +143,13 @@ class Conv3x3(nn.Conv2d):
         return super()._apply(fn, recurse)
 
 
+def winograd_kernel_bytes(model: nn.Module) -> int:
+    """The bytes the transformed kernels of ``model`` take beside its weights once ``set_winograd`` makes
+    them: 16/9 of each paying layer's 3x3 kernel (SD v1's UNet in fp32: about 4.3 GB)."""
+    return sum(16 * conv.out_channels * conv.in_channels * conv.weight.element_size()
+               for conv in model.modules() if isinstance(conv, Conv3x3) and winograd_can_pay(conv))
+
+
 def set_winograd(model: nn.Module, enabled: bool, transform_kernels: bool = True) -> int:
     """Turn Winograd on or off in every ``Conv3x3`` of ``model``. On, the transformed kernels of the
     layers where it can pay are made now (at load, where their memory is counted with the weights,

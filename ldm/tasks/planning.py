@@ -189,6 +189,15 @@ def estimate_parts(model: LatentDiffusion, plan: CanvasPlan, rows: int, images: 
     return {"sampling": unet / 2**20, "autoencoder": first_stage / 2**20}
 
 
+def own_size_estimate_mb(model: LatentDiffusion) -> float:
+    """The estimated peak (MB beyond the weights) of one image at the model's own size, guided where the
+    model takes prompts: what must stay free beside the weights for the model to be of use."""
+    side, f = model.config.latent_size, model.config.downsampling_factor
+    rows = 2 if model.encodes_tokens else 1
+    sampling = sampling_fixed_mb(model) + estimate_unet_bytes(model, rows, side, side) / 2**20
+    return max(sampling, estimate_first_stage_bytes(model, 1, side * f, side * f) / 2**20)
+
+
 def plan_rows(model: LatentDiffusion, request: GenerationRequest) -> int:
     """Rows of each UNet call: the batch, twice over when guided."""
     guided = request.scale != 1.0 and model.encodes_tokens
