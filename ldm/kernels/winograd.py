@@ -145,7 +145,7 @@ class Conv3x3(nn.Conv2d):
 
 def winograd_kernel_bytes(model: nn.Module) -> int:
     """The bytes the transformed kernels of ``model`` take beside its weights once ``set_winograd`` makes
-    them: 16/9 of each paying layer's 3x3 kernel (SD v1's UNet in fp32: about 4.3 GB)."""
+    them: 16/9 of each paying layer's 3x3 kernel (SD v1 in fp32: 4.0 GiB, as much as its weights)."""
     return sum(16 * conv.out_channels * conv.in_channels * conv.weight.element_size()
                for conv in model.modules() if isinstance(conv, Conv3x3) and winograd_can_pay(conv))
 
