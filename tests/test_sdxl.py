@@ -108,3 +108,23 @@ def test_the_refiner_takes_the_aesthetic_scores_of_its_prompts(loaded_sdxl_refin
 def test_bad_size_conditioning_is_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
         resolve_request(GenerationRequest("a cat", size_conditioning=options), 8)
+
+
+def test_an_sdxl_file_with_the_denoisers_sigmas_loads_strictly_and_a_stray_tensor_does_not(tiny_sdxl, loaded_sdxl, tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm.checkpoints.errors import CheckpointError
+    from ldm.checkpoints.io import read_state_dict
+    from ldm.checkpoints.loader import load_model
+
+    state = read_state_dict(tiny_sdxl.path)
+    state["denoiser.sigmas"] = ((1 - loaded_sdxl.model.alphas_cumprod) / loaded_sdxl.model.alphas_cumprod).sqrt().float()
+    state["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(state, str(tmp_path / "sgm.safetensors"))
+    loaded = load_model(tmp_path / "sgm.safetensors", preset=tiny_sdxl.preset, tokenizer_dir=tiny_sdxl.tokenizer_dir)
+    assert "denoiser.sigmas" in loaded.report.ignored
+    ours = loaded.model.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in loaded_sdxl.model.state_dict().items())
+    save_file(dict(state, **{"conditioner.embedders.2.weight": torch.zeros(3)}), str(tmp_path / "stray.safetensors"))
+    with pytest.raises(CheckpointError, match="do not belong to this model, e.g. conditioner.embedders.2.weight"):
+        load_model(tmp_path / "stray.safetensors", preset=tiny_sdxl.preset, tokenizer_dir=tiny_sdxl.tokenizer_dir)

@@ -39,6 +39,8 @@ SCHEDULE_BUFFERS = frozenset(
     "posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2 logvar".split()
 )
 KNOWN_EXTRA_SUFFIXES = ("embeddings.position_ids",)  # saved by transformers 4.x before it became non-persistent
+# sgm's DiscreteDenoiser (SDXL) registers its sigma table as a buffer of the DiffusionEngine; the schedule is the preset's.
+DENOISER_BUFFERS = frozenset({"denoiser.sigmas"})
 EMA_PREFIX = "model_ema."
 LOW_SCALE_PREFIX = "low_scale_model."  # the x4 upscaler's noise augmentation registers the schedule buffers again
 
@@ -54,7 +56,8 @@ def build_model(config: LatentDiffusionConfig, device: str | torch.device = "met
 
 
 def _is_known_extra(key: str) -> bool:
-    return key.removeprefix(LOW_SCALE_PREFIX) in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX) or key.endswith(KNOWN_EXTRA_SUFFIXES)
+    return (key.removeprefix(LOW_SCALE_PREFIX) in SCHEDULE_BUFFERS or key in DENOISER_BUFFERS or key.startswith(EMA_PREFIX)
+            or key.endswith(KNOWN_EXTRA_SUFFIXES))
 
 
 FIRST_STAGE_PREFIX, COND_STAGE_PREFIX = "first_stage_model.", "cond_stage_model."
