@@ -4,9 +4,9 @@ addition embedding) and transformers' CLIP text models, compared at fp32 to 1e-4
 
 What the reference side is given, and why:
 - diffusers' config builder recognises SDXL by a context of 2048 or 1280; the tiny models' is 64 and 32,
-  so its "projection" class embedding is replaced here by SDXL's ``text_time`` addition embedding (256
-  per number), which is what it builds for the full-size models; its key converter then maps
-  ``label_emb`` to ``add_embedding``.
+  so its "projection" class embedding is replaced by SDXL's ``text_time`` addition embedding (256 per
+  number), which is what it builds for the full-size models (``tests.builders.sdxl.diffusers_unet``);
+  its key converter then maps ``label_emb`` to ``add_embedding``.
 - Token ids follow the two original tokenizations: CLIP pads with its end token, open_clip with 0.
 - The contexts are both encoders' ``hidden_states[-2]`` (no final norm) side by side, the pooled vector
   the bigG tower's ``text_embeds`` (diffusers' ``encode_prompt``); the size numbers are diffusers'
@@ -24,56 +24,17 @@ from ldm.checkpoints.io import read_state_dict
 from ldm.sampling.noise import randn, seeded_generators
 from ldm.tasks.request import GenerationRequest
 from ldm.tasks.txt2img import sample_latents
-from tests.builders.sdxl import original_config
+from tests.builders.sdxl import diffusers_text_models, diffusers_unet
 from tests.helpers import TOL, max_error, original_ddim
 
 pytestmark = pytest.mark.parity
 
 
-def diffusers_unet(checkpoint: dict, kind: str):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
-
-    config = sfu.create_unet_diffusers_config_from_ldm(original_config(kind), checkpoint)
-    config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=256)
-    unet = UNet2DConditionModel(**config)
-    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(checkpoint, config), strict=True)
-    return unet.eval()
-
-
-def text_config(vocab_size: int, width: int, intermediate: int, layers: int, heads: int, act: str, **extra):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
-                          num_attention_heads=heads, max_position_embeddings=77, hidden_act=act,
-                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, **extra)
-
-
-def diffusers_text_models(ours, checkpoint: dict, prefix: str):
-    """transformers' CLIP-L (when the model has one) and bigG-with-projection, by diffusers' converters."""
-    from diffusers.loaders import single_file_utils as sfu
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    conditioner = ours.model.conditioner
-    clip_model = None
-    if conditioner.clip is not None:
-        c = conditioner.clip.config
-        clip_model = CLIPTextModel(text_config(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads,
-                                               "quick_gelu"))
-        converted = sfu.convert_ldm_clip_checkpoint(checkpoint, remove_prefix="conditioner.embedders.0.transformer.")
-        clip_model.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items()}, strict=True)
-        clip_model.eval()
-    g = conditioner.open_clip.config
-    big_g = CLIPTextModelWithProjection(text_config(g.vocab_size, g.width, g.width * g.mlp_ratio, g.layers, g.heads, "gelu",
-                                                    projection_dim=g.embed_dim))
-    big_g.load_state_dict(sfu.convert_open_clip_checkpoint(big_g, checkpoint, prefix=prefix), strict=True)
-    return clip_model, big_g.eval()
-
-
 @pytest.fixture(scope="module")
 def base_reference(tiny_sdxl, loaded_sdxl):
     checkpoint = read_state_dict(tiny_sdxl.path)
-    return (diffusers_unet(checkpoint, "base"), *diffusers_text_models(loaded_sdxl, checkpoint, "conditioner.embedders.1.model."))
+    vocab_size = loaded_sdxl.model.conditioner.open_clip.config.vocab_size
+    return (diffusers_unet(checkpoint, "base"), *diffusers_text_models(checkpoint, vocab_size, "base"))
 
 
 def token_ids(ours, prompts: list[str], pad: int | None) -> torch.Tensor:
@@ -171,8 +132,8 @@ def test_a_guided_ten_step_sample_matches_diffusers(loaded_sdxl, base_reference,
 def test_the_refiners_unet_and_text_tower_match_diffusers(tiny_sdxl_refiner, loaded_sdxl_refiner):
     ours = loaded_sdxl_refiner.model
     checkpoint = read_state_dict(tiny_sdxl_refiner.path)
-    reference = (diffusers_unet(checkpoint, "refiner"),
-                 *diffusers_text_models(loaded_sdxl_refiner, checkpoint, "conditioner.embedders.0.model."))
+    vocab_size = ours.conditioner.open_clip.config.vocab_size
+    reference = (diffusers_unet(checkpoint, "refiner"), *diffusers_text_models(checkpoint, vocab_size, "refiner"))
     prompts = ["a red cat", "a blue dog"]
     context, pooled = reference_text(loaded_sdxl_refiner, reference, prompts)
     encoded = ours.encode_conditioning(prompts, negative=[False, True], sizes=[_refiner_sizes(6.0), _refiner_sizes(2.5)])

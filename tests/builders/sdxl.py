@@ -108,3 +108,81 @@ def write(folder: Path, seed: int = 0, *, kind: str = "base") -> TinyFiles:
     path = folder / f"{preset.name}.safetensors"
     save_file(weights(model), str(path))
     return TinyFiles(path, preset, tokenizer_dir)
+
+
+def diffusers_unet(checkpoint: dict, kind: str = "base"):
+    """diffusers' UNet of a tiny SDXL file, by diffusers' converters. Its config builder knows SDXL by a context
+    of 2048 or 1280; the tiny ones are narrower, so SDXL's ``text_time`` addition embedding (256 per number)
+    replaces the "projection" class embedding it would choose, and ``label_emb`` maps to ``add_embedding``."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    config = sfu.create_unet_diffusers_config_from_ldm(original_config(kind), checkpoint)
+    config.update(class_embed_type=None, addition_embed_type="text_time", addition_time_embed_dim=FOURIER)
+    unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(checkpoint, config), strict=True)
+    return unet.eval()
+
+
+def _text_config(vocab_size: int, width: int, intermediate: int, layers: int, heads: int, act: str, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
+                          num_attention_heads=heads, max_position_embeddings=77, hidden_act=act,
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, **extra)
+
+
+def diffusers_text_models(checkpoint: dict, vocab_size: int, kind: str = "base"):
+    """transformers' CLIP-L (the base's; None for the refiner) and bigG with its projection, by diffusers' converters."""
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    clip_model = None
+    if kind == "base":
+        clip_model = CLIPTextModel(_text_config(vocab_size, CLIP["hidden_size"], CLIP["intermediate_size"],
+                                                CLIP["num_layers"], CLIP["num_heads"], "quick_gelu"))
+        converted = sfu.convert_ldm_clip_checkpoint(checkpoint, remove_prefix="conditioner.embedders.0.transformer.")
+        clip_model.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items()}, strict=True)
+        clip_model.eval()
+    g = OPEN_CLIP
+    big_g = CLIPTextModelWithProjection(_text_config(vocab_size, g["width"], 4 * g["width"], g["layers"], g["heads"], "gelu",
+                                                     projection_dim=g["embed_dim"]))
+    prefix = f"conditioner.embedders.{1 if kind == 'base' else 0}.model."
+    big_g.load_state_dict(sfu.convert_open_clip_checkpoint(big_g, checkpoint, prefix=prefix), strict=True)
+    return clip_model, big_g.eval()
+
+
+def write_diffusers_folder(files: TinyFiles, folder: Path, kind: str = "base") -> Path:
+    """The tiny file as a diffusers SDXL pipeline folder (``StableDiffusionXLPipeline``, the refiner's
+    ``StableDiffusionXLImg2ImgPipeline`` without ``text_encoder``), each part made by diffusers' converters."""
+    import json
+    import shutil
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from diffusers.loaders import single_file_utils as sfu
+
+    from ldm.checkpoints.io import read_state_dict
+
+    checkpoint = read_state_dict(files.path)
+    diffusers_unet(checkpoint, kind).save_pretrained(folder / "unet")
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(original_config(kind), checkpoint, scaling_factor=SCALE_FACTOR)
+    vae = AutoencoderKL(**vae_config)
+    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
+    vae.save_pretrained(folder / "vae")
+    clip_model, big_g = diffusers_text_models(checkpoint, tiny_vocab_size(files.tokenizer_dir), kind)
+    big_g.save_pretrained(folder / "text_encoder_2")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionXLPipeline" if kind == "base" else "StableDiffusionXLImg2ImgPipeline",
+             "_diffusers_version": "0.31.0", "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": [None, None], "tokenizer": [None, None],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    tokenizers = ["tokenizer_2"]
+    if clip_model is not None:
+        clip_model.save_pretrained(folder / "text_encoder")
+        index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+        tokenizers.append("tokenizer")
+    for name in tokenizers:
+        shutil.copytree(files.tokenizer_dir, folder / name)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
