@@ -420,10 +420,10 @@ def test_an_sdxl_folder_reads_back_to_the_single_files_tensors_and_loads(kind, t
     assert loaded.report.filled == (logit_scale,)
     ours = loaded.model.state_dict()
     assert [k for k in state if not torch.equal(ours[k], state[k])] == []
-    if kind == "base":
-        request = GenerationRequest("a (red:1.2) cat", "", steps=3, scale=5.0, seed=5, width=32, height=32)
-        from_file = files.load()
-        assert torch.equal(sample_latents(loaded, request), sample_latents(from_file, request))
+    # its own tokenizer folder reads prompts as the single file's tokenizer does
+    prompts = ["a (red:1.2) cat", "the blue house"]
+    assert torch.equal(loaded.model.conditioner.encode_text(prompts).context,
+                       files.load().model.conditioner.encode_text(prompts).context)
 
 
 def test_an_sdxl_refiner_folder_has_no_first_text_encoder_and_reads_tokenizer_2(tiny_sdxl_refiner, tmp_path):
