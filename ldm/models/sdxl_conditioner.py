@@ -124,12 +124,10 @@ class SDXLConditioner(nn.Module):
                     embeddings: Mapping[str, torch.Tensor] | None = None) -> TextConditioning:
         """Prompts in A1111's syntax to the concatenated context (B, 77 * chunks, context_dim), each encoder's
         tokens weighted as ``emphasis`` says, and the bigG's pooled vectors (B, embed_dim). Both encoders
-        get the same number of chunks (the same tokenizer cuts the prompts alike; each pads its own way)."""
+        get the same chunks: the same tokenizer cuts the prompts alike, and only the padding differs
+        (CLIP's end token, open_clip's 0)."""
         encoders = list(self.embedders)
         tokens = [encoder.weighted_chunks(prompts, min_chunks, embeddings) for encoder in encoders]
-        chunks = max(t.ids.shape[1] for t in tokens)
-        tokens = [t if t.ids.shape[1] == chunks else e.weighted_chunks(prompts, chunks, embeddings)
-                  for e, t in zip(encoders, tokens)]
         contexts = [apply_emphasis(e(t.ids, t.fixes), t.weights, emphasis) for e, t in zip(encoders[:-1], tokens)]
         last = tokens[-1]
         context, pooled = self.open_clip.context_and_pooled(last.ids, last.fixes)
