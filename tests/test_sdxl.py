@@ -128,3 +128,24 @@ def test_an_sdxl_file_with_the_denoisers_sigmas_loads_strictly_and_a_stray_tenso
     save_file(dict(state, **{"conditioner.embedders.2.weight": torch.zeros(3)}), str(tmp_path / "stray.safetensors"))
     with pytest.raises(CheckpointError, match="do not belong to this model, e.g. conditioner.embedders.2.weight"):
         load_model(tmp_path / "stray.safetensors", preset=tiny_sdxl.preset, tokenizer_dir=tiny_sdxl.tokenizer_dir)
+
+
+def test_img2img_and_inpainting_by_blending_run_on_an_sdxl_file(tiny_sdxl, tmp_path):
+    preset_yaml = sdxl.write_preset_yaml(tmp_path / "tiny-sdxl.yaml", tiny_vocab_size(tiny_sdxl.tokenizer_dir))
+    picture = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype("uint8")
+    mask = np.zeros((16, 16), "uint8")
+    mask[4:12, 4:12] = 255
+    Image.fromarray(picture).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = ["--model", str(tiny_sdxl.path), "--preset", str(preset_yaml), "--tokenizer", str(tiny_sdxl.tokenizer_dir),
+              "--prompt", "a red cat", "--steps", "3", "--seed", "1"]
+    assert main(["img2img", "--image", str(tmp_path / "in.png"), "--width", "16", "--height", "16", *common,
+                 "--out", str(tmp_path / "i2i.png")]) == 0
+    with Image.open(tmp_path / "i2i.png") as image:
+        assert image.size == (16, 16) and not np.array_equal(np.asarray(image.convert("RGB")), picture)
+    assert main(["inpaint", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), *common,
+                 "--out", str(tmp_path / "inpainted.png")]) == 0
+    with Image.open(tmp_path / "inpainted.png") as image:
+        out = np.asarray(image.convert("RGB"))
+    assert np.array_equal(out[mask == 0], picture[mask == 0])  # the unmasked pixels come back exactly
+    assert not np.array_equal(out[mask > 0], picture[mask > 0])
