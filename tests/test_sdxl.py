@@ -111,6 +111,8 @@ def test_bad_size_conditioning_is_refused_by_name(options, message):
 
 
 def test_an_sdxl_file_with_the_denoisers_sigmas_loads_strictly_and_a_stray_tensor_does_not(tiny_sdxl, loaded_sdxl, tmp_path):
+    """sgm writes ``denoiser.sigmas``; some fine-tunes and merges leave out the bigG's ``logit_scale``, which
+    sampling never reads: it is filled with zero and the load report names it."""
     from safetensors.torch import save_file
 
     from ldm.checkpoints.errors import CheckpointError
@@ -120,11 +122,13 @@ def test_an_sdxl_file_with_the_denoisers_sigmas_loads_strictly_and_a_stray_tenso
     state = read_state_dict(tiny_sdxl.path)
     state["denoiser.sigmas"] = ((1 - loaded_sdxl.model.alphas_cumprod) / loaded_sdxl.model.alphas_cumprod).sqrt().float()
     state["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    save_file(state, str(tmp_path / "sgm.safetensors"))
+    logit_scale = "conditioner.embedders.1.model.logit_scale"
+    save_file({k: v for k, v in state.items() if k != logit_scale}, str(tmp_path / "sgm.safetensors"))
     loaded = load_model(tmp_path / "sgm.safetensors", preset=tiny_sdxl.preset, tokenizer_dir=tiny_sdxl.tokenizer_dir)
-    assert "denoiser.sigmas" in loaded.report.ignored
+    assert "denoiser.sigmas" in loaded.report.ignored and loaded.report.filled == (logit_scale,)
     ours = loaded.model.state_dict()
-    assert all(torch.equal(v, ours[k]) for k, v in loaded_sdxl.model.state_dict().items())
+    assert all(torch.equal(v, ours[k]) for k, v in loaded_sdxl.model.state_dict().items() if k != logit_scale)
+    assert ours[logit_scale].item() == 0.0
     save_file(dict(state, **{"conditioner.embedders.2.weight": torch.zeros(3)}), str(tmp_path / "stray.safetensors"))
     with pytest.raises(CheckpointError, match="do not belong to this model, e.g. conditioner.embedders.2.weight"):
         load_model(tmp_path / "stray.safetensors", preset=tiny_sdxl.preset, tokenizer_dir=tiny_sdxl.tokenizer_dir)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from ldm.checkpoints.detect import detect_file
-from ldm.checkpoints.diffusers_folder import check_against_preset, fill_unused, open_folder, read_folder_state
+from ldm.checkpoints.diffusers_folder import check_against_preset, fill_unused, open_folder, read_folder_state, unused_text_keys
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import LazyState, open_state_dict
 from ldm.checkpoints.loaded import LoadedModel, LoadReport
@@ -28,6 +28,7 @@ from ldm.checkpoints.presets import PRESET_DIR, ModelPreset, find_preset, list_p
 from ldm.kernels.memory_format import choose_memory_format
 from ldm.kernels.paths import SpeedPaths, set_speed_paths
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.models.sdxl_conditioner import SDXLConditionerConfig
 from ldm.text.lookup import tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,12 @@ LOW_SCALE_PREFIX = "low_scale_model."  # the x4 upscaler's noise augmentation re
 def ema_key(key: str) -> str:
     """``model.diffusion_model.a.0.b`` -> ``model_ema.diffusion_modela0b`` (LitEma drops the dots)."""
     return EMA_PREFIX + key[len("model.") :].replace(".", "")
+
+
+def unused_file_keys(config: LatentDiffusionConfig) -> set[str]:
+    """Tensors a single file may lack that sampling never reads, filled with zeros and named in the report:
+    the bigG's ``logit_scale`` of SDXL (some fine-tunes and merges leave it out)."""
+    return unused_text_keys(config) if isinstance(config.cond_stage, SDXLConditionerConfig) else set()
 
 
 def build_model(config: LatentDiffusionConfig, device: str | torch.device = "meta") -> LatentDiffusion:
@@ -178,11 +185,15 @@ def load_model(
         state = LazyState(path, tensors)
     else:
         state = open_state_dict(path)
+        filled = tuple(sorted(k for k in unused_file_keys(chosen.model) if k in expected and k not in state))
     selection = select_weights(state, set(expected), ema, path, first_stage_copies=chosen.model.first_stage_conditions)
     shapes = state.shapes
-    _check_complete({key: shapes[source] for key, source in selection.sources.items()}, expected, chosen, path)
+    needed = expected if folder else {k: v for k, v in expected.items() if k not in filled}
+    _check_complete({key: shapes[source] for key, source in selection.sources.items()}, needed, chosen, path)
     weights = read_weights(state, selection.sources, device, dtype)
     del state
+    if not folder:  # a folder's were filled in its tensors before reading
+        weights.update({k: torch.zeros(expected[k].shape, device=device, dtype=dtype) for k in filled})
     model.load_state_dict(weights, strict=True, assign=True)
     count = len(weights) - len(filled)
     del weights
