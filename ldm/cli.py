@@ -49,6 +49,7 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, out: str, *, prompt
                             help="a folder of textual-inversion embeddings, used where a prompt names one by its file "
                             "name (repeatable; models/embeddings beside the model's folder and in the project are "
                             "always searched)")
+        _add_size_conditioning_arguments(parser)
     add_sampler_arguments(parser)
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's preset)")
     parser.add_argument("--eta", type=float, help="eta, 0 to 1, of DDIM (0 deterministic, 1 DDPM-like; default: the "
@@ -56,6 +57,34 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, out: str, *, prompt
                         "default 1); the other samplers take none")
     parser.add_argument("--seed", type=int, default=-1, help="seed; -1 picks one (it is printed and saved in the PNG)")
     parser.add_argument("--out", default=out, help=f"output PNG (default {out}); a batch writes NAME-1.png, NAME-2.png, ...")
+
+
+def _size_pair(text: str) -> tuple[int, int]:
+    """"HEIGHTxWIDTH" (or "TOPxLEFT") -> (int, int)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected two whole numbers as HxW, e.g. 1024x1024, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _add_size_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SDXL size conditioning", "what the SDXL UNet is told of the picture (other models "
+                                      "ignore these); defaults as AUTOMATIC1111's")
+    group.add_argument("--original-size", type=_size_pair, metavar="HxW", help="original size, height x width (default: the image's)")
+    group.add_argument("--target-size", type=_size_pair, metavar="HxW", help="target size, height x width (default: the image's)")
+    group.add_argument("--crop-top-left", type=_size_pair, default=(0, 0), metavar="TOPxLEFT", help="crop corner (default 0x0)")
+    group.add_argument("--aesthetic-score", type=float, default=6.0, help="the refiner's aesthetic score (default 6.0)")
+    group.add_argument("--negative-aesthetic-score", type=float, default=2.5,
+                       help="the refiner's aesthetic score of the negative prompt (default 2.5)")
+
+
+def size_conditioning(args: argparse.Namespace):
+    from ldm.tasks.request import SizeConditioningOptions
+
+    if not hasattr(args, "crop_top_left"):
+        return SizeConditioningOptions()
+    return SizeConditioningOptions(args.original_size, args.target_size, args.crop_top_left, args.aesthetic_score,
+                                   args.negative_aesthetic_score)
 
 
 def _add_upscale_tile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -345,6 +374,7 @@ def make_request(args: argparse.Namespace, loaded, **overrides):
         **({"tiling": tiling_options(args, size)} if hasattr(args, "tiling") else {}),
         lora_dirs=lora_dirs(args, loaded),
         embedding_dirs=embedding_dirs(args, loaded),
+        size_conditioning=size_conditioning(args),
         **overrides,
     )
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.builders import default, ldm_image, ldm_text, sd2, sd_v1, semantic, x4
+from tests.builders import default, ldm_image, ldm_text, sd2, sd_v1, sdxl, semantic, x4
 
 
 def _write(tmp_path_factory, name: str, builder, **options):
@@ -110,6 +110,26 @@ def loaded_sd2_v(tiny_sd2_v):
 @pytest.fixture(scope="session")
 def loaded_semantic(tiny_semantic):
     return tiny_semantic.load()
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return _write(tmp_path_factory, "sdxl", sdxl)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory):
+    return _write(tmp_path_factory, "sdxl_refiner", sdxl, kind="refiner")
+
+
+@pytest.fixture(scope="session")
+def loaded_sdxl(tiny_sdxl):
+    return tiny_sdxl.load()
+
+
+@pytest.fixture(scope="session")
+def loaded_sdxl_refiner(tiny_sdxl_refiner):
+    return tiny_sdxl_refiner.load()
 
 
 # --- the studio, for tests of its tabs' handlers ------------------------------------------------------

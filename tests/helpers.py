@@ -40,9 +40,10 @@ def square_mask(side: int) -> Image.Image:
 # --- the original checkpoints' text encoder keys, and files of any layout ------------------------
 
 
-def clip_vit_l14_text_keys() -> dict[str, list[int]]:
-    """SD v1's text encoder keys, written out from the layer names of transformers' CLIP text model."""
-    p = "cond_stage_model.transformer.text_model."
+def clip_vit_l14_text_keys(prefix: str = "cond_stage_model.") -> dict[str, list[int]]:
+    """SD v1's text encoder keys, written out from the layer names of transformers' CLIP text model
+    (SDXL's first, under ``conditioner.embedders.0.``)."""
+    p = prefix + "transformer.text_model."
     keys = {p + "embeddings.token_embedding.weight": [49408, 768], p + "embeddings.position_embedding.weight": [77, 768]}
     for i in range(12):
         layer = f"{p}encoder.layers.{i}."
@@ -62,20 +63,38 @@ def clip_vit_l14_text_keys() -> dict[str, list[int]]:
 def open_clip_vit_h14_text_keys() -> dict[str, list[int]]:
     """SD 2.x's text encoder keys: open_clip's text tower (width 1024, 24 blocks, MLP 4096), its visual
     half deleted before saving; text_projection and the scalar logit_scale are stored though unused."""
-    p = "cond_stage_model.model."
-    keys = {p + "token_embedding.weight": [49408, 1024], p + "positional_embedding": [77, 1024]}
-    for i in range(24):
+    return open_clip_text_keys("cond_stage_model.model.", 1024, 24)
+
+
+def open_clip_text_keys(p: str, width: int, layers: int) -> dict[str, list[int]]:
+    """An open_clip text tower's keys under ``p`` (ViT-H/14: 1024 wide, 24 blocks; ViT-bigG/14: 1280, 32)."""
+    keys = {p + "token_embedding.weight": [49408, width], p + "positional_embedding": [77, width]}
+    for i in range(layers):
         block = f"{p}transformer.resblocks.{i}."
-        keys[block + "attn.in_proj_weight"], keys[block + "attn.in_proj_bias"] = [3072, 1024], [3072]
-        keys[block + "attn.out_proj.weight"], keys[block + "attn.out_proj.bias"] = [1024, 1024], [1024]
+        keys[block + "attn.in_proj_weight"], keys[block + "attn.in_proj_bias"] = [3 * width, width], [3 * width]
+        keys[block + "attn.out_proj.weight"], keys[block + "attn.out_proj.bias"] = [width, width], [width]
         for norm in ("ln_1", "ln_2"):
-            keys[f"{block}{norm}.weight"], keys[f"{block}{norm}.bias"] = [1024], [1024]
-        keys[block + "mlp.c_fc.weight"], keys[block + "mlp.c_fc.bias"] = [4096, 1024], [4096]
-        keys[block + "mlp.c_proj.weight"], keys[block + "mlp.c_proj.bias"] = [1024, 4096], [1024]
-    keys[p + "ln_final.weight"], keys[p + "ln_final.bias"] = [1024], [1024]
-    keys[p + "text_projection"] = [1024, 1024]
+            keys[f"{block}{norm}.weight"], keys[f"{block}{norm}.bias"] = [width], [width]
+        keys[block + "mlp.c_fc.weight"], keys[block + "mlp.c_fc.bias"] = [4 * width, width], [4 * width]
+        keys[block + "mlp.c_proj.weight"], keys[block + "mlp.c_proj.bias"] = [width, 4 * width], [width]
+    keys[p + "ln_final.weight"], keys[p + "ln_final.bias"] = [width], [width]
+    keys[p + "text_projection"] = [width, width]
     keys[p + "logit_scale"] = []
     return keys
+
+
+def sdxl_file_shapes(kind: str = "base") -> dict[str, tuple[int, ...]]:
+    """An SDXL base single file's tensors (the UNet and VAE of the reference key list, both text towers), or
+    with ``kind="refiner"`` the refiner's as our preset builds it (its key contract is pinned in test_sdxl_keys)."""
+    if kind == "refiner":
+        from ldm.checkpoints.loader import build_model
+        from ldm.checkpoints.presets import find_preset
+
+        return {k: tuple(v.shape) for k, v in build_model(find_preset("sd_xl_refiner").model).state_dict().items()}
+    shapes = {k: tuple(v) for k, v in json.loads((FIXTURES / "sd_xl_base.json").read_text()).items()}
+    shapes.update({k: tuple(v) for k, v in clip_vit_l14_text_keys("conditioner.embedders.0.").items()})
+    shapes.update({k: tuple(v) for k, v in open_clip_text_keys("conditioner.embedders.1.model.", 1280, 32).items()})
+    return shapes
 
 
 def sd_v2_file_shapes() -> dict[str, tuple[int, ...]]:

@@ -11,11 +11,25 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoints.detect import detect, detect_file, detect_preset, matching_presets, mismatches, stated_prediction
+from ldm.checkpoints.detect import (
+    detect,
+    detect_file,
+    detect_preset,
+    matching_presets,
+    mismatches,
+    shape_mismatches,
+    stated_prediction,
+)
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.loader import SCHEDULE_BUFFERS, build_model, resolve_preset, select_weights
-from ldm.checkpoints.presets import PRESET_DIR, list_presets, preset_from_dict
-from tests.helpers import clip_vit_l14_text_keys, open_clip_vit_h14_text_keys, sd_v2_file_shapes, write_header_only_file
+from ldm.checkpoints.presets import PRESET_DIR, find_preset, list_presets, preset_from_dict
+from tests.helpers import (
+    clip_vit_l14_text_keys,
+    open_clip_vit_h14_text_keys,
+    sd_v2_file_shapes,
+    sdxl_file_shapes,
+    write_header_only_file,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -247,3 +261,41 @@ def test_a_preset_with_a_bad_noise_augmentation_is_refused(change, message):
     change(raw["model"])
     with pytest.raises(ValueError, match=message):
         preset_from_dict(raw, Path("bad.yaml"))
+
+
+# ---------------------------------------------------------------- SDXL
+
+
+@pytest.mark.parametrize("kind, name", [("base", "sd_xl_base"), ("refiner", "sd_xl_refiner")])
+@pytest.mark.parametrize("metadata", [{}, {"modelspec.architecture": "stable-diffusion-xl-v1-base"},
+                                      {"modelspec.prediction_type": "epsilon"}])
+def test_an_sdxl_file_is_detected_without_a_notice(kind, name, metadata):
+    detection = detect(sdxl_file_shapes(kind), list_presets(), "sd_xl.safetensors", stated_prediction(metadata))
+    assert (detection.preset.name, detection.notice) == (name, "")
+
+
+@pytest.mark.parametrize("shapes, name", [(sd_v1_file_shapes, "v1-inference"), (sd_v2_file_shapes, "v2-inference-v"),
+                                          (sd_v2_inpainting_file_shapes, "v2-inpainting-inference"),
+                                          (lambda: sdxl_file_shapes("refiner"), "sd_xl_refiner")])
+def test_the_sdxl_base_rules_do_not_touch_sd_or_refiner_files(shapes, name):
+    base = next(p for p in list_presets() if p.name == "sd_xl_base")
+    assert mismatches(base, shapes())
+    assert detect_preset(shapes(), list_presets(), "model.safetensors").name == name
+
+
+def test_no_sd_preset_matches_an_sdxl_file_even_with_its_unet_keys():
+    """SD 1/2 presets look for cond_stage_model.*; an SDXL file has conditioner.* and a 2048-wide context."""
+    shapes = sdxl_file_shapes()
+    assert [p.name for p in list_presets() if p.detect and not shape_mismatches(p, shapes)] == ["sd_xl_base"]
+
+
+def test_an_sdxl_inpainting_file_is_refused_naming_sdxl_base_as_the_closest():
+    shapes = dict(sdxl_file_shapes(), **{"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
+    with pytest.raises(CheckpointError, match=r"Closest is sd_xl_base: model.diffusion_model.input_blocks.0.0.weight has "
+                                              r"shape \[320, 9, 3, 3\]"):
+        detect(shapes, list_presets(), "sd_xl_inpainting.safetensors")
+
+
+def test_the_loader_detects_an_sdxl_file_from_its_header(tmp_path):
+    path = write_header_only_file(tmp_path / "sd_xl_base_1.0.safetensors", sdxl_file_shapes(), {})
+    assert detect_file(path, list_presets()) == (find_preset("sd_xl_base"), "")

@@ -293,10 +293,11 @@ def test_missing_component_is_named(cases, presets, tmp_path):
 def test_unsupported_pipeline_names_the_supported_ones(cases, presets, tmp_path):
     folder = copy_of(cases["v1"], tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = "StableDiffusion3Pipeline"
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="StableDiffusionXLPipeline.*Supported pipelines: StableDiffusionPipeline, "
-                       "StableDiffusionInpaintPipeline, StableDiffusionUpscalePipeline"):
+    with pytest.raises(CheckpointError, match="StableDiffusion3Pipeline.*Supported pipelines: StableDiffusionPipeline, "
+                       "StableDiffusionInpaintPipeline, StableDiffusionUpscalePipeline, StableDiffusionXLPipeline, "
+                       "StableDiffusionXLImg2ImgPipeline"):
         load_model(folder, preset=preset_named(presets, "tiny-v1"))
 
 
@@ -398,3 +399,37 @@ def test_x4_folder_settings_must_be_the_presets(cases, presets, tmp_path, file, 
     (folder / file).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):
         load_model(folder, preset=preset_named(presets, "tiny-x4"))
+
+
+# ---------------------------------------------------------------- SDXL: two text encoders, add_embedding
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_an_sdxl_folder_reads_back_to_the_single_files_tensors_and_loads(kind, tiny_sdxl, tiny_sdxl_refiner, tmp_path):
+    from tests.builders import sdxl
+
+    files = tiny_sdxl if kind == "base" else tiny_sdxl_refiner
+    folder = sdxl.write_diffusers_folder(files, tmp_path / f"sdxl-{kind}", kind)
+    original = read_state_dict(files.path)
+    logit_scale = f"conditioner.embedders.{1 if kind == 'base' else 0}.model.logit_scale"
+    state = read_folder_state(folder)
+    assert sorted(state) == sorted(k for k in original if k != logit_scale)
+    assert [k for k in state if not torch.equal(state[k], original[k])] == []
+    assert read_folder_shapes(folder) == {k: tuple(v.shape) for k, v in state.items()}
+    loaded = load_model(folder, preset=files.preset)  # its own tokenizer folder
+    assert loaded.report.filled == (logit_scale,)
+    ours = loaded.model.state_dict()
+    assert [k for k in state if not torch.equal(ours[k], state[k])] == []
+    # its own tokenizer folder reads prompts as the single file's tokenizer does
+    prompts = ["a (red:1.2) cat", "the blue house"]
+    assert torch.equal(loaded.model.conditioner.encode_text(prompts).context,
+                       files.load().model.conditioner.encode_text(prompts).context)
+
+
+def test_an_sdxl_refiner_folder_has_no_first_text_encoder_and_reads_tokenizer_2(tiny_sdxl_refiner, tmp_path):
+    from ldm.checkpoints.diffusers_folder import open_folder
+    from tests.builders import sdxl
+
+    folder = open_folder(sdxl.write_diffusers_folder(tiny_sdxl_refiner, tmp_path / "refiner", "refiner"))
+    assert folder.text_encoders == ("text_encoder_2",)
+    assert folder.tokenizer_dir == folder.root / "tokenizer_2"

@@ -19,6 +19,7 @@ SERVED = {
     "inpainting_big": ("inpaint",),  # no text stage: it fills from the image alone
     "layout2img-openimages256": ("layout",),  # reads class ids, no text
     "semantic_synthesis256": ("semantic",), "semantic_synthesis512": ("semantic",),
+    "sd_xl_base": TEXT, "sd_xl_refiner": TEXT,  # the refiner is meant for image to image, but generates too
 }
 
 

@@ -11,6 +11,12 @@ detect -> registry -> strict load -> report path as a single file. The renaming 
 diffusers' single-file converters; every key must match a known pattern, and one that does not
 is an error naming its file.
 
+SDXL folders (``StableDiffusionXLPipeline``, and the refiner's ``StableDiffusionXLImg2ImgPipeline``) hold
+two text encoders: ``text_encoder`` (CLIP ViT-L, absent in the refiner's) and ``text_encoder_2`` (the
+OpenCLIP bigG tower as transformers' CLIPTextModelWithProjection); they go to sgm's
+``conditioner.embedders.N`` in that order, and the UNet's ``add_embedding`` to ``label_emb``. The bigG's
+``logit_scale``, which transformers' model does not have and sampling never reads, is filled with zeros.
+
 What the folder states is read as a single file's metadata would be: the prediction type from
 ``scheduler/scheduler_config.json`` (``epsilon`` -> eps, ``v_prediction`` -> v).
 
@@ -37,17 +43,21 @@ from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_key_shapes, read_state_dict
 from ldm.models.clip import OpenCLIPTextEncoderConfig
 from ldm.models.latent_diffusion import LatentDiffusionConfig
+from ldm.models.sdxl_conditioner import SDXLConditionerConfig
 from ldm.sampling.schedules import ScheduleConfig
 
 log = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
-# The pipeline classes loaded, with the components each needs beyond unet, vae, text_encoder and scheduler.
+# The pipeline classes loaded, with the components each needs beyond unet, vae and scheduler.
 PIPELINES = {
-    "StableDiffusionPipeline": (),
-    "StableDiffusionInpaintPipeline": (),
-    "StableDiffusionUpscalePipeline": ("low_res_scheduler",),
+    "StableDiffusionPipeline": ("text_encoder",),
+    "StableDiffusionInpaintPipeline": ("text_encoder",),
+    "StableDiffusionUpscalePipeline": ("text_encoder", "low_res_scheduler"),
+    "StableDiffusionXLPipeline": ("text_encoder", "text_encoder_2"),
+    "StableDiffusionXLImg2ImgPipeline": ("text_encoder_2",),  # the refiner's; a base saved so has text_encoder too
 }
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 # Full precision first, as diffusers loads when no variant is asked for.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".fp16.safetensors", ".fp16.bin")
@@ -59,6 +69,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
 
 Tensors = dict[str, torch.Tensor]
 
@@ -92,10 +103,27 @@ class DiffusersFolder:
         return SCHEDULER_PREDICTIONS.get(stated, stated)
 
     @property
+    def is_sdxl(self) -> bool:
+        return self.pipeline in SDXL_PIPELINES
+
+    def has(self, name: str) -> bool:
+        """Whether model_index.json lists the component (the refiner's lists ``text_encoder`` as null)."""
+        return _listed(self.index, name) and (self.root / name).is_dir()
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        if not self.is_sdxl:
+            return ("text_encoder",)
+        return tuple(name for name in ("text_encoder", "text_encoder_2") if self.has(name))
+
+    @property
     def tokenizer_dir(self) -> Path | None:
-        """``tokenizer/`` when it holds CLIP's vocab.json and merges.txt (as published folders do); else None,
-        and the tokenizer is looked up as for a single file (transformers 5 saves only a tokenizer.json)."""
+        """``tokenizer/`` (SDXL's refiner: ``tokenizer_2/``, the same BPE) when it holds CLIP's vocab.json and
+        merges.txt (as published folders do); else None, and the tokenizer is looked up as for a single file
+        (transformers 5 saves only a tokenizer.json)."""
         folder = self.root / "tokenizer"
+        if self.is_sdxl and not self.has("tokenizer"):
+            folder = self.root / "tokenizer_2"
         if all((folder / name).is_file() for name in ("vocab.json", "merges.txt")):
             return folder
         log.warning("%s has no vocab.json and merges.txt; the CLIP tokenizer is looked up as for a single file "
@@ -132,7 +160,7 @@ def open_folder(path: str | Path) -> DiffusersFolder:
         raise CheckpointError.for_file(
             root, f"is a diffusers folder of a {pipeline} pipeline, which is not loaded here",
             f"Supported pipelines: {', '.join(PIPELINES)}")
-    needed = ("unet", "vae", "text_encoder", "scheduler", *PIPELINES[pipeline])
+    needed = ("unet", "vae", "scheduler", *PIPELINES[pipeline])
     missing = [name for name in needed if not _listed(index, name) or not (root / name).is_dir()]
     if missing:
         raise CheckpointError.for_file(
@@ -164,7 +192,7 @@ def weight_file(folder: Path) -> Path:
 def weight_files(path: str | Path) -> list[Path]:
     """The weights files a folder's model is read from, in a fixed order (for hashing)."""
     folder = open_folder(path)
-    return [weight_file(folder.component(name)) for name in ("unet", "vae", "text_encoder")]
+    return [weight_file(folder.component(name)) for name in ("unet", "vae", *folder.text_encoders)]
 
 
 # ---------------------------------------------------------------- UNet2DConditionModel -> model.diffusion_model.*
@@ -174,6 +202,7 @@ UNET_TOP = {
     "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
     "class_embedding": "label_emb",  # the x4 upscaler's noise-level embedding (nn.Embedding)
     "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",  # SDXL's ADM vector
 }
 UNET_RESNET = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -299,13 +328,14 @@ def _text_keys(state: Tensors) -> Tensors:
     return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
 
 
-def clip_to_original(state: Tensors, source: Path) -> Tensors:
-    """SD v1: the original stores transformers' CLIPTextModel itself, under ``cond_stage_model.transformer.``."""
+def clip_to_original(state: Tensors, source: Path, prefix: str = CLIP_PREFIX) -> Tensors:
+    """SD v1: the original stores transformers' CLIPTextModel itself, under ``cond_stage_model.transformer.``
+    (SDXL's first encoder: ``conditioner.embedders.0.transformer.``)."""
     out = {}
     for key, tensor in _text_keys(state).items():
         if not _CLIP_KEY.fullmatch(key):
             raise _unmapped(source, key, "CLIPTextModel")
-        out[CLIP_PREFIX + key] = tensor
+        out[prefix + key] = tensor
     return out
 
 
@@ -319,19 +349,20 @@ OPEN_CLIP_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp
 _LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
-def open_clip_to_original(state: Tensors, source: Path) -> Tensors:
-    """SD 2.x: transformers' CLIPTextModel -> OpenCLIP's text tower under ``cond_stage_model.model.``.
+def open_clip_to_original(state: Tensors, source: Path, prefix: str = OPEN_CLIP_PREFIX) -> Tensors:
+    """SD 2.x: transformers' CLIPTextModel -> OpenCLIP's text tower under ``cond_stage_model.model.``
+    (SDXL's bigG: ``conditioner.embedders.N.model.``).
     The q, k and v projections are stacked into ``attn.in_proj_weight``/``bias`` (q first), as
     ``torch.nn.MultiheadAttention`` holds them; a ``text_projection.weight`` (CLIPTextModelWithProjection)
     is the transpose of OpenCLIP's ``text_projection``."""
     out, qkv = {}, {}
     for key, tensor in _text_keys(state).items():
         if key in OPEN_CLIP_NAMES:
-            out[OPEN_CLIP_PREFIX + OPEN_CLIP_NAMES[key]] = tensor
+            out[prefix + OPEN_CLIP_NAMES[key]] = tensor
         elif key == "text_projection.weight":
-            out[OPEN_CLIP_PREFIX + "text_projection"] = tensor.T
+            out[prefix + "text_projection"] = tensor.T.contiguous()
         elif (m := _LAYER.fullmatch(key)) and m.group(2) in OPEN_CLIP_BLOCK:
-            out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{m.group(1)}.{OPEN_CLIP_BLOCK[m.group(2)]}.{m.group(3)}"] = tensor
+            out[f"{prefix}transformer.resblocks.{m.group(1)}.{OPEN_CLIP_BLOCK[m.group(2)]}.{m.group(3)}"] = tensor
         elif (m := _LAYER.fullmatch(key)) and m.group(2) in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)[-6]] = tensor
         else:
@@ -342,7 +373,7 @@ def open_clip_to_original(state: Tensors, source: Path) -> Tensors:
             raise CheckpointError.for_file(source, f"has only the {', '.join(sorted(parts))} part(s) of {key}",
                                            "Copy the folder again")
         stacked = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # (3W, W) or (3W,)
-        out[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{param}"] = stacked
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}"] = stacked
     return out
 
 
@@ -381,16 +412,30 @@ class Component(NamedTuple):
 
 
 def _components(folder: DiffusersFolder) -> list[Component]:
-    """The UNet, VAE and text encoder: each one's weights file and key map."""
+    """The UNet, VAE and text encoder(s): each one's weights file and key map."""
     per_block = _config_value(folder, "unet", "layers_per_block", int)
     up_blocks = len(_config_value(folder, "vae", "up_block_types", list))
-    text = clip_to_original if text_layout(folder) == "clip" else open_clip_to_original
-    unet, vae, text_encoder = (weight_file(folder.component(n)) for n in ("unet", "vae", "text_encoder"))
-    return [
+    unet, vae = (weight_file(folder.component(n)) for n in ("unet", "vae"))
+    parts = [
         Component(unet, lambda state: unet_to_original(state, per_block, unet)),
         Component(vae, lambda state: vae_to_original(state, up_blocks, vae)),
-        Component(text_encoder, lambda state: text(state, text_encoder)),
     ]
+    if folder.is_sdxl:
+        return parts + _sdxl_text_components(folder)
+    text = clip_to_original if text_layout(folder) == "clip" else open_clip_to_original
+    text_encoder = weight_file(folder.component("text_encoder"))
+    return parts + [Component(text_encoder, lambda state: text(state, text_encoder))]
+
+
+def _sdxl_text_components(folder: DiffusersFolder) -> list[Component]:
+    """SDXL: ``text_encoder`` (CLIP ViT-L, where there is one) then ``text_encoder_2`` (the bigG), as sgm's
+    ``conditioner.embedders.0`` and the next."""
+    parts = []
+    if folder.has("text_encoder"):
+        clip = weight_file(folder.component("text_encoder"))
+        parts.append(Component(clip, lambda state: clip_to_original(state, clip, SDXL_CLIP_PREFIX)))
+    big_g, prefix = weight_file(folder.component("text_encoder_2")), f"conditioner.embedders.{len(parts)}.model."
+    return parts + [Component(big_g, lambda state: open_clip_to_original(state, big_g, prefix))]
 
 
 def read_folder_state(path: str | Path) -> Tensors:
@@ -419,6 +464,8 @@ def unused_text_keys(config: LatentDiffusionConfig) -> set[str]:
     reads: for an OpenCLIP tower read at its penultimate block, the last block, the text projection
     and the logit scale."""
     cond = config.cond_stage
+    if isinstance(cond, SDXLConditionerConfig):  # transformers' bigG has every block and the projection
+        return {f"conditioner.embedders.{0 if cond.clip is None else 1}.model.logit_scale"}
     if not isinstance(cond, OpenCLIPTextEncoderConfig):
         return set()
     keys = {OPEN_CLIP_PREFIX + "text_projection", OPEN_CLIP_PREFIX + "logit_scale"}

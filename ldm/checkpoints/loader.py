@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from ldm.checkpoints.detect import detect_file
-from ldm.checkpoints.diffusers_folder import check_against_preset, fill_unused, open_folder, read_folder_state
+from ldm.checkpoints.diffusers_folder import check_against_preset, fill_unused, open_folder, read_folder_state, unused_text_keys
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import LazyState, open_state_dict
 from ldm.checkpoints.loaded import LoadedModel, LoadReport
@@ -29,6 +29,7 @@ from ldm.devices import free_memory_mb
 from ldm.kernels.memory_format import choose_memory_format
 from ldm.kernels.paths import SpeedPaths, set_speed_paths
 from ldm.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+from ldm.models.sdxl_conditioner import SDXLConditionerConfig
 from ldm.tasks.planning import own_size_estimate_mb
 from ldm.text.lookup import tokenizer_for
 
@@ -41,6 +42,8 @@ SCHEDULE_BUFFERS = frozenset(
     "posterior_log_variance_clipped posterior_mean_coef1 posterior_mean_coef2 logvar".split()
 )
 KNOWN_EXTRA_SUFFIXES = ("embeddings.position_ids",)  # saved by transformers 4.x before it became non-persistent
+# sgm's DiscreteDenoiser (SDXL) registers its sigma table as a buffer of the DiffusionEngine; the schedule is the preset's.
+DENOISER_BUFFERS = frozenset({"denoiser.sigmas"})
 EMA_PREFIX = "model_ema."
 LOW_SCALE_PREFIX = "low_scale_model."  # the x4 upscaler's noise augmentation registers the schedule buffers again
 
@@ -50,13 +53,20 @@ def ema_key(key: str) -> str:
     return EMA_PREFIX + key[len("model.") :].replace(".", "")
 
 
+def unused_file_keys(config: LatentDiffusionConfig) -> set[str]:
+    """Tensors a single file may lack that sampling never reads, filled with zeros and named in the report:
+    the bigG's ``logit_scale`` of SDXL (some fine-tunes and merges leave it out)."""
+    return unused_text_keys(config) if isinstance(config.cond_stage, SDXLConditionerConfig) else set()
+
+
 def build_model(config: LatentDiffusionConfig, device: str | torch.device = "meta") -> LatentDiffusion:
     with torch.device(device):
         return LatentDiffusion(config)
 
 
 def _is_known_extra(key: str) -> bool:
-    return key.removeprefix(LOW_SCALE_PREFIX) in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX) or key.endswith(KNOWN_EXTRA_SUFFIXES)
+    return (key.removeprefix(LOW_SCALE_PREFIX) in SCHEDULE_BUFFERS or key in DENOISER_BUFFERS or key.startswith(EMA_PREFIX)
+            or key.endswith(KNOWN_EXTRA_SUFFIXES))
 
 
 FIRST_STAGE_PREFIX, COND_STAGE_PREFIX = "first_stage_model.", "cond_stage_model."
@@ -177,11 +187,15 @@ def load_model(
         state = LazyState(path, tensors)
     else:
         state = open_state_dict(path)
+        filled = tuple(sorted(k for k in unused_file_keys(chosen.model) if k in expected and k not in state))
     selection = select_weights(state, set(expected), ema, path, first_stage_copies=chosen.model.first_stage_conditions)
     shapes = state.shapes
-    _check_complete({key: shapes[source] for key, source in selection.sources.items()}, expected, chosen, path)
+    needed = expected if folder else {k: v for k, v in expected.items() if k not in filled}
+    _check_complete({key: shapes[source] for key, source in selection.sources.items()}, needed, chosen, path)
     weights = read_weights(state, selection.sources, device, dtype)
     del state
+    if not folder:  # a folder's were filled in its tensors before reading
+        weights.update({k: torch.zeros(expected[k].shape, device=device, dtype=dtype) for k in filled})
     model.load_state_dict(weights, strict=True, assign=True)
     count = len(weights) - len(filled)
     del weights

@@ -12,15 +12,17 @@ from ldm.models.latent_diffusion import LatentDiffusionConfig
 
 def original_config(model: LatentDiffusionConfig) -> dict:
     unet, first, schedule = model.unet, model.first_stage, model.schedule
+    depth = list(unet.transformer_depth) if isinstance(unet.transformer_depth, tuple) else unet.transformer_depth
     unet_params = {
         "image_size": model.latent_size, "in_channels": unet.in_channels, "out_channels": unet.out_channels,
         "model_channels": unet.model_channels, "attention_resolutions": list(unet.attention_resolutions),
         "num_res_blocks": unet.num_res_blocks, "channel_mult": list(unet.channel_mult),
-        "use_spatial_transformer": unet.use_spatial_transformer, "transformer_depth": unet.transformer_depth,
+        "use_spatial_transformer": unet.use_spatial_transformer, "transformer_depth": depth,
         "resblock_updown": unet.resblock_updown, "legacy": False,
     }
     unet_params.update({"num_heads": unet.num_heads} if unet.num_heads else {"num_head_channels": unet.head_dim})
     optional = {"context_dim": unet.context_dim, "num_classes": unet.num_classes,
+                "adm_in_channels": unet.adm_in_channels, "transformer_depth_middle": unet.transformer_depth_middle,
                 "use_linear_in_transformer": unet.use_linear_in_transformer or None,
                 "disable_self_attentions": list(unet.disable_self_attentions) if unet.disable_self_attentions else None}
     unet_params.update({k: v for k, v in optional.items() if v is not None})

@@ -19,6 +19,7 @@ from ldm.models.autoencoder import AutoencoderConfig
 from ldm.models.clip import CLIPTextEncoderConfig, OpenCLIPTextEncoderConfig
 from ldm.models.latent_diffusion import FirstStageConditionerConfig, LatentDiffusionConfig, NoiseAugmentationConfig
 from ldm.models.ldm_bert import TransformerEmbedderConfig
+from ldm.models.sdxl_conditioner import SDXLConditionerConfig
 from ldm.models.spatial_rescaler import SpatialRescalerConfig
 from ldm.models.unet import UNetConfig
 from ldm.sampling.denoiser import PARAMETERIZATIONS
@@ -44,6 +45,7 @@ COND_STAGE_KINDS = {
     "transformer": TransformerEmbedderConfig,
     "first_stage": FirstStageConditionerConfig,  # the original's __is_first_stage__ (LDM inpainting_big)
     "spatial_rescaler": SpatialRescalerConfig,
+    "sdxl": SDXLConditionerConfig,  # sgm's GeneralConditioner: text encoders ``clip`` and ``open_clip``, the ADM vector
 }
 
 
@@ -108,6 +110,8 @@ def _model_config(raw: dict[str, Any], where: str) -> LatentDiffusionConfig:
         kind = cond_raw.pop("kind", None)
         if kind not in COND_STAGE_KINDS:
             raise ValueError(f"{where}: cond_stage kind {kind!r} is not known; use one of {', '.join(COND_STAGE_KINDS)}")
+        if kind == "sdxl":
+            cond_raw = _sdxl_encoders(cond_raw, f"{where} model.cond_stage")
         cond_stage = _typed(COND_STAGE_KINDS[kind], cond_raw, f"{where} model.cond_stage")
     augmentation_raw = raw.pop("noise_augmentation", None)
     augmentation = None
@@ -122,6 +126,12 @@ def _model_config(raw: dict[str, Any], where: str) -> LatentDiffusionConfig:
              noise_augmentation=augmentation),
         f"{where} model",
     )
+
+
+def _sdxl_encoders(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """An SDXL conditioner's ``clip`` and ``open_clip`` sections as their typed configs."""
+    encoders = {"clip": CLIPTextEncoderConfig, "open_clip": OpenCLIPTextEncoderConfig}
+    return {k: _typed(encoders[k], v, f"{where}.{k}") if k in encoders and v is not None else v for k, v in raw.items()}
 
 
 def _detect_prediction(raw: Any, model: LatentDiffusionConfig, where: str) -> tuple[str, ...]:

@@ -47,6 +47,7 @@ from torch import nn
 from ldm.text.prompt_syntax import Piece, check_emphasis, parse_emphasis
 
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
+CLIP_LAYERS = ("last", "penultimate")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ class CLIPTextEncoderConfig:
     num_heads: int = 12
     max_positions: int = 77
     hidden_act: str = "quick_gelu"
+    # "last": the last layer after the final layer norm (SD v1); "penultimate": the output of the layer
+    # before it, with no final norm (SDXL's FrozenCLIPEmbedder layer "hidden", layer_idx 11 of 12)
+    layer: str = "last"
+
+    def __post_init__(self):
+        if self.layer not in CLIP_LAYERS:
+            raise ValueError(f"CLIP layer {self.layer!r} is not known; use one of {', '.join(CLIP_LAYERS)}")
 
     @property
     def context_dim(self) -> int:
@@ -308,7 +316,7 @@ class CLIPTextEncoder(nn.Module):
         b, chunks, n = token_chunks.shape
         text = self.transformer.text_model
         ids = token_chunks.view(b * chunks, n).to(text.embeddings.token_embedding.weight.device)
-        out = _run_with_vectors(text, ids, fixes) if fixes else text(input_ids=ids).last_hidden_state
+        out = _run_with_vectors(text, ids, fixes, self.config.layer)
         return out.reshape(b, chunks * n, -1)  # (B, chunks*77, hidden)
 
     def weighted_chunks(self, prompts: list[str], min_chunks: int = 1,
@@ -328,18 +336,30 @@ class CLIPTextEncoder(nn.Module):
         return apply_emphasis(self(tokens.ids, tokens.fixes), tokens.weights, emphasis)
 
 
-def _run_with_vectors(text, ids: torch.Tensor, fixes: tuple[EmbeddingFix, ...]) -> torch.Tensor:
-    """transformers' ``CLIPTextModel.forward`` (its last hidden state) from token vectors rather than ids,
-    the embeddings' vectors put in: the same steps, position embeddings, causal mask, encoder, final norm."""
+def _run_with_vectors(text, ids: torch.Tensor, fixes: tuple[EmbeddingFix, ...], layer: str = "last") -> torch.Tensor:
+    """transformers' ``CLIPTextModel.forward`` from token ids, the embeddings' vectors put in place of
+    their placeholders: the same steps, position embeddings, causal mask, encoder, and then the final norm
+    of the last layer's output ("last"), or the penultimate layer's output as it is ("penultimate")."""
+    if not fixes and layer == "last":
+        return text(input_ids=ids).last_hidden_state
     from transformers.masking_utils import create_causal_mask
 
     x = text.embeddings(inputs_embeds=put_vectors(text.embeddings.token_embedding(ids), fixes))
     mask = create_causal_mask(config=text.config, inputs_embeds=x, attention_mask=None, past_key_values=None)
+    if layer == "penultimate":  # the encoder's layers but the last, as transformers' CLIPEncoder runs them
+        for encoder_layer in text.encoder.layers[:-1]:
+            x = encoder_layer(x, mask, is_causal=True)
+        return x
     x = text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
     return text.final_layer_norm(x)
 
 
 OPEN_CLIP_LAYERS = ("last", "penultimate")
+
+
+class TextConditioning(NamedTuple):
+    context: torch.Tensor  # (B, N, width) tokens for cross-attention
+    pooled: torch.Tensor | None  # (B, embed_dim) one vector per prompt, where the encoder gives one
 
 
 @dataclass(frozen=True)
@@ -356,6 +376,9 @@ class OpenCLIPTextEncoderConfig:
     embed_dim: int = 1024  # the text projection's width; kept for the checkpoint, unused for conditioning
     mlp_ratio: int = 4
     layer: str = "penultimate"
+    # ln_final on the context (SD 2.x, open_clip's "legacy"); SDXL's FrozenOpenCLIPEmbedder2(legacy=False) takes
+    # the penultimate block's output as it is, and ln_final only for the pooled vector
+    final_norm: bool = True
 
     def __post_init__(self):
         if self.layer not in OPEN_CLIP_LAYERS:
@@ -468,13 +491,29 @@ class OpenCLIPTextEncoder(nn.Module):
         return bpe_token_chunks(self.tokenizer, prompts, self.config.chunk_tokens, 0, min_chunks)
 
     def forward(self, token_chunks: torch.Tensor, fixes: tuple[EmbeddingFix, ...] = ()) -> torch.Tensor:
+        return self.context_and_pooled(token_chunks, fixes, pooled=False).context
+
+    def context_and_pooled(self, token_chunks: torch.Tensor, fixes: tuple[EmbeddingFix, ...] = (),
+                           pooled: bool = True) -> TextConditioning:
+        """The context (B, chunks * 77, width) and, with ``pooled``, each prompt's pooled vector (B, embed_dim)
+        of its first chunk: ln_final of the last block's output at the end token (the highest id, as open_clip
+        takes ``argmax``), times ``text_projection`` (SDXL's FrozenOpenCLIPEmbedder2; A1111 pools the first chunk)."""
         b, chunks, n = token_chunks.shape
         m = self.model
         ids = token_chunks.view(b * chunks, n).to(m.token_embedding.weight.device)
         x = put_vectors(m.token_embedding(ids), fixes) + m.positional_embedding[:n]  # (B*chunks, N, width)
         for block in m.transformer.resblocks[: self.config.blocks_run]:
             x = block(x)
-        return m.ln_final(x).reshape(b, chunks * n, -1)  # (B, chunks*77, width)
+        context = (m.ln_final(x) if self.config.final_norm else x).reshape(b, chunks * n, -1)  # (B, chunks*77, width)
+        if not pooled:
+            return TextConditioning(context, None)
+        first = torch.arange(b, device=ids.device) * chunks  # each prompt's first chunk among the B*chunks rows
+        last = x[first]
+        for block in m.transformer.resblocks[self.config.blocks_run :]:
+            last = block(last)
+        end = ids[first].argmax(dim=-1)  # (B,)
+        vector = m.ln_final(last)[torch.arange(b, device=ids.device), end] @ m.text_projection  # (B, embed_dim)
+        return TextConditioning(context, vector)
 
     def weighted_chunks(self, prompts: list[str], min_chunks: int = 1,
                         embeddings: Mapping[str, torch.Tensor] | None = None) -> WeightedTokens:
@@ -491,3 +530,11 @@ class OpenCLIPTextEncoder(nn.Module):
         names of ``embeddings`` in them stand for those vectors."""
         tokens = self.weighted_chunks(prompts, min_chunks, embeddings)
         return apply_emphasis(self(tokens.ids, tokens.fixes), tokens.weights, emphasis)
+
+    def encode_with_pooled(self, prompts: list[str], min_chunks: int = 1, emphasis: str = "Original",
+                           embeddings: Mapping[str, torch.Tensor] | None = None) -> TextConditioning:
+        """``encode``'s context and the pooled vector of each prompt's first chunk; emphasis weights the
+        context only (A1111 pools before it applies them)."""
+        tokens = self.weighted_chunks(prompts, min_chunks, embeddings)
+        context, pooled = self.context_and_pooled(tokens.ids, tokens.fixes)
+        return TextConditioning(apply_emphasis(context, tokens.weights, emphasis), pooled)

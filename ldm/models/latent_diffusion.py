@@ -1,7 +1,8 @@
 """A latent diffusion model: first stage (autoencoder), conditioning stage tau_theta, and the UNet.
 
 Submodule names are the top level of the original checkpoints: ``model.diffusion_model`` (the UNet
-inside its wrapper), ``first_stage_model`` and ``cond_stage_model``. The engine keeps no per-call
+inside its wrapper), ``first_stage_model`` and ``cond_stage_model``, which SDXL's files (sgm's
+``DiffusionEngine``) call ``conditioner``. The engine keeps no per-call
 state here: prompts, seeds and scales are arguments of the methods and of the samplers.
 """
 
@@ -19,6 +20,7 @@ from ldm.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGauss
 from ldm.models.autoencoder_tiling import tiled_decode, tiled_encode
 from ldm.models.clip import CLIPTextEncoder, CLIPTextEncoderConfig, OpenCLIPTextEncoder, OpenCLIPTextEncoderConfig
 from ldm.models.ldm_bert import TransformerEmbedder, TransformerEmbedderConfig
+from ldm.models.sdxl_conditioner import SDXLConditioner, SDXLConditionerConfig, SizeConditioning
 from ldm.models.spatial_rescaler import SpatialRescaler, SpatialRescalerConfig
 from ldm.models.unet import UNetConfig, UNetModel
 from ldm.sampling.denoiser import EpsDenoiser, check_parameterization
@@ -34,7 +36,8 @@ CONCAT_INPUTS = (
     "masked_latent_and_mask",  # LDM inpainting_big: [masked-image latent, mask in [-1, 1]]
     "segmentation",            # semantic synthesis: the conditioning stage's map of a segmentation
 )
-CondStageConfig = CLIPTextEncoderConfig | OpenCLIPTextEncoderConfig | TransformerEmbedderConfig | SpatialRescalerConfig
+CondStageConfig = (CLIPTextEncoderConfig | OpenCLIPTextEncoderConfig | TransformerEmbedderConfig | SpatialRescalerConfig
+                   | SDXLConditionerConfig)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class LatentDiffusionConfig:
         if (self.conditioning in ("concat", "hybrid")) != (self.concat_input != "none"):
             raise ValueError(f"conditioning {self.conditioning!r} with concat_input {self.concat_input!r}: concat and "
                              "hybrid models name what their extra input channels carry, other models take none")
+        if isinstance(self.cond_stage, SDXLConditionerConfig):
+            self._check_adm_vector(self.cond_stage)
         extra = {"low_res_image": 3, "mask_and_masked_latent": self.latent_channels + 1,
                  "masked_latent_and_mask": self.latent_channels + 1}.get(self.concat_input)
         if self.concat_input == "segmentation":
@@ -101,6 +106,21 @@ class LatentDiffusionConfig:
         if extra is not None and self.unet.in_channels != self.latent_channels + extra:
             raise ValueError(f"concat_input {self.concat_input!r} gives the UNet {self.latent_channels + extra} input "
                              f"channels ({self.latent_channels} latent + {extra}), but unet.in_channels is {self.unet.in_channels}")
+
+    def _check_adm_vector(self, cond: SDXLConditionerConfig) -> None:
+        if self.unet.context_dim != cond.context_dim:
+            raise ValueError(f"the SDXL conditioner's contexts are {cond.context_dim} wide together, but unet.context_dim "
+                             f"is {self.unet.context_dim}")
+        if self.unet.num_classes != "sequential" or self.unet.adm_in_channels != cond.adm_channels:
+            raise ValueError(f"the SDXL conditioner gives an ADM vector of {cond.adm_channels} (pooled "
+                             f"{cond.open_clip.embed_dim} + {cond.fourier_dim} per number of {', '.join(cond.vector_inputs)}); "
+                             f"the UNet needs num_classes 'sequential' and adm_in_channels {cond.adm_channels}, "
+                             f"not {self.unet.num_classes!r} and {self.unet.adm_in_channels}")
+
+    @property
+    def cond_stage_name(self) -> str:
+        """The conditioning stage's name in the checkpoints: ``conditioner`` in SDXL's (sgm), else ``cond_stage_model``."""
+        return "conditioner" if isinstance(self.cond_stage, SDXLConditionerConfig) else "cond_stage_model"
 
     @property
     def first_stage_conditions(self) -> bool:
@@ -131,6 +151,8 @@ def build_cond_stage(config: CondStageConfig | None) -> nn.Module | None:
         return OpenCLIPTextEncoder(config)
     if isinstance(config, SpatialRescalerConfig):
         return SpatialRescaler(config)
+    if isinstance(config, SDXLConditionerConfig):
+        return SDXLConditioner(config)
     return TransformerEmbedder(config)
 
 
@@ -149,11 +171,23 @@ class LatentDiffusion(nn.Module):
         self.model = DiffusionWrapper(UNetModel(config.unet))
         self.first_stage_model = Autoencoder(config.first_stage)
         # A first stage that conditions (inpainting_big) is not registered twice: no cond_stage_model keys.
-        self.cond_stage_model = None if config.first_stage_conditions else build_cond_stage(config.cond_stage)
+        # Registered under the checkpoints' name for it (``cond_stage_name``), which ``cond_stage_model`` reads
+        # (set in ``_modules`` itself: ``add_module`` refuses a name the class has as a property).
+        self._modules[config.cond_stage_name] = None if config.first_stage_conditions else build_cond_stage(config.cond_stage)
         # float64 on the CPU: the samplers read their coefficients from it as Python floats.
         self.alphas_cumprod = make_alphas_cumprod(config.schedule)
         augmentation = config.noise_augmentation
         self.low_scale_alphas_cumprod = None if augmentation is None else make_alphas_cumprod(augmentation.schedule)
+
+    @property
+    def cond_stage_model(self) -> nn.Module | None:
+        """The conditioning stage, whatever the checkpoints call it (``conditioner`` in SDXL's)."""
+        return self._modules[self.config.cond_stage_name]
+
+    @property
+    def takes_adm_vector(self) -> bool:
+        """SDXL: the UNet takes a vector ``y`` of pooled text and size conditioning beside the context."""
+        return isinstance(self.cond_stage_model, SDXLConditioner)
 
     @property
     def unet(self) -> UNetModel:
@@ -178,7 +212,7 @@ class LatentDiffusion(nn.Module):
     def encodes_tokens(self) -> bool:
         """Whether the conditioning stage encodes prompts or layout tokens (and needs a tokenizer);
         False without one and for a spatial conditioner (semantic synthesis's segmentation maps)."""
-        return isinstance(self.cond_stage_model, (CLIPTextEncoder, OpenCLIPTextEncoder, TransformerEmbedder))
+        return isinstance(self.cond_stage_model, (CLIPTextEncoder, OpenCLIPTextEncoder, TransformerEmbedder, SDXLConditioner))
 
     def segmentation_concat(self, labels: torch.Tensor) -> torch.Tensor:
         """The concat channels of a semantic synthesis model: label maps (B, H, W) of class indices,
@@ -191,7 +225,7 @@ class LatentDiffusion(nn.Module):
     def reads_emphasis(self) -> bool:
         """Whether the text encoder applies A1111's emphasis weights (CLIP and OpenCLIP); the others get
         the prompt's text with the syntax removed."""
-        return isinstance(self.cond_stage_model, (CLIPTextEncoder, OpenCLIPTextEncoder))
+        return isinstance(self.cond_stage_model, (CLIPTextEncoder, OpenCLIPTextEncoder, SDXLConditioner))
 
     def encode_prompts(self, prompts: list[str], min_chunks: int = 1, layouts: list | None = None,
                        emphasis: str = "Original", embeddings: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -207,9 +241,27 @@ class LatentDiffusion(nn.Module):
         if isinstance(self.cond_stage_model, TransformerEmbedder):
             plain = [strip_syntax(p) for p in prompts]
             return self.cond_stage_model.encode(plain, layouts=layouts).to(self.dtype)
+        if self.takes_adm_vector:
+            return self.cond_stage_model.encode_text(prompts, min_chunks, emphasis, embeddings).context.to(self.dtype)
         if embeddings and self.reads_emphasis:
             return self.cond_stage_model.encode(prompts, min_chunks, emphasis, embeddings=embeddings).to(self.dtype)
         return self.cond_stage_model.encode(prompts, min_chunks, emphasis).to(self.dtype)
+
+    def encode_conditioning(self, prompts: list[str], *, negative: list[bool], sizes: list[SizeConditioning] | None = None,
+                            layouts: list | None = None, emphasis: str = "Original",
+                            embeddings: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning of each prompt as denoiser arguments: ``context`` (B, N, context_dim),
+        and on SDXL the ADM vector ``y`` from ``sizes`` (one per prompt), where an empty prompt that is a
+        ``negative`` one gets zeros for its text as AUTOMATIC1111 gives it (its size embeddings stay)."""
+        if not self.takes_adm_vector:
+            return {"context": self.encode_prompts(prompts, layouts=layouts, emphasis=emphasis, embeddings=embeddings)}
+        if sizes is None or len(sizes) != len(prompts) or len(negative) != len(prompts):
+            raise ValueError("an SDXL model needs one size conditioning and one negative flag per prompt")
+        if layouts is not None and any(layouts):
+            raise ValueError("this model takes no layout boxes; use region prompts instead")
+        zero = [is_negative and prompt == "" for prompt, is_negative in zip(prompts, negative)]
+        encoded = self.cond_stage_model.encode(prompts, sizes, zero, emphasis=emphasis, embeddings=embeddings)
+        return {key: value.to(self.dtype) for key, value in encoded.items()}
 
     def encode_first_stage(self, images: torch.Tensor, generator: torch.Generator | None = None, tile: int = 0) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) to scaled latents. A KL posterior is sampled with ``generator``

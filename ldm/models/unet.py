@@ -135,7 +135,10 @@ class UNetConfig:
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     use_spatial_transformer: bool = False
-    transformer_depth: int = 1
+    # transformer blocks per attention layer: one number, or one per level (SDXL's [1, 2, 10]); a level
+    # whose resolution is not in attention_resolutions has none whatever its entry says
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None  # None: the last level's depth, as the original
     context_dim: int | None = None
     use_linear_in_transformer: bool = False
     disable_self_attentions: tuple[bool, ...] | None = None
@@ -152,12 +155,26 @@ class UNetConfig:
                 f"disable_self_attentions has {len(self.disable_self_attentions)} entries; "
                 f"it needs one per level ({len(self.channel_mult)})"
             )
+        if isinstance(self.transformer_depth, tuple) and len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError(
+                f"transformer_depth has {len(self.transformer_depth)} entries; it needs one per level "
+                f"({len(self.channel_mult)}) or a single number"
+            )
+        if self.num_classes == "sequential" and not self.adm_in_channels:
+            raise ValueError("num_classes 'sequential' takes an ADM vector: set adm_in_channels (its width)")
         if isinstance(self.num_classes, str) and self.num_classes != "sequential":
             raise ValueError(f"num_classes {self.num_classes!r} is not supported; use an int, 'sequential' or None")
 
     @property
     def downsampling_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    def depth_at(self, level: int | None) -> int:
+        """Transformer blocks per attention layer at ``level`` (None: the middle block)."""
+        depths = self.transformer_depth if isinstance(self.transformer_depth, tuple) else (self.transformer_depth,)
+        if level is None:
+            return depths[-1] if self.transformer_depth_middle is None else self.transformer_depth_middle
+        return depths[level] if len(depths) > 1 else depths[0]
 
 
 class UNetModel(nn.Module):
@@ -228,7 +245,7 @@ class UNetModel(nn.Module):
             channels,
             heads,
             dim_head,
-            depth=c.transformer_depth,
+            depth=c.depth_at(level),
             context_dim=c.context_dim,
             dropout=c.dropout,
             use_linear=c.use_linear_in_transformer,

@@ -17,6 +17,7 @@ from ldm.addons.library import prompt_loras
 from ldm.addons.lora import merged_loras
 from ldm.devices import free_memory_mb, reusing_freed_memory
 from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.models.sdxl_conditioner import SizeConditioning
 from ldm.sampling.blending import LatentBlend
 from ldm.sampling.guidance import ClassifierFreeGuidance
 from ldm.sampling.noise import randn, seeded_generators
@@ -39,16 +40,32 @@ class Blend:
     x0: torch.Tensor
 
 
+def size_conditionings(request: GenerationRequest, negative: list[bool]) -> list[SizeConditioning]:
+    """SDXL's size numbers of each prompt from the request's options: a size not given is the image's,
+    and a negative prompt takes the negative aesthetic score (as AUTOMATIC1111)."""
+    options, image = request.size_conditioning, (request.height, request.width)
+    return [SizeConditioning(original_size=options.original_size or image, target_size=options.target_size or image,
+                             crop_coords_top_left=options.crop_top_left,
+                             aesthetic_score=options.negative_aesthetic_score if is_negative else options.aesthetic_score)
+            for is_negative in negative]
+
+
 def _context(model: LatentDiffusion, request: GenerationRequest, keys: list[tuple[str, str]]) -> dict:
-    """The encoded context of each distinct (role, text), "negative" or "positive", encoded in one
-    batch so that long prompts all get the same number of chunks; the layout boxes go with the
-    positive texts only. The textual-inversion embeddings in ``request.embedding_dirs`` that fit the
-    model's text encoder stand for their names."""
+    """The encoded conditioning (``context``, and SDXL's vector ``y``) of each distinct (role, text),
+    "negative" or "positive", encoded in one batch so that long prompts all get the same number of
+    chunks; the layout boxes go with the positive texts only. The textual-inversion embeddings in
+    ``request.embedding_dirs`` that fit the model's text encoder stand for their names."""
     layouts = [list(request.boxes) if role == "positive" else [] for role, _ in keys] if request.boxes else None
     embeddings = prompt_vectors(model, request.embedding_dirs) if request.embedding_dirs else None
-    context = model.encode_prompts([text for _, text in keys], layouts=layouts, emphasis=request.emphasis,
-                                   embeddings=embeddings)
-    return {key: context[i : i + 1] for i, key in enumerate(keys)}
+    negative = [role == "negative" for role, _ in keys]
+    sizes = size_conditionings(request, negative) if model.takes_adm_vector else None
+    encoded = model.encode_conditioning([text for _, text in keys], negative=negative, sizes=sizes, layouts=layouts,
+                                        emphasis=request.emphasis, embeddings=embeddings)
+    return {key: {name: value[i : i + 1] for name, value in encoded.items()} for i, key in enumerate(keys)}
+
+
+def _batched(conditioning: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+    return {name: value.expand(batch, *value.shape[1:]) for name, value in conditioning.items()}
 
 
 def conditioning_schedule(model: LatentDiffusion, request: GenerationRequest,
@@ -67,8 +84,8 @@ def conditioning_schedule(model: LatentDiffusion, request: GenerationRequest,
     pairs = [(end, ("negative", text_at_step(negative, end)), ("positive", text_at_step(positive, end))) for end in ends]
     keys = list(dict.fromkeys([n for _, n, _ in pairs] + [p for _, _, p in pairs]))  # [negative, prompt] when fixed
     context = _context(model, request, keys)
-    return [ScheduledExtra(end, {"cond": {"context": context[p].expand(batch, -1, -1), **extra},
-                                 "uncond": {"context": context[n].expand(batch, -1, -1), **extra}})
+    return [ScheduledExtra(end, {"cond": {**_batched(context[p], batch), **extra},
+                                 "uncond": {**_batched(context[n], batch), **extra}})
             for end, n, p in pairs]
 
 

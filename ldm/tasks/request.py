@@ -50,6 +50,19 @@ class RegionPrompt:
 
 
 @dataclass(frozen=True)
+class SizeConditioningOptions:
+    """SDXL's size conditioning (other models take none): sizes are (height, width) in pixels, None for
+    the size of the image generated; the crop is (top, left). The defaults are AUTOMATIC1111's: original
+    and target size the image's, crop 0, 0; the refiner's aesthetic score 6.0, its negative prompt's 2.5."""
+
+    original_size: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
@@ -69,6 +82,7 @@ class GenerationRequest:
     emphasis: str = "Original"  # how prompt weights are applied: ldm.models.clip.EMPHASIS_MODES
     lora_dirs: tuple[Path, ...] = ()  # where the prompts' <lora:NAME> tags are looked up (ldm.addons.library)
     embedding_dirs: tuple[Path, ...] = ()  # where the textual-inversion embeddings the prompts name are (ldm.addons.embeddings)
+    size_conditioning: SizeConditioningOptions = SizeConditioningOptions()  # SDXL's ADM vector
 
     def prompts(self) -> list[str]:
         """Every prompt of the request: the prompt, the negative prompt, then each region's."""
@@ -149,6 +163,25 @@ def check_tiling(tiling) -> TilingOptions:
     return replace(tiling, tile=int(tiling.tile), overlap=int(tiling.overlap), budget_mb=int(tiling.budget_mb))
 
 
+def check_size_conditioning(options) -> SizeConditioningOptions:
+    if not isinstance(options, SizeConditioningOptions):
+        raise ValueError(f"size_conditioning must be SizeConditioningOptions, got {options!r}")
+    pairs = {"original size": (options.original_size, 1), "target size": (options.target_size, 1),
+             "crop top-left": (options.crop_top_left, 0)}
+    checked = []
+    for name, (pair, low) in pairs.items():
+        if pair is None and name != "crop top-left":
+            checked.append(None)
+            continue
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{name} must be (height, width) in pixels{', or None for the image size' if low else ''}, got {pair!r}")
+        checked.append(tuple(checked_number(f"{name} {axis}", v, low, 4 * MAX_SIDE, integer=True)
+                             for axis, v in zip(("height", "width") if low else ("top", "left"), pair)))
+    return SizeConditioningOptions(*checked, aesthetic_score=checked_number("aesthetic score", options.aesthetic_score, 0.0, 10.0),
+                            negative_aesthetic_score=checked_number("negative aesthetic score",
+                                                                    options.negative_aesthetic_score, 0.0, 10.0))
+
+
 def round_side(name: str, value: int, multiple: int, notices: list[str]) -> int:
     _number(name, value, 1, MAX_SIDE, integer=True)
     rounded = max(multiple, int(round(value / multiple)) * multiple)
@@ -204,6 +237,7 @@ def resolve_request(request: GenerationRequest, size_multiple: int) -> tuple[Gen
     for prompt in request.prompts():
         extract_lora_tags(prompt)  # a malformed <lora:...> tag is refused here, before any work
     tiling = check_tiling(request.tiling)
+    size_conditioning = check_size_conditioning(request.size_conditioning)
     check_emphasis(request.emphasis)
     check_prompt_syntax(request, regions)
     notices: list[str] = []
@@ -213,6 +247,6 @@ def resolve_request(request: GenerationRequest, size_multiple: int) -> tuple[Gen
     resolved = replace(
         request, steps=int(request.steps), scale=float(request.scale), eta=float(request.eta),
         s_noise=float(request.s_noise), width=width, height=height, seed=seed, batch_size=int(request.batch_size),
-        boxes=boxes, regions=regions, tiling=tiling,
+        boxes=boxes, regions=regions, tiling=tiling, size_conditioning=size_conditioning,
     )
     return resolved, notices

@@ -76,13 +76,14 @@ def search(files: tuple[str, ...], *, tokenizer_dir: str | os.PathLike | None, c
 
 def tokenizer_for(encoder, checkpoint_path: Path, tokenizer_dir: str | os.PathLike | None, *, preset_name: str,
                   vocabulary_root: Path):
-    """The tokenizer a conditioning stage needs: CLIP's BPE (looked up; OpenCLIP uses the same one),
+    """The tokenizer a conditioning stage needs: CLIP's BPE (looked up; OpenCLIP and both SDXL encoders use the same one),
     bert-base-uncased's WordPiece for LDM BERT (looked up), LDM's layout tokens for a layout-only
     encoder, or a word-and-layout vocabulary file named by the preset (relative to ``vocabulary_root``)."""
     from ldm.models.clip import CLIPTextEncoder, OpenCLIPTextEncoder
+    from ldm.models.sdxl_conditioner import SDXLConditioner
     from ldm.text.bert_tokenizer import BERT_HUB_REPO, find_bert_tokenizer
 
-    if isinstance(encoder, (CLIPTextEncoder, OpenCLIPTextEncoder)):
+    if isinstance(encoder, (CLIPTextEncoder, OpenCLIPTextEncoder, SDXLConditioner)):
         from ldm.text.clip_tokenizer import find_clip_tokenizer
 
         return find_clip_tokenizer(tokenizer_dir=tokenizer_dir, checkpoint_path=checkpoint_path)
