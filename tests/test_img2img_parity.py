@@ -65,7 +65,9 @@ def test_img2img_matches_diffusers_img2img_pipeline(loaded_sd_v1, reference, ima
                          callback=lambda info: steps_run.append(info.step))
     assert len(steps_run) == part_way_steps(STEPS, strength).run == min(int(STEPS * strength), STEPS)
     assert max_error(got, image_latent) > 0.05  # it did change the picture
-    assert max_error(got, expected) < TOL
+    # to 1e-4 of the latent's scale: at strength 1 ancestral steps leave latents near 50 in size, where
+    # fp32 rounding differs between CPUs' kernels by about 1e-4 in absolute terms (AMD EPYC)
+    assert max_error(got, expected) < TOL * max(1.0, expected.abs().max().item())
 
 
 @torch.no_grad()
