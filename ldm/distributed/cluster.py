@@ -50,6 +50,9 @@ def connected(address: str, *, num_cpus: int | None = None):
         except ConnectionError as error:
             raise ValueError(f"--ray {address}: cannot connect to a Ray cluster there ({error}); give the head's "
                              "HOST:PORT (ray start --head prints it), ray://HOST:PORT, local or none") from None
+        except ImportError as error:  # ray:// goes through Ray Client, which needs the client extra
+            raise ValueError(f"--ray {address}: {error}; a ray:// address needs Ray Client: pip install "
+                             "'ray[client]' at the version of requirements-ray.txt, or give the head's HOST:PORT") from None
     try:
         yield ray
     finally:
