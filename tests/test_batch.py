@@ -104,6 +104,7 @@ def test_a_grid_file_crosses_prompts_seeds_samplers_and_guidance(tmp_path):
     ("prompts: [a]\nseeds: '9-3'\n", "(a range runs from low to high)"),
     ("prompts: [a]\nguidance: [high]\n", "'guidance' must be a number"),
     ("prompts: [a]\nsamplers: [Eulr]\n", "'samplers': 'Eulr' is not a sampler; use one of DDIM, Euler"),
+    ("prompts: [a]\nsamplers: [DPM++ 2M Karras]\n", "fuses a sampler and a schedule"),
     ("prompts: [a]\nmodels: [missing.safetensors]\n", "model 'missing.safetensors' not found (looked at"),
     ("prompts: []\n", "'prompts' is empty"),
     ("prompts: [a]\nsteps: 0\n", "'steps' must be a whole number of at least 1, got 0"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from argparse import ArgumentTypeError
 from dataclasses import asdict, dataclass, fields, replace
 from itertools import product
 from pathlib import Path
@@ -227,7 +228,10 @@ def _number(key: str):
 
 
 def _sampler(value, *_) -> str:
-    name = sampler_name(value) if isinstance(value, str) else value
+    try:
+        name = sampler_name(value) if isinstance(value, str) else value
+    except ArgumentTypeError as error:  # an old fused name, "DPM++ 2M Karras"
+        raise ValueError(f"'samplers': {error} (in a grid: the schedule key)") from None
     if name not in SAMPLERS:
         raise ValueError(f"'samplers': {value!r} is not a sampler; use one of {', '.join(SAMPLERS)}")
     return name
