@@ -26,9 +26,15 @@ pytestmark = [pytest.mark.ray, pytest.mark.skipif(find_spec("ray") is None,
 RAY_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def stop_processes(processes: list[psutil.Process]) -> list[int]:
-    """Wait for ``processes`` to end, kill any still running after 10 s; the pids that had to be killed."""
-    _, alive = psutil.wait_procs(processes, timeout=10)
+def own_children() -> set[int]:
+    return {process.pid for process in psutil.Process().children(recursive=True)}
+
+
+def stop_started_since(before: set[int]) -> list[int]:
+    """Wait for this process's children that were not among ``before`` (Ray's, after its shutdown) to
+    end, and kill any still running after 10 s; the pids that had to be killed."""
+    _, alive = psutil.wait_procs([p for p in psutil.Process().children(recursive=True) if p.pid not in before],
+                                 timeout=10)
     for process in alive:
         process.kill()
     psutil.wait_procs(alive, timeout=5)
@@ -37,22 +43,20 @@ def stop_processes(processes: list[psutil.Process]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local Ray cluster of 2 CPUs for this module; its processes (this one's children) are all gone
-    after it."""
-    saved = {key: os.environ.get(key) for key in RAY_ENVIRONMENT}
-    os.environ.update(RAY_ENVIRONMENT)  # read when ray is imported, so before it
-    import ray
+    """A local Ray cluster of 2 CPUs for this module; every process it started is gone after it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in RAY_ENVIRONMENT.items():
+            patch.setenv(key, value)  # read when ray is imported, so before it
+        import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    try:
-        yield ray
-    finally:
-        children = psutil.Process().children(recursive=True)
-        ray.shutdown()
-        killed = stop_processes(children)
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-        assert not killed, f"Ray left processes {killed} running after shutdown"
+        before = own_children()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+            killed = stop_started_since(before)
+        assert not killed, f"Ray left processes {killed} running after its shutdown"
 
 
 @pytest.fixture(scope="module")

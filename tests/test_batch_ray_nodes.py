@@ -13,7 +13,7 @@ import pytest
 from ldm.batch.jobs import expand, grid_from_values, model_facts
 from ldm.batch.render import LoadOptions
 from ldm.batch.run import run_batch
-from tests.test_batch_ray import RAY_ENVIRONMENT, stop_processes
+from tests.test_batch_ray import RAY_ENVIRONMENT, own_children, stop_started_since
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(find_spec("ray") is None,
@@ -35,6 +35,7 @@ def two_nodes(monkeypatch):
 
     if ray.is_initialized():
         pytest.fail("another test left this process connected to Ray")
+    before = own_children()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                             "_system_config": FAST_HEALTH_CHECKS})
     try:
@@ -43,11 +44,10 @@ def two_nodes(monkeypatch):
         ray.init(address=cluster.address, configure_logging=False)
         yield cluster, nodes
     finally:
-        children = psutil.Process().children(recursive=True)
         ray.shutdown()
         cluster.shutdown()
-        killed = stop_processes(children)
-        assert not killed, f"Ray left processes {killed} running after shutdown"
+        killed = stop_started_since(before)
+    assert not killed, f"Ray left processes {killed} running after its shutdown"
 
 
 def test_killing_a_node_mid_batch_still_renders_every_job_exactly_once(two_nodes, tmp_path):
