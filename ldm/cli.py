@@ -196,6 +196,9 @@ def _add_batch_parser(commands) -> None:
     batch.add_argument("--preset", help="model preset name or YAML path, when detection cannot tell the family")
     batch.add_argument("--tokenizer", help="folder with the model's tokenizer")
     add_device_arguments(batch)
+    batch.add_argument("--threads", type=int, default=0, metavar="N",
+                       help="torch's CPU threads in each renderer (default: torch's own in this process, "
+                       "--cpus-per-worker over Ray); 1 is much faster on a machine busy with other work")
     ray = batch.add_argument_group("Ray", "with --ray local or ADDRESS")
     ray.add_argument("--workers", type=int, help="renderer actors (default: one per GPU, else one per --cpus-per-worker "
                      "CPUs of the cluster)")
@@ -643,8 +646,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
     jobs = batch_jobs(args)  # bad files and settings are refused here, before any cluster starts
     out = Path(args.out)
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: expected 0 (the default) or more")
     options = LoadOptions(device=args.device, dtype=args.dtype, memory_format=args.memory_format,
-                          speed=SpeedPaths.from_arguments(args), preset=args.preset, tokenizer=args.tokenizer)
+                          speed=SpeedPaths.from_arguments(args), preset=args.preset, tokenizer=args.tokenizer,
+                          threads=args.threads)
     backend = batch_backend(args, options)
     if args.ray == "none":
         cluster = nullcontext()

@@ -17,59 +17,40 @@ from ldm.batch.jobs import expand, grid_from_values, model_facts, parse_seeds, r
 from ldm.batch.outputs import png_path, sidecar_path
 from ldm.cli import main
 from ldm.tasks.parameters import read_png_parameters
+from tests.helpers import batch_args
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--steps", "2", "--device", "cpu", "--dtype", "fp32"]  # the embedded default model, 64 px, two steps
 
 
-def batch_args(prompts: Path, out: Path, *extra: str) -> list[str]:
-    return ["batch", "--prompts", str(prompts), "--seeds", "0-2", "--out", str(out), *FAST, *extra]
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("a red circle\n\n# not a prompt\na blue square\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def rendered(prompts, tmp_path_factory) -> Path:
-    """2 prompts x 3 seeds rendered in process."""
-    out = tmp_path_factory.mktemp("batch")
-    assert main(batch_args(prompts, out)) == 0
-    return out
-
-
-def test_two_prompts_by_three_seeds_give_six_pictures_with_sidecars(rendered):
-    pictures, sidecars = sorted(rendered.glob("*.png")), sorted(rendered.glob("*.json"))
+def test_two_prompts_by_three_seeds_give_six_pictures_with_sidecars(batch_in_process):
+    pictures, sidecars = sorted(batch_in_process.glob("*.png")), sorted(batch_in_process.glob("*.json"))
     assert len(pictures) == 6 and [p.stem for p in pictures] == [s.stem for s in sidecars]
     seen = set()
     for sidecar in sidecars:
         record = json.loads(sidecar.read_text())
         job = record["job"]
         assert record["id"] == sidecar.stem and record["file"] == f"{sidecar.stem}.png"
-        params = read_png_parameters(png_path(rendered, sidecar.stem))
+        params = read_png_parameters(png_path(batch_in_process, sidecar.stem))
         assert params["Prompt"] == job["prompt"] and params["Seed"] == str(job["seed"]) and params["Steps"] == "2"
         assert record["parameters"].startswith(job["prompt"])
         seen.add((job["prompt"], job["seed"]))
-        with Image.open(png_path(rendered, sidecar.stem)) as image:
+        with Image.open(png_path(batch_in_process, sidecar.stem)) as image:
             assert image.size == (64, 64)
     assert seen == {(p, s) for p in ("a red circle", "a blue square") for s in (0, 1, 2)}
 
 
-def test_a_rerun_renders_nothing_and_a_lost_job_is_rendered_again(rendered, prompts, capsys):
-    before = {p.name: p.stat().st_mtime_ns for p in rendered.iterdir()}
-    assert main(batch_args(prompts, rendered)) == 0
+def test_a_rerun_renders_nothing_and_a_lost_job_is_rendered_again(batch_in_process, batch_prompts, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in batch_in_process.iterdir()}
+    assert main(batch_args(batch_prompts, batch_in_process)) == 0
     assert "0 rendered, 6 already there, 0 failed" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in rendered.iterdir()} == before
-    lost = sorted(rendered.glob("*.json"))[0].stem  # a crash between the picture and its sidecar
-    picture = np.asarray(Image.open(png_path(rendered, lost)))
-    sidecar_path(rendered, lost).unlink()
-    assert main(batch_args(prompts, rendered)) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in batch_in_process.iterdir()} == before
+    lost = sorted(batch_in_process.glob("*.json"))[0].stem  # a crash between the picture and its sidecar
+    picture = np.asarray(Image.open(png_path(batch_in_process, lost)))
+    sidecar_path(batch_in_process, lost).unlink()
+    assert main(batch_args(batch_prompts, batch_in_process)) == 0
     assert "1 rendered, 5 already there" in capsys.readouterr().out
-    assert np.array_equal(np.asarray(Image.open(png_path(rendered, lost))), picture)
-    assert not list(rendered.glob(".tmp-*"))  # atomic writes leave no temporary files
+    assert np.array_equal(np.asarray(Image.open(png_path(batch_in_process, lost))), picture)
+    assert not list(batch_in_process.glob(".tmp-*"))  # atomic writes leave no temporary files
 
 
 def test_job_names_hash_what_decides_the_pixels():
@@ -131,6 +112,8 @@ def test_bad_prompts_files_and_clashing_options_are_messages(tmp_path, capsys):
     grid_file.write_text("prompts: [a]\nsteps: 2\n")
     assert main(["batch", "--grid", str(grid_file), "--steps", "3", "--out", str(tmp_path / "o")]) == 2
     assert "sets steps and the options set it too" in capsys.readouterr().err
+    assert main(["batch", "--grid", str(grid_file), "--threads", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert "--threads -1: expected 0 (the default) or more" in capsys.readouterr().err
     assert parse_seeds("1,5,7-9") == (1, 5, 7, 8, 9)
 
 

@@ -18,7 +18,7 @@ from ldm.batch.jobs import expand, grid_from_values, model_facts
 from ldm.batch.render import LoadOptions, Renderer
 from ldm.batch.run import run_batch
 from ldm.cli import main
-from tests.test_batch import batch_args
+from tests.helpers import batch_args
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(find_spec("ray") is None,
                                                   reason="Ray is an optional extra: pip install -r requirements-ray.txt")]
@@ -60,32 +60,24 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("a red circle\na blue square\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def over_ray(ray_cluster, prompts, tmp_path_factory) -> Path:
+def over_ray(ray_cluster, batch_prompts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ray")
-    assert main(batch_args(prompts, out, "--ray", "local")) == 0  # joins the module's cluster
+    assert main(batch_args(batch_prompts, out, "--ray", "local")) == 0  # joins the module's cluster
     return out
 
 
-def test_a_batch_of_two_prompts_by_three_seeds_gives_six_files_and_a_rerun_none(over_ray, prompts, capsys):
+def test_a_batch_of_two_prompts_by_three_seeds_gives_six_files_and_a_rerun_none(over_ray, batch_prompts, capsys):
     assert len(list(over_ray.glob("*.png"))) == 6 and len(list(over_ray.glob("*.json"))) == 6
     capsys.readouterr()
-    assert main(batch_args(prompts, over_ray, "--ray", "local")) == 0
+    assert main(batch_args(batch_prompts, over_ray, "--ray", "local")) == 0
     assert "0 rendered, 6 already there, 0 failed" in capsys.readouterr().out
 
 
-def test_ray_gives_the_pictures_of_ray_none(over_ray, prompts, tmp_path):
-    assert main(batch_args(prompts, tmp_path, "--ray", "none")) == 0
-    names = sorted(p.name for p in tmp_path.glob("*.png"))
+def test_ray_gives_the_pictures_of_ray_none(over_ray, batch_in_process):
+    names = sorted(p.name for p in batch_in_process.glob("*.png"))
     assert names == sorted(p.name for p in over_ray.glob("*.png"))  # the same jobs, the same names
     for name in names:
-        here = np.asarray(Image.open(tmp_path / name), dtype=np.int16)
+        here = np.asarray(Image.open(batch_in_process / name), dtype=np.int16)
         there = np.asarray(Image.open(over_ray / name), dtype=np.int16)
         assert np.abs(here - there).max() <= 2, name  # 1 torch thread per actor, 2 in process
 
