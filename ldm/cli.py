@@ -1,7 +1,8 @@
 """Command line: ``python -m ldm COMMAND``.
 
 txt2img, img2img, layout, inpaint, outpaint, upscale and semantic generate PNGs that carry their parameters; inspect names a
-checkpoint's family; train and eval build and measure the embedded default model.
+checkpoint's family; train and eval build and measure the embedded default model; batch renders many
+text-to-image jobs into a folder, resumably, in this process or over Ray (``ldm.batch``, ``ldm.distributed``).
 """
 
 from __future__ import annotations
