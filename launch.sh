@@ -4,6 +4,10 @@
 #                        (arguments go to app.py: --api adds the AUTOMATIC1111-compatible API, --nowebui serves it alone)
 #   ./launch.sh test     install what is missing, with the test packages and Chromium, then run the whole test suite
 #   ./launch.sh train    train the embedded default model's three stages (see README)
+#   ./launch.sh batch    python -m ldm batch (see README, Beyond one machine); with --ray local|ADDRESS among
+#                        its arguments it installs Ray (requirements-ray.txt) first
+#   ./launch.sh --ray ...  any of the above, with the optional Ray extra installed first; plain ./launch.sh
+#                        never installs it (./launch.sh test always does, so the Ray tests run)
 # Both are idempotent: the second run installs nothing and starts at once.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -69,16 +73,36 @@ ensure_build_tools() {
   fi
 }
 
+# The optional Ray extra (ldm/distributed/): the batch command's --ray local|ADDRESS.
+install_ray() { pip_install ray requirements-ray.txt; }
+
+# wants_ray ARGS...: true when the arguments hold a --ray other than none.
+wants_ray() {
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --ray=none) ;;
+      --ray=*) return 0;;
+      --ray) [ "${2:-none}" != none ] && return 0; shift;;
+    esac
+    shift
+  done
+  return 1
+}
+
 # The browser tests drive Debian's Chromium through Playwright (which cannot download its own here).
 ensure_chromium() {
   [ -x "${LDM_STUDIO_CHROMIUM:-/usr/bin/chromium}" ] || apt_install chromium
 }
+
+WITH_RAY=0
+if [ "${1:-}" = --ray ]; then WITH_RAY=1; shift; fi
 
 case "${1:-}" in
   test)
     shift
     install_runtime
     pip_install dev requirements-dev.txt
+    install_ray
     ensure_chromium
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
@@ -88,8 +112,15 @@ case "${1:-}" in
     for stage in autoencoder txt2img upscale; do "$VENV/bin/python" -m ldm train "$stage" "$@"; done
     exec "$VENV/bin/python" -m ldm eval
     ;;
+  batch)
+    shift
+    install_runtime
+    if [ "$WITH_RAY" = 1 ] || wants_ray "$@"; then install_ray; fi
+    exec "$VENV/bin/python" -m ldm batch "$@"
+    ;;
   *)
     install_runtime
+    if [ "$WITH_RAY" = 1 ]; then install_ray; fi
     exec "$VENV/bin/python" app.py "$@"
     ;;
 esac

@@ -1,7 +1,8 @@
 """Command line: ``python -m ldm COMMAND``.
 
 txt2img, img2img, layout, inpaint, outpaint, upscale and semantic generate PNGs that carry their parameters; inspect names a
-checkpoint's family; train and eval build and measure the embedded default model.
+checkpoint's family; train and eval build and measure the embedded default model; batch renders many
+text-to-image jobs into a folder, resumably, in this process or over Ray (``ldm.batch``, ``ldm.distributed``).
 """
 
 from __future__ import annotations
@@ -196,6 +197,46 @@ def _aspect(text: str) -> float:
     raise ValueError(f"--aspect {text!r}: expected two positive numbers as W:H, e.g. 16:9")
 
 
+def _add_batch_parser(commands) -> None:
+    batch = commands.add_parser("batch", help="render a prompts file or a grid of settings into a folder, resumably",
+                                description="Text to image for many jobs: every prompt x seed (x sampler x guidance x "
+                                "model of a grid). Each job is named by a hash of its parameters and written as "
+                                "ID.png with an ID.json sidecar; a rerun renders only the jobs missing from --out.")
+    source = batch.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", metavar="FILE", help="text file, one prompt a line (blank and # lines skipped)")
+    source.add_argument("--grid", metavar="YAML", help="grid file: prompts, seeds, samplers, guidance and models "
+                        "lists, and single values negative, steps, width, height, schedule, eta")
+    batch.add_argument("--out", required=True, metavar="DIR", help="output folder (created; kept between runs)")
+    batch.add_argument("--ray", default="none", metavar="WHERE",
+                       help="none (default: render in this process), local (start a Ray cluster of this machine on "
+                       "127.0.0.1 and stop it at the end) or the ADDRESS of a running cluster (HOST:PORT, "
+                       "ray://HOST:PORT); Ray is an optional extra: requirements-ray.txt")
+    batch.add_argument("--seeds", help="seeds, e.g. 0-99 or 1,5,7-9 (default 0)")
+    batch.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded txt2img model)")
+    batch.add_argument("--negative", help="negative prompt of every job")
+    batch.add_argument("--sampler", type=sampler_name, choices=SAMPLER_NAMES, metavar="NAME",
+                       help="sampler (default: the model preset's)")
+    batch.add_argument("--schedule", type=named(SCHEDULE_NAMES), choices=SCHEDULE_NAMES, metavar="NAME",
+                       help="noise schedule (default Automatic: the sampler's own)")
+    batch.add_argument("--scale", type=float, help="classifier-free guidance scale (default: the model preset's)")
+    batch.add_argument("--eta", type=float, help="eta of DDIM and the ancestral/SDE samplers (default: the sampler's)")
+    batch.add_argument("--steps", type=int, help="sampler steps (default: the model preset's)")
+    batch.add_argument("--width", type=int, help="image width (default: the model's training size)")
+    batch.add_argument("--height", type=int, help="image height")
+    batch.add_argument("--preset", help="model preset name or YAML path, when detection cannot tell the family")
+    batch.add_argument("--tokenizer", help="folder with the model's tokenizer")
+    add_device_arguments(batch)
+    batch.add_argument("--threads", type=int, default=0, metavar="N",
+                       help="torch's CPU threads in each renderer (default: torch's own in this process, "
+                       "--cpus-per-worker over Ray); 1 is much faster on a machine busy with other work")
+    ray = batch.add_argument_group("Ray", "with --ray local or ADDRESS")
+    ray.add_argument("--workers", type=int, help="renderer actors (default: one per GPU, else one per --cpus-per-worker "
+                     "CPUs of the cluster)")
+    ray.add_argument("--cpus-per-worker", type=int, default=1, metavar="N",
+                     help="CPUs (torch threads) of each renderer on a machine without GPUs (default 1)")
+    ray.add_argument("--retries", type=int, default=3, help="times a job is run again after its worker died (default 3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ldm", description="LDM Studio engine: latent diffusion on the command line.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -267,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     semantic.add_argument("--segmentation", required=True,
                           help="label map: an 8-bit greyscale (or palette) PNG whose pixel values are class indices "
                                "(0 to 181 for LDM's landscape models); the picture has its size")
+
+    _add_batch_parser(commands)
 
     inspect = commands.add_parser("inspect", help="name the family of a checkpoint file, diffusers folder or preset")
     inspect.add_argument("target", help="a checkpoint file, a diffusers folder, or a preset name or YAML path")
@@ -590,6 +633,71 @@ def run_semantic(args: argparse.Namespace) -> int:
     return 0
 
 
+# the grid key each batch option sets
+BATCH_OPTIONS = {"seeds": "seeds", "model": "models", "negative": "negative", "sampler": "samplers",
+                 "schedule": "schedule", "scale": "guidance", "eta": "eta", "steps": "steps", "width": "width",
+                 "height": "height"}
+
+
+def batch_jobs(args: argparse.Namespace) -> list:
+    """The jobs of --prompts and the options, or of --grid and the options it leaves unset, each checked
+    as a request."""
+    from ldm.batch.jobs import expand, grid_from_values, model_facts, read_grid, read_prompts_file
+
+    given = {key: getattr(args, option) for option, key in BATCH_OPTIONS.items() if getattr(args, option) is not None}
+    if args.model is not None:
+        given["models"] = str(Path(args.model).expanduser().resolve())
+    if args.grid:
+        grid = read_grid(args.grid, given)
+    else:
+        grid = grid_from_values({"prompts": list(read_prompts_file(args.prompts)), **given})
+    facts = {name: model_facts(name, args.preset) for name in dict.fromkeys(grid.models)}
+    return expand(grid, facts)
+
+
+def batch_backend(args: argparse.Namespace, options):
+    from ldm.batch.run import in_process
+
+    if args.ray == "none":
+        return in_process(options)
+    from ldm.distributed.batch import ray_backend
+
+    return ray_backend(options, workers=args.workers, cpus_per_worker=args.cpus_per_worker, retries=args.retries)
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+
+    from ldm.batch.outputs import pending
+    from ldm.batch.render import LoadOptions
+    from ldm.batch.run import run_batch
+    from ldm.kernels.paths import SpeedPaths
+
+    jobs = batch_jobs(args)  # bad files and settings are refused here, before any cluster starts
+    out = Path(args.out)
+    if args.threads < 0:
+        raise ValueError(f"--threads {args.threads}: expected 0 (the default) or more")
+    options = LoadOptions(device=args.device, dtype=args.dtype, memory_format=args.memory_format,
+                          speed=SpeedPaths.from_arguments(args), preset=args.preset, tokenizer=args.tokenizer,
+                          threads=args.threads)
+    backend = batch_backend(args, options)
+    if args.ray == "none":
+        cluster = nullcontext()
+    else:
+        from ldm.distributed.cluster import connected
+
+        cluster = connected(args.ray)
+    with cluster, tqdm(total=len(pending(jobs, out)), desc="batch", unit="image", dynamic_ncols=True) as bar:
+        report = run_batch(jobs, out, backend, on_result=lambda result: bar.update(1))
+    print(f"{out}: {len(report.rendered)} rendered, {report.skipped} already there, {len(report.failed)} failed "
+          f"({report.images_per_second:.2f} images/s)")
+    for job_id, message in report.failed.items():
+        print(f"failed: {job_id}: {message}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from ldm.checkpoints.inspect import inspect_target
 
@@ -636,6 +744,7 @@ COMMANDS = {
     "outpaint": run_generation,
     "upscale": run_generation,
     "semantic": run_semantic,
+    "batch": run_batch_command,
     "inspect": run_inspect,
     "train": run_train,
     "eval": run_eval,

@@ -143,3 +143,24 @@ def studio(tmp_path_factory):
 
     return app.make_studio(app.parse_args(["--outputs", str(tmp_path_factory.mktemp("outputs")), "--device", "cpu",
                                            "--dtype", "fp32"]))
+
+
+# --- a batch (python -m ldm batch), for the in-process and the Ray batch tests ---------------------------
+
+
+@pytest.fixture(scope="session")
+def batch_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red circle\n\n# not a prompt\na blue square\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def batch_in_process(batch_prompts, tmp_path_factory):
+    """The folder of 2 prompts x 3 seeds rendered in this process (--ray none)."""
+    from ldm.cli import main
+    from tests.helpers import batch_args
+
+    out = tmp_path_factory.mktemp("batch")
+    assert main(batch_args(batch_prompts, out)) == 0
+    return out

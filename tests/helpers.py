@@ -216,3 +216,12 @@ def diffusers_clip_text_model(ours, checkpoint: dict):
     text.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items() if not k.endswith("position_ids")},
                          strict=True)
     return text
+
+
+# python -m ldm batch on the embedded default model (64 px) in two steps, CPU fp32 (tests/test_batch*.py)
+BATCH_FAST = ["--steps", "2", "--device", "cpu", "--dtype", "fp32"]
+
+
+def batch_args(prompts: Path, out: Path, *extra: str) -> list[str]:
+    """The arguments of a batch of every prompt of ``prompts`` x seeds 0 to 2 into ``out``."""
+    return ["batch", "--prompts", str(prompts), "--seeds", "0-2", "--out", str(out), *BATCH_FAST, *extra]

@@ -44,11 +44,16 @@ class LoadedModel:
 
     @cached_property
     def short_hash(self) -> str:
-        """First 10 hex digits of the file's SHA-256 (the 'Model hash' other tools print); for a diffusers
-        folder, of its UNet, VAE and text encoder weights read in that order."""
-        digest = hashlib.sha256()
-        for path in weight_files(self.path) if self.path.is_dir() else [self.path]:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        return digest.hexdigest()[:10]
+        """``model_hash`` of the model's file or folder (the 'Model hash' other tools print)."""
+        return model_hash(self.path)
+
+
+def model_hash(path: Path) -> str:
+    """First 10 hex digits of a checkpoint file's SHA-256; for a diffusers folder, of its UNet, VAE and
+    text encoder weights read in that order."""
+    digest = hashlib.sha256()
+    for part in weight_files(path) if path.is_dir() else [path]:
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:10]

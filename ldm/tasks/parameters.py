@@ -17,6 +17,7 @@ of AUTOMATIC1111 up to 1.8 ("DPM++ 2M Karras").
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -171,19 +172,32 @@ def parse_parameters(text: str) -> dict[str, str]:
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str | None = None, extra: dict | None = None) -> Path:
-    """Write a PNG with a ``parameters`` text chunk (and ``ldm_studio`` JSON for ``extra``), atomically:
-    a temporary file in the same folder, then a rename, so a crash never leaves half an image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a PNG with a ``parameters`` text chunk (and ``ldm_studio`` JSON for ``extra``), atomically
+    (``write_atomically``)."""
+    return write_atomically(path, encode_png(image, parameters, extra))
+
+
+def encode_png(image: Image.Image, parameters: str | None = None, extra: dict | None = None) -> bytes:
+    """The bytes of a PNG with a ``parameters`` text chunk (and ``ldm_studio`` JSON for ``extra``)."""
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
     if extra:
         info.add_text("ldm_studio", json.dumps(extra))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def write_atomically(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file in ``path``'s folder, then rename it to ``path``, so a crash
+    never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
