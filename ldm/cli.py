@@ -249,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     t2i.add_argument("--height", type=int, help="image height in pixels")
     add_tiling_arguments(t2i)
     _add_hires_arguments(t2i)
+    refine = t2i.add_argument_group("refiner", "SDXL base then refiner: the base denoises the first part of the schedule, "
+                                    "the refiner the rest on the same latent with its own conditioning")
+    refine.add_argument("--refiner", metavar="FILE", help="an SDXL refiner checkpoint file or diffusers folder")
+    refine.add_argument("--refiner-preset", metavar="NAME_OR_YAML", help="the refiner's model preset, when detection cannot tell")
+    refine.add_argument("--refiner-switch", type=float, default=0.8, metavar="FRACTION",
+                        help="the fraction of the steps the base runs before the refiner takes over (default 0.8)")
 
     layout = commands.add_parser("layout", help="generate an image from labelled boxes (and an optional prompt)",
                                  description="Generate from labelled boxes. The default model's labels are class names "
@@ -516,6 +522,14 @@ def run_generation(args: argparse.Namespace) -> int:
             from ldm.tasks.hires import hires_size
 
             hires_size(resolved.width, resolved.height, inputs["hires"], loaded.model.config.size_multiple)
+        if args.refiner:
+            if inputs["hires"] is not None:
+                raise ValueError("--refiner and the hires fix do not go together; choose one")
+            from ldm.tasks.txt2img import check_refiner, switch_step
+
+            switch_step(resolved.steps, args.refiner_switch)
+            inputs["refiner"] = load_file(args, args.refiner, preset=args.refiner_preset, ema=None)
+            check_refiner(loaded, inputs["refiner"], resolved)
     if args.command == "upscale":
         from ldm.tasks.upscale import check_noise_level
 
@@ -604,7 +618,8 @@ def run_task(args, loaded, request, inputs, progress, tiles=None):
         return hires_fix(loaded, request, inputs["hires"], upscaler=inputs["hires upscaler"], callback=progress)
     from ldm.tasks.txt2img import txt2img
 
-    return txt2img(loaded, request, callback=progress)
+    return txt2img(loaded, request, callback=progress, refiner=inputs.get("refiner"),
+                   refiner_switch=getattr(args, "refiner_switch", 0.8))
 
 
 def run_semantic(args: argparse.Namespace) -> int:

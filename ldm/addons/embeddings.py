@@ -8,12 +8,15 @@ appears in a prompt (``ldm.models.clip`` puts them in). The files read are:
     kohya ``.safetensors``/``.pt``  {"emb_params": tensor[n, width]}
     diffusers ``.bin``/``.safetensors``  {"<token>": tensor[width] or tensor[n, width]}
     any other one-tensor dict     that tensor (1-D is one vector)
-    SDXL                          {"clip_l": [n, 768], "clip_g": [n, 1280]}: recognised, not used (no SDXL models yet)
+    SDXL                          {"clip_l": [n, 768], "clip_g": [n, 1280]}: clip_l for the CLIP ViT-L, clip_g for the bigG
 
 ``.pt`` and ``.bin`` files are read only through the safe unpickler (``ldm.checkpoints.io``): one
 whose pickle would call code is refused, never run. The vectors must be finite, 1 to 75 of them.
-An embedding fits a model whose text encoder has its width (SD 1: 768, SD 2: 1024); others are
-skipped with a notice when a prompt names them. Files are read once per (path, size, mtime).
+An embedding fits a model whose text encoder has its width (SD 1: 768, SD 2: 1024); an SDXL one
+fits an SDXL model whose encoders have the widths of its clip_l and clip_g (the refiner, the bigG
+alone, takes clip_g). Its vectors go to the model as [clip_l | clip_g] side by side, which the SDXL
+conditioner splits by its encoders' widths. Others are skipped with a notice when a prompt names
+them (an SD 1/2 embedding on SDXL: it has one encoder's vectors, SDXL needs both). Files are read once per (path, size, mtime).
 
 The folders are ``--embeddings-dir DIR`` (repeatable) and, by default, ``models/embeddings`` beside
 each models folder and under the project (AUTOMATIC1111's layout); the first folder with a name wins.
@@ -35,6 +38,7 @@ from ldm.addons.tags import extract_lora_tags
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_pickle, read_state_dict
 from ldm.models.clip import CLIPTextEncoder, OpenCLIPTextEncoder, embedding_names_in
+from ldm.models.sdxl_conditioner import SDXLConditioner
 from ldm.text.prompt_syntax import prompt_schedule
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -60,8 +64,9 @@ class Embedding:
 
     name: str
     path: Path
-    vectors: torch.Tensor  # (n_vec, width) float32
+    vectors: torch.Tensor  # (n_vec, width) float32 (SDXL: clip_g's)
     family: str  # "SD 1", "SD 2", "SDXL", or "width N" for a width no model here has
+    clip_l: torch.Tensor | None = None  # SDXL: the CLIP ViT-L's vectors (n_vec, 768)
 
     @property
     def width(self) -> int:
@@ -88,7 +93,8 @@ def read_embedding(path: str | Path) -> Embedding:
     if not isinstance(data, dict):
         raise _fail(path, f"holds a {type(data).__name__}, not an embedding's dict of tensors")
     if "clip_l" in data and "clip_g" in data:
-        return Embedding(path.stem, path, _sdxl_vectors(path, data), SDXL)
+        clip_l, clip_g = _sdxl_vectors(path, data)
+        return Embedding(path.stem, path, clip_g, SDXL, clip_l)
     vectors = _checked(path, _vectors_of(path, data))
     return Embedding(path.stem, path, vectors, FAMILIES.get(vectors.shape[1], f"width {vectors.shape[1]}"))
 
@@ -130,15 +136,13 @@ def _checked(path: Path, tensor: object, what: str = "its vectors") -> torch.Ten
     return vectors
 
 
-def _sdxl_vectors(path: Path, data: dict) -> torch.Tensor:
-    """An SDXL file's clip_g vectors, both halves checked."""
+def _sdxl_vectors(path: Path, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SDXL file's (clip_l, clip_g) vectors, both checked (their widths against the model's, when it is
+    known, at fitting)."""
     halves = {key: _checked(path, data[key], f"its {key} vectors") for key in SDXL_WIDTHS}
-    for key, width in SDXL_WIDTHS.items():
-        if halves[key].shape[1] != width:
-            raise _fail(path, f"its {key} vectors are {halves[key].shape[1]} wide; SDXL's {key} is {width}")
     if halves["clip_l"].shape[0] != halves["clip_g"].shape[0]:
         raise _fail(path, "its clip_l and clip_g hold different numbers of vectors")
-    return halves["clip_g"]
+    return halves["clip_l"], halves["clip_g"]
 
 
 @lru_cache(maxsize=512)
@@ -202,11 +206,38 @@ def list_embeddings(folders: Iterable[str | Path]) -> list[EmbeddingEntry]:
 
 
 def encoder_width(model) -> int | None:
-    """The token width of the model's CLIP or OpenCLIP text encoder; None where it reads no CLIP tokens."""
+    """The token width of the model's CLIP or OpenCLIP text encoder (SDXL: all its encoders' together); None
+    where it reads no CLIP tokens."""
     encoder = getattr(model, "cond_stage_model", None)
     if isinstance(encoder, (CLIPTextEncoder, OpenCLIPTextEncoder)):
         return encoder.config.context_dim
+    if isinstance(encoder, SDXLConditioner):
+        return encoder.config.context_dim
     return None
+
+
+def sdxl_widths(model) -> dict[str, int] | None:
+    """An SDXL model's encoder widths by the embedding file's keys (no clip_l for the refiner); None for others."""
+    encoder = getattr(model, "cond_stage_model", None)
+    if not isinstance(encoder, SDXLConditioner):
+        return None
+    widths = {"clip_g": encoder.open_clip.config.context_dim}
+    if encoder.clip is not None:
+        widths["clip_l"] = encoder.clip.config.context_dim
+    return widths
+
+
+def _sdxl_fit(embedding: Embedding, widths: dict[str, int], name: str) -> tuple[torch.Tensor | None, str]:
+    """An embedding's [clip_l | clip_g] vectors for an SDXL model, or None and why not."""
+    if embedding.family != SDXL:
+        return None, (f"embedding {name!r} ({embedding.path}) holds one text encoder's vectors ({embedding.width} wide, "
+                      f"{embedding.family}), but SDXL reads prompts with two encoders and needs an SDXL embedding "
+                      "(clip_l and clip_g vectors); it was not used")
+    have = {"clip_l": embedding.clip_l.shape[1], "clip_g": embedding.width}
+    wrong = [f"{key} is {have[key]} wide, the model's {width}" for key, width in widths.items() if have[key] != width]
+    if wrong:
+        return None, f"embedding {name!r} ({embedding.path}) does not fit this SDXL model: {'; '.join(wrong)}; it was not used"
+    return torch.cat([embedding.clip_l, embedding.vectors], dim=1), ""
 
 
 class ModelEmbeddings(NamedTuple):
@@ -220,7 +251,7 @@ class ModelEmbeddings(NamedTuple):
 def model_embeddings(model, folders: Iterable[str | Path]) -> ModelEmbeddings:
     """The folders' embeddings that fit the model's text encoder, and why the others do not. A model
     that reads no CLIP tokens takes none (their names stay words), and nothing is read for it."""
-    width = encoder_width(model)
+    width, xl = encoder_width(model), sdxl_widths(model)
     vectors, paths, skipped = {}, {}, {}
     if width is None:
         return ModelEmbeddings(vectors, paths, skipped)
@@ -230,7 +261,13 @@ def model_embeddings(model, folders: Iterable[str | Path]) -> ModelEmbeddings:
         except CheckpointError as error:
             skipped[name] = f"embedding {name!r} was not used: {error}"
             continue
-        if embedding.fits(width):
+        if xl is not None:
+            both, why = _sdxl_fit(embedding, xl, name)
+            if both is None:
+                skipped[name] = why
+            else:
+                vectors[name], paths[name] = both, path
+        elif embedding.fits(width):
             vectors[name], paths[name] = embedding.vectors, path
         elif embedding.family == SDXL:
             skipped[name] = f"embedding {name!r} ({path}) is an SDXL embedding (clip_l and clip_g); it was not used"

@@ -25,6 +25,7 @@ from ldm.addons.lora import PEFT_NAMES, SDXL_PREFIXES, stated_family
 from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import open_state_dict, read_key_shapes_and_metadata
 from ldm.models.clip import CLIPTextEncoderConfig, OpenCLIPTextEncoderConfig
+from ldm.models.sdxl_conditioner import SDXLConditionerConfig
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,10 @@ def lora_types(shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
 
 def model_family_name(config) -> str | None:
     """The family a model of ``config`` (a ``LatentDiffusionConfig``) takes LoRAs of: "SD 1" for a CLIP text
-    encoder, "SD 2" for OpenCLIP; None for the models LoRA files are not made for."""
+    encoder, "SD 2" for OpenCLIP, "SDXL" for SDXL's two; None for the models LoRA files are not made for."""
     cond = getattr(config, "cond_stage", None)
+    if isinstance(cond, SDXLConditionerConfig):
+        return "SDXL"
     if isinstance(cond, CLIPTextEncoderConfig):
         return "SD 1"
     if isinstance(cond, OpenCLIPTextEncoderConfig):

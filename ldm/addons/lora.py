@@ -13,6 +13,10 @@ The file names each layer in diffusers' naming (``lora_unet_down_blocks_0_attent
 ``lora_targets`` names every layer of our model (the original CompVis names) in those namings, so a
 key is looked up, never parsed. SD 2.x's text tower is OpenCLIP's: a LoRA's q, k and v changes go
 to the three row blocks of ``attn.in_proj_weight`` (q first), ``mlp_fc1/fc2`` to ``mlp.c_fc/c_proj``.
+SDXL's files (kohya) name the UNet's layers in the original naming (``lora_unet_input_blocks_4_1_
+transformer_blocks_1_attn2_to_k``) or diffusers', the CLIP ViT-L ``lora_te1_*`` (PEFT ``text_encoder.``)
+and the OpenCLIP bigG ``lora_te2_*`` (``text_encoder_2.``) in transformers' layout, its q/k/v split
+into the rows of ``in_proj_weight`` as SD 2.x's.
 
 Every key of a file must land on a layer of the model with the shape it changes; otherwise the file
 is refused by name (``LoraError``), before any weight is touched. ``merged_loras`` keeps a CPU copy
@@ -42,11 +46,13 @@ from ldm.checkpoints.errors import CheckpointError
 from ldm.checkpoints.io import read_key_shapes_and_metadata, read_state_dict
 from ldm.kernels.winograd import Conv3x3
 from ldm.models.clip import CLIPTextEncoder, OpenCLIPTextEncoder
+from ldm.models.sdxl_conditioner import SDXLConditioner
 
 log = logging.getLogger(__name__)
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 UNET, TEXT = "unet", "te"
+TEXT1, TEXT2 = "te1", "te2"  # SDXL's CLIP ViT-L and OpenCLIP bigG
 # the tensors of each kind of module, by the suffix after the module's name
 KINDS = {
     "lora": ("lora_down.weight", "lora_up.weight", "lora_mid.weight"),
@@ -57,6 +63,9 @@ PEFT_NAMES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.wei
 SUFFIXES = sorted({s for kind in KINDS.values() for s in kind} | set(PEFT_NAMES) | {"alpha", "dora_scale"},
                   key=len, reverse=True)
 FILE_PREFIXES = {"lora_unet_": UNET, "lora_te_": TEXT, "unet.": UNET, "text_encoder.": TEXT}
+# on an SDXL model: PEFT's text_encoder. is the CLIP ViT-L, kohya's lora_te_ (SD 1/2) lands nowhere
+SDXL_FILE_PREFIXES = {"lora_unet_": UNET, "lora_te1_": TEXT1, "lora_te2_": TEXT2, "lora_te_": TEXT, "unet.": UNET,
+                      "text_encoder.": TEXT1, "text_encoder_2.": TEXT2}
 SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 FAMILIES = {"sd_v1": "Stable Diffusion 1.x", "sd_v2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
 
@@ -84,19 +93,22 @@ class Target:
 
 
 UNET_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-            "input_blocks.0.0": "conv_in", "out.2": "conv_out"}
+            "input_blocks.0.0": "conv_in", "out.2": "conv_out",
+            "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}  # SDXL's ADM vector
 RESNET = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
           "skip_connection": "conv_shortcut"}
 
 
 def model_family(model) -> str:
-    """"sd_v1" or "sd_v2" by the text encoder; LoRA files are made for these two here."""
+    """"sd_v1", "sd_v2" or "sdxl" by the text encoder(s); LoRA files are made for these three here."""
     encoder = getattr(model, "cond_stage_model", None)
+    if isinstance(encoder, SDXLConditioner):
+        return "sdxl"
     if isinstance(encoder, OpenCLIPTextEncoder):
         return "sd_v2"
     if isinstance(encoder, CLIPTextEncoder):
         return "sd_v1"
-    raise ValueError("LoRA files apply to Stable Diffusion 1.x and 2.x models (a CLIP or OpenCLIP text encoder); "
+    raise ValueError("LoRA files apply to Stable Diffusion 1.x, 2.x and SDXL models (CLIP or OpenCLIP text encoders); "
                      "this model has neither")
 
 
@@ -151,26 +163,35 @@ def lora_targets(model) -> dict[tuple[str, str], Target]:
             targets[(UNET, diffusers.replace(".", "_"))] = target
     encoder = model.cond_stage_model
     if family == "sd_v1":
-        for name, module in _layers(encoder.transformer, "cond_stage_model.transformer"):
-            targets[(TEXT, name.removeprefix("cond_stage_model.transformer.").replace(".", "_"))] = Target(name, module)
-    else:
-        targets.update(_open_clip_targets(encoder))
+        targets.update(_clip_targets(encoder, "cond_stage_model", TEXT))
+    elif family == "sd_v2":
+        targets.update(_open_clip_targets(encoder, "cond_stage_model", TEXT))
+    else:  # SDXL: the base's CLIP ViT-L at embedders.0 (te1), the bigG last (te2; the refiner's only one)
+        if encoder.clip is not None:
+            targets.update(_clip_targets(encoder.clip, "conditioner.embedders.0", TEXT1))
+        targets.update(_open_clip_targets(encoder.open_clip, f"conditioner.embedders.{len(encoder.embedders) - 1}", TEXT2))
     return targets
 
 
-def _open_clip_targets(encoder: OpenCLIPTextEncoder) -> dict[tuple[str, str], Target]:
+def _clip_targets(encoder: CLIPTextEncoder, prefix: str, tower: str) -> dict[tuple[str, str], Target]:
+    """transformers' names of CLIP's layers (``text_model_encoder_layers_0_self_attn_q_proj``)."""
+    return {(tower, name.removeprefix(f"{prefix}.transformer.").replace(".", "_")): Target(name, module)
+            for name, module in _layers(encoder.transformer, f"{prefix}.transformer")}
+
+
+def _open_clip_targets(encoder: OpenCLIPTextEncoder, prefix: str, tower: str) -> dict[tuple[str, str], Target]:
     """kohya's names for OpenCLIP's blocks (it trains on transformers' layout of the tower)."""
     targets = {}
-    prefix = "cond_stage_model.model.transformer.resblocks"
+    prefix = f"{prefix}.model.transformer.resblocks"
     for i, block in enumerate(encoder.model.transformer.resblocks):
         layer = f"text_model_encoder_layers_{i}"
         attention, width = block.attn, block.attn.out_proj.in_features
         for j, part in enumerate("qkv"):
-            targets[(TEXT, f"{layer}_self_attn_{part}_proj")] = Target(
+            targets[(tower, f"{layer}_self_attn_{part}_proj")] = Target(
                 f"{prefix}.{i}.attn.in_proj_weight[{part}]", attention, "in_proj_weight", (j * width, (j + 1) * width))
-        targets[(TEXT, f"{layer}_self_attn_out_proj")] = Target(f"{prefix}.{i}.attn.out_proj", attention.out_proj)
-        targets[(TEXT, f"{layer}_mlp_fc1")] = Target(f"{prefix}.{i}.mlp.c_fc", block.mlp.c_fc)
-        targets[(TEXT, f"{layer}_mlp_fc2")] = Target(f"{prefix}.{i}.mlp.c_proj", block.mlp.c_proj)
+        targets[(tower, f"{layer}_self_attn_out_proj")] = Target(f"{prefix}.{i}.attn.out_proj", attention.out_proj)
+        targets[(tower, f"{layer}_mlp_fc1")] = Target(f"{prefix}.{i}.mlp.c_fc", block.mlp.c_fc)
+        targets[(tower, f"{layer}_mlp_fc2")] = Target(f"{prefix}.{i}.mlp.c_proj", block.mlp.c_proj)
     return targets
 
 
@@ -288,8 +309,8 @@ def _split_key(key: str) -> tuple[str, str]:
     return key, ""
 
 
-def _tower_and_name(module: str) -> tuple[str, str] | None:
-    for prefix, tower in FILE_PREFIXES.items():
+def _tower_and_name(module: str, sdxl: bool = False) -> tuple[str, str] | None:
+    for prefix, tower in (SDXL_FILE_PREFIXES if sdxl else FILE_PREFIXES).items():
         if module.startswith(prefix):
             return tower, module[len(prefix):].replace(".", "_")
     return None
@@ -341,9 +362,14 @@ def read_lora(path: str | Path, model) -> Lora:
     shapes, metadata = read_key_shapes_and_metadata(path)
     check_family(path, metadata, family)
     sdxl = [k for k in shapes if k.startswith(SDXL_PREFIXES)]
-    if sdxl:
+    if sdxl and family != "sdxl":
         raise _fail(path, f"is a LoRA for SDXL (two text encoders: {sdxl[0]}), but the model is {FAMILIES[family]}")
-    groups = _group_keys(path, list(shapes))
+    if family == "sdxl":
+        one_encoder = [k for k in shapes if k.startswith("lora_te_")]
+        if one_encoder:
+            raise _fail(path, f"is a LoRA for one text encoder (SD 1.x or 2.x: {one_encoder[0]}), but the model is SDXL "
+                              "(two text encoders, lora_te1_/lora_te2_)", "Choose a LoRA made for SDXL")
+    groups = _group_keys(path, list(shapes), family == "sdxl")
     targets = lora_targets(model)
     state = read_state_dict(path)
     peft_scale = _peft_scale(metadata)
@@ -357,12 +383,12 @@ def read_lora(path: str | Path, model) -> Lora:
     return Lora(path, tuple(modules), metadata)
 
 
-def _group_keys(path: Path, keys: list[str]) -> dict[str, tuple[tuple[str, str], dict[str, str]]]:
+def _group_keys(path: Path, keys: list[str], sdxl: bool = False) -> dict[str, tuple[tuple[str, str], dict[str, str]]]:
     """The file's module name -> ((tower, name), {suffix: key})."""
     groups: dict[str, tuple[tuple[str, str], dict[str, str]]] = {}
     for key in keys:
         module, suffix = _split_key(key)
-        place = _tower_and_name(module)
+        place = _tower_and_name(module, sdxl)
         if not suffix or place is None:
             raise _fail(path, f"has a tensor {key} that is no part of a LoRA (kohya lora_unet_/lora_te_ names with "
                               ".lora_down/.lora_up/.alpha, LoHa hada_*, LoKr lokr_*, or PEFT unet./text_encoder. with lora_A/lora_B)")
@@ -443,7 +469,7 @@ def _check_shape(path: Path, module: LoraModule) -> None:
     if not fits:
         raise _fail(path, f"module {module.key} makes a change of {list(got)} for {module.target.name}, whose weight is "
                           f"{list(want)}", "The LoRA was made for another model family (SD 1.x text width 768, "
-                          "SD 2.x 1024) or its ranks are wrong")
+                          "SD 2.x 1024, SDXL 768 and 1280) or its ranks are wrong")
 
 
 # ---------------------------------------------------------------- hashes
@@ -483,7 +509,7 @@ class Applied:
     unet: float = 1.0
 
     def multiplier(self, target: Target) -> float:
-        return self.te if target.name.startswith("cond_stage_model.") else self.unet
+        return self.te if target.name.startswith(("cond_stage_model.", "conditioner.")) else self.unet
 
 
 def _weight_key(target: Target) -> tuple[int, str]:

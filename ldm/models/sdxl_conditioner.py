@@ -127,12 +127,22 @@ class SDXLConditioner(nn.Module):
         get the same chunks: the same tokenizer cuts the prompts alike, and only the padding differs
         (CLIP's end token, open_clip's 0)."""
         encoders = list(self.embedders)
-        tokens = [encoder.weighted_chunks(prompts, min_chunks, embeddings) for encoder in encoders]
+        tokens = [encoder.weighted_chunks(prompts, min_chunks, self.embeddings_for(i, embeddings))
+                  for i, encoder in enumerate(encoders)]
         contexts = [apply_emphasis(e(t.ids, t.fixes), t.weights, emphasis) for e, t in zip(encoders[:-1], tokens)]
         last = tokens[-1]
         context, pooled = self.open_clip.context_and_pooled(last.ids, last.fixes)
         contexts.append(apply_emphasis(context, last.weights, emphasis))
         return TextConditioning(torch.cat(contexts, dim=-1), pooled)
+
+    def embeddings_for(self, index: int, embeddings: Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor] | None:
+        """Encoder ``index``'s part of SDXL embeddings given as [clip_l | clip_g] side by side (n_vec, 768 + 1280):
+        the CLIP ViT-L takes the first columns, the bigG the last (the refiner's only encoder, clip_g)."""
+        if not embeddings:
+            return embeddings
+        width = self.embedders[index].config.context_dim
+        last = index == len(self.embedders) - 1
+        return {name: (v[:, -width:] if last else v[:, :width]) for name, v in embeddings.items()}
 
     def vector(self, pooled: torch.Tensor, sizes: list[SizeConditioning]) -> torch.Tensor:
         """The ADM vector (B, adm_channels): [pooled, Fourier embeddings of each of ``vector_inputs``]."""
