@@ -20,6 +20,7 @@ SERVED = {
     "layout2img-openimages256": ("layout",),  # reads class ids, no text
     "semantic_synthesis256": ("semantic",), "semantic_synthesis512": ("semantic",),
     "sd_xl_base": TEXT, "sd_xl_refiner": TEXT,  # the refiner is meant for image to image, but generates too
+    "sd_turbo": TEXT, "sd_xl_turbo": TEXT,  # chosen by name: the files are their base models' tensors
 }
 
 

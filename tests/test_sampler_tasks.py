@@ -184,11 +184,13 @@ def test_unknown_names_are_refused_before_sampling(loaded_sd_v1):
 
 
 def test_the_original_models_keep_ddim_and_a_preset_names_a_known_sampler():
-    """The LDM and SD 1/2 models were published with DDIM; SDXL's demo samples with Euler (EulerEDMSampler)."""
+    """The LDM and SD 1/2 models were published with DDIM; SDXL's demo samples with Euler (EulerEDMSampler);
+    the Turbo models with one step of Euler a on the trailing grid (Simple)."""
     samplers = {p.name: (p.sampler.sampler, p.sampler.schedule) for p in list_presets()}
-    sdxl = {name for name in samplers if name.startswith("sd_xl_")}
-    assert sdxl == {"sd_xl_base", "sd_xl_refiner"} and {samplers[n] for n in sdxl} == {("Euler", "Automatic")}
-    assert {v for n, v in samplers.items() if n not in sdxl} == {("DDIM", "Automatic")}
+    sdxl, turbo = {"sd_xl_base", "sd_xl_refiner"}, {"sd_turbo", "sd_xl_turbo"}
+    assert {samplers[n] for n in sdxl} == {("Euler", "Automatic")}
+    assert {samplers[n] for n in turbo} == {("Euler a", "Simple")}
+    assert {v for n, v in samplers.items() if n not in sdxl | turbo} == {("DDIM", "Automatic")}
     raw = OmegaConf.to_container(OmegaConf.load(PRESET_DIR / "v1-inference.yaml"))
     raw["sampler"].update(sampler="DPM++ 2M", schedule="Karras")
     assert preset_from_dict(raw, Path("ok.yaml")).sampler.sampler == "DPM++ 2M"
