@@ -70,6 +70,7 @@ def test_strength_x_steps_is_diffusers_arithmetic(steps, strength, expected):
     (20, 1.0, PartWay(20, 0)),  # int(20 / 0.999) = 20
     (20, 0.0, PartWay(20, 20)),
     (20, 0.01, PartWay(500, 480)),  # the schedule is at most 500 steps long
+    (16, 5e-324, PartWay(500, 484)),  # the least float above 0 runs as the lowest exact strength (it overflowed)
 ])
 def test_exact_steps_runs_the_asked_steps_of_a_longer_schedule(steps, strength, expected):
     part = part_way_steps(steps, strength, EXACT)

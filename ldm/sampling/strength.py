@@ -58,6 +58,8 @@ def part_way_steps(steps: int, strength: float, mode: str = STEP_MODES[0], longe
         return PartWay(steps, steps - run)
     if strength == 0:
         return PartWay(steps, steps)
+    # below the lowest exact strength it runs as that one does (and a tiny strength's quotient stays finite)
+    strength = max(strength, lowest_exact_strength(steps, longest))
     total = min(int(steps / min(strength, 0.999)), max(steps, longest))
     return PartWay(total, total - steps)
 
