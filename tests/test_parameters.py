@@ -148,3 +148,24 @@ def test_an_unknown_sampler_or_schedule_is_refused_with_the_known_ones():
         read_sampler({"Sampler": "DPM2 a Karras"})
     with pytest.raises(ValueError, match="schedule 'Polyexponential' is not known; use one of Automatic, Uniform"):
         read_sampler({"Sampler": "Euler", "Schedule type": "Polyexponential"})
+
+
+def test_a_model_file_is_hashed_once_as_it_is_and_again_when_it_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    import ldm.checkpoints.loaded as loaded
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights" * 1000)
+    reads = []
+    real_open = open
+    monkeypatch.setattr(loaded, "open", lambda p, mode="r", *a, **k: reads.append(p) or real_open(p, mode, *a, **k),
+                        raising=False)
+    first = loaded.model_hash(path)
+    assert first == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert loaded.model_hash(tmp_path / "." / "model.safetensors") == first and len(reads) == 1  # read once
+    path.write_bytes(b"other weights" * 1000)
+    os.utime(path, ns=(1, 2))  # a changed file, whatever the clock's resolution
+    assert loaded.model_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10] != first
+    assert len(reads) == 2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -50,9 +52,18 @@ class LoadedModel:
 
 def model_hash(path: Path) -> str:
     """First 10 hex digits of a checkpoint file's SHA-256; for a diffusers folder, of its UNet, VAE and
-    text encoder weights read in that order."""
+    text encoder weights read in that order. Read once per file as it is on disk (its size and
+    modification time): a batch's planning and its renderer in the same process, or a model loaded
+    again, do not read gigabytes twice."""
+    parts = tuple(weight_files(path) if path.is_dir() else [path])
+    stamps = tuple((str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in parts)
+    return _hash_of(stamps)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_of(stamps: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for part in weight_files(path) if path.is_dir() else [path]:
+    for part, _, _ in stamps:
         with open(part, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
