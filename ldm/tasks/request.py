@@ -177,9 +177,9 @@ def check_size_conditioning(options) -> SizeConditioningOptions:
             raise ValueError(f"{name} must be (height, width) in pixels{', or None for the image size' if low else ''}, got {pair!r}")
         checked.append(tuple(checked_number(f"{name} {axis}", v, low, 4 * MAX_SIDE, integer=True)
                              for axis, v in zip(("height", "width") if low else ("top", "left"), pair)))
-    return SizeConditioningOptions(*checked, aesthetic_score=checked_number("aesthetic score", options.aesthetic_score, 0.0, 10.0),
-                            negative_aesthetic_score=checked_number("negative aesthetic score",
-                                                                    options.negative_aesthetic_score, 0.0, 10.0))
+    return SizeConditioningOptions(
+        *checked, aesthetic_score=checked_number("aesthetic score", options.aesthetic_score, 0.0, 10.0),
+        negative_aesthetic_score=checked_number("negative aesthetic score", options.negative_aesthetic_score, 0.0, 10.0))
 
 
 def round_side(name: str, value: int, multiple: int, notices: list[str]) -> int:
